@@ -1,0 +1,127 @@
+"""Configuration of the mmllm model family: one config describes any MM-LLM of the survey's taxonomy.
+
+The vision encoder and the LLM backbone are ordinary transformers configs (`vision_config`, `text_config`);
+the fields here say how they are wired together (which encoder layer feeds the input projector, which
+projector, how many soft tokens one image becomes).
+"""
+
+import importlib
+from typing import Literal
+
+from transformers import AutoConfig
+from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
+
+from .input_projector import projector_output_length
+
+
+def import_library_module(name: str):
+    """Import a library-side module of the `mmllm` package (presets, composition, cards).
+
+    The hub set (the files copied next to a checkpoint) must not depend on the installed package, so features
+    that need the package's data files reach it through this function and fail with a clear message without it.
+    """
+    try:
+        return importlib.import_module(f"modeling_mmllm.{name}")
+    except ImportError as error:
+        raise ImportError(
+            f"This feature needs the `mmllm` package (module `modeling_mmllm.{name}`), which is not importable "
+            f"here ({error}). Install it with `pip install mmllm` or from a source checkout."
+        ) from error
+
+
+class MMLLMConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`MMLLMForConditionalGeneration`]: modality encoder + input projector + LLM backbone.
+
+    Args:
+        vision_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the vision encoder: any transformers vision model (CLIP and SigLIP vision models, ...).
+        text_config (`dict` or `PreTrainedConfig`, *optional*):
+            Config of the LLM backbone: any transformers causal LM (Llama, Mistral, Qwen2, GPT-2, ...).
+        vision_feature_layer (`int` or `list[int]`, *optional*, defaults to -2):
+            Index into the encoder's hidden states (0 = embeddings) whose features feed the projector; a list
+            concatenates several layers. Encoder layers above the deepest selected one are kept in the weights
+            but not run.
+        vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
+            `"default"` drops the CLS token, `"full"` keeps every token.
+        projector_type (`str`, *optional*, defaults to `"mlp"`):
+            Input projector: one of the registry in `input_projector.py` (`linear`, `mlp`).
+        projector_depth (`int`, *optional*, defaults to 2):
+            Number of linear layers of the `mlp` projector (LLaVA-1.5 uses 2).
+        projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
+            Activation between the `mlp` projector's layers.
+        multimodal_projector_bias (`bool`, *optional*, defaults to `True`):
+            Whether the projector's linear layers have a bias.
+        image_token_id (`int`, *optional*, defaults to 32000):
+            Id of the `<image>` placeholder token in the tokenizer.
+        image_seq_length (`int`, *optional*):
+            Soft tokens one image becomes. Derived from the encoder's patch grid and the select strategy when
+            left unset; a different value is an error, because the processor expands `<image>` to this count.
+        tie_word_embeddings (`bool`, *optional*, defaults to `False`):
+            Whether the LM head shares the backbone's input embeddings (taken from `text_config` when it ties).
+    """
+
+    model_type = "mmllm"
+    sub_configs_defaults = {
+        "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
+        "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+    }
+
+    vision_config: dict | PreTrainedConfig | None = None
+    text_config: dict | PreTrainedConfig | None = None
+    vision_feature_layer: int | list[int] = -2
+    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    projector_type: str = "mlp"
+    projector_depth: int = 2
+    projector_hidden_act: str = "gelu"
+    multimodal_projector_bias: bool = True
+    image_token_id: int = 32000
+    image_seq_length: int | None = None
+    tie_word_embeddings: bool = False
+
+    def __post_init__(self, **kwargs):
+        super().__post_init__(**kwargs)
+        if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
+            self.tie_word_embeddings = True
+        if self.vision_feature_select_strategy not in ("default", "full"):
+            raise ValueError(
+                f"vision_feature_select_strategy={self.vision_feature_select_strategy!r} is not supported: "
+                "use 'default' (drop CLS) or 'full' (keep every token)."
+            )
+        num_layers = self.vision_config.num_hidden_layers
+        for layer in self.feature_layers:
+            if not -(num_layers + 1) <= layer <= num_layers:
+                raise ValueError(
+                    f"vision_feature_layer={self.vision_feature_layer} is out of range for a vision encoder with "
+                    f"{num_layers} layers: use an index in [-{num_layers + 1}, {num_layers}]."
+                )
+        expected = self.projected_seq_length()
+        if self.image_seq_length is None:
+            self.image_seq_length = expected
+        elif self.image_seq_length != expected:
+            raise ValueError(
+                f"image_seq_length={self.image_seq_length}, but the {self.projector_type!r} projector turns one "
+                f"image into {expected} tokens: leave image_seq_length unset or set it to {expected}."
+            )
+
+    @property
+    def feature_layers(self) -> list[int]:
+        """The selected vision feature layers as a list (non-negative indices into the hidden states)."""
+        layers = self.vision_feature_layer
+        layers = [layers] if isinstance(layers, int) else list(layers)
+        return [layer % (self.vision_config.num_hidden_layers + 1) for layer in layers]
+
+    def projected_seq_length(self) -> int:
+        """Tokens the input projector emits per image (the projector registry knows each type's count)."""
+        return projector_output_length(self)
+
+    @classmethod
+    def from_preset(cls, name: str, **overrides) -> "MMLLMConfig":
+        """Build the config of a named architecture preset (`configuration/<name>.json`).
+
+        Any field can be overridden by keyword, e.g. `from_preset("llava-tiny", projector_type="linear")`.
+        """
+        return import_library_module("presets").load_config_preset(cls, name, **overrides)
+
+
+__all__ = ["MMLLMConfig"]

@@ -1,0 +1,83 @@
+"""Modality Encoder: a transformers vision model that runs only up to the feature layer the projector reads.
+
+LLaVA-style models read an intermediate layer (e.g. the second to last). transformers' LLaVA runs every
+encoder layer anyway; here the layers above the deepest selected one stay in the weights (checkpoints load
+unchanged) but are skipped, which saves their compute and the memory of their activations.
+"""
+
+import torch
+from torch import nn
+from transformers import AutoModel
+
+
+class ActiveLayers(nn.ModuleList):
+    """A `ModuleList` of encoder layers of which only the first `num_active` run when iterated.
+
+    Every layer stays registered (same parameter names, same state dict); encoders that loop
+    `for layer in self.layers` simply stop early.
+    """
+
+    def __init__(self, layers: nn.ModuleList, num_active: int):
+        super().__init__(layers)
+        self.num_active = num_active
+
+    def __iter__(self):
+        return (self[index] for index in range(self.num_active))
+
+
+# Vision encoders without a CLS token: every token they emit is a patch.
+NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+
+
+def num_vision_tokens(config) -> int:
+    """Tokens the encoder yields per image after feature selection: the patches, plus CLS under `"full"`.
+
+    `"default"` drops the CLS token where the encoder has one (CLIP); an encoder without one (SigLIP) keeps all.
+    """
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    return patches + int(_keeps_cls(config))
+
+
+def _has_cls(config) -> bool:
+    return config.vision_config.model_type not in NO_CLS_MODEL_TYPES
+
+
+def _keeps_cls(config) -> bool:
+    return _has_cls(config) and config.vision_feature_select_strategy == "full"
+
+
+def _encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str] | None:
+    """The (parent, attribute name) of the encoder's list of `num_layers` transformer layers, if there is one."""
+    for parent in model.modules():
+        for name, child in parent.named_children():
+            if type(child) is nn.ModuleList and len(child) == num_layers:
+                return parent, name
+    return None
+
+
+def build_vision_tower(config) -> nn.Module:
+    """The vision encoder of `config.vision_config`, set to stop after the deepest selected feature layer."""
+    vision_tower = AutoModel.from_config(config.vision_config)
+    num_layers = config.vision_config.num_hidden_layers
+    deepest = max(config.feature_layers)
+    found = _encoder_layers(vision_tower, num_layers)
+    if found is not None and deepest < num_layers:
+        parent, name = found
+        setattr(parent, name, ActiveLayers(getattr(parent, name), deepest))
+    return vision_tower
+
+
+def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, config) -> torch.Tensor:
+    """Encoder features that feed the projector: `[num_images, tokens, hidden * len(feature_layers)]`.
+
+    Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`).
+    """
+    layers = config.feature_layers
+    outputs = vision_tower(pixel_values, output_hidden_states=layers, return_dict=True)
+    features = [outputs.hidden_states[layer] for layer in layers]
+    if _has_cls(config) and not _keeps_cls(config):
+        features = [feature[:, 1:] for feature in features]
+    return torch.cat(features, dim=-1)
+
+
+__all__ = ["ActiveLayers", "build_vision_tower", "num_vision_tokens", "select_vision_features"]

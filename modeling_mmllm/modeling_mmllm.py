@@ -1,0 +1,239 @@
+"""The mmllm model family: Modality Encoder -> Input Projector -> LLM Backbone, as transformers models.
+
+Structured like transformers' LLaVA: `MMLLMModel` returns the backbone's full-sequence hidden states (TRL's fused
+LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, the loss and generation.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import AutoModel
+from transformers.cache_utils import Cache
+from transformers.generation import GenerationMixin
+from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_mmllm import MMLLMConfig, import_library_module
+from .input_projector import build_input_projector
+from .modality_encoder import build_vision_tower, select_vision_features
+
+# Modality ids of `mm_token_type_ids`, shared with transformers' processors.
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
+
+
+@dataclass
+class MMLLMModelOutputWithPast(BaseModelOutputWithPast):
+    """Backbone outputs plus the projected image features (`[num_images, image_seq_length, hidden]`)."""
+
+    image_hidden_states: torch.Tensor | None = None
+
+
+@dataclass
+class MMLLMCausalLMOutputWithPast(ModelOutput):
+    """Language-modeling outputs of [`MMLLMForConditionalGeneration`]."""
+
+    loss: torch.Tensor | None = None
+    logits: torch.Tensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.Tensor] | None = None
+    attentions: tuple[torch.Tensor] | None = None
+    image_hidden_states: torch.Tensor | None = None
+
+
+class MMLLMPreTrainedModel(PreTrainedModel):
+    """Shared settings: attention backends, gradient checkpointing, device-map splitting (from the sub-models)."""
+
+    config: MMLLMConfig
+    config_class = MMLLMConfig
+    base_model_prefix = "model"
+    input_modalities = ("image", "text")
+    supports_gradient_checkpointing = True
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+
+
+class MMLLMModel(MMLLMPreTrainedModel):
+    """Vision tower + input projector + language model, without an LM head."""
+
+    def __init__(self, config: MMLLMConfig):
+        super().__init__(config)
+        self.vision_tower = build_vision_tower(config)
+        self.multi_modal_projector = build_input_projector(config)
+        self.language_model = AutoModel.from_config(config.text_config)
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Module:
+        return self.language_model.get_input_embeddings()
+
+    def set_input_embeddings(self, value: nn.Module) -> None:
+        self.language_model.set_input_embeddings(value)
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Encode and project images: `[num_images, 3, H, W]` -> `[num_images, image_seq_length, hidden]`."""
+        pixel_values = pixel_values.to(self.vision_tower.dtype)
+        return self.multi_modal_projector(select_vision_features(self.vision_tower, pixel_values, self.config))
+
+    def get_mm_token_type_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
+        """Modality id of every token (0 text, 1 image), derived from the placeholder token ids."""
+        return (input_ids == self.config.image_token_id).long() * IMAGE
+
+    def get_placeholder_mask(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+    ) -> torch.BoolTensor:
+        """Positions of the image placeholder tokens; checks they match the number of image features."""
+        if input_ids is None:
+            image_embedding = self.get_input_embeddings()(
+                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
+            )
+            mask = (inputs_embeds == image_embedding).all(-1)
+        else:
+            mask = input_ids == self.config.image_token_id
+        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+        if n_tokens != n_features:
+            raise ValueError(
+                f"Image features and image tokens do not match: {n_tokens} image tokens in the input, "
+                f"{image_features.shape[0]} image(s) x {image_features.shape[1]} features = {n_features}. Build "
+                "inputs with MMLLMProcessor (it expands each <image> to image_seq_length tokens) and make sure "
+                "truncation does not cut an image span."
+            )
+        return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        **kwargs,
+    ) -> MMLLMModelOutputWithPast:
+        r"""
+        mm_token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Modality of each token (0 text, 1 image, 2 video, 3 audio), as the processor returns it. When absent
+            it is derived from the placeholder ids (`get_mm_token_type_ids`).
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+
+        image_features = None
+        if pixel_values is not None:
+            image_features = self.get_image_features(pixel_values)
+            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
+            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+
+        outputs = self.language_model(
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            **kwargs,
+        )
+        return MMLLMModelOutputWithPast(
+            last_hidden_state=outputs.last_hidden_state,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=image_features,
+        )
+
+
+class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
+    """[`MMLLMModel`] with the LM head: training loss, `logits_to_keep` and KV-cached generation."""
+
+    def __init__(self, config: MMLLMConfig):
+        super().__init__(config)
+        self.model = MMLLMModel(config)
+        self.lm_head = nn.Linear(config.text_config.hidden_size, config.text_config.vocab_size, bias=False)
+        # The LM head ties to the backbone's input embeddings, whatever the backbone calls them.
+        embeddings = self.model.get_input_embeddings()
+        name = next(n for n, m in self.model.language_model.named_modules() if m is embeddings)
+        self._tied_weights_keys = {"lm_head.weight": f"model.language_model.{name}.weight"}
+        self.post_init()
+
+    def get_output_embeddings(self) -> nn.Module:
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
+        self.lm_head = new_embeddings
+
+    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.model.get_image_features(pixel_values)
+
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        mm_token_type_ids: torch.LongTensor | None = None,
+        labels: torch.LongTensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        **kwargs,
+    ) -> MMLLMCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token targets; -100 positions are ignored (mask placeholders and padding in the collator).
+        logits_to_keep (`int` or `torch.Tensor`, *optional*):
+            Compute logits only for the last `n` positions (or the given indices); 0 keeps all.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            pixel_values=pixel_values,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            mm_token_type_ids=mm_token_type_ids,
+            **kwargs,
+        )
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(
+                logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
+            )
+        return MMLLMCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            image_hidden_states=outputs.image_hidden_states,
+        )
+
+    @classmethod
+    def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
+        """Compose a model from a pretrained vision encoder and a pretrained causal LM (local folders or Hub ids).
+
+        Returns `(model, processor)`: pretrained weights loaded, a fresh projector, the special tokens added to
+        the tokenizer, the embeddings resized and the package's chat template set (unless `chat_template=` is
+        given). Any other keyword overrides an `MMLLMConfig` field.
+        """
+        return import_library_module("composition").compose(cls, vision, text, projector, **overrides)
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        try:
+            cards = import_library_module("hub_card")
+        except ImportError:  # a bare remote-code environment: the folder keeps whatever card it has
+            return
+        cards.write_model_card(self, save_directory)
+
+
+__all__ = ["MMLLMPreTrainedModel", "MMLLMModel", "MMLLMForConditionalGeneration"]

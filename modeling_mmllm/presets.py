@@ -1,0 +1,137 @@
+"""Architecture presets and the offline processor of the tiny presets (library side, not in the hub set).
+
+Data files live in the repository's top-level folders (`configuration/`, `processing/`, `hub_cards/`,
+`training_recipes/`); the wheel installs them inside the package, so both layouts are searched.
+"""
+
+import json
+from functools import lru_cache
+from pathlib import Path
+
+import transformers
+from transformers import PreTrainedTokenizerFast
+
+PACKAGE_DIR = Path(__file__).resolve().parent
+TOKENIZER_VOCAB_SIZE = 512
+
+
+def asset_dir(kind: str) -> Path:
+    """The folder of one kind of data file, in an installed wheel or a source checkout."""
+    for base in (PACKAGE_DIR, PACKAGE_DIR.parent):
+        if (base / kind).is_dir():
+            return base / kind
+    raise FileNotFoundError(f"The mmllm data folder {kind!r} is missing: reinstall the package (pip install mmllm).")
+
+
+def preset_names() -> list[str]:
+    """Names of the architecture presets that ship with the package."""
+    return sorted(path.stem for path in asset_dir("configuration").glob("*.json"))
+
+
+def read_preset(name: str) -> dict:
+    """The JSON of preset `name`, with a clear error listing the valid names."""
+    path = asset_dir("configuration") / f"{name}.json"
+    if not path.is_file():
+        raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(preset_names())}.")
+    return json.loads(path.read_text())
+
+
+def load_config_preset(config_class, name: str, **overrides):
+    """`MMLLMConfig.from_preset`: the preset's fields, updated with `overrides`."""
+    return config_class(**{**read_preset(name), **overrides})
+
+
+def chat_template() -> str:
+    """The package's multimodal chat template (with `{% generation %}` markers)."""
+    return (asset_dir("processing") / "chat_template.jinja").read_text()
+
+
+def special_tokens() -> dict:
+    """The package's special-token set: pad, eos, chat roles and one placeholder per modality."""
+    return json.loads((asset_dir("processing") / "special_tokens.json").read_text())
+
+
+def image_processor_for(vision_config, **kwargs):
+    """The image processor that matches a vision encoder type, resized to the encoder's input size."""
+    names = json.loads((asset_dir("processing") / "image_processors.json").read_text())
+    if vision_config.model_type not in names:
+        raise ValueError(
+            f"No image-processor preset for vision encoder type {vision_config.model_type!r} (known: "
+            f"{sorted(names)}): compose with from_components, which uses the encoder's own image processor."
+        )
+    image_processor_class = getattr(transformers, names[vision_config.model_type])
+    size = vision_config.image_size
+    if "shortest_edge" in image_processor_class().size:
+        kwargs = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, **kwargs}
+    else:
+        kwargs = {"size": {"height": size, "width": size}, **kwargs}
+    return image_processor_class(**kwargs)
+
+
+@lru_cache(maxsize=1)
+def _offline_tokenizer_json() -> str:
+    """Train the offline byte-level BPE on the package's corpus (deterministic, about a second)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tokens = special_tokens()
+    specials = [tokens["pad_token"], tokens["eos_token"], *tokens["roles"], *tokens["modality_tokens"].values()]
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TOKENIZER_VOCAB_SIZE,
+        special_tokens=specials,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = (asset_dir("processing") / "tokenizer_corpus.txt").read_text().splitlines()
+    tokenizer.train_from_iterator(corpus, trainer)
+    return tokenizer.to_str()
+
+
+def offline_tokenizer() -> PreTrainedTokenizerFast:
+    """A small byte-level BPE tokenizer with the package's special tokens, padding on the left for generation."""
+    from tokenizers import Tokenizer
+
+    tokens = special_tokens()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_offline_tokenizer_json()),
+        pad_token=tokens["pad_token"],
+        eos_token=tokens["eos_token"],
+        extra_special_tokens=tokens["modality_tokens"],
+        padding_side="left",
+        chat_template=chat_template(),
+    )
+
+
+def load_processor_preset(processor_class, name: str):
+    """`MMLLMProcessor.from_preset`: offline tokenizer + image processor + chat template for preset `name`."""
+    from .configuration_mmllm import MMLLMConfig
+
+    config = MMLLMConfig.from_preset(name)
+    tokenizer = offline_tokenizer()
+    if tokenizer.image_token_id != config.image_token_id or len(tokenizer) > config.text_config.vocab_size:
+        raise ValueError(
+            f"Preset {name!r} does not fit the offline tokenizer (image token id {tokenizer.image_token_id}, "
+            f"{len(tokenizer)} tokens): it needs image_token_id={tokenizer.image_token_id} and a vocab_size of at "
+            f"least {len(tokenizer)}. Use from_components for presets of pretrained models."
+        )
+    return processor_class(
+        image_processor=image_processor_for(config.vision_config),
+        tokenizer=tokenizer,
+        chat_template=chat_template(),
+        image_seq_length=config.image_seq_length,
+    )
+
+
+__all__ = [
+    "asset_dir",
+    "chat_template",
+    "image_processor_for",
+    "load_config_preset",
+    "load_processor_preset",
+    "offline_tokenizer",
+    "preset_names",
+    "read_preset",
+    "special_tokens",
+]

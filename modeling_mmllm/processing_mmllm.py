@@ -1,0 +1,82 @@
+"""MMLLMProcessor: tokenizer + image processor + chat template, one call from prompts and images to model inputs.
+
+Each `<image>` in the text becomes exactly `image_seq_length` placeholder tokens (what the input projector emits),
+and `mm_token_type_ids` marks every token's modality (0 text, 1 image). Bad input is a `ValueError` that says
+what is wrong and how to fix it; nothing is inserted or dropped silently.
+"""
+
+from transformers.image_utils import is_valid_image, make_flat_list_of_images
+from transformers.processing_utils import ProcessorMixin
+
+from .configuration_mmllm import import_library_module
+
+
+class MMLLMProcessor(ProcessorMixin):
+    r"""
+    Processor of the mmllm model family.
+
+    Args:
+        image_processor ([`BaseImageProcessor`], *optional*):
+            Image processor of the vision encoder (resize, crop, normalise).
+        tokenizer ([`PreTrainedTokenizerBase`], *optional*):
+            Tokenizer with the `<image>` special token (`tokenizer.image_token`).
+        chat_template (`str`, *optional*):
+            Jinja chat template (the package's template carries `{% generation %}` markers for assistant-only loss).
+        image_seq_length (`int`, *optional*, defaults to 1):
+            Placeholder tokens per image; must equal the model config's `image_seq_length`.
+    """
+
+    return_mm_token_type_ids = True
+
+    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 1, **kwargs):
+        if getattr(tokenizer, "image_token", None) is None:
+            raise ValueError(
+                "The tokenizer has no image token: add one with "
+                "`tokenizer.add_special_tokens({'additional_special_tokens': ['<image>']})` and pass "
+                "`extra_special_tokens={'image_token': '<image>'}` (MMLLMForConditionalGeneration.from_components "
+                "does this for you)."
+            )
+        self.image_token = tokenizer.image_token
+        self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
+        self.image_seq_length = image_seq_length
+        super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @classmethod
+    def from_preset(cls, name: str) -> "MMLLMProcessor":
+        """The processor of a tiny preset: an offline byte-level BPE tokenizer and the matching image processor.
+
+        Deterministic and built locally (no download), so tests and the quickstart need no network.
+        """
+        return import_library_module("presets").load_processor_preset(cls, name)
+
+    def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Check prompts and images before any work: empty prompts, non-images, placeholder/image counts."""
+        if text is not None:
+            samples = [text] if isinstance(text, str) else text
+            if any(isinstance(sample, str) and not sample.strip() for sample in samples):
+                raise ValueError("Empty prompt: every text must contain at least one non-space character.")
+        if images is not None:
+            flat = images if isinstance(images, (list, tuple)) else [images]
+            flat = [image for group in flat for image in (group if isinstance(group, (list, tuple)) else [group])]
+            for index, image in enumerate(flat):
+                if not is_valid_image(image):
+                    raise ValueError(
+                        f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays "
+                        "or torch tensors (open files with PIL.Image.open(path))."
+                    )
+            if text is not None:
+                n_placeholders = sum(sample.count(self.image_token) for sample in samples)
+                n_images = len(make_flat_list_of_images(images))
+                if n_placeholders != n_images:
+                    raise ValueError(
+                        f"Got {n_images} image(s) but {n_placeholders} {self.image_token} placeholder(s) in the "
+                        f"text: put one {self.image_token} where each image belongs (chat messages with "
+                        "{'type': 'image'} parts do this through the chat template). Nothing is inserted silently."
+                    )
+        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
+        return self.image_token * self.image_seq_length
+
+
+__all__ = ["MMLLMProcessor"]
