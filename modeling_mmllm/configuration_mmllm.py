@@ -59,6 +59,8 @@ class MMLLMConfig(PreTrainedConfig):
             left unset; a different value is an error, because the processor expands `<image>` to this count.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the backbone's input embeddings (taken from `text_config` when it ties).
+        base_models (`list[str]`, *optional*):
+            Folders or Hub ids the pretrained components came from (the model card's `base_model`).
     """
 
     model_type = "mmllm"
@@ -78,6 +80,7 @@ class MMLLMConfig(PreTrainedConfig):
     image_token_id: int = 32000
     image_seq_length: int | None = None
     tie_word_embeddings: bool = False
+    base_models: list[str] | None = None
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
@@ -123,5 +126,7 @@ class MMLLMConfig(PreTrainedConfig):
         """
         return import_library_module("presets").load_config_preset(cls, name, **overrides)
 
+
+MMLLMConfig.register_for_auto_class()
 
 __all__ = ["MMLLMConfig"]

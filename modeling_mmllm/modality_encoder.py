@@ -30,20 +30,14 @@ NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 
 
 def num_vision_tokens(config) -> int:
-    """Tokens the encoder yields per image after feature selection: the patches, plus CLS under `"full"`.
+    """Tokens the encoder yields per image after feature selection.
 
-    `"default"` drops the CLS token where the encoder has one (CLIP); an encoder without one (SigLIP) keeps all.
+    As in LLaVA, `"default"` drops the first token (the CLS token of CLIP-like encoders) and `"full"` keeps
+    every token; encoders without a CLS token (SigLIP) are normally used with `"full"`.
     """
     patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    return patches + int(_keeps_cls(config))
-
-
-def _has_cls(config) -> bool:
-    return config.vision_config.model_type not in NO_CLS_MODEL_TYPES
-
-
-def _keeps_cls(config) -> bool:
-    return _has_cls(config) and config.vision_feature_select_strategy == "full"
+    has_cls = config.vision_config.model_type not in NO_CLS_MODEL_TYPES
+    return patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
 
 
 def _encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str] | None:
@@ -75,7 +69,7 @@ def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, 
     layers = config.feature_layers
     outputs = vision_tower(pixel_values, output_hidden_states=layers, return_dict=True)
     features = [outputs.hidden_states[layer] for layer in layers]
-    if _has_cls(config) and not _keeps_cls(config):
+    if config.vision_feature_select_strategy == "default":
         features = [feature[:, 1:] for feature in features]
     return torch.cat(features, dim=-1)
 

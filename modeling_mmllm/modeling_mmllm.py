@@ -227,7 +227,11 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         return import_library_module("composition").compose(cls, vision, text, projector, **overrides)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
-        """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed."""
+        """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
+
+        `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`.
+        """
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
         super().save_pretrained(save_directory, *args, **kwargs)
         try:
             cards = import_library_module("hub_card")
@@ -235,5 +239,15 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             return
         cards.write_model_card(self, save_directory)
 
+
+# Auto classes a saved folder answers to (written into config.json's `auto_map`).
+AUTO_MAP = {
+    "AutoConfig": "configuration_mmllm.MMLLMConfig",
+    "AutoModel": "modeling_mmllm.MMLLMModel",
+    "AutoModelForImageTextToText": "modeling_mmllm.MMLLMForConditionalGeneration",
+    "AutoModelForCausalLM": "modeling_mmllm.MMLLMForConditionalGeneration",
+}
+MMLLMModel.register_for_auto_class("AutoModel")
+MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 __all__ = ["MMLLMPreTrainedModel", "MMLLMModel", "MMLLMForConditionalGeneration"]

@@ -79,4 +79,6 @@ class MMLLMProcessor(ProcessorMixin):
         return self.image_token * self.image_seq_length
 
 
+MMLLMProcessor.register_for_auto_class()
+
 __all__ = ["MMLLMProcessor"]

@@ -1,0 +1,85 @@
+"""Compose an MM-LLM from pretrained parts: any transformers vision encoder + any causal LM (library side).
+
+`MMLLMForConditionalGeneration.from_components` calls `compose`. The encoder and the backbone keep their
+pretrained weights, the input projector is fresh, the tokenizer gains the package's special tokens and the
+embeddings grow to match without changing the rows of the original vocabulary.
+"""
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedConfig,
+)
+
+from .presets import chat_template as package_chat_template
+from .presets import special_tokens
+
+
+def _vision_encoder_config(vision: str) -> PreTrainedConfig:
+    """The vision config of a folder or Hub id: a vision model, or the vision half of a CLIP/SigLIP model."""
+    config = AutoConfig.from_pretrained(vision)
+    return getattr(config, "vision_config", None) or config
+
+
+def _load_tokenizer(text: str):
+    """The LM's tokenizer with the package's special tokens added (named, so `tokenizer.image_token` works)."""
+    tokens = special_tokens()
+    tokenizer = AutoTokenizer.from_pretrained(
+        text, extra_special_tokens=tokens["modality_tokens"], padding_side="left"
+    )
+    tokenizer.add_special_tokens({"extra_special_tokens": tokens["roles"]}, replace_extra_special_tokens=False)
+    tokenizer.add_tokens([tokens["eos_token"], *tokens["modality_tokens"].values()], special_tokens=True)
+    if tokenizer.pad_token is None:
+        tokenizer.add_special_tokens({"pad_token": tokens["pad_token"]})
+    return tokenizer
+
+
+def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_template: str | None = None, **overrides):
+    """Build `(model, processor)` from a pretrained vision encoder and causal LM; see `from_components`."""
+    from .processing_mmllm import MMLLMProcessor
+
+    vision_config = _vision_encoder_config(vision)
+    text_config = AutoConfig.from_pretrained(text)
+    tokenizer = _load_tokenizer(text)
+    config = model_class.config_class(
+        vision_config=vision_config.to_dict(),
+        text_config=text_config.to_dict(),
+        projector_type=projector,
+        image_token_id=tokenizer.image_token_id,
+        base_models=[vision, text],
+        **overrides,
+    )
+    model = model_class(config)
+
+    vision_class = AutoModel._model_mapping[type(vision_config)]
+    vision_model = vision_class.from_pretrained(vision, config=vision_config)
+    model.model.vision_tower.load_state_dict(vision_model.state_dict())
+    causal_lm = AutoModelForCausalLM.from_pretrained(text)
+    model.model.language_model.load_state_dict(causal_lm.base_model.state_dict())
+    with torch.no_grad():
+        model.lm_head.weight.copy_(causal_lm.get_output_embeddings().weight)
+    model.tie_weights()
+    if len(tokenizer) > config.text_config.vocab_size:
+        model.resize_token_embeddings(len(tokenizer))
+
+    # Generation stops at the LM's own end token and at the chat template's end-of-turn token.
+    generation = model.generation_config
+    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
+    eos += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(special_tokens()["eos_token"])]
+    generation.eos_token_id = sorted({token for token in eos if token is not None})
+    generation.pad_token_id = tokenizer.pad_token_id
+
+    processor = MMLLMProcessor(
+        image_processor=AutoImageProcessor.from_pretrained(vision),
+        tokenizer=tokenizer,
+        chat_template=chat_template or package_chat_template(),
+        image_seq_length=config.image_seq_length,
+    )
+    return model, processor
+
+
+__all__ = ["compose"]

@@ -1,0 +1,25 @@
+"""Write a model folder atomically: save into a temporary sibling folder, then rename (library side)."""
+
+import shutil
+import tempfile
+from pathlib import Path
+
+
+def save_model_folder(model, processor, output: str | Path) -> Path:
+    """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return output
+
+
+__all__ = ["save_model_folder"]
