@@ -92,7 +92,8 @@ class MMLLMConfig(PreTrainedConfig):
                 "use 'default' (drop CLS) or 'full' (keep every token)."
             )
         num_layers = self.vision_config.num_hidden_layers
-        for layer in self.feature_layers:
+        layers = self.vision_feature_layer
+        for layer in [layers] if isinstance(layers, int) else layers:
             if not -(num_layers + 1) <= layer <= num_layers:
                 raise ValueError(
                     f"vision_feature_layer={self.vision_feature_layer} is out of range for a vision encoder with "

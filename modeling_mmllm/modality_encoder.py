@@ -57,7 +57,8 @@ def build_vision_tower(config) -> nn.Module:
     found = _encoder_layers(vision_tower, num_layers)
     if found is not None and deepest < num_layers:
         parent, name = found
-        setattr(parent, name, ActiveLayers(getattr(parent, name), deepest))
+        # Layer 0 (the embeddings) is captured as the first layer's input, so at least one layer runs.
+        setattr(parent, name, ActiveLayers(getattr(parent, name), max(deepest, 1)))
     return vision_tower
 
 

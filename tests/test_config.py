@@ -1,0 +1,81 @@
+"""MMLLMConfig: presets, sub-configs of any encoder/backbone, validation, published parameter counts."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_images, tiny_text_config, tiny_vision_config
+
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.presets import preset_names
+
+
+def test_llava_tiny_preset_fields():
+    config = MMLLMConfig.from_preset("llava-tiny")
+    assert config.model_type == "mmllm"
+    assert config.vision_config.model_type == "clip_vision_model"
+    assert config.text_config.model_type == "llama"
+    assert (config.projector_type, config.projector_depth, config.projector_hidden_act) == ("mlp", 2, "gelu")
+    assert config.vision_feature_layer == -2 and config.vision_feature_select_strategy == "default"
+    assert config.image_seq_length == 16  # (32 / 8)^2 patches, CLS dropped
+    assert config.get_text_config(decoder=True) is config.text_config
+    assert {"llava-tiny", "llava-1.5-7b"} <= set(preset_names())
+
+
+def test_preset_overrides_and_json_round_trip(tmp_path):
+    config = MMLLMConfig.from_preset("llava-tiny", projector_type="linear", vision_feature_select_strategy="full")
+    assert config.image_seq_length == 17
+    config.save_pretrained(tmp_path)
+    reloaded = MMLLMConfig.from_pretrained(tmp_path)
+    assert reloaded.to_dict() == config.to_dict()
+    assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "mmllm"
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ValueError, match="Unknown preset 'llava-huge'.*llava-tiny"):
+        MMLLMConfig.from_preset("llava-huge")
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        ({"vision_feature_select_strategy": "cls"}, "use 'default'"),
+        ({"vision_feature_layer": 7}, "out of range"),
+        ({"projector_type": "conv"}, "Unknown projector_type 'conv'"),
+        ({"image_seq_length": 99}, "leave image_seq_length unset or set it to 16"),
+    ],
+)
+def test_invalid_fields_are_clear_errors(fields, message):
+    with pytest.raises(ValueError, match=message):
+        MMLLMConfig.from_preset("llava-tiny", **fields)
+
+
+@pytest.mark.parametrize("vision", ["clip", "siglip"])
+@pytest.mark.parametrize("text", ["llama", "mistral", "qwen2", "gpt2"])
+def test_any_encoder_and_backbone(vision, text):
+    strategy = "full" if vision == "siglip" else "default"
+    config = MMLLMConfig(
+        vision_config=tiny_vision_config(vision).to_dict(),
+        text_config=tiny_text_config(text).to_dict(),
+        vision_feature_select_strategy=strategy,
+        image_token_id=5,
+    )
+    assert config.image_seq_length == 16
+    torch.manual_seed(0)
+    model = MMLLMForConditionalGeneration(config).eval()
+    processor = MMLLMProcessor.from_preset("llava-tiny")
+    processor.image_seq_length = config.image_seq_length
+    batch = processor(images=make_images(1), text=["<image>What is it?"], return_tensors="pt")
+    with torch.no_grad():
+        out = model(**batch, labels=batch["input_ids"])
+    assert out.logits.shape == (*batch["input_ids"].shape, 512)
+    assert torch.isfinite(out.loss)
+    assert out.image_hidden_states.shape == (1, 16, config.text_config.hidden_size)
+
+
+def test_llava_1_5_7b_parameter_count_matches_transformers():
+    config = MMLLMConfig.from_preset("llava-1.5-7b")
+    with torch.device("meta"):
+        model = MMLLMForConditionalGeneration(config)
+    assert model.num_parameters() == 7_063_427_072
+    assert config.image_seq_length == 576

@@ -1,0 +1,136 @@
+"""MMLLMForConditionalGeneration: feature layer, placeholders, attention backends, checkpointing, cache, loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_images, seeded_model
+
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
+from modeling_mmllm.modality_encoder import select_vision_features
+
+
+@pytest.fixture(scope="module")
+def batch(processor, images):
+    """Mixed batch: two images in row 0, none in row 1, one in row 2; left padding."""
+    texts = ["<image>Compare with<image>, which is bigger?", "Just text, no picture.", "What is in <image>?"]
+    return processor(images=[images[0], images[1], images[2]], text=texts, return_tensors="pt", padding=True)
+
+
+def _vision_layer_calls(model: MMLLMForConditionalGeneration, pixel_values: torch.Tensor) -> list[int]:
+    calls = []
+    layers = model.model.vision_tower.encoder.layers
+    hooks = [layer.register_forward_hook(lambda m, a, o, i=i: calls.append(i)) for i, layer in enumerate(layers)]
+    model.get_image_features(pixel_values)
+    for hook in hooks:
+        hook.remove()
+    return calls
+
+
+@pytest.mark.parametrize("feature_layer, ran", [(-2, [0]), (-1, [0, 1]), (1, [0]), (0, [0])])
+def test_vision_tower_stops_at_the_feature_layer(feature_layer, ran):
+    config = MMLLMConfig.from_preset("llava-tiny", vision_feature_layer=feature_layer)
+    model = seeded_model(config)
+    pixel_values = torch.randn(2, 3, 32, 32)
+    assert _vision_layer_calls(model, pixel_values) == ran
+    # Skipped layers stay in the weights: the state dict has every layer.
+    assert any(".encoder.layers.1." in key for key in model.state_dict())
+    # The features equal those of the full tower's hidden states (what LLaVA computes).
+    layers = model.model.vision_tower.encoder.layers
+    full = torch.nn.ModuleList(layers._modules.values())
+    model.model.vision_tower.encoder.layers = full
+    reference = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
+    model.model.vision_tower.encoder.layers = layers
+    torch.testing.assert_close(select_vision_features(model.model.vision_tower, pixel_values, config), reference)
+
+
+def test_mm_token_type_ids_derived_from_placeholders(tiny_model, batch):
+    derived = tiny_model.model.get_mm_token_type_ids(batch["input_ids"])
+    assert torch.equal(derived, batch["mm_token_type_ids"])
+    assert derived.sum() == 3 * 16
+
+
+def test_mixed_batch_equals_rows_one_by_one(tiny_model, processor, images, batch):
+    """Several images in a row, a row without images, left padding: each row as if it were alone."""
+    with torch.no_grad():
+        batched = tiny_model(**batch).logits
+    rows = [([images[0], images[1]], "<image>Compare with<image>, which is bigger?"),
+            (None, "Just text, no picture."), ([images[2]], "What is in <image>?")]
+    for index, (row_images, text) in enumerate(rows):
+        single = processor(images=row_images, text=[text], return_tensors="pt")
+        with torch.no_grad():
+            alone = tiny_model(**single).logits[0]
+        torch.testing.assert_close(batched[index, -alone.shape[0]:], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_eager_and_sdpa_agree(batch):
+    config = MMLLMConfig.from_preset("llava-tiny")
+    logits = {}
+    for implementation in ("eager", "sdpa"):
+        model = seeded_model(config)
+        model.set_attn_implementation(implementation)
+        assert model.model.language_model.config._attn_implementation == implementation
+        assert model.model.vision_tower.config._attn_implementation == implementation
+        with torch.no_grad():
+            logits[implementation] = model(**batch).logits
+    mask = batch["attention_mask"].bool()
+    torch.testing.assert_close(logits["eager"][mask], logits["sdpa"][mask], atol=1e-4, rtol=1e-4)
+
+
+def test_loss_matches_cross_entropy_and_gradient_checkpointing_matches(batch):
+    labels = batch["input_ids"].masked_fill(batch["mm_token_type_ids"].bool() | ~batch["attention_mask"].bool(), -100)
+    grads = {}
+    for checkpointing in (False, True):
+        model = seeded_model(MMLLMConfig.from_preset("llava-tiny")).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(**batch, labels=labels)
+        expected = F.cross_entropy(out.logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+        torch.testing.assert_close(out.loss, expected)
+        out.loss.backward()
+        grads[checkpointing] = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert grads[True].keys() == grads[False].keys()
+    assert any("vision_tower" in name for name in grads[True])
+    for name in grads[False]:
+        torch.testing.assert_close(grads[True][name], grads[False][name], atol=1e-6, rtol=1e-4)
+
+
+def test_logits_to_keep(tiny_model, batch):
+    with torch.no_grad():
+        full = tiny_model(**batch).logits
+        last = tiny_model(**batch, logits_to_keep=1).logits
+    assert last.shape[1] == 1
+    torch.testing.assert_close(last[:, 0], full[:, -1])
+
+
+def test_cached_generation_equals_uncached(tiny_model, batch):
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+    cached = tiny_model.generate(**batch, use_cache=True, **kwargs)
+    uncached = tiny_model.generate(**batch, use_cache=False, **kwargs)
+    assert cached.shape[1] == batch["input_ids"].shape[1] + 6
+    assert torch.equal(cached, uncached)
+
+
+def test_placeholder_count_mismatch_is_a_clear_error(tiny_model, processor, images):
+    inputs = processor(images=[images[0]], text=["<image>hi"], return_tensors="pt")
+    with pytest.raises(ValueError, match="Image features and image tokens do not match"):
+        tiny_model(input_ids=inputs["input_ids"][:, 3:], pixel_values=inputs["pixel_values"])
+
+
+def test_no_split_modules_come_from_the_sub_models(tiny_model):
+    assert {"LlamaDecoderLayer", "CLIPEncoderLayer"} <= set(tiny_model._no_split_modules)
+
+
+def test_device_map_auto_keeps_decoder_layers_whole(saved_folder):
+    from accelerate import infer_auto_device_map
+
+    model = MMLLMForConditionalGeneration.from_pretrained(saved_folder, device_map="auto")
+    assert model(**{"input_ids": torch.tensor([[8, 9, 10]])}).logits.shape == (1, 3, 512)
+    budget = {"cpu": "400KB", "disk": "10GB"}  # a small first device forces a split
+    device_map = infer_auto_device_map(model, max_memory=budget, no_split_module_classes=model._no_split_modules)
+    devices_per_layer = {}
+    for name, device in device_map.items():
+        if ".layers." in name:
+            layer = name.split(".layers.")[0] + ".layers." + name.split(".layers.")[1].split(".")[0]
+            devices_per_layer.setdefault(layer, set()).add(device)
+    assert len(set(device_map.values())) > 1
+    assert all(len(devices) == 1 for devices in devices_per_layer.values())
