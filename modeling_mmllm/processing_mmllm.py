@@ -5,10 +5,19 @@ and `mm_token_type_ids` marks every token's modality (0 text, 1 image). Bad inpu
 what is wrong and how to fix it; nothing is inserted or dropped silently.
 """
 
-from transformers.image_utils import is_valid_image, make_flat_list_of_images
+from transformers.image_utils import is_valid_image
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_mmllm import import_library_module
+
+
+def _flatten(images) -> list:
+    """Images given as one item, a list, or a list of lists per sample, as one flat list."""
+    if images is None:
+        return []
+    if not isinstance(images, (list, tuple)):
+        return [images]
+    return [image for item in images for image in _flatten(item)]
 
 
 class MMLLMProcessor(ProcessorMixin):
@@ -49,30 +58,30 @@ class MMLLMProcessor(ProcessorMixin):
         """
         return import_library_module("presets").load_processor_preset(cls, name)
 
+    def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
+        """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them."""
+        for index, image in enumerate(_flatten(images)):
+            if not (isinstance(image, str) or is_valid_image(image)):
+                raise ValueError(
+                    f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays, "
+                    "torch tensors, or paths/URLs of image files."
+                )
+        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Check prompts and images before any work: empty prompts, non-images, placeholder/image counts."""
-        if text is not None:
-            samples = [text] if isinstance(text, str) else text
-            if any(isinstance(sample, str) and not sample.strip() for sample in samples):
-                raise ValueError("Empty prompt: every text must contain at least one non-space character.")
-        if images is not None:
-            flat = images if isinstance(images, (list, tuple)) else [images]
-            flat = [image for group in flat for image in (group if isinstance(group, (list, tuple)) else [group])]
-            for index, image in enumerate(flat):
-                if not is_valid_image(image):
-                    raise ValueError(
-                        f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays "
-                        "or torch tensors (open files with PIL.Image.open(path))."
-                    )
-            if text is not None:
-                n_placeholders = sum(sample.count(self.image_token) for sample in samples)
-                n_images = len(make_flat_list_of_images(images))
-                if n_placeholders != n_images:
-                    raise ValueError(
-                        f"Got {n_images} image(s) but {n_placeholders} {self.image_token} placeholder(s) in the "
-                        f"text: put one {self.image_token} where each image belongs (chat messages with "
-                        "{'type': 'image'} parts do this through the chat template). Nothing is inserted silently."
-                    )
+        """Check prompts against images before any work: empty prompts, placeholder/image counts."""
+        samples = [text] if isinstance(text, str) else text
+        if samples is not None and any(isinstance(sample, str) and not sample.strip() for sample in samples):
+            raise ValueError("Empty prompt: every text must contain at least one non-space character.")
+        if images is not None and samples is not None:
+            n_placeholders = sum(sample.count(self.image_token) for sample in samples)
+            n_images = len(_flatten(images))
+            if n_placeholders != n_images:
+                raise ValueError(
+                    f"Got {n_images} image(s) but {n_placeholders} {self.image_token} placeholder(s) in the text: "
+                    f"put one {self.image_token} where each image belongs (chat messages with {{'type': 'image'}} "
+                    "parts do this through the chat template). Nothing is inserted silently."
+                )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:

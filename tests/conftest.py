@@ -37,8 +37,9 @@ def tiny_text_config(kind: str = "llama", **overrides):
     if kind in classes:
         return classes[kind](**{**common, **overrides})
     if kind == "gpt2":
-        return GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, pad_token_id=0,
-                          eos_token_id=1, bos_token_id=None, **overrides)
+        fields = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, pad_token_id=0,
+                      eos_token_id=1, bos_token_id=None)
+        return GPT2Config(**{**fields, **overrides})
     raise ValueError(kind)
 
 

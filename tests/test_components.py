@@ -1,0 +1,92 @@
+"""from_components: pretrained encoder + pretrained causal LM folders -> model and processor."""
+
+import pytest
+import torch
+from conftest import make_images, tiny_text_config, tiny_vision_config
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForCausalLM,
+    CLIPImageProcessorPil,
+    CLIPModel,
+    CLIPConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
+)
+
+from modeling_mmllm import MMLLMForConditionalGeneration
+
+
+def _plain_lm_tokenizer() -> PreTrainedTokenizerFast:
+    """An ordinary LM tokenizer (byte-level BPE with only <s> and </s>), as a pretrained LM would ship."""
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory):
+    """A tiny CLIP vision model, a tiny CLIP dual encoder and tiny Llama / GPT-2 causal LMs, saved to folders."""
+    root = tmp_path_factory.mktemp("parts")
+    torch.manual_seed(1)
+    CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(root / "clip-vision")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip-vision")
+    clip = CLIPModel(CLIPConfig(vision_config=tiny_vision_config("clip").to_dict(),
+                                text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                             "num_attention_heads": 4, "vocab_size": 99},
+                                projection_dim=32))
+    clip.save_pretrained(root / "clip-dual")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip-dual")
+    tokenizer = _plain_lm_tokenizer()
+    for kind in ("llama", "gpt2"):
+        lm = AutoModelForCausalLM.from_config(tiny_text_config(kind, vocab_size=len(tokenizer)))
+        lm.save_pretrained(root / kind)
+        tokenizer.save_pretrained(root / kind)
+    return root
+
+
+@pytest.mark.parametrize("vision, text", [("clip-vision", "llama"), ("clip-dual", "gpt2")])
+def test_composed_model_keeps_pretrained_weights_and_lm_logits(parts, vision, text):
+    model, processor = MMLLMForConditionalGeneration.from_components(
+        vision=str(parts / vision), text=str(parts / text), projector="mlp"
+    )
+    lm = AutoModelForCausalLM.from_pretrained(parts / text).eval()
+    original_vocab = lm.config.vocab_size
+    # Special tokens were added and the embeddings resized to the tokenizer.
+    assert len(processor.tokenizer) > original_vocab
+    assert model.config.text_config.vocab_size == len(processor.tokenizer)
+    assert processor.tokenizer.image_token == "<image>"
+    assert model.config.image_token_id == processor.tokenizer.image_token_id
+    assert "{% generation %}" in processor.chat_template or "generation" in processor.chat_template
+    assert model.config.base_models == [str(parts / vision), str(parts / text)]
+    # Text-only input: the causal LM's own computation. Hidden states and head rows are bit-identical; the
+    # logits of the original vocabulary differ only by BLAS summation order of the wider head (~1e-8).
+    ids = torch.tensor([[10, 40, 200, 7, 99, 250]])
+    with torch.no_grad():
+        ours = model.eval()(input_ids=ids, output_hidden_states=True)
+        theirs = lm(input_ids=ids, output_hidden_states=True)
+    assert all(torch.equal(a, b) for a, b in zip(ours.hidden_states, theirs.hidden_states))
+    assert torch.equal(model.lm_head.weight[:original_vocab], lm.get_output_embeddings().weight)
+    torch.testing.assert_close(ours.logits[..., :original_vocab], theirs.logits, atol=1e-6, rtol=0)
+    # Pretrained vision weights are in the tower.
+    source = CLIPVisionModel.from_pretrained(parts / vision)
+    for name, tensor in source.state_dict().items():
+        assert torch.equal(model.model.vision_tower.state_dict()[name], tensor), name
+    # The processor and the model work together end to end.
+    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    batch = processor(images=make_images(1), text=[prompt], return_tensors="pt")
+    out = model.generate(**batch, max_new_tokens=3, do_sample=False)
+    assert out.shape[1] == batch["input_ids"].shape[1] + 3 or processor.tokenizer.eos_token_id in out[0]
+
+
+def test_caller_chat_template_and_config_overrides(parts):
+    model, processor = MMLLMForConditionalGeneration.from_components(
+        vision=str(parts / "clip-vision"), text=str(parts / "llama"), projector="linear",
+        chat_template="{{ messages[0]['content'] }}", vision_feature_layer=-1,
+    )
+    assert processor.chat_template == "{{ messages[0]['content'] }}"
+    assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
