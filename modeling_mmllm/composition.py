@@ -31,8 +31,9 @@ def _load_tokenizer(text: str):
     tokenizer = AutoTokenizer.from_pretrained(
         text, extra_special_tokens=tokens["modality_tokens"], padding_side="left"
     )
-    tokenizer.add_special_tokens({"extra_special_tokens": tokens["roles"]}, replace_extra_special_tokens=False)
-    tokenizer.add_tokens([tokens["eos_token"], *tokens["modality_tokens"].values()], special_tokens=True)
+    # The chat template's role and end-of-turn markers must stay single tokens.
+    template_tokens = [*tokens["roles"], tokens["eos_token"]]
+    tokenizer.add_special_tokens({"extra_special_tokens": template_tokens}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": tokens["pad_token"]})
     return tokenizer

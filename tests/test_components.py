@@ -59,6 +59,8 @@ def test_composed_model_keeps_pretrained_weights_and_lm_logits(parts, vision, te
     assert len(processor.tokenizer) > original_vocab
     assert model.config.text_config.vocab_size == len(processor.tokenizer)
     assert processor.tokenizer.image_token == "<image>"
+    for token in ("<image>", "<|user|>", "<|assistant|>", "<|end|>"):
+        assert len(processor.tokenizer(token, add_special_tokens=False)["input_ids"]) == 1, token
     assert model.config.image_token_id == processor.tokenizer.image_token_id
     assert "{% generation %}" in processor.chat_template or "generation" in processor.chat_template
     assert model.config.base_models == [str(parts / vision), str(parts / text)]
