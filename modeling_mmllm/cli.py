@@ -7,7 +7,9 @@ from pathlib import Path
 
 def build(args: argparse.Namespace) -> None:
     """Build a randomly initialised model of a preset, with its processor, into a Hub-ready folder."""
-    from . import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+    from .configuration_mmllm import MMLLMConfig
+    from .modeling_mmllm import MMLLMForConditionalGeneration
+    from .processing_mmllm import MMLLMProcessor
     from .saving import save_model_folder
 
     config = MMLLMConfig.from_preset(args.preset)
