@@ -63,6 +63,9 @@ def test_any_encoder_and_backbone(vision, text):
     assert config.image_seq_length == 16
     torch.manual_seed(0)
     model = MMLLMForConditionalGeneration(config).eval()
+    # A backbone that ties its head (GPT-2) keeps it tied to its own embeddings, whatever their name.
+    tied = model.lm_head.weight is model.get_input_embeddings().weight
+    assert tied == (text == "gpt2") == config.tie_word_embeddings
     processor = MMLLMProcessor.from_preset("llava-tiny")
     processor.image_seq_length = config.image_seq_length
     batch = processor(images=make_images(1), text=["<image>What is it?"], return_tensors="pt")
