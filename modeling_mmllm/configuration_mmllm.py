@@ -44,8 +44,15 @@ class MMLLMConfig(PreTrainedConfig):
             but not run.
         vision_feature_select_strategy (`str`, *optional*, defaults to `"default"`):
             `"default"` drops the CLS token, `"full"` keeps every token.
+        vision_feature_layernorm (`bool`, *optional*, defaults to `False`):
+            Apply the encoder's final LayerNorm (`post_layernorm`) to every selected token, as mPLUG-Owl2 and
+            BLIP-2 do (transformers' CLIP applies it to the pooled CLS token only).
         projector_type (`str`, *optional*, defaults to `"mlp"`):
-            Input projector: one of the registry in `input_projector.py` (`linear`, `mlp`).
+            Input projector: one of the registry in `input_projector.py` (`linear`, `mlp`, `abstractor`,
+            `qformer`, `resampler`).
+        projector_config (`dict`, *optional*):
+            Settings of a query-based projector (number of queries, layers, heads, ...); missing keys take the
+            projector's defaults (`input_projector.py`). For `qformer`, the fields of a `Blip2QFormerConfig`.
         projector_depth (`int`, *optional*, defaults to 2):
             Number of linear layers of the `mlp` projector (LLaVA-1.5 uses 2).
         projector_hidden_act (`str`, *optional*, defaults to `"gelu"`):
@@ -73,7 +80,9 @@ class MMLLMConfig(PreTrainedConfig):
     text_config: dict | PreTrainedConfig | None = None
     vision_feature_layer: int | list[int] = -2
     vision_feature_select_strategy: Literal["default", "full"] = "default"
+    vision_feature_layernorm: bool = False
     projector_type: str = "mlp"
+    projector_config: dict | None = None
     projector_depth: int = 2
     projector_hidden_act: str = "gelu"
     multimodal_projector_bias: bool = True

@@ -1,12 +1,18 @@
 """Input Projector: maps modality-encoder features to soft tokens of the LLM's width.
 
+Token-wise (`linear`, `mlp`: one token per patch, LLaVA) or query-based (`abstractor`: mPLUG-Owl2, `qformer`:
+BLIP-2, `resampler`: Flamingo/IDEFICS), which emit a fixed number of tokens whatever the image resolution.
+
 `PROJECTORS` is the one registry of projector types; a new type is a class with `__init__(config)`,
 `forward(features) -> tokens` and `output_length(config)`, added to the dict.
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from transformers import Blip2QFormerConfig, Blip2QFormerModel, IdeficsConfig
 from transformers.activations import ACT2FN
+from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
 from .modality_encoder import num_vision_tokens
 
@@ -48,9 +54,184 @@ class LinearProjector(MLPProjector):
         super().__init__(config, depth=1)
 
 
+def projector_settings(config, defaults: dict) -> dict:
+    """`config.projector_config` over a projector's defaults; unknown keys are an error, not ignored."""
+    given = dict(config.projector_config or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"projector_config has keys {sorted(unknown)} that the {config.projector_type!r} projector does not "
+            f"use; its settings are {sorted(defaults)}."
+        )
+    return {**defaults, **given}
+
+
+def _feature_width(config) -> int:
+    return config.vision_config.hidden_size * len(config.feature_layers)
+
+
+def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
+    """Fixed sin-cos embedding of 1-D positions, `[len(positions), dim]` (MAE / mPLUG-Owl2 tables)."""
+    omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float32) / (dim / 2.0))
+    angles = positions.float().reshape(-1, 1) * omega
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+def sincos_2d(dim: int, num_tokens: int) -> torch.Tensor:
+    """Sin-cos table of a square patch grid, with a zero row first when the tokens include a CLS token."""
+    has_cls = int(round(num_tokens**0.5)) ** 2 != num_tokens
+    grid = int(round((num_tokens - has_cls) ** 0.5))
+    if grid * grid + has_cls != num_tokens:
+        raise ValueError(f"The abstractor needs a square patch grid (plus an optional CLS), got {num_tokens} tokens.")
+    coords = torch.arange(grid, dtype=torch.float32)
+    grid_x, grid_y = torch.meshgrid(coords, coords, indexing="xy")
+    table = torch.cat([sincos_1d(dim // 2, grid_x), sincos_1d(dim // 2, grid_y)], dim=1)
+    return torch.cat([table.new_zeros((int(has_cls), dim)), table])
+
+
+class SwiGLU(nn.Module):
+    """mPLUG-Owl2's abstractor feed-forward: `w2(ln(silu(w1 x) * w3 x))`."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.w1 = nn.Linear(hidden_size, intermediate_size)
+        self.w2 = nn.Linear(intermediate_size, hidden_size)
+        self.w3 = nn.Linear(hidden_size, intermediate_size)
+        self.ffn_ln = nn.LayerNorm(intermediate_size, eps=eps)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.w2(self.ffn_ln(F.silu(self.w1(hidden_states)) * self.w3(hidden_states)))
+
+
+class AbstractorLayer(nn.Module):
+    """One visual-abstractor layer: queries attend to [queries; image features], then a SwiGLU block.
+
+    As in mPLUG-Owl2: keys get the fixed position tables, values do not; the residual adds the *normalised*
+    queries; `norm1`, `normk` and `norm2` use torch's default epsilon, only `ffn_ln` the configured one.
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, intermediate_size: int, eps: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.normk = nn.LayerNorm(hidden_size)
+        self.query = nn.Linear(hidden_size, hidden_size)
+        self.key = nn.Linear(hidden_size, hidden_size)
+        self.value = nn.Linear(hidden_size, hidden_size)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.mlp = SwiGLU(hidden_size, intermediate_size, eps)
+
+    def _heads(self, states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+    def forward(self, queries, features, query_positions, key_positions) -> torch.Tensor:
+        queries = self.norm1(queries)
+        context = torch.cat([queries, self.normk(features)], dim=1)
+        positions = torch.cat([query_positions, key_positions]).to(context.dtype)
+        attended = F.scaled_dot_product_attention(
+            self._heads(self.query(queries + query_positions.to(queries.dtype))),
+            self._heads(self.key(context + positions)),
+            self._heads(self.value(context)),
+        )
+        hidden_states = queries + self.out_proj(attended.transpose(1, 2).flatten(2))
+        return hidden_states + self.mlp(self.norm2(hidden_states))
+
+
+class AbstractorProjector(nn.Module):
+    """mPLUG-Owl2's visual abstractor: learnable queries compress the image to a fixed number of tokens.
+
+    Emits `num_queries` tokens (plus a learnable end token) whatever the resolution: the key position table is
+    rebuilt for the patch grid it sees.
+    """
+
+    DEFAULTS = {"num_queries": 64, "num_layers": 6, "num_heads": 16, "intermediate_size": 2816,
+                "layer_norm_eps": 1e-6, "end_token": True}
+
+    def __init__(self, config):
+        super().__init__()
+        settings = projector_settings(config, self.DEFAULTS)
+        width, text_width = _feature_width(config), config.text_config.hidden_size
+        self.query_embeds = nn.Parameter(torch.randn(1, settings["num_queries"], width))
+        self.layers = nn.ModuleList(
+            AbstractorLayer(width, settings["num_heads"], settings["intermediate_size"], settings["layer_norm_eps"])
+            for _ in range(settings["num_layers"])
+        )
+        self.visual_fc = nn.Linear(width, text_width)
+        self.end_token = nn.Parameter(torch.randn(1, 1, text_width)) if settings["end_token"] else None
+        self.register_buffer("query_positions", sincos_1d(width, torch.arange(settings["num_queries"])), persistent=False)
+
+    @classmethod
+    def output_length(cls, config) -> int:
+        settings = projector_settings(config, cls.DEFAULTS)
+        return settings["num_queries"] + int(settings["end_token"])
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        key_positions = sincos_2d(features.shape[-1], features.shape[1]).to(features.device)
+        hidden_states = self.query_embeds.expand(features.shape[0], -1, -1)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, features, self.query_positions, key_positions)
+        tokens = self.visual_fc(hidden_states)
+        if self.end_token is None:
+            return tokens
+        return torch.cat([tokens, self.end_token.expand(tokens.shape[0], -1, -1).to(tokens.dtype)], dim=1)
+
+
+class QFormerProjector(nn.Module):
+    """BLIP-2's Q-Former (transformers' `Blip2QFormerModel`): learnable queries, then a language projection."""
+
+    def __init__(self, config):
+        super().__init__()
+        settings = dict(config.projector_config or {})
+        num_query_tokens = settings.pop("num_query_tokens", 32)
+        qformer_config = Blip2QFormerConfig(**{**settings, "encoder_hidden_size": _feature_width(config)})
+        self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_config.hidden_size) * 0.02)
+        self.qformer = Blip2QFormerModel(qformer_config)
+        self.language_projection = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
+
+    @staticmethod
+    def output_length(config) -> int:
+        return (config.projector_config or {}).get("num_query_tokens", 32)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        queries = self.query_tokens.expand(features.shape[0], -1, -1)
+        mask = torch.ones(features.shape[:-1], dtype=torch.long, device=features.device)
+        output = self.qformer(query_embeds=queries, encoder_hidden_states=features, encoder_attention_mask=mask)
+        return self.language_projection(output.last_hidden_state.to(features.dtype))
+
+
+class ResamplerProjector(nn.Module):
+    """Flamingo / IDEFICS perceiver resampler (transformers' `IdeficsPerceiverResampler`), then a linear map."""
+
+    DEFAULTS = {"num_latents": 64, "depth": 6, "num_heads": 16, "head_dim": 96, "qk_layer_norms": False}
+
+    def __init__(self, config):
+        super().__init__()
+        settings = projector_settings(config, self.DEFAULTS)
+        width = _feature_width(config)
+        idefics_config = IdeficsConfig(
+            vision_config={"embed_dim": width},
+            perceiver_config={"qk_layer_norms_perceiver": settings["qk_layer_norms"]},
+        )
+        self.perceiver = IdeficsPerceiverResampler(
+            idefics_config, width, settings["depth"], settings["num_heads"], settings["head_dim"], settings["num_latents"]
+        )
+        self.linear = nn.Linear(width, config.text_config.hidden_size)
+
+    @classmethod
+    def output_length(cls, config) -> int:
+        return projector_settings(config, cls.DEFAULTS)["num_latents"]
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return self.linear(self.perceiver(features))
+
+
 PROJECTORS: dict[str, type[nn.Module]] = {
     "linear": LinearProjector,
     "mlp": MLPProjector,
+    "abstractor": AbstractorProjector,
+    "qformer": QFormerProjector,
+    "resampler": ResamplerProjector,
 }
 
 
@@ -73,4 +254,13 @@ def projector_output_length(config) -> int:
     return _projector_class(config).output_length(config)
 
 
-__all__ = ["PROJECTORS", "MLPProjector", "LinearProjector", "build_input_projector", "projector_output_length"]
+__all__ = [
+    "PROJECTORS",
+    "AbstractorProjector",
+    "LinearProjector",
+    "MLPProjector",
+    "QFormerProjector",
+    "ResamplerProjector",
+    "build_input_projector",
+    "projector_output_length",
+]

@@ -7,7 +7,7 @@ unchanged) but are skipped, which saves their compute and the memory of their ac
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, Blip2VisionModel
 
 
 class ActiveLayers(nn.ModuleList):
@@ -49,9 +49,14 @@ def _encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str] 
     return None
 
 
+# Vision models that transformers' AutoModel does not build from their config (BLIP-2's ViT).
+VISION_MODELS_OUTSIDE_AUTO = {"blip_2_vision_model": Blip2VisionModel}
+
+
 def build_vision_tower(config) -> nn.Module:
     """The vision encoder of `config.vision_config`, set to stop after the deepest selected feature layer."""
-    vision_tower = AutoModel.from_config(config.vision_config)
+    model_class = VISION_MODELS_OUTSIDE_AUTO.get(config.vision_config.model_type)
+    vision_tower = model_class(config.vision_config) if model_class else AutoModel.from_config(config.vision_config)
     num_layers = config.vision_config.num_hidden_layers
     deepest = max(config.feature_layers)
     found = _encoder_layers(vision_tower, num_layers)
@@ -65,11 +70,17 @@ def build_vision_tower(config) -> nn.Module:
 def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, config) -> torch.Tensor:
     """Encoder features that feed the projector: `[num_images, tokens, hidden * len(feature_layers)]`.
 
-    Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`).
+    Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`). Images of
+    another size than the encoder's are accepted where it can interpolate its position embeddings.
     """
     layers = config.feature_layers
-    outputs = vision_tower(pixel_values, output_hidden_states=layers, return_dict=True)
+    kwargs = {}
+    if tuple(pixel_values.shape[-2:]) != (config.vision_config.image_size,) * 2:
+        kwargs["interpolate_pos_encoding"] = True  # another resolution: interpolate the position embeddings
+    outputs = vision_tower(pixel_values, output_hidden_states=layers, return_dict=True, **kwargs)
     features = [outputs.hidden_states[layer] for layer in layers]
+    if config.vision_feature_layernorm:
+        features = [vision_tower.post_layernorm(feature) for feature in features]
     if config.vision_feature_select_strategy == "default":
         features = [feature[:, 1:] for feature in features]
     return torch.cat(features, dim=-1)
