@@ -159,7 +159,6 @@ class AbstractorProjector(nn.Module):
         )
         self.visual_fc = nn.Linear(width, text_width)
         self.end_token = nn.Parameter(torch.randn(1, 1, text_width)) if settings["end_token"] else None
-        self.register_buffer("query_positions", sincos_1d(width, torch.arange(settings["num_queries"])), persistent=False)
 
     @classmethod
     def output_length(cls, config) -> int:
@@ -167,10 +166,14 @@ class AbstractorProjector(nn.Module):
         return settings["num_queries"] + int(settings["end_token"])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        key_positions = sincos_2d(features.shape[-1], features.shape[1]).to(features.device)
+        # The fixed sin-cos tables are computed here, not stored: they follow the patch grid of the input, and a
+        # non-persistent buffer would not survive transformers' meta-device loading.
+        width, num_queries = features.shape[-1], self.query_embeds.shape[1]
+        query_positions = sincos_1d(width, torch.arange(num_queries)).to(features.device)
+        key_positions = sincos_2d(width, features.shape[1]).to(features.device)
         hidden_states = self.query_embeds.expand(features.shape[0], -1, -1)
         for layer in self.layers:
-            hidden_states = layer(hidden_states, features, self.query_positions, key_positions)
+            hidden_states = layer(hidden_states, features, query_positions, key_positions)
         tokens = self.visual_fc(hidden_states)
         if self.end_token is None:
             return tokens

@@ -116,11 +116,13 @@ def load_processor_preset(processor_class, name: str):
             f"{len(tokenizer)} tokens): it needs image_token_id={tokenizer.image_token_id} and a vocab_size of at "
             f"least {len(tokenizer)}. Use from_components for presets of pretrained models."
         )
+    options = json.loads((asset_dir("processing") / "processor_presets.json").read_text()).get(name, {})
     return processor_class(
         image_processor=image_processor_for(config.vision_config),
         tokenizer=tokenizer,
         chat_template=chat_template(),
         image_seq_length=config.image_seq_length,
+        **options,
     )
 
 

@@ -5,6 +5,8 @@ and `mm_token_type_ids` marks every token's modality (0 text, 1 image). Bad inpu
 what is wrong and how to fix it; nothing is inserted or dropped silently.
 """
 
+from PIL import Image
+from transformers.image_transforms import to_pil_image
 from transformers.image_utils import is_valid_image
 from transformers.processing_utils import ProcessorMixin
 
@@ -33,11 +35,22 @@ class MMLLMProcessor(ProcessorMixin):
             Jinja chat template (the package's template carries `{% generation %}` markers for assistant-only loss).
         image_seq_length (`int`, *optional*, defaults to 1):
             Placeholder tokens per image; must equal the model config's `image_seq_length`.
+        pad_to_square (`bool`, *optional*, defaults to `False`):
+            Pad each image to a square with the normalisation mean colour before resizing, so nothing is cropped
+            away (mPLUG-Owl2's and LLaVA-1.5's preprocessing).
     """
 
     return_mm_token_type_ids = True
 
-    def __init__(self, image_processor=None, tokenizer=None, chat_template=None, image_seq_length: int = 1, **kwargs):
+    def __init__(
+        self,
+        image_processor=None,
+        tokenizer=None,
+        chat_template=None,
+        image_seq_length: int = 1,
+        pad_to_square: bool = False,
+        **kwargs,
+    ):
         if getattr(tokenizer, "image_token", None) is None:
             raise ValueError(
                 "The tokenizer has no image token: add one with "
@@ -48,6 +61,7 @@ class MMLLMProcessor(ProcessorMixin):
         self.image_token = tokenizer.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.image_seq_length = image_seq_length
+        self.pad_to_square = pad_to_square
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
 
     @classmethod
@@ -83,6 +97,24 @@ class MMLLMProcessor(ProcessorMixin):
                     "parts do this through the chat template). Nothing is inserted silently."
                 )
         super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _process_images(self, images, **kwargs):
+        if self.pad_to_square:
+            images = [self._expand_to_square(image) for image in _flatten(images)]
+        return super()._process_images(images, **kwargs)
+
+    def _expand_to_square(self, image) -> Image.Image:
+        """Centre the image on a square canvas of the mean colour (what the encoder sees as 'zero')."""
+        image = image if isinstance(image, Image.Image) else to_pil_image(image)
+        image = image.convert("RGB")
+        width, height = image.size
+        if width == height:
+            return image
+        side = max(width, height)
+        background = tuple(int(round(channel * 255)) for channel in self.image_processor.image_mean)
+        canvas = Image.new("RGB", (side, side), background)
+        canvas.paste(image, ((side - width) // 2, (side - height) // 2))
+        return canvas
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length

@@ -1,6 +1,7 @@
 """MMLLMProcessor: placeholder expansion, modality ids, left padding, chat template, clear errors."""
 
 import numpy as np
+import torch
 import pytest
 from transformers import AutoProcessor
 
@@ -82,3 +83,18 @@ def test_tokenizer_without_image_token_is_refused(processor):
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_offline_tokenizer_json()))
     with pytest.raises(ValueError, match="no image token"):
         MMLLMProcessor(image_processor=processor.image_processor, tokenizer=plain)
+
+
+def test_pad_to_square_keeps_the_whole_image():
+    processor = MMLLMProcessor.from_preset("owl2-tiny")
+    assert processor.pad_to_square
+    from PIL import Image
+
+    wide = Image.new("RGB", (64, 16), (255, 0, 0))  # a red bar: padded, not cropped
+    pixels = processor(images=[wide], text=["<image>"], return_tensors="pt")["pixel_values"][0]
+    mean = torch.tensor(processor.image_processor.image_mean)
+    std = torch.tensor(processor.image_processor.image_std)
+    rgb = pixels * std[:, None, None] + mean[:, None, None]
+    assert rgb[0, 16, :].mean() > 0.95  # the middle row is the red bar
+    torch.testing.assert_close(rgb[:, 0, 16], mean, atol=0.02, rtol=0)  # top row is the mean-colour padding
+    assert processor(images=[wide], text=["<image>"], return_tensors="pt")["input_ids"].shape[1] == 9
