@@ -6,12 +6,16 @@ projector, how many soft tokens one image becomes).
 """
 
 import importlib
+from dataclasses import field
 from typing import Literal
 
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .input_projector import projector_output_length
+
+# Modality ids of `mm_token_type_ids`, shared with transformers' processors.
+TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 
 def import_library_module(name: str):
@@ -66,6 +70,13 @@ class MMLLMConfig(PreTrainedConfig):
             left unset; a different value is an error, because the processor expands `<image>` to this count.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the backbone's input embeddings (taken from `text_config` when it ties).
+        modality_adaptive (`bool`, *optional*, defaults to `False`):
+            mPLUG-Owl2's modality-adaptive module: per-modality K/V projections and layer norms in the backbone's
+            decoder layers (Llama-family backbones).
+        modality_adaptive_layers (`list[int]`, *optional*):
+            Decoder layers that get the module; `None` means all.
+        modality_adaptive_modalities (`list[int]`, *optional*, defaults to `[1]`):
+            Modality ids that get their own branch besides text (0): 1 image, 2 video, 3 audio.
         base_models (`list[str]`, *optional*):
             Folders or Hub ids the pretrained components came from (the model card's `base_model`).
     """
@@ -89,6 +100,9 @@ class MMLLMConfig(PreTrainedConfig):
     image_token_id: int = 32000
     image_seq_length: int | None = None
     tie_word_embeddings: bool = False
+    modality_adaptive: bool = False
+    modality_adaptive_layers: list[int] | None = None
+    modality_adaptive_modalities: list[int] = field(default_factory=lambda: [IMAGE])
     base_models: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -108,6 +122,17 @@ class MMLLMConfig(PreTrainedConfig):
                     f"vision_feature_layer={self.vision_feature_layer} is out of range for a vision encoder with "
                     f"{num_layers} layers: use an index in [-{num_layers + 1}, {num_layers}]."
                 )
+        if not set(self.modality_adaptive_modalities) <= {IMAGE, VIDEO, AUDIO}:
+            raise ValueError(
+                f"modality_adaptive_modalities={self.modality_adaptive_modalities}: use modality ids 1 (image), "
+                "2 (video) and 3 (audio); text (0) always has its branch."
+            )
+        layers = self.modality_adaptive_layers
+        num_text_layers = self.text_config.num_hidden_layers
+        if layers is not None and not all(-num_text_layers <= i < num_text_layers for i in layers):
+            raise ValueError(
+                f"modality_adaptive_layers={layers} is out of range for a backbone with {num_text_layers} layers."
+            )
         expected = self.projected_seq_length()
         if self.image_seq_length is None:
             self.image_seq_length = expected

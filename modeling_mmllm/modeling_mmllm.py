@@ -15,12 +15,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mmllm import MMLLMConfig, import_library_module
+from .configuration_mmllm import IMAGE, MMLLMConfig, import_library_module
 from .input_projector import build_input_projector
+from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_vision_tower, select_vision_features
-
-# Modality ids of `mm_token_type_ids`, shared with transformers' processors.
-TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
 
 
 @dataclass
@@ -65,6 +63,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
         self.vision_tower = build_vision_tower(config)
         self.multi_modal_projector = build_input_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
+        if config.modality_adaptive:
+            apply_modality_adaptive(
+                self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
+            )
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -77,6 +79,20 @@ class MMLLMModel(MMLLMPreTrainedModel):
         """Encode and project images: `[num_images, 3, H, W]` -> `[num_images, image_seq_length, hidden]`."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         return self.multi_modal_projector(select_vision_features(self.vision_tower, pixel_values, self.config))
+
+    def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
+        """Switch the modality-adaptive module on for this (loaded) model; new branches copy the text branch."""
+        if self.config.modality_adaptive:
+            raise ValueError("The modality-adaptive module is already on for this model.")
+        modalities = [IMAGE] if modalities is None else list(modalities)
+        apply_modality_adaptive(self.language_model, layers, modalities)
+        self.config.modality_adaptive = True
+        self.config.modality_adaptive_layers = None if layers is None else list(layers)
+        self.config.modality_adaptive_modalities = modalities
+
+    def modality_adaptive_parameters(self):
+        """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
+        return modality_adaptive_parameters(self.language_model)
 
     def get_mm_token_type_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
         """Modality id of every token (0 text, 1 image), derived from the placeholder token ids."""
@@ -132,6 +148,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
             inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
 
+        if self.config.modality_adaptive:
+            if mm_token_type_ids is None and input_ids is not None:
+                mm_token_type_ids = self.get_mm_token_type_ids(input_ids)
+            kwargs["mm_token_type_ids"] = mm_token_type_ids
         outputs = self.language_model(
             attention_mask=attention_mask,
             position_ids=position_ids,
@@ -169,6 +189,14 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
 
     def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.model.get_image_features(pixel_values)
+
+    def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
+        """Switch mPLUG-Owl2's modality-adaptive module on (see `MMLLMModel.enable_modality_adaptive`)."""
+        self.model.enable_modality_adaptive(layers, modalities)
+
+    def modality_adaptive_parameters(self):
+        """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
+        return self.model.modality_adaptive_parameters()
 
     @can_return_tuple
     def forward(

@@ -1,0 +1,194 @@
+"""Modality-adaptive module: correctness properties on Llama, Mistral and Qwen2 (GQA, q/k/v bias) backbones."""
+
+import copy
+import threading
+
+import pytest
+import torch
+from conftest import make_images, seeded_model, tiny_text_config, tiny_vision_config
+
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.modality_adaptive import Multiway
+
+GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
+
+
+def _config(kind: str, **fields) -> MMLLMConfig:
+    return MMLLMConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config(kind).to_dict(),
+                       image_token_id=5, **fields)
+
+
+def _perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Multiway) and str(modality) in module.multiway:
+                for parameter in module.multiway[str(modality)].parameters():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def processor():
+    return MMLLMProcessor.from_preset("llava-tiny")
+
+
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+def models(request):
+    """The plain model and the same weights with the module on (branches = copies of the text branch)."""
+    plain = seeded_model(_config(request.param))
+    adaptive = copy.deepcopy(plain)
+    adaptive.enable_modality_adaptive()
+    return plain, adaptive
+
+
+@pytest.fixture(scope="module")
+def inputs(processor):
+    text = processor(text=["A question with no image at all."], return_tensors="pt")
+    image = processor(images=make_images(1), text=["Look: <image> what colour is it?"], return_tensors="pt")
+    padded = processor(images=make_images(2, seed=3), text=["<image> short", "A longer prompt before <image> it"],
+                       return_tensors="pt", padding=True)
+    return text, image, padded
+
+
+def test_text_only_is_bit_identical(models, inputs):
+    plain, adaptive = models
+    with torch.no_grad():
+        assert torch.equal(plain(**inputs[0]).logits, adaptive(**inputs[0]).logits)
+
+
+def test_branches_equal_to_text_give_the_plain_model(models, inputs):
+    plain, adaptive = models
+    with torch.no_grad():
+        torch.testing.assert_close(adaptive(**inputs[1]).logits, plain(**inputs[1]).logits, atol=1e-6, rtol=0)
+
+
+def test_a_modality_branch_changes_only_its_tokens_and_what_follows(models, inputs):
+    _, adaptive = models
+    changed = copy.deepcopy(adaptive)
+    _perturb_branches(changed)
+    batch = inputs[1]
+    first_image = int((batch["mm_token_type_ids"][0] == 1).nonzero()[0])
+    with torch.no_grad():
+        before, after = adaptive(**batch).logits[0], changed(**batch).logits[0]
+    assert torch.equal(before[:first_image], after[:first_image])
+    assert (before[first_image:] - after[first_image:]).abs().amax(-1).min() > 0
+
+
+def test_cached_generation_equals_uncached_and_padding_keeps_rows(models, processor, inputs):
+    _, adaptive = models
+    model = copy.deepcopy(adaptive)
+    _perturb_branches(model)
+    padded = inputs[2]
+    assert torch.equal(model.generate(**padded, use_cache=True, **GREEDY), model.generate(**padded, use_cache=False, **GREEDY))
+    with torch.no_grad():
+        batched = model(**padded).logits
+    batched_ids = model.generate(**padded, **GREEDY)[:, -GREEDY["max_new_tokens"]:]
+    for row, (image, text) in enumerate(zip(make_images(2, seed=3), ["<image> short", "A longer prompt before <image> it"])):
+        alone = processor(images=[image], text=[text], return_tensors="pt")
+        with torch.no_grad():
+            logits = model(**alone).logits[0]
+        torch.testing.assert_close(batched[row, -logits.shape[0]:], logits, atol=1e-5, rtol=1e-4)
+        assert torch.equal(model.generate(**alone, **GREEDY)[0, -GREEDY["max_new_tokens"]:], batched_ids[row])
+
+
+def test_routing_derived_when_mm_token_type_ids_absent(models, inputs):
+    _, adaptive = models
+    model = copy.deepcopy(adaptive)
+    _perturb_branches(model)
+    batch = dict(inputs[1])
+    with torch.no_grad():
+        explicit = model(**batch).logits
+        derived = model(**{k: v for k, v in batch.items() if k != "mm_token_type_ids"}).logits
+        text_routing = model(**{**batch, "mm_token_type_ids": torch.zeros_like(batch["mm_token_type_ids"])}).logits
+    assert torch.equal(explicit, derived)
+    assert not torch.allclose(explicit, text_routing)
+
+
+def test_eager_sdpa_and_gradient_checkpointing(models, inputs):
+    _, adaptive = models
+    batch = inputs[1]
+    labels = batch["input_ids"].masked_fill(batch["mm_token_type_ids"].bool(), -100)
+    grads, logits = [], {}
+    for implementation, checkpointing in (("eager", False), ("sdpa", False), ("sdpa", True)):
+        model = copy.deepcopy(adaptive).train()
+        _perturb_branches(model)
+        model.set_attn_implementation(implementation)
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        out = model(**batch, labels=labels)
+        out.loss.backward()
+        logits[implementation] = out.logits.detach()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    torch.testing.assert_close(logits["eager"], logits["sdpa"], atol=1e-4, rtol=1e-4)
+    assert any("multiway.1" in name for name in grads[2])  # the image branch trains under checkpointing
+    for name in grads[1]:
+        torch.testing.assert_close(grads[1][name], grads[2][name], atol=1e-6, rtol=1e-4)
+
+
+def test_threads_route_independently(models, inputs):
+    _, adaptive = models
+    model = copy.deepcopy(adaptive)
+    _perturb_branches(model)
+    with torch.no_grad():
+        expected = [model(**inputs[0]).logits, model(**inputs[1]).logits]
+    results, errors = {}, []
+
+    def run(index):
+        try:
+            with torch.no_grad():
+                results[index] = [model(**inputs[index % 2]).logits for _ in range(5)]
+        except Exception as error:  # pragma: no cover - reported below
+            errors.append(error)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    for index, runs in results.items():
+        assert all(torch.equal(r, expected[index % 2]) for r in runs)
+
+
+def test_new_branches_are_copies_and_listed():
+    model = seeded_model(_config("llama"))
+    model.enable_modality_adaptive(layers=[1], modalities=[1, 3])
+    layer = model.model.language_model.layers[1]
+    for module in (layer.self_attn.k_proj, layer.input_layernorm):
+        assert set(module.multiway) == {"0", "1", "3"}
+        for key in ("1", "3"):
+            assert all(torch.equal(a, b) for a, b in zip(module.multiway[key].parameters(),
+                                                          module.multiway["0"].parameters()))
+    assert not isinstance(model.model.language_model.layers[0].self_attn.k_proj, Multiway)
+    names = {id(p) for p in model.modality_adaptive_parameters()}
+    expected = [p for n, p in model.named_parameters() if ".multiway.1." in n or ".multiway.3." in n]
+    assert names == {id(p) for p in expected} and len(expected) == 8
+    assert model.config.modality_adaptive and model.config.modality_adaptive_layers == [1]
+    with pytest.raises(ValueError, match="already on"):
+        model.enable_modality_adaptive()
+
+
+def test_n_modalities_route_each_to_its_branch(processor):
+    model = seeded_model(_config("qwen2", modality_adaptive=True, modality_adaptive_modalities=[1, 2, 3]))
+    batch = processor(text=["one two three four five six"], return_tensors="pt")
+    routing = torch.zeros_like(batch["input_ids"])
+    routing[0, 2:4], routing[0, 4:6] = 2, 3  # pretend these are video and audio tokens
+    with torch.no_grad():
+        reference = model(**{**batch, "mm_token_type_ids": routing}).logits
+        _perturb_branches(model, modality=3)
+        changed = model(**{**batch, "mm_token_type_ids": routing}).logits
+    assert torch.equal(reference[0, :4], changed[0, :4]) and not torch.allclose(reference[0, 4:], changed[0, 4:])
+
+
+def test_backbone_without_llama_modules_is_a_clear_error():
+    with pytest.raises(ValueError, match="'gpt2' backbone.*c_attn"):
+        MMLLMForConditionalGeneration(_config("gpt2", modality_adaptive=True))
+
+
+def test_save_and_reload_keeps_the_branches(tmp_path):
+    model = seeded_model(_config("mistral", modality_adaptive=True))
+    _perturb_branches(model)
+    model.save_pretrained(tmp_path)
+    reloaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path)
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in reloaded.state_dict().items())
