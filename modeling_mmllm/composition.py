@@ -43,6 +43,10 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     """Build `(model, processor)` from a pretrained vision encoder and causal LM; see `from_components`."""
     from .processing_mmllm import MMLLMProcessor
 
+    # The modality-adaptive module is switched on after the pretrained weights are in: its branches copy them.
+    modality_adaptive = overrides.pop("modality_adaptive", False)
+    adaptive_layers = overrides.pop("modality_adaptive_layers", None)
+    adaptive_modalities = overrides.pop("modality_adaptive_modalities", None)
     vision_config = _vision_encoder_config(vision)
     text_config = AutoConfig.from_pretrained(text)
     tokenizer = _load_tokenizer(text)
@@ -66,6 +70,8 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     model.tie_weights()
     if len(tokenizer) > config.text_config.vocab_size:
         model.resize_token_embeddings(len(tokenizer))
+    if modality_adaptive:
+        model.enable_modality_adaptive(adaptive_layers, adaptive_modalities)
 
     # Generation stops at the LM's own end token and at the chat template's end-of-turn token.
     generation = model.generation_config

@@ -92,3 +92,18 @@ def test_caller_chat_template_and_config_overrides(parts):
     )
     assert processor.chat_template == "{{ messages[0]['content'] }}"
     assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
+
+
+def test_modality_adaptive_branches_copy_the_pretrained_text_branch(parts):
+    model, _ = MMLLMForConditionalGeneration.from_components(
+        vision=str(parts / "clip-vision"), text=str(parts / "llama"), projector="abstractor",
+        projector_config={"num_queries": 4, "num_layers": 1, "num_heads": 4, "intermediate_size": 64},
+        vision_feature_select_strategy="full", modality_adaptive=True,
+    )
+    lm = AutoModelForCausalLM.from_pretrained(parts / "llama")
+    assert model.config.modality_adaptive and model.config.image_seq_length == 5
+    for index, layer in enumerate(model.model.language_model.layers):
+        source = lm.model.layers[index]
+        for branch in ("0", "1"):
+            assert torch.equal(layer.self_attn.k_proj.multiway[branch].weight, source.self_attn.k_proj.weight)
+            assert torch.equal(layer.input_layernorm.multiway[branch].weight, source.input_layernorm.weight)
