@@ -8,10 +8,9 @@ in mPLUG-Owl2's size proportions (backbone ~18x the encoder); only the projector
 
 import argparse
 import json
-import statistics
-import subprocess
-import sys
 import time
+
+from harness import measure_interleaved
 
 PROMPT_TOKENS = 32
 ARCH = dict(
@@ -58,19 +57,13 @@ def main() -> None:
     if args.child:
         print(json.dumps(time_to_first_token(args.child, args.threads)))
         return
-    results = {variant: [] for variant in VARIANTS}
-    for repeat in range(args.repeats):
-        for variant in (list(VARIANTS) if repeat % 2 == 0 else list(VARIANTS)[::-1]):
-            out = subprocess.run([sys.executable, __file__, "--child", variant, "--threads", str(args.threads)],
-                                 check=True, capture_output=True, text=True)
-            results[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    medians = measure_interleaved(__file__, list(VARIANTS), args.repeats, args.threads)
     print(f"time to first token, 1 image (336 px, 576 patches) + {PROMPT_TOKENS}-token prompt | "
           f"median of {args.repeats}, {args.threads} threads")
-    medians = {}
-    for variant, runs in results.items():
-        medians[variant] = statistics.median(run["seconds"] for run in runs)
-        print(f"{variant:<12}{runs[0]['sequence']:>6} tokens {medians[variant]:>10.4f} s")
-    print(f"mlp / abstractor: {medians['mlp'] / medians['abstractor']:.2f}x (the abstractor is that many times faster)")
+    for variant, result in medians.items():
+        print(f"{variant:<12}{int(result['sequence']):>6} tokens {result['seconds']:>10.4f} s")
+    ratio = medians["mlp"]["seconds"] / medians["abstractor"]["seconds"]
+    print(f"mlp / abstractor: {ratio:.2f}x (the abstractor is that many times faster)")
 
 
 if __name__ == "__main__":

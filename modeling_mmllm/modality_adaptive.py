@@ -36,8 +36,7 @@ class Multiway(nn.Module):
     def __init__(self, text_branch: nn.Module, modalities: Sequence[int]):
         super().__init__()
         branches = {str(TEXT): text_branch}
-        with _gathered(text_branch):
-            branches.update({str(modality): copy.deepcopy(text_branch) for modality in modalities})
+        branches.update({str(modality): _copy_branch(text_branch) for modality in modalities})
         self.multiway = nn.ModuleDict(branches)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -63,6 +62,21 @@ class Multiway(nn.Module):
                 output = result.new_zeros(flat.shape[0], result.shape[-1])
             output = output.index_copy(0, index, result)
         return output.reshape(*hidden_states.shape[:-1], -1)
+
+
+def _copy_branch(text_branch: nn.Module) -> nn.Module:
+    """A copy of the text branch with its full weights, also when DeepSpeed ZeRO-3 has partitioned them.
+
+    Under ZeRO-3 the weights are gathered for the copy, and the copy's parameters are plain ones (DeepSpeed
+    partitions them when it wraps the model), not aliases of the original's partitions.
+    """
+    with _gathered(text_branch):
+        branch = copy.deepcopy(text_branch)
+        for module in branch.modules():
+            for name, parameter in module.named_parameters(recurse=False):
+                if hasattr(parameter, "ds_id"):
+                    module._parameters[name] = nn.Parameter(parameter.data.clone(), parameter.requires_grad)
+    return branch
 
 
 def _gathered(module: nn.Module):
