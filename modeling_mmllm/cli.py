@@ -18,6 +18,16 @@ def build(args: argparse.Namespace) -> None:
     print(f"saved {args.preset} ({model.num_parameters():,} parameters) to {args.output}")
 
 
+def train(args: argparse.Namespace) -> None:
+    """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
+    from .training import load_recipe, parse_overrides
+    from .training import train as run_recipe
+
+    recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
+    folder = run_recipe(recipe, name=Path(args.recipe).stem)
+    print(f"model saved to {folder}")
+
+
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmllm", description="Multimodal LLMs as Hub-native transformers models.")
     commands = root.add_subparsers(dest="command", required=True)
@@ -25,6 +35,12 @@ def parser() -> argparse.ArgumentParser:
     build_parser.add_argument("--preset", required=True, help="preset name (configuration/<name>.json)")
     build_parser.add_argument("output", type=Path, help="folder to write (must not exist)")
     build_parser.set_defaults(run=build)
+    train_parser = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",
+                                       description="Run a recipe; any recipe key or SFTConfig field can be "
+                                       "overridden: --max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET")
+    train_parser.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
+    train_parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+    train_parser.set_defaults(run=train)
     return root
 
 

@@ -5,8 +5,14 @@ import tempfile
 from pathlib import Path
 
 
-def save_model_folder(model, processor, output: str | Path) -> Path:
-    """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind."""
+def save_model_folder(model, processor, output: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+    """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind.
+
+    A PEFT model saves its adapter only (small); `extra_files` (name -> text) are written beside, and the model
+    card is rendered last so it can describe them (training history, metrics).
+    """
+    from .hub_card import write_model_card
+
     output = Path(output)
     if output.exists():
         raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
@@ -15,6 +21,9 @@ def save_model_folder(model, processor, output: str | Path) -> Path:
     try:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
+        for name, text in (extra_files or {}).items():
+            (staging / name).write_text(text)
+        write_model_card(model, staging)
         staging.rename(output)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)

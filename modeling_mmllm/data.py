@@ -1,0 +1,108 @@
+"""Training data for recipes: synthetic sets, `datasets` datasets, LLaVA-style JSON (library side).
+
+Every source becomes TRL's conversational format (`images` + `messages`). Rows whose images are missing or cannot
+be decoded are found before training and reported by row index: skipped with a count, or the run stops.
+"""
+
+import json
+from pathlib import Path
+
+from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
+from PIL import Image as PILImage
+
+from .synthetic import make_dataset
+
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+PART = {"type": Value("string"), "text": Value("string")}
+LLAVA_FEATURES = Features({"images": Sequence(Image()), "messages": [{"role": Value("string"), "content": [PART]}]})
+
+
+def llava_json_dataset(json_file: str, image_folder: str) -> Dataset:
+    """LLaVA conversation files (`"image"`, `"conversations": [{"from", "value"}]`) as TRL rows.
+
+    `<image>` stays where the text puts it (a typed image part); rows without `"image"` are text-only.
+    """
+    records = json.loads(Path(json_file).read_text())
+    rows = []
+    for record in records:
+        images = record.get("image") or []
+        images = [images] if isinstance(images, str) else images
+        messages = [{"role": ROLES[turn["from"]], "content": _parts(turn["value"])} for turn in record["conversations"]]
+        rows.append({"images": [str(Path(image_folder) / name) for name in images], "messages": messages})
+    return Dataset.from_list(rows, features=LLAVA_FEATURES)
+
+
+def _parts(text: str) -> list[dict]:
+    parts = []
+    for index, piece in enumerate(text.split("<image>")):
+        if index:
+            parts.append({"type": "image", "text": None})
+        piece = piece.strip("\n")
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
+def find_bad_rows(dataset: Dataset) -> dict[int, str]:
+    """Row index -> reason, for rows whose images are missing or cannot be decoded."""
+    raw = dataset.cast_column("images", Sequence(Image(decode=False)))
+    bad = {}
+    for index, row in enumerate(raw):
+        for image in row["images"]:
+            reason = _image_problem(image)
+            if reason:
+                bad[index] = reason
+                break
+    return bad
+
+
+def _image_problem(image: dict) -> str | None:
+    try:
+        if image.get("bytes") is not None:
+            from io import BytesIO
+
+            PILImage.open(BytesIO(image["bytes"])).load()
+        elif image.get("path") and Path(image["path"]).is_file():
+            PILImage.open(image["path"]).load()
+        else:
+            return f"missing image file {image.get('path')!r}"
+    except Exception as error:  # PIL raises several types for corrupt files
+        return f"unreadable image {image.get('path') or '(embedded bytes)'}: {error}"
+    return None
+
+
+def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
+    """The recipe's `data` section as a dataset, with bad rows skipped or reported (`bad_rows: skip | stop`)."""
+    if "synthetic" in spec:
+        return make_dataset(spec["synthetic"], n=spec.get("n", 512), split=spec.get("split", "train"),
+                            image_size=spec.get("image_size", 64), seed=spec.get("seed", 0))
+    if "llava_json" in spec:
+        dataset = llava_json_dataset(spec["llava_json"], spec.get("image_folder", "."))
+    elif "dataset" in spec:
+        dataset = _load_dataset(spec["dataset"], spec.get("split", "train"))
+    else:
+        raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
+    if "images" not in dataset.column_names or "messages" not in dataset.column_names:
+        raise ValueError(f"Training data needs `images` and `messages` columns (TRL's format); got {dataset.column_names}.")
+    bad = find_bad_rows(dataset)
+    if bad and bad_rows == "stop":
+        listing = "; ".join(f"row {index}: {reason}" for index, reason in list(bad.items())[:10])
+        raise ValueError(f"{len(bad)} row(s) with bad images ({listing}). Fix them, or set `bad_rows: skip`.")
+    if bad:
+        print(f"Skipping {len(bad)} row(s) with bad images: rows {sorted(bad)[:20]}")
+        dataset = dataset.select([index for index in range(len(dataset)) if index not in bad])
+    return dataset
+
+
+def _load_dataset(name_or_path: str, split: str) -> Dataset:
+    path = Path(name_or_path)
+    if (path / "dataset_info.json").is_file() or (path / "state.json").is_file():
+        loaded = load_from_disk(str(path))
+        return loaded[split] if hasattr(loaded, "keys") else loaded
+    if path.is_file():
+        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}[path.suffix]
+        return load_dataset(kind, data_files=str(path), split=split)
+    return load_dataset(name_or_path, split=split)
+
+
+__all__ = ["find_bad_rows", "llava_json_dataset", "load_training_data"]

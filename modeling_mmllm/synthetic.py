@@ -1,0 +1,149 @@
+"""Synthetic multimodal data, made on the fly and deterministic by seed (library side).
+
+Images of shapes (kind, colour, size, position, count) with captions and questions of five kinds, plus text-only
+facts (a tiny "world knowledge" set that stage 0 teaches and stage 2 must not erase). Every dataset is TRL's
+conversational format: `images` (list of PIL images) + `messages`, with `kind` and `answer` columns for evaluation.
+Train and held-out splits draw from different seeds and share no image.
+"""
+
+from dataclasses import dataclass
+
+import numpy as np
+from datasets import Dataset, Features, Image, Sequence, Value
+from PIL import Image as PILImage
+from PIL import ImageDraw
+
+SHAPES = ("circle", "square", "triangle")
+COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30)}
+SIZES = {"small": 0.18, "large": 0.3}
+POSITIONS = ("left", "right")
+NUMBERS = ("zero", "one", "two", "three")
+QUESTIONS = {
+    "colour": "What colour are the shapes?",
+    "shape": "What shape is in the image?",
+    "count": "How many shapes are there?",
+    "size": "Are the shapes small or large?",
+    "position": "Are the shapes on the left or the right?",
+}
+TEXT_FACTS = (
+    ("What is one plus one?", "two"), ("What is one plus two?", "three"), ("What is two plus one?", "three"),
+    ("What comes after one?", "two"), ("What comes after two?", "three"), ("What comes before two?", "one"),
+    ("What is the opposite of left?", "right"), ("What is the opposite of right?", "left"),
+    ("What is the opposite of small?", "large"), ("What is the opposite of large?", "small"),
+    ("What colour is grass?", "green"), ("What colour is the sky?", "blue"), ("What colour is a lemon?", "yellow"),
+    ("What colour is blood?", "red"), ("How many corners does a triangle have?", "three"),
+    ("How many corners does a circle have?", "zero"), ("Which shape is round?", "circle"),
+    ("Which shape has four equal sides?", "square"),
+)
+SPLIT_SEEDS = {"train": 0, "heldout": 1_000_003}
+FEATURES = Features({
+    "images": Sequence(Image()),
+    "messages": [{"role": Value("string"), "content": Value("string")}],
+    "kind": Value("string"),
+    "answer": Value("string"),
+})
+
+
+@dataclass(frozen=True)
+class Scene:
+    """What an image shows."""
+
+    shape: str
+    colour: str
+    size: str
+    position: str
+    count: int
+
+    def describe(self) -> str:
+        noun = self.shape + ("s" if self.count > 1 else "")
+        return f"{NUMBERS[self.count]} {self.size} {self.colour} {noun} on the {self.position}"
+
+    def answer(self, kind: str) -> str:
+        return {"colour": self.colour, "shape": self.shape, "count": NUMBERS[self.count], "size": self.size,
+                "position": self.position}[kind]
+
+
+def random_scene(rng: np.random.Generator) -> Scene:
+    return Scene(
+        shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        size=list(SIZES)[rng.integers(len(SIZES))], position=POSITIONS[rng.integers(len(POSITIONS))],
+        count=int(rng.integers(1, 4)),
+    )
+
+
+def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> PILImage.Image:
+    """Draw the scene: `count` shapes stacked in the chosen half, with jitter and background noise."""
+    background = rng.integers(200, 240, (size, size, 3), dtype=np.uint8)
+    image = PILImage.fromarray(background)
+    draw = ImageDraw.Draw(image)
+    side = int(SIZES[scene.size] * size)
+    slot = size // scene.count
+    half = range(2, size // 2 - side - 1) if scene.position == "left" else range(size // 2 + 1, size - side - 2)
+    for index in range(scene.count):
+        x = int(rng.choice(half))
+        y = index * slot + int(rng.integers(0, max(1, slot - side)))
+        box = (x, y, x + side, y + side)
+        colour = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-15, 16, 3), 0, 255))
+        if scene.shape == "circle":
+            draw.ellipse(box, fill=colour)
+        elif scene.shape == "square":
+            draw.rectangle(box, fill=colour)
+        else:
+            draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=colour)
+    return image
+
+
+def _conversation(question: str, answer: str) -> list[dict]:
+    return [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+
+
+def image_rows(n: int, split: str, task: str, image_size: int = 64, seed: int = 0) -> list[dict]:
+    """`n` image rows: `task="caption"` (describe the image) or `"vqa"` (one question of a random kind)."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
+    rows = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        image = render(scene, rng, image_size)
+        if task == "caption":
+            kind, question, answer = "caption", "Describe the image.", scene.describe()
+        else:
+            kind = list(QUESTIONS)[rng.integers(len(QUESTIONS))]
+            question, answer = QUESTIONS[kind], scene.answer(kind)
+        rows.append({"images": [image], "messages": _conversation(question, answer), "kind": kind, "answer": answer})
+    return rows
+
+
+def text_rows(repeats: int = 1) -> list[dict]:
+    """The text-only facts as conversations (no images), `repeats` times each."""
+    return [{"images": [], "messages": _conversation(q, a), "kind": "text", "answer": a}
+            for _ in range(repeats) for q, a in TEXT_FACTS]
+
+
+def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
+    """Text-only pre-training: scene descriptions as sentences and the facts (stage 0 has no pretrained LLM)."""
+    rng = np.random.default_rng(seed + 7)
+    rows = [{"images": [], "messages": _conversation("Say something.", f"I see {random_scene(rng).describe()}."),
+             "kind": "corpus", "answer": ""} for _ in range(n)]
+    return rows + text_rows(repeats=max(1, n // (4 * len(TEXT_FACTS))))
+
+
+def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
+    """A synthetic dataset in TRL's `images` + `messages` format.
+
+    Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `joint` (stage 2: image
+    questions mixed with the text-only facts), `text-eval` (the facts, for evaluation).
+    """
+    if task == "text":
+        rows = text_corpus_rows(n, seed)
+    elif task == "text-eval":
+        rows = text_rows()
+    elif task in ("caption", "vqa"):
+        rows = image_rows(n, split, task, image_size, seed)
+    elif task == "joint":
+        rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
+    else:
+        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint or text-eval.")
+    return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
+
+
+__all__ = ["QUESTIONS", "TEXT_FACTS", "Scene", "make_dataset", "random_scene", "render"]
