@@ -17,7 +17,9 @@ A recipe is flat YAML: the keys below, and any `trl.SFTConfig` field (`output_di
     chat_template: FILE              instead of the model's template
 
 The final Hub-ready folder is `<output_dir>/model` (written to a temporary folder, then renamed); checkpoints are
-`<output_dir>/checkpoint-N`, and a re-run resumes from the newest complete one.
+`<output_dir>/checkpoint-N`, and a re-run resumes from the newest complete one. With `push_to_hub: true` the final
+folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `hub_strategy: checkpoint` or
+`all_checkpoints` also lets the Trainer push checkpoints while it trains.
 """
 
 import json
@@ -45,6 +47,7 @@ COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model")
 SFT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 500, "logging_steps": 10,
                 "assistant_only_loss": True, "max_length": None, "save_only_model": False}
 HISTORY_FILE = "training_history.json"
+CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -248,11 +251,16 @@ def sft_config(recipe: dict) -> SFTConfig:
         settings.setdefault("activation_checkpointing", False)  # SFTConfig turns it on by default; recipes opt in
     settings["dataset_kwargs"] = {**(settings.get("dataset_kwargs") or {}), "skip_prepare_dataset": True}
     settings["remove_unused_columns"] = False
+    # The runner pushes the final Hub-ready folder itself; the Trainer pushes only checkpoints, when asked to.
+    settings["push_to_hub"] = bool(settings.get("push_to_hub")) and settings.get("hub_strategy") in CHECKPOINT_PUSHES
     return SFTConfig(**settings)
 
 
-def train(recipe: dict, name: str = "recipe") -> Path:
-    """Run one training stage; returns the Hub-ready output folder (`<output_dir>/model`)."""
+def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> Path:
+    """Run one training stage; returns the Hub-ready output folder (`<output_dir>/model`).
+
+    `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
+    """
     args = sft_config(recipe)
     model, processor = build_model(recipe["model"])
     if recipe.get("chat_template"):
@@ -264,7 +272,7 @@ def train(recipe: dict, name: str = "recipe") -> Path:
     trainer = MMLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=collator,
         peft_config=lora_config(model, recipe["lora"]) if recipe.get("lora") is not None else None,
-        vision_lr_decay=recipe.get("vision_lr_decay"),
+        vision_lr_decay=recipe.get("vision_lr_decay"), callbacks=callbacks,
     )
     output_dir = Path(args.output_dir)
     resume = last_complete_checkpoint(output_dir) if args.resume_from_checkpoint is None else args.resume_from_checkpoint
@@ -273,8 +281,8 @@ def train(recipe: dict, name: str = "recipe") -> Path:
              "frozen": recipe.get("freeze") or [], "lora": recipe.get("lora") is not None}
     if trainer.is_world_process_zero():
         final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False))
-        if args.push_to_hub:
-            push_folder(final, args.hub_model_id, private=bool(args.hub_private_repo))
+        if recipe.get("push_to_hub"):
+            push_folder(final, recipe.get("hub_model_id"), private=bool(recipe.get("hub_private_repo")))
     return output_dir / "model"
 
 

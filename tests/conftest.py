@@ -76,3 +76,19 @@ def saved_folder(tmp_path_factory, tiny_model, processor):
 @pytest.fixture(scope="session")
 def images() -> list[Image.Image]:
     return make_images(4)
+
+
+@pytest.fixture(scope="session")
+def staged_run(tmp_path_factory):
+    """The quickstart's three shipped recipes (stage 0 text, stage 1, stage 2), run once for many tests."""
+    from modeling_mmllm.training import load_recipe, train
+
+    root = tmp_path_factory.mktemp("staged")
+    folders, model = {}, None
+    for stage, recipe_name in enumerate(("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")):
+        overrides = {"output_dir": str(root / f"stage{stage}"), "report_to": "none"}
+        if model is not None:
+            overrides["model"] = str(model)
+        model = train(load_recipe(recipe_name, overrides), name=recipe_name)
+        folders[f"stage{stage}"] = model
+    return folders

@@ -1,0 +1,204 @@
+"""Recipes and the runner: loading, overrides, freeze policies, collator masking, data sources, push."""
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+from conftest import make_images
+from datasets import Dataset
+
+from modeling_mmllm.cli import main
+from modeling_mmllm.data import llava_json_dataset, load_training_data
+from modeling_mmllm.presets import asset_dir
+from modeling_mmllm.training import (
+    MultimodalCollator,
+    apply_freeze_policy,
+    build_model,
+    load_recipe,
+    parse_overrides,
+    sft_config,
+    train,
+    vision_lr_scales,
+)
+
+RECIPES = sorted(p.stem for p in asset_dir("training_recipes").glob("*.yaml"))
+TINY = {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1}
+
+
+def test_all_recipes_ship_and_build_their_trainer_settings(tmp_path):
+    assert {"quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2", "owl2-stage1-pretrain",
+            "owl2-stage2-instruct", "llava-stage1-projector", "llava-lora"} <= set(RECIPES)
+    for name in RECIPES:
+        recipe = load_recipe(name, {"output_dir": str(tmp_path / name)})
+        args = sft_config(recipe)
+        assert args.assistant_only_loss and args.output_dir == str(tmp_path / name)
+    owl2 = load_recipe("owl2-stage1-pretrain")
+    assert (owl2["adam_beta1"], owl2["adam_beta2"], owl2["learning_rate"], owl2["vision_lr_decay"]) == (0.9, 0.98, 1e-4, 0.9)
+    assert owl2["bf16"] and owl2["gradient_checkpointing"] and owl2["lr_scheduler_type"] == "cosine"
+    assert load_recipe("owl2-stage2-instruct")["learning_rate"] == 2e-5
+    accelerate = {p.stem for p in (asset_dir("training_recipes") / "accelerate").glob("*.yaml")}
+    assert accelerate == {"single_gpu", "multi_gpu", "deepspeed_zero2", "deepspeed_zero3", "fsdp"}
+
+
+def test_overrides_and_clear_errors(tmp_path):
+    overrides = parse_overrides(["--max_steps", "7", "--learning_rate", "3e-3", "--model", "llava-tiny",
+                                 "--data.n", "10"])
+    recipe = load_recipe("quickstart-stage1", overrides)
+    assert recipe["max_steps"] == 7 and recipe["learning_rate"] == 0.003
+    assert recipe["model"] == {"preset": "llava-tiny"} and recipe["data"]["n"] == 10
+    assert load_recipe("quickstart-stage1", {"model": str(tmp_path)})["model"] == {"path": str(tmp_path)}
+    with pytest.raises(ValueError, match="Unknown recipe keys \\['learning_rat'\\]"):
+        load_recipe("quickstart-stage1", {"learning_rat": 1})
+    with pytest.raises(FileNotFoundError, match="No recipe 'nope'.*quickstart-stage1"):
+        load_recipe("nope")
+    with pytest.raises(ValueError, match="--key value"):
+        parse_overrides(["max_steps", "3"])
+    with pytest.raises(FileNotFoundError, match="not a model folder"):
+        build_model({"path": str(tmp_path)})
+
+
+def test_freeze_policies_of_the_stages():
+    model, _ = build_model({"preset": "owl2-tiny"})
+    apply_freeze_policy(model, {"freeze": ["language_model"], "train_modality_adaptive": True})
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any(n.startswith("model.vision_tower.") for n in trainable)
+    assert any(n.startswith("model.multi_modal_projector.") for n in trainable)
+    assert {n for n in trainable if n.startswith("model.language_model.")} == {
+        n for n, _ in model.named_parameters() if ".multiway.1." in n}
+    assert "lm_head.weight" not in trainable
+    with pytest.raises(ValueError, match="Unknown components to freeze \\['llm'\\]"):
+        apply_freeze_policy(model, {"freeze": ["llm"]})
+
+
+def test_layerwise_vision_lr_decay():
+    model, _ = build_model({"preset": "owl2-tiny"})
+    scales = vision_lr_scales(model, 0.9)
+    assert scales["model.vision_tower.encoder.layers.1.mlp.fc1.weight"] == pytest.approx(0.9)
+    assert scales["model.vision_tower.encoder.layers.0.mlp.fc1.weight"] == pytest.approx(0.81)
+    assert scales["model.vision_tower.embeddings.patch_embedding.weight"] == pytest.approx(0.729)
+    assert "model.multi_modal_projector.visual_fc.weight" not in scales
+
+
+def test_collator_keeps_placeholders_and_prompts_out_of_the_loss():
+    _, processor = build_model({"preset": "owl2-tiny"})
+    rows = [{"images": make_images(1), "messages": [{"role": "user", "content": "What colour?"},
+                                                     {"role": "assistant", "content": "red"}]},
+            {"images": [], "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "hi"}]}]
+    for assistant_only in (True, False):
+        batch = MultimodalCollator(processor=processor, assistant_only_loss=assistant_only)([dict(r) for r in rows])
+        labels = batch["labels"]
+        assert (labels[batch["mm_token_type_ids"] != 0] == -100).all()
+        assert (labels[batch["attention_mask"] == 0] == -100).all()
+        if assistant_only:
+            kept = processor.tokenizer.decode(labels[0][labels[0] != -100])
+            assert kept == "red<|end|>"
+
+
+def _llava_folder(root: Path) -> Path:
+    images = root / "images"
+    images.mkdir(parents=True)
+    for index, image in enumerate(make_images(2)):
+        image.save(images / f"{index}.png")
+    (images / "broken.png").write_bytes(b"not a png")
+    records = [
+        {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
+                                             {"from": "gpt", "value": "noise"}]},
+        {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]},
+        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nx"},
+                                                   {"from": "gpt", "value": "y"}]},
+        {"image": "broken.png", "conversations": [{"from": "human", "value": "What about <image> here?"},
+                                                  {"from": "gpt", "value": "z"}]},
+        {"image": "1.png", "conversations": [{"from": "human", "value": "Look: <image>"},
+                                             {"from": "gpt", "value": "more noise"}]},
+    ]
+    (root / "data.json").write_text(json.dumps(records))
+    return root
+
+
+def test_llava_json_data_with_bad_rows(tmp_path):
+    root = _llava_folder(tmp_path)
+    dataset = llava_json_dataset(str(root / "data.json"), str(root / "images"))
+    first = dataset[0]
+    assert first["messages"][0]["content"][0]["type"] == "image" and first["messages"][1]["role"] == "assistant"
+    assert dataset[1]["images"] == []
+    assert [p["type"] for p in dataset[4]["messages"][0]["content"]] == ["text", "image"]
+    spec = {"llava_json": str(root / "data.json"), "image_folder": str(root / "images")}
+    with pytest.raises(ValueError, match="2 row\\(s\\) with bad images \\(row 2: missing image file.*row 3: unreadable"):
+        load_training_data(spec, bad_rows="stop")
+    assert len(load_training_data(spec, bad_rows="skip")) == 3
+
+
+def test_datasets_from_disk_and_parquet(tmp_path):
+    rows = [{"images": make_images(1), "messages": [{"role": "user", "content": "Q"},
+                                                     {"role": "assistant", "content": "A"}]}] * 3
+    dataset = Dataset.from_list(rows)
+    dataset.save_to_disk(tmp_path / "disk")
+    dataset.to_parquet(tmp_path / "data.parquet")
+    for source in (tmp_path / "disk", tmp_path / "data.parquet"):
+        loaded = load_training_data({"dataset": str(source)})
+        assert len(loaded) == 3 and loaded[0]["images"][0].size == (48, 40)
+    with pytest.raises(ValueError, match="needs `images` and `messages`"):
+        Dataset.from_list([{"text": "x"}]).to_parquet(tmp_path / "bad.parquet")
+        load_training_data({"dataset": str(tmp_path / "bad.parquet")})
+
+
+@pytest.mark.parametrize("name", ["llava-stage1-projector", "llava-lora", "owl2-stage1-pretrain", "owl2-stage2-instruct"])
+def test_real_size_recipes_run_on_a_tiny_model(name, tmp_path):
+    """The real recipes' freeze policies, LoRA and lr decay run end to end on a tiny model and synthetic data."""
+    preset = "owl2-tiny" if name.startswith("owl2") else "llava-tiny"
+    recipe = load_recipe(name, {"model": preset, "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+                                "output_dir": str(tmp_path), "bf16": False, "gradient_checkpointing": False,
+                                "dataloader_num_workers": 0, **TINY})
+    folder = train(recipe, name=name)
+    assert (folder / "README.md").is_file()
+    history = json.loads((folder / "training_history.json").read_text())
+    assert history[-1]["recipe"] == name and history[-1]["steps"] == 2
+    if name == "llava-lora":
+        assert (folder / "adapter_model.safetensors").is_file() and not (folder / "model.safetensors").exists()
+        assert (tmp_path / "merged" / "model.safetensors").is_file()
+
+
+def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
+    calls = {}
+
+    def create_repo(self, repo_id, private=False, exist_ok=False, **kwargs):
+        calls["create"] = (repo_id, private)
+
+    def upload_folder(self, repo_id, folder_path, **kwargs):
+        calls["files"] = sorted(p.name for p in Path(folder_path).iterdir())
+        calls["card"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
+    recipe = load_recipe("quickstart-stage2", {"model": "owl2-tiny", "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+                                               "output_dir": str(tmp_path), "push_to_hub": True,
+                                               "hub_model_id": "someone/owl2-demo", "hub_private_repo": True, **TINY})
+    train(recipe, name="quickstart-stage2")
+    assert calls["create"] == ("someone/owl2-demo", True)
+    assert calls["files"] == sorted([
+        "README.md", "chat_template.jinja", "config.json", "configuration_mmllm.py", "generation_config.json",
+        "input_projector.py", "modality_adaptive.py", "modality_encoder.py", "model.safetensors", "modeling_mmllm.py",
+        "processing_mmllm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "training_history.json"])
+    card = calls["card"]
+    header = yaml.safe_load(card.split("---")[1])
+    assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
+    assert "modality-adaptive" in header["tags"]
+    for text in ("Modality Encoder", "Input Projector", "LLM Backbone", "Output Projector", "Modality Generator",
+                 "## Training", "quickstart-stage2", "synthetic=joint", "trust_remote_code=True"):
+        assert text in card
+
+
+def test_cli_train_errors_are_one_line(tmp_path, capsys):
+    assert main(["train", "nope"]) == 1
+    assert "No recipe 'nope'" in capsys.readouterr().err
+    assert main(["train", "quickstart-stage2", "--output_dir", str(tmp_path)]) == 1
+    assert "not a model folder" in capsys.readouterr().err
+
+
+def test_missing_images_column_in_messages_is_reported(tmp_path):
+    spec = {"dataset": str(tmp_path / "x.json")}
+    (tmp_path / "x.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
+    with pytest.raises(ValueError, match="needs `images` and `messages`"):
+        load_training_data(spec)
