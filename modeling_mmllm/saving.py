@@ -2,7 +2,25 @@
 
 import shutil
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+
+@contextmanager
+def atomic_folder(output: str | Path) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; rename it to `output` only if the block succeeds."""
+    output = Path(output)
+    if output.exists():
+        raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    try:
+        yield staging
+        staging.rename(output)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
 
 
 def save_model_folder(model, processor, output: str | Path, extra_files: dict[str, str] | None = None) -> Path:
@@ -13,22 +31,13 @@ def save_model_folder(model, processor, output: str | Path, extra_files: dict[st
     """
     from .hub_card import write_model_card
 
-    output = Path(output)
-    if output.exists():
-        raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    try:
+    with atomic_folder(output) as staging:
         model.save_pretrained(staging)
         processor.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         write_model_card(model, staging)
-        staging.rename(output)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    return output
+    return Path(output)
 
 
-__all__ = ["save_model_folder"]
+__all__ = ["atomic_folder", "save_model_folder"]

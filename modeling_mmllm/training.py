@@ -37,7 +37,8 @@ from .configuration_mmllm import MMLLMConfig
 from .data import load_training_data
 from .modeling_mmllm import MMLLMForConditionalGeneration
 from .processing_mmllm import MMLLMProcessor
-from .saving import save_model_folder
+from .hub_card import write_model_card
+from .saving import atomic_folder, save_model_folder
 
 RECIPE_KEYS = {"model", "data", "bad_rows", "freeze", "train_modality_adaptive", "vision_lr_decay", "lora",
                "merge_lora", "chat_template", "eval"}
@@ -288,20 +289,30 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
 
 def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path, stage: dict,
                merge_lora: bool = False) -> Path:
-    """Write `<output_dir>/model` (and `/merged` for LoRA) atomically, with the training history and card."""
+    """Write `<output_dir>/model` (and `/merged` for LoRA) atomically, with the training history and card.
+
+    `trainer.save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) before writing.
+    """
     model = trainer.model
-    history = _history(model) + [stage]
+    history = json.dumps(_history(model) + [stage], indent=2)
     target = output_dir / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    save_model_folder(model, processor, target, extra_files={HISTORY_FILE: json.dumps(history, indent=2)})
+    _replace(target)
+    with atomic_folder(target) as staging:
+        trainer.save_model(str(staging))
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
+        processor.save_pretrained(staging)
+        (staging / HISTORY_FILE).write_text(history)
+        write_model_card(model, staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
-        merged = output_dir / "merged"
-        if merged.exists():
-            shutil.rmtree(merged)
-        save_model_folder(model.merge_and_unload(), processor, merged,
-                          extra_files={HISTORY_FILE: json.dumps(history, indent=2)})
+        _replace(output_dir / "merged")
+        save_model_folder(model.merge_and_unload(), processor, output_dir / "merged", extra_files={HISTORY_FILE: history})
     return target
+
+
+def _replace(folder: Path) -> None:
+    """A re-run replaces the previous run's final folder."""
+    if folder.exists():
+        shutil.rmtree(folder)
 
 
 def _history(model) -> list:

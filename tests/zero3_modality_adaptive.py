@@ -1,4 +1,5 @@
-"""Run by test_zero3.py in its own process: enable the modality-adaptive module on a ZeRO-3 partitioned model."""
+"""Run by test_zero3.py in its own process (args: port, output folder): the modality-adaptive module on a ZeRO-3
+partitioned model, then the training runner under ZeRO-3."""
 
 import json
 import os
@@ -35,5 +36,21 @@ ids = torch.tensor([[7, *[5] * 9, 8, 9, 10]])
 loss = engine(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss
 engine.backward(loss)
 engine.step()
-report["trained_step_loss"] = float(loss)
+report["trained_step_loss"] = float(loss.detach())
+
+# The runner under ZeRO-3: the projector (and the modality-adaptive branches) are saved with their full weights.
+from modeling_mmllm.training import load_recipe, train  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+
+output = sys.argv[2]
+recipe = load_recipe("quickstart-stage2", {
+    "model": "owl2-tiny", "data": {"synthetic": "joint", "n": 8, "image_size": 32}, "output_dir": output,
+    "max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1,
+    "deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+                  "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
+                  "gradient_accumulation_steps": "auto"},
+})
+saved = load_file(f"{train(recipe)}/model.safetensors")
+report["saved_projector_numel"] = min(t.numel() for k, t in saved.items() if "multi_modal_projector" in k)
+report["saved_branch_numel"] = min(t.numel() for k, t in saved.items() if "multiway.1" in k)
 print(json.dumps(report))
