@@ -14,6 +14,8 @@ A recipe is flat YAML: the keys below, and any `trl.SFTConfig` field (`output_di
     vision_lr_decay: 0.9             layer-wise learning-rate decay on the vision encoder
     lora:    {r: 8, lora_alpha: 16, ...}   PEFT LoRA on the LLM (and its modality-adaptive branches)
     merge_lora: true                 also write the merged full model
+    eval:    {synthetic: vqa, n: 200, split: heldout}   exact-match accuracy per question kind after training,
+             written to the folder (`eval_results.json`) and its model card
     chat_template: FILE              instead of the model's template
 
 The final Hub-ready folder is `<output_dir>/model` (written to a temporary folder, then renamed); checkpoints are
@@ -281,14 +283,23 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
     stage = {"recipe": name, "data": recipe["data"], "steps": result.global_step, "train_loss": result.training_loss,
              "frozen": recipe.get("freeze") or [], "lora": recipe.get("lora") is not None}
     if trainer.is_world_process_zero():
-        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False))
+        metrics = evaluate_stage(trainer.model, processor, recipe["eval"]) if recipe.get("eval") else None
+        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False),
+                           metrics=metrics)
         if recipe.get("push_to_hub"):
             push_folder(final, recipe.get("hub_model_id"), private=bool(recipe.get("hub_private_repo")))
     return output_dir / "model"
 
 
+def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, float]:
+    """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`)."""
+    from .evaluation import exact_match
+
+    return {f"accuracy/{kind}": value for kind, value in exact_match(model, processor, load_training_data(spec)).items()}
+
+
 def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path, stage: dict,
-               merge_lora: bool = False) -> Path:
+               merge_lora: bool = False, metrics: dict | None = None) -> Path:
     """Write `<output_dir>/model` (and `/merged` for LoRA) atomically, with the training history and card.
 
     `trainer.save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) before writing.
@@ -302,6 +313,8 @@ def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path,
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
         processor.save_pretrained(staging)
         (staging / HISTORY_FILE).write_text(history)
+        if metrics:
+            (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
         write_model_card(model, staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         _replace(output_dir / "merged")

@@ -172,6 +172,7 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
     recipe = load_recipe("quickstart-stage2", {"model": "owl2-tiny", "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+                                               "eval": {"synthetic": "vqa", "n": 4, "split": "heldout", "image_size": 32},
                                                "output_dir": str(tmp_path), "push_to_hub": True,
                                                "hub_model_id": "someone/owl2-demo", "hub_private_repo": True, **TINY})
     train(recipe, name="quickstart-stage2")
@@ -180,13 +181,14 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
         "README.md", "chat_template.jinja", "config.json", "configuration_mmllm.py", "generation_config.json",
         "input_projector.py", "modality_adaptive.py", "modality_encoder.py", "model.safetensors", "modeling_mmllm.py",
         "processing_mmllm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-        "training_history.json"])
+        "training_history.json", "eval_results.json"])
     card = calls["card"]
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
     assert "modality-adaptive" in header["tags"]
     for text in ("Modality Encoder", "Input Projector", "LLM Backbone", "Output Projector", "Modality Generator",
-                 "## Training", "quickstart-stage2", "synthetic=joint", "trust_remote_code=True"):
+                 "## Training", "quickstart-stage2", "synthetic=joint", "## Evaluation", "accuracy/overall",
+                 "trust_remote_code=True"):
         assert text in card
 
 

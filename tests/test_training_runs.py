@@ -18,6 +18,8 @@ from modeling_mmllm.synthetic import make_dataset
 from modeling_mmllm.training import load_recipe, train
 
 TESTS = Path(__file__).parent
+# The environment's console scripts (torchrun, trl), also when the virtual environment is not activated.
+ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 # Chance level of the held-out image questions: 4 colours, 3 shapes, 3 counts, 2 sizes, 2 positions.
 CHANCE = (1 / 4 + 1 / 3 + 1 / 3 + 1 / 2 + 1 / 2) / 5
 
@@ -47,7 +49,7 @@ def test_learning_through_the_stages(staged_run):
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     run = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29577", str(TESTS / "ddp_train.py"),
                           str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+                         env={**ENV, "OMP_NUM_THREADS": "1"})
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
@@ -67,7 +69,7 @@ def _train_command(output: Path) -> list[str]:
 
 @pytest.mark.slow
 def test_resume_after_sigkill_gives_the_same_weights(tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env = {**ENV, "OMP_NUM_THREADS": "1"}
     subprocess.run(_train_command(tmp_path / "straight"), check=True, capture_output=True, timeout=600, env=env)
     killed = tmp_path / "killed"
     process = subprocess.Popen(_train_command(killed), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
@@ -136,6 +138,6 @@ def test_plain_trl_sft_cli_trains_a_stage2_checkpoint(staged_run, tmp_path):
                "--dataset_name", str(data), "--assistant_only_loss", "True", "--max_steps", "2",
                "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
                "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False"]
-    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "2"})
+    run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**ENV, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()
