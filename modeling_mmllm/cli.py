@@ -1,21 +1,51 @@
-"""The `mmllm` command line (library side)."""
+"""The `mmllm` command line (library side). User mistakes end with one clear line and exit code 1."""
 
 import argparse
 import sys
 from pathlib import Path
 
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError)
+
+
+def _load_folder(folder: str):
+    """A saved model folder and its processor, or a clear error when the folder is not one."""
+    from .modeling_mmllm import MMLLMForConditionalGeneration
+    from .processing_mmllm import MMLLMProcessor
+
+    path = Path(folder)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+    return MMLLMForConditionalGeneration.from_pretrained(path).eval(), MMLLMProcessor.from_pretrained(path)
+
+
+def _open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"No image file {path}.")
+    try:
+        return Image.open(path).convert("RGB")
+    except UnidentifiedImageError:
+        raise ValueError(f"{path} is not an image PIL can read.") from None
+
 
 def build(args: argparse.Namespace) -> None:
-    """Build a randomly initialised model of a preset, with its processor, into a Hub-ready folder."""
+    """Build a preset (random weights) or compose pretrained components into a Hub-ready folder."""
     from .configuration_mmllm import MMLLMConfig
     from .modeling_mmllm import MMLLMForConditionalGeneration
     from .processing_mmllm import MMLLMProcessor
     from .saving import save_model_folder
 
-    config = MMLLMConfig.from_preset(args.preset)
-    model = MMLLMForConditionalGeneration(config)
-    save_model_folder(model, MMLLMProcessor.from_preset(args.preset), args.output)
-    print(f"saved {args.preset} ({model.num_parameters():,} parameters) to {args.output}")
+    if args.preset:
+        model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(args.preset))
+        processor = MMLLMProcessor.from_preset(args.preset)
+    elif args.vision and args.text:
+        model, processor = MMLLMForConditionalGeneration.from_components(
+            args.vision, args.text, projector=args.projector, modality_adaptive=args.modality_adaptive)
+    else:
+        raise ValueError("Give --preset NAME, or --vision and --text (folders or Hub ids).")
+    save_model_folder(model, processor, args.output)
+    print(f"saved ({model.num_parameters():,} parameters) to {args.output}")
 
 
 def train(args: argparse.Namespace) -> None:
@@ -24,23 +54,167 @@ def train(args: argparse.Namespace) -> None:
     from .training import train as run_recipe
 
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
-    folder = run_recipe(recipe, name=Path(args.recipe).stem)
-    print(f"model saved to {folder}")
+    print(f"model saved to {run_recipe(recipe, name=Path(args.recipe).stem)}")
+
+
+def generate(args: argparse.Namespace) -> None:
+    """One question (optionally about an image), one answer."""
+    images = [_open_image(args.image)] if args.image else []  # check the image before loading the model
+    model, processor = _load_folder(args.model)
+    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+    inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
+    print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+
+
+def _input_lines():
+    """Lines typed at a `> ` prompt (or piped in), stripped, until end of input."""
+    while True:
+        try:
+            yield input("> " if sys.stdin.isatty() else "").strip()
+        except EOFError:
+            return
+
+
+def chat(args: argparse.Namespace) -> None:
+    """Interactive chat with streaming output; `/image PATH` attaches an image, `/reset` clears, `/quit` ends."""
+    from transformers import TextStreamer
+
+    model, processor = _load_folder(args.model)
+    streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+    messages, images, pending = [], [], []
+    print("mmllm chat: type a message; /image PATH attaches an image, /reset clears, /quit ends.")
+    for line in _input_lines():
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            messages, images, pending = [], [], []
+            continue
+        if line.startswith("/image"):
+            try:
+                pending.append(_open_image(line[len("/image"):].strip()))
+                print(f"[image attached: {pending[-1].size[0]}x{pending[-1].size[1]}]")
+            except USER_ERRORS as error:
+                print(f"error: {error}")
+            continue
+        if not line:
+            continue
+        messages.append({"role": "user", "content": [{"type": "image"}] * len(pending) + [{"type": "text", "text": line}]})
+        images, pending = images + pending, []
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+
+
+def evaluate(args: argparse.Namespace) -> None:
+    """Exact-match accuracy of a model folder on question rows, per question kind."""
+    from .data import load_training_data
+    from .evaluation import exact_match
+
+    model, processor = _load_folder(args.model)
+    spec = {"synthetic": args.synthetic, "n": args.n, "split": args.split, "image_size": args.image_size}
+    if args.dataset:
+        spec = {"dataset": args.dataset}
+    results = exact_match(model, processor, load_training_data(spec))
+    for kind, accuracy in sorted(results.items()):
+        print(f"{kind:<12}{accuracy * 100:6.1f}%")
+
+
+def convert(args: argparse.Namespace) -> None:
+    """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
+    from . import conversion
+    from .saving import save_model_folder
+
+    if args.kind == "mplug-owl2":
+        model, processor = conversion.from_mplug_owl2(args.source)
+    else:
+        model = {"llava": conversion.from_llava, "blip2": conversion.from_blip2}[args.kind](args.source)
+        processor = conversion.convert_processor(args.source, model.config)
+    if processor is None:
+        model.save_pretrained(args.output)
+        print(f"saved the model to {args.output} (the source has no tokenizer: no processor was written)")
+        return
+    save_model_folder(model, processor, args.output)
+    print(f"saved {args.kind} as mmllm to {args.output}")
+
+
+def push(args: argparse.Namespace) -> None:
+    """Upload a Hub-ready folder to a Hub repo, with its card rendered for that repo."""
+    from .hub_card import write_model_card
+    from .training import push_folder
+
+    model, _ = _load_folder(args.folder)
+    write_model_card(model, args.folder, repo_id=args.repo_id)
+    print(f"pushed {args.folder} to https://huggingface.co/{push_folder(Path(args.folder), args.repo_id, args.private)}")
+
+
+def quickstart(args: argparse.Namespace) -> None:
+    """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
+    from .quickstart import run_quickstart
+
+    run_quickstart(Path(args.output), fast=args.fast)
 
 
 def parser() -> argparse.ArgumentParser:
     root = argparse.ArgumentParser(prog="mmllm", description="Multimodal LLMs as Hub-native transformers models.")
-    commands = root.add_subparsers(dest="command", required=True)
-    build_parser = commands.add_parser("build", help="build a preset into a Hub-ready model folder")
-    build_parser.add_argument("--preset", required=True, help="preset name (configuration/<name>.json)")
-    build_parser.add_argument("output", type=Path, help="folder to write (must not exist)")
-    build_parser.set_defaults(run=build)
-    train_parser = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",
-                                       description="Run a recipe; any recipe key or SFTConfig field can be "
-                                       "overridden: --max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET")
-    train_parser.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
-    train_parser.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
-    train_parser.set_defaults(run=train)
+    commands = root.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    command = commands.add_parser("quickstart", help="train, evaluate, save and reload the embedded default (CPU)")
+    command.add_argument("--output", default="runs/quickstart", help="where the stages and the final folder go")
+    command.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, low accuracy)")
+    command.set_defaults(run=quickstart)
+
+    command = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",
+                                  description="Run a recipe; any recipe key or SFTConfig field can be overridden: "
+                                  "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET")
+    command.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
+    command.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+    command.set_defaults(run=train)
+
+    command = commands.add_parser("build", help="build a preset or compose components into a Hub-ready folder")
+    command.add_argument("--preset", help="preset name (configuration/<name>.json)")
+    command.add_argument("--vision", help="pretrained vision model (folder or Hub id)")
+    command.add_argument("--text", help="pretrained causal LM (folder or Hub id)")
+    command.add_argument("--projector", default="mlp", help="projector type for --vision/--text")
+    command.add_argument("--modality-adaptive", action="store_true", help="switch the modality-adaptive module on")
+    command.add_argument("output", type=Path, help="folder to write (must not exist)")
+    command.set_defaults(run=build)
+
+    command = commands.add_parser("chat", help="interactive chat with a model folder (/image PATH attaches)")
+    command.add_argument("model", help="model folder")
+    command.add_argument("--max-new-tokens", type=int, default=128)
+    command.set_defaults(run=chat)
+
+    command = commands.add_parser("generate", help="answer one prompt (optionally about an image)")
+    command.add_argument("model", help="model folder")
+    command.add_argument("--prompt", required=True)
+    command.add_argument("--image", help="image file")
+    command.add_argument("--max-new-tokens", type=int, default=64)
+    command.set_defaults(run=generate)
+
+    command = commands.add_parser("eval", help="exact-match accuracy of a model folder per question kind")
+    command.add_argument("model", help="model folder")
+    command.add_argument("--synthetic", default="vqa", help="synthetic task: vqa or text-eval")
+    command.add_argument("--n", type=int, default=200)
+    command.add_argument("--split", default="heldout")
+    command.add_argument("--image-size", type=int, default=64)
+    command.add_argument("--dataset", help="a dataset (folder or file) with images, messages, answer, kind")
+    command.set_defaults(run=evaluate)
+
+    command = commands.add_parser("convert", help="convert a LLaVA, BLIP-2 or mPLUG-Owl2 checkpoint folder")
+    command.add_argument("kind", choices=["llava", "blip2", "mplug-owl2"])
+    command.add_argument("source", help="checkpoint folder")
+    command.add_argument("output", type=Path, help="folder to write (must not exist)")
+    command.set_defaults(run=convert)
+
+    command = commands.add_parser("push", help="upload a model folder to a Hub repo, with its card")
+    command.add_argument("folder", help="model folder")
+    command.add_argument("repo_id", help="namespace/name on the Hub")
+    command.add_argument("--private", action="store_true")
+    command.set_defaults(run=push)
     return root
 
 
@@ -48,9 +222,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         args.run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as error:
-        print(f"mmllm {args.command}: error: {error}", file=sys.stderr)
+    except USER_ERRORS as error:
+        message = str(error).splitlines()[0] if str(error) else type(error).__name__
+        print(f"mmllm {args.command}: error: {message}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        print(f"mmllm {args.command}: interrupted", file=sys.stderr)
+        return 130
     return 0
 
 

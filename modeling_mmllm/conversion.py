@@ -229,6 +229,27 @@ def from_mplug_owl2(path):
     return model.eval(), processor
 
 
+def convert_processor(source, config: MMLLMConfig):
+    """An `MMLLMProcessor` from a converted checkpoint folder's own processor (None when it has none)."""
+    from transformers import AutoProcessor
+
+    from .presets import chat_template
+    from .processing_mmllm import MMLLMProcessor
+
+    try:
+        original = AutoProcessor.from_pretrained(source)
+    except (OSError, ValueError):
+        return None
+    tokenizer = original.tokenizer
+    if getattr(tokenizer, "image_token", None) is None:
+        token = tokenizer.convert_ids_to_tokens(config.image_token_id)
+        tokenizer = AutoTokenizer.from_pretrained(source, extra_special_tokens={"image_token": token})
+    tokenizer.padding_side = "left"
+    return MMLLMProcessor(image_processor=original.image_processor, tokenizer=tokenizer,
+                          chat_template=getattr(original, "chat_template", None) or chat_template(),
+                          image_seq_length=config.image_seq_length)
+
+
 def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
     """Convert a LLaVA model (transformers' `LlavaForConditionalGeneration`) into `MMLLMForConditionalGeneration`.
 
@@ -255,4 +276,4 @@ def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
     return model.eval()
 
 
-__all__ = ["convert_abstractor_state_dict", "from_blip2", "from_llava", "from_mplug_owl2", "rename_keys"]
+__all__ = ["convert_abstractor_state_dict", "convert_processor", "from_blip2", "from_llava", "from_mplug_owl2", "rename_keys"]

@@ -1,0 +1,146 @@
+"""`mmllm quickstart`: the whole system on the embedded default, on a CPU, in minutes (library side).
+
+Stage 0 (text) -> stage 1 (captions, LLM frozen) -> stage 2 (joint image + text instructions) through the shipped
+recipes, held-out exact match per question kind and on the text-only facts, a Hub-ready folder, a fresh-process
+reload through `pipeline(..., trust_remote_code=True)` answering a question about a new image, and a PNG with the
+loss curves and held-out predictions.
+"""
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from transformers import TrainerCallback
+
+from .evaluation import answer_questions, exact_match
+from .modeling_mmllm import MMLLMForConditionalGeneration
+from .processing_mmllm import MMLLMProcessor
+from .synthetic import QUESTIONS, make_dataset, random_scene, render
+from .training import load_recipe, train
+
+STAGES = ("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")
+FAST = {"max_steps": 6, "save_steps": 100, "logging_steps": 2, "data.n": 64, "eval.n": 16}
+PASS_MARK = 0.90
+FRESH_PROCESS = """
+import json, sys
+sys.modules["modeling_mmllm"] = None  # only the folder's own code may run
+from PIL import Image
+from transformers import pipeline
+folder, image_path, question = sys.argv[1:4]
+pipe = pipeline("image-text-to-text", model=folder, trust_remote_code=True)
+messages = [{"role": "user", "content": [{"type": "image", "image": Image.open(image_path)},
+                                         {"type": "text", "text": question}]}]
+out = pipe(text=messages, generate_kwargs={"max_new_tokens": 12, "do_sample": False}, return_full_text=False)
+print(json.dumps({"answer": out[0]["generated_text"].strip()}))
+"""
+
+
+class LossRecorder(TrainerCallback):
+    """Keeps (step, loss) of every logging step."""
+
+    def __init__(self):
+        self.losses: list[tuple[int, float]] = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs and "loss" in logs:
+            self.losses.append((state.global_step, float(logs["loss"])))
+
+
+def run_stages(output: Path, fast: bool) -> tuple[Path, dict[str, list]]:
+    """Train the three stages; returns the final folder and each stage's loss curve."""
+    model, curves = None, {}
+    for index, name in enumerate(STAGES):
+        overrides = {"output_dir": str(output / f"stage{index}"), **(FAST if fast else {})}
+        if model is not None:
+            overrides["model"] = str(model)
+        recorder = LossRecorder()
+        print(f"\n== stage {index}: {name} ==", flush=True)
+        model = train(load_recipe(name, overrides), name=name, callbacks=[recorder])
+        curves[name] = recorder.losses
+    return model, curves
+
+
+def reload_and_answer(folder: Path, output: Path) -> dict:
+    """A new image, then a fresh Python process that knows nothing of mmllm answers a question about it."""
+    rng = np.random.default_rng(20261122)
+    scene = random_scene(rng)
+    image_path = output / "new_image.png"
+    render(scene, rng).save(image_path)
+    question = QUESTIONS["colour"]
+    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder), str(image_path), question],
+                         capture_output=True, text=True, timeout=600)
+    if run.returncode != 0:
+        raise RuntimeError(f"Reloading {folder} in a fresh process failed:\n{run.stderr[-2000:]}")
+    answer = json.loads(run.stdout.strip().splitlines()[-1])["answer"]
+    return {"description": scene.describe(), "question": question, "answer": answer,
+            "expected": scene.answer("colour"), "image": str(image_path)}
+
+
+def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str], path: Path) -> None:
+    """PNG: one loss curve per stage on top, held-out images with their predicted answers below."""
+    width, plot_height, tile = 960, 220, 120
+    columns = width // tile
+    grid_rows = (len(rows) + columns - 1) // columns
+    canvas = Image.new("RGB", (width, plot_height + grid_rows * (tile + 30) + 10), "white")
+    draw = ImageDraw.Draw(canvas)
+    colours = ((31, 119, 180), (255, 127, 14), (44, 160, 44))
+    panel = width // len(curves)
+    for index, (name, losses) in enumerate(curves.items()):
+        left, top, right, bottom = index * panel + 30, 25, (index + 1) * panel - 10, plot_height - 20
+        draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
+        draw.text((left, 5), f"{name}: loss", fill=(0, 0, 0))
+        if len(losses) > 1:
+            steps, values = zip(*losses)
+            top_value = max(values)
+            points = [(left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left),
+                       bottom - v / top_value * (bottom - top)) for s, v in losses]
+            draw.line(points, fill=colours[index % 3], width=2)
+            draw.text((left + 2, top + 2), f"{top_value:.2f}", fill=(90, 90, 90))
+            draw.text((right - 60, bottom - 14), f"{values[-1]:.3f}", fill=(90, 90, 90))
+    for index, (row, prediction) in enumerate(zip(rows, predictions)):
+        x, y = (index % columns) * tile, plot_height + (index // columns) * (tile + 30)
+        canvas.paste(row["images"][0].resize((tile - 10, tile - 10)), (x + 5, y))
+        correct = prediction.lower() == row["answer"].lower()
+        draw.text((x + 5, y + tile - 8), f"{row['kind']}: {prediction}"[:20], fill=(0, 130, 0) if correct else (200, 0, 0))
+    canvas.save(path)
+
+
+def run_quickstart(output: Path, fast: bool = False) -> dict:
+    """Run the main job; raises SystemExit(2) when held-out image accuracy is below the pass mark."""
+    start = time.time()
+    output.mkdir(parents=True, exist_ok=True)
+    folder, curves = run_stages(output, fast)
+    print("\n== evaluation on held-out data (no image shared with training) ==", flush=True)
+    model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
+    heldout = make_dataset("vqa", 40 if fast else 300, split="heldout")
+    image_accuracy = exact_match(model, processor, heldout)
+    text_accuracy = exact_match(model, processor, make_dataset("text-eval"))["overall"]
+    sample = list(heldout.select(range(16)))
+    draw_report(curves, sample, answer_questions(model, processor, sample), output / "quickstart.png")
+    print("\n== reload in a fresh process through pipeline(trust_remote_code=True) ==", flush=True)
+    demo = reload_and_answer(folder, output)
+    print(f"new image:   {demo['image']} ({demo['description']})")
+    print(f"question:    {demo['question']}")
+    print(f"answer:      {demo['answer']}")
+    summary = {**{f"image/{k}": v for k, v in image_accuracy.items()}, "text/facts": text_accuracy}
+    (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
+    print("\n== summary ==")
+    for kind, value in sorted(image_accuracy.items()):
+        print(f"  image questions, {kind:<9} {value * 100:6.1f}%")
+    print(f"  text-only facts           {text_accuracy * 100:6.1f}%")
+    print(f"  model folder              {folder}")
+    print(f"  report                    {output / 'quickstart.png'}")
+    print(f"  time                      {time.time() - start:.0f} s")
+    print(f"accuracy: {image_accuracy['overall'] * 100:.1f}%")
+    if image_accuracy["overall"] < PASS_MARK and not fast:
+        print(f"error: held-out accuracy {image_accuracy['overall'] * 100:.1f}% is below {PASS_MARK * 100:.0f}%: "
+              "the run did not learn well enough.", file=sys.stderr)
+        raise SystemExit(2)
+    return summary
+
+
+__all__ = ["run_quickstart"]

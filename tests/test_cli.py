@@ -1,0 +1,113 @@
+"""The `mmllm` command line: every command, and user mistakes as one clear line with exit code 1."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_images, tiny_text_config, tiny_vision_config
+from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
+
+from modeling_mmllm.cli import main, parser
+from modeling_mmllm.presets import offline_tokenizer
+
+COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
+FIXTURE = Path(__file__).parent / "fixtures" / "mplug-owl2-tiny"
+
+
+def test_help_lists_every_command_and_each_has_help(capsys):
+    help_text = parser().format_help()
+    for command in COMMANDS:
+        assert command in help_text
+        with pytest.raises(SystemExit) as exit_info:
+            main([command, "--help"])
+        assert exit_info.value.code == 0
+    assert "usage: mmllm" in capsys.readouterr().out
+
+
+@pytest.fixture(scope="module")
+def image_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("img") / "image.png"
+    make_images(1)[0].save(path)
+    return path
+
+
+def test_generate_and_eval(saved_folder, image_file, capsys):
+    assert main(["generate", str(saved_folder), "--image", str(image_file), "--prompt", "What colour?",
+                 "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert main(["eval", str(saved_folder), "--synthetic", "vqa", "--n", "8", "--image-size", "32"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert any(line.startswith("overall") and line.endswith("%") for line in lines)
+
+
+def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
+    session = f"/image {image_file}\nWhat colour is it?\n/image /no/such.png\nAnd now?\n/quit\n"
+    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder),
+                          "--max-new-tokens", "4"], input=session, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "[image attached: 48x40]" in run.stdout
+    assert "error: No image file /no/such.png." in run.stdout
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "/no/such/folder", "--prompt", "hi"], "is not a model folder"),
+    (["build", "--preset", "llava-huge", "OUT"], "Unknown preset 'llava-huge'"),
+    (["generate", "SAVED", "--prompt", "hi", "--image", "/no/such.png"], "No image file /no/such.png"),
+    (["generate", "SAVED", "--prompt", "hi", "--image", "NOT_AN_IMAGE"], "is not an image PIL can read"),
+    (["train", "no-such-recipe"], "No recipe 'no-such-recipe'"),
+    (["convert", "mplug-owl2", "/no/such", "OUT"], "No such file"),
+])
+def test_user_mistakes_are_one_line(argv, message, saved_folder, tmp_path, capsys):
+    (tmp_path / "fake.png").write_text("not an image")
+    replace = {"SAVED": str(saved_folder), "OUT": str(tmp_path / "out"), "NOT_AN_IMAGE": str(tmp_path / "fake.png")}
+    assert main([replace.get(arg, arg) for arg in argv]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
+    assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+
+
+def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
+    tokenizer = offline_tokenizer()
+    config = LlavaConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config("llama").to_dict(),
+                         image_token_id=tokenizer.image_token_id, image_seq_length=16)
+    torch.manual_seed(0)
+    llava = LlavaForConditionalGeneration(config)
+    llava.save_pretrained(tmp_path / "llava")
+    image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
+                   vision_feature_select_strategy="default").save_pretrained(tmp_path / "llava")
+    assert main(["convert", "llava", str(tmp_path / "llava"), str(tmp_path / "ours")]) == 0
+    names = {p.name for p in (tmp_path / "ours").iterdir()}
+    assert {"model.safetensors", "modeling_mmllm.py", "processor_config.json", "README.md"} <= names
+    assert main(["generate", str(tmp_path / "ours"), "--prompt", "hi", "--max-new-tokens", "2"]) == 0
+    assert main(["convert", "mplug-owl2", str(FIXTURE), str(tmp_path / "owl2")]) == 0
+    assert "no processor was written" in capsys.readouterr().out
+    assert json.loads((tmp_path / "owl2" / "config.json").read_text())["modality_adaptive"]
+
+
+def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
+    uploads = []
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder",
+                        lambda self, repo_id, folder_path, **kw: uploads.append((repo_id, folder_path)))
+    assert main(["build", "--preset", "owl2-tiny", str(tmp_path / "m")]) == 0
+    assert main(["push", str(tmp_path / "m"), "me/owl2-tiny", "--private"]) == 0
+    assert uploads == [("me/owl2-tiny", str(tmp_path / "m"))]
+    card = (tmp_path / "m" / "README.md").read_text()
+    assert "# me/owl2-tiny" in card and 'from_pretrained("me/owl2-tiny"' in card
+    assert "pushed" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_quickstart_fast_smoke(tmp_path):
+    """The main job's plumbing end to end, with a few steps per stage (the full run is in test_quickstart)."""
+    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--output", str(tmp_path)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "accuracy: " in run.stdout and "answer:" in run.stdout
+    assert (tmp_path / "quickstart.png").is_file() and (tmp_path / "stage2" / "model" / "model.safetensors").is_file()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert 0 <= summary["image/overall"] <= 1 and summary["demo"]["answer"] is not None
