@@ -6,11 +6,9 @@ text branch on the whole tensor). Each variant runs in its own subprocess, inter
     python benchmarks/modality_adaptive_cost.py [--repeats 3] [--threads 2]
 """
 
-import argparse
-import json
 import time
 
-from harness import measure_interleaved
+from harness import run_benchmark
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 32
 ARCH = dict(
@@ -50,15 +48,7 @@ def measure(variant: str, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(measure(args.child, args.threads)))
-        return
-    medians = measure_interleaved(__file__, ["without", "with"], args.repeats, args.threads)
+    args, medians = run_benchmark(__file__, __doc__, measure, ["without", "with"])
     print(f"modality-adaptive module cost | CLIP 448 px + abstractor (65 tokens) + Llama 8 x 768 | "
           f"median of {args.repeats}, {args.threads} threads")
     print(f"{'metric':<16}{'without':>12}{'with':>12}{'with/without':>14}")

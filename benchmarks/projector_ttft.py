@@ -6,11 +6,9 @@ in mPLUG-Owl2's size proportions (backbone ~18x the encoder); only the projector
     python benchmarks/projector_ttft.py [--repeats 3] [--threads 2]
 """
 
-import argparse
-import json
 import time
 
-from harness import measure_interleaved
+from harness import run_benchmark
 
 PROMPT_TOKENS = 32
 ARCH = dict(
@@ -49,15 +47,7 @@ def time_to_first_token(variant: str, threads: int) -> dict:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--child")
-    args = parser.parse_args()
-    if args.child:
-        print(json.dumps(time_to_first_token(args.child, args.threads)))
-        return
-    medians = measure_interleaved(__file__, list(VARIANTS), args.repeats, args.threads)
+    args, medians = run_benchmark(__file__, __doc__, time_to_first_token, list(VARIANTS))
     print(f"time to first token, 1 image (336 px, 576 patches) + {PROMPT_TOKENS}-token prompt | "
           f"median of {args.repeats}, {args.threads} threads")
     for variant, result in medians.items():
