@@ -4,11 +4,13 @@ Structured like transformers' LLaVA: `MMLLMModel` returns the backbone's full-se
 LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, the loss and generation.
 """
 
+import math
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 from transformers import AutoModel
+from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
@@ -53,6 +55,21 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Input-projector layers start from PyTorch's fan-in init, not transformers' std 0.02.
+
+        The encoder and the LLM are sub-models with their own init; the linear layers left here are the projector's
+        (and the LM head, which keeps the LM's init). With std 0.02 a fresh abstractor's output barely depends on
+        the image (its residual carries the normalised queries), and learning through the LLM stalls.
+        """
+        if isinstance(module, nn.Linear) and module is not getattr(self, "lm_head", None):
+            init.kaiming_uniform_(module.weight, a=math.sqrt(5))
+            if module.bias is not None:
+                bound = 1 / math.sqrt(module.in_features)
+                init.uniform_(module.bias, -bound, bound)
+            return
+        super()._init_weights(module)
 
 
 class MMLLMModel(MMLLMPreTrainedModel):
