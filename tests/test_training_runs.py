@@ -37,8 +37,8 @@ def test_learning_through_the_stages(staged_run):
     text_after_stage2 = exact_match(model, processor, make_dataset("text-eval"))["overall"]
     print(f"held-out image accuracy {images}, chance {CHANCE:.3f}; text facts {text_after_stage0:.3f} -> "
           f"{text_after_stage2:.3f}")
-    assert images["overall"] > CHANCE + 0.15
-    assert images["colour"] > 0.9
+    assert images["overall"] > 0.7  # chance is 0.38
+    assert images["colour"] > 0.9 and images["position"] > 0.8
     assert text_after_stage0 > 0.5
     assert text_after_stage2 >= text_after_stage0 - 0.05
     history = json.loads((staged_run["stage2"] / "training_history.json").read_text())
