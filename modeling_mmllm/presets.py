@@ -104,11 +104,14 @@ def offline_tokenizer() -> PreTrainedTokenizerFast:
     )
 
 
-def load_processor_preset(processor_class, name: str):
-    """`MMLLMProcessor.from_preset`: offline tokenizer + image processor + chat template for preset `name`."""
+def load_processor_preset(processor_class, name: str, config=None):
+    """`MMLLMProcessor.from_preset`: offline tokenizer + image processor + chat template for preset `name`.
+
+    `config` (the preset's config with overrides, e.g. another image size) defaults to the preset's own.
+    """
     from .configuration_mmllm import MMLLMConfig
 
-    config = MMLLMConfig.from_preset(name)
+    config = config or MMLLMConfig.from_preset(name)
     tokenizer = offline_tokenizer()
     if tokenizer.image_token_id != config.image_token_id or len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(

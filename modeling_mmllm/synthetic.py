@@ -15,7 +15,7 @@ from PIL import ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30)}
-SIZES = {"small": 0.18, "large": 0.3}
+SIZES = {"small": 0.22, "large": 0.32}
 POSITIONS = ("left", "right")
 NUMBERS = ("zero", "one", "two", "three")
 QUESTIONS = {

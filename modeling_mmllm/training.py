@@ -37,9 +37,10 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .configuration_mmllm import MMLLMConfig
 from .data import load_training_data
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .processing_mmllm import MMLLMProcessor
 from .hub_card import write_model_card
+from .modeling_mmllm import MMLLMForConditionalGeneration
+from .presets import load_processor_preset
+from .processing_mmllm import MMLLMProcessor
 from .saving import atomic_folder, save_model_folder
 
 RECIPE_KEYS = {"model", "data", "bad_rows", "freeze", "train_modality_adaptive", "vision_lr_decay", "lora",
@@ -114,12 +115,7 @@ def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcess
     """The recipe's model and processor: a preset, a saved folder (a previous stage), or pretrained components."""
     if "preset" in spec:
         config = MMLLMConfig.from_preset(spec["preset"], **spec.get("overrides", {}))
-        processor = MMLLMProcessor.from_preset(spec["preset"])
-        processor.image_seq_length = config.image_seq_length
-        if "image_size" in spec.get("overrides", {}).get("vision_config", {}):
-            size = config.vision_config.image_size
-            processor.image_processor.size = {"shortest_edge": size}
-            processor.image_processor.crop_size = {"height": size, "width": size}
+        processor = load_processor_preset(MMLLMProcessor, spec["preset"], config)
         torch.manual_seed(spec.get("seed", 0))
         return MMLLMForConditionalGeneration(config), processor
     if "path" in spec:
