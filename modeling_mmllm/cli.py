@@ -125,14 +125,14 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from . import conversion
+    from .conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
     from .saving import save_model_folder
 
     if args.kind == "mplug-owl2":
-        model, processor = conversion.from_mplug_owl2(args.source)
+        model, processor = from_mplug_owl2(args.source)
     else:
-        model = {"llava": conversion.from_llava, "blip2": conversion.from_blip2}[args.kind](args.source)
-        processor = conversion.convert_processor(args.source, model.config)
+        model = {"llava": from_llava, "blip2": from_blip2}[args.kind](args.source)
+        processor = convert_processor(args.source, model.config)
     if processor is None:
         model.save_pretrained(args.output)
         print(f"saved the model to {args.output} (the source has no tokenizer: no processor was written)")
