@@ -5,6 +5,7 @@ be decoded are found before training and reported by row index: skipped with a c
 """
 
 import json
+from io import BytesIO
 from pathlib import Path
 
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
@@ -59,8 +60,6 @@ def find_bad_rows(dataset: Dataset) -> dict[int, str]:
 def _image_problem(image: dict) -> str | None:
     try:
         if image.get("bytes") is not None:
-            from io import BytesIO
-
             PILImage.open(BytesIO(image["bytes"])).load()
         elif image.get("path") and Path(image["path"]).is_file():
             PILImage.open(image["path"]).load()

@@ -46,7 +46,8 @@ class Multiway(nn.Module):
             return text_branch(hidden_states)
         routing = routing[..., -hidden_states.shape[-2]:].to(hidden_states.device).reshape(-1)
         extra = {int(key): branch for key, branch in self.multiway.items() if int(key) != TEXT}
-        present = {modality: routing == modality for modality in extra if bool((routing == modality).any())}
+        masks = {modality: routing == modality for modality in extra}
+        present = {modality: mask for modality, mask in masks.items() if bool(mask.any())}
         if not present:
             return text_branch(hidden_states)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])

@@ -26,18 +26,24 @@ def atomic_folder(output: str | Path) -> Iterator[Path]:
 def save_model_folder(model, processor, output: str | Path, extra_files: dict[str, str] | None = None) -> Path:
     """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind.
 
-    A PEFT model saves its adapter only (small); `extra_files` (name -> text) are written beside, and the model
-    card is rendered last so it can describe them (training history, metrics).
+    A PEFT model saves its adapter only (small). `extra_files` (name -> text) are written first, so the model card
+    that `save_pretrained` renders can describe them (training history, metrics).
     """
-    from .hub_card import write_model_card
-
     with atomic_folder(output) as staging:
-        model.save_pretrained(staging)
-        processor.save_pretrained(staging)
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
-        write_model_card(model, staging)
+        model.save_pretrained(staging)
+        processor.save_pretrained(staging)
+        write_adapter_card(model, staging)
     return Path(output)
 
 
-__all__ = ["atomic_folder", "save_model_folder"]
+def write_adapter_card(model, folder: Path) -> None:
+    """Our models render their card in `save_pretrained`; a PEFT adapter over one gets it here."""
+    from .hub_card import write_model_card
+
+    if hasattr(model, "get_base_model"):
+        write_model_card(model, folder)
+
+
+__all__ = ["atomic_folder", "save_model_folder", "write_adapter_card"]

@@ -37,11 +37,10 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 from .configuration_mmllm import MMLLMConfig
 from .data import load_training_data
-from .hub_card import write_model_card
 from .modeling_mmllm import MMLLMForConditionalGeneration
 from .presets import load_processor_preset
 from .processing_mmllm import MMLLMProcessor
-from .saving import atomic_folder, save_model_folder
+from .saving import atomic_folder, save_model_folder, write_adapter_card
 
 RECIPE_KEYS = {"model", "data", "bad_rows", "freeze", "train_modality_adaptive", "vision_lr_decay", "lora",
                "merge_lora", "chat_template", "eval"}
@@ -105,10 +104,12 @@ def parse_overrides(arguments: list[str]) -> dict:
 
 def _parse_value(text: str):
     """Numbers (`3e-3` too, which YAML reads as a string), booleans, lists and dicts; anything else is a string."""
-    try:
-        return float(text) if any(c in text.lower() for c in ".e") and not text.isalpha() else int(text)
-    except ValueError:
-        return yaml.safe_load(text)
+    for number in (int, float):
+        try:
+            return number(text)
+        except ValueError:
+            pass
+    return yaml.safe_load(text)
 
 
 def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
@@ -197,8 +198,8 @@ class MMLLMTrainer(SFTTrainer):
 
     def create_optimizer(self, model=None):
         if self.vision_lr_decay is None or self.optimizer is not None:
-            return super().create_optimizer(model) if model is not None else super().create_optimizer()
-        model = self.model
+            return super().create_optimizer(model)
+        model = self.model if model is None else model
         scales = vision_lr_scales(model, self.vision_lr_decay)
         decay_names = set(self.get_decay_parameter_names(model))
         groups: dict[tuple[float, float], list] = {}
@@ -305,13 +306,12 @@ def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path,
     target = output_dir / "model"
     _replace(target)
     with atomic_folder(target) as staging:
-        trainer.save_model(str(staging))
-        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
-        processor.save_pretrained(staging)
-        (staging / HISTORY_FILE).write_text(history)
+        (staging / HISTORY_FILE).write_text(history)  # before the save, so the model card lists the stages
         if metrics:
             (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-        write_model_card(model, staging)
+        trainer.save_model(str(staging))  # weights, code and card; the processor too (the trainer's processing_class)
+        (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
+        write_adapter_card(model, staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         _replace(output_dir / "merged")
         save_model_folder(model.merge_and_unload(), processor, output_dir / "merged", extra_files={HISTORY_FILE: history})
