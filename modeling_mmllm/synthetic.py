@@ -15,7 +15,9 @@ from PIL import ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30)}
-SIZES = {"small": 0.22, "large": 0.32}
+SIZES = {"small": 0.16, "large": 0.30}
+ROWS = 3  # shapes sit in `count` of three rows of the chosen half
+GAP = 3  # pixels kept free between stacked shapes, so counts are never ambiguous
 POSITIONS = ("left", "right")
 NUMBERS = ("zero", "one", "two", "three")
 QUESTIONS = {
@@ -77,11 +79,11 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> PILImage.I
     image = PILImage.fromarray(background)
     draw = ImageDraw.Draw(image)
     side = int(SIZES[scene.size] * size)
-    slot = size // scene.count
+    slot = size // ROWS
     half = range(2, size // 2 - side - 1) if scene.position == "left" else range(size // 2 + 1, size - side - 2)
-    for index in range(scene.count):
+    for row in sorted(rng.choice(ROWS, scene.count, replace=False)):
         x = int(rng.choice(half))
-        y = index * slot + int(rng.integers(0, max(1, slot - side)))
+        y = int(row) * slot + int(rng.integers(0, max(1, slot - side - GAP)))
         box = (x, y, x + side, y + side)
         colour = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-15, 16, 3), 0, 255))
         if scene.shape == "circle":
