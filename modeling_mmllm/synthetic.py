@@ -15,8 +15,9 @@ from PIL import ImageDraw
 
 SHAPES = ("circle", "square", "triangle")
 COLOURS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 230), "yellow": (235, 205, 30)}
-SIZES = {"small": 0.16, "large": 0.30}
+SIZES = {"small": 0.19, "large": 0.30}
 ROWS = 3  # shapes sit in `count` of three rows of the chosen half
+SUPERSAMPLE = 4
 GAP = 3  # pixels kept free between stacked shapes, so counts are never ambiguous
 POSITIONS = ("left", "right")
 NUMBERS = ("zero", "one", "two", "three")
@@ -74,25 +75,31 @@ def random_scene(rng: np.random.Generator) -> Scene:
 
 
 def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> PILImage.Image:
-    """Draw the scene: `count` shapes stacked in the chosen half, with jitter and background noise."""
+    """Draw the scene: `count` shapes in as many of three rows of the chosen half, with jitter and background noise.
+
+    Shapes are drawn at `SUPERSAMPLE` times the size and scaled down, so edges are anti-aliased as in a photo and a
+    small circle still looks round.
+    """
     background = rng.integers(200, 240, (size, size, 3), dtype=np.uint8)
-    image = PILImage.fromarray(background)
-    draw = ImageDraw.Draw(image)
+    layer = PILImage.new("RGBA", (size * SUPERSAMPLE, size * SUPERSAMPLE))
+    draw = ImageDraw.Draw(layer)
     side = int(SIZES[scene.size] * size)
     slot = size // ROWS
     half = range(2, size // 2 - side - 1) if scene.position == "left" else range(size // 2 + 1, size - side - 2)
     for row in sorted(rng.choice(ROWS, scene.count, replace=False)):
         x = int(rng.choice(half))
         y = int(row) * slot + int(rng.integers(0, max(1, slot - side - GAP)))
-        box = (x, y, x + side, y + side)
+        x, y, s = x * SUPERSAMPLE, y * SUPERSAMPLE, side * SUPERSAMPLE
         colour = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-15, 16, 3), 0, 255))
         if scene.shape == "circle":
-            draw.ellipse(box, fill=colour)
+            draw.ellipse((x, y, x + s, y + s), fill=colour)
         elif scene.shape == "square":
-            draw.rectangle(box, fill=colour)
+            draw.rectangle((x, y, x + s, y + s), fill=colour)
         else:
-            draw.polygon([(x + side // 2, y), (x, y + side), (x + side, y + side)], fill=colour)
-    return image
+            draw.polygon([(x + s // 2, y), (x, y + s), (x + s, y + s)], fill=colour)
+    image = PILImage.fromarray(background).convert("RGBA")
+    image.alpha_composite(layer.resize((size, size), PILImage.Resampling.BOX))
+    return image.convert("RGB")
 
 
 def _conversation(question: str, answer: str) -> list[dict]:
