@@ -25,6 +25,10 @@ def _vision_encoder_config(vision: str) -> PreTrainedConfig:
     return getattr(config, "vision_config", None) or config
 
 
+# Vision encoders without a CLS token: every output token is a patch, so all of them go to the projector.
+NO_CLS_TOKEN = ("siglip_vision_model", "siglip2_vision_model")
+
+
 def _load_tokenizer(text: str):
     """The LM's tokenizer with the package's special tokens added (named, so `tokenizer.image_token` works)."""
     tokens = special_tokens()
@@ -49,6 +53,8 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     adaptive_modalities = overrides.pop("modality_adaptive_modalities", None)
     vision_config = _vision_encoder_config(vision)
     text_config = AutoConfig.from_pretrained(text)
+    overrides.setdefault("vision_feature_select_strategy",
+                         "full" if vision_config.model_type in NO_CLS_TOKEN else "default")
     tokenizer = _load_tokenizer(text)
     config = model_class.config_class(
         vision_config=vision_config.to_dict(),

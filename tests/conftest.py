@@ -1,5 +1,10 @@
 """Shared fixtures: tiny models, processors, images and one saved folder, built once per session."""
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -17,6 +22,7 @@ from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProc
 from modeling_mmllm.saving import save_model_folder
 
 VOCAB = 512
+ROOT = Path(__file__).parent.parent
 
 
 def tiny_vision_config(kind: str = "clip", **overrides):
@@ -79,16 +85,22 @@ def images() -> list[Image.Image]:
 
 
 @pytest.fixture(scope="session")
-def staged_run(tmp_path_factory):
-    """The quickstart's three shipped recipes (stage 0 text, stage 1, stage 2), run once for many tests."""
-    from modeling_mmllm.training import load_recipe, train
+def quickstart_run(tmp_path_factory) -> dict:
+    """The README's first command, `./run quickstart`, run once (about 4.5 minutes) and shared by many tests.
 
-    root = tmp_path_factory.mktemp("staged")
-    folders, model = {}, None
-    for stage, recipe_name in enumerate(("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")):
-        overrides = {"output_dir": str(root / f"stage{stage}"), "report_to": "none"}
-        if model is not None:
-            overrides["model"] = str(model)
-        model = train(load_recipe(recipe_name, overrides), name=recipe_name)
-        folders[f"stage{stage}"] = model
-    return folders
+    It runs in a working folder that later README commands also use (`runs/quickstart` is its output).
+    """
+    workdir = tmp_path_factory.mktemp("readme")
+    output = workdir / "runs" / "quickstart"
+    env = {**os.environ, "MMLLM_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    run = subprocess.run([str(ROOT / "run"), "quickstart", "--output", str(output)], capture_output=True, text=True,
+                         timeout=1200, env=env)
+    return {"workdir": workdir, "output": output, "returncode": run.returncode, "stdout": run.stdout,
+            "stderr": run.stderr, **{f"stage{index}": output / f"stage{index}" / "model" for index in range(3)}}
+
+
+@pytest.fixture(scope="session")
+def staged_run(quickstart_run) -> dict:
+    """The quickstart's three stage folders (stage 0 text, stage 1, stage 2), trained by the shipped recipes."""
+    assert quickstart_run["returncode"] == 0, quickstart_run["stderr"][-3000:]
+    return quickstart_run

@@ -30,15 +30,16 @@ def _load(folder):
 
 @pytest.mark.slow
 def test_learning_through_the_stages(staged_run):
-    """Image accuracy rises far above chance; the text facts learned in stage 0 survive joint stage 2."""
+    """Image accuracy far above chance on fresh held-out images; the text facts of stage 0 survive joint stage 2."""
     text_after_stage0 = exact_match(*_load(staged_run["stage0"]), make_dataset("text-eval"))["overall"]
     model, processor = _load(staged_run["stage2"])
-    images = exact_match(model, processor, make_dataset("vqa", 300, split="heldout"))
+    # Another held-out sample than the quickstart's own evaluation (seed 1): no image shared with either.
+    images = exact_match(model, processor, make_dataset("vqa", 300, split="heldout", seed=1))
     text_after_stage2 = exact_match(model, processor, make_dataset("text-eval"))["overall"]
     print(f"held-out image accuracy {images}, chance {CHANCE:.3f}; text facts {text_after_stage0:.3f} -> "
           f"{text_after_stage2:.3f}")
-    assert images["overall"] > 0.7  # chance is 0.38
-    assert images["colour"] > 0.9 and images["position"] > 0.8
+    assert images["overall"] >= 0.95  # chance is 0.38
+    assert min(images.values()) >= 0.85
     assert text_after_stage0 > 0.5
     assert text_after_stage2 >= text_after_stage0 - 0.05
     history = json.loads((staged_run["stage2"] / "training_history.json").read_text())

@@ -1,0 +1,43 @@
+"""`./run quickstart`, the README's first command, end to end: accuracy, the folder, the fresh-process reload, the PNG."""
+
+import json
+import re
+
+import pytest
+from PIL import Image
+
+HUB_SET = {"configuration_mmllm.py", "modeling_mmllm.py", "processing_mmllm.py", "modality_encoder.py",
+           "input_projector.py", "modality_adaptive.py"}
+
+
+@pytest.mark.slow
+def test_quickstart_learns_saves_reloads_and_reports(quickstart_run):
+    stdout = quickstart_run["stdout"]
+    assert quickstart_run["returncode"] == 0, quickstart_run["stderr"][-3000:]
+    for stage in ("== stage 0", "== stage 1", "== stage 2", "== evaluation", "== reload", "== summary"):
+        assert stage in stdout
+    accuracy = float(re.search(r"^accuracy: (\d+\.\d)%$", stdout, re.MULTILINE).group(1))
+    assert accuracy >= 95.0, stdout[-2000:]
+
+    output = quickstart_run["output"]
+    summary = json.loads((output / "summary.json").read_text())
+    assert summary["image/overall"] * 100 == pytest.approx(accuracy, abs=0.05)
+    assert set(summary) >= {f"image/{kind}" for kind in ("colour", "shape", "count", "size", "position")}
+    assert summary["text/facts"] >= 0.9
+
+    demo = summary["demo"]  # a new image, answered by a process that cannot import mmllm
+    assert demo["answer"] == demo["expected"]
+    assert f"question:    {demo['question']}" in stdout and f"answer:      {demo['answer']}" in stdout
+    assert demo["description"] in stdout
+
+    folder = quickstart_run["stage2"]
+    files = {path.name for path in folder.iterdir()}
+    assert HUB_SET | {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
+                      "chat_template.jinja", "training_history.json"} <= files
+    assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
+    config = json.loads((folder / "config.json").read_text())
+    assert config["modality_adaptive"] and config["projector_type"] == "abstractor"
+    assert "AutoModelForImageTextToText" in config["auto_map"]
+
+    report = Image.open(output / "quickstart.png")
+    assert report.width == 960 and report.height > 400  # loss curves on top, a grid of held-out images below

@@ -1,0 +1,189 @@
+"""Every command and code block of the README runs, as written, so the README cannot rot.
+
+Commands run in one working folder where `./run quickstart` already ran (`runs/quickstart`). Hub ids and
+`path/to/...` folders resolve to tiny stand-ins saved under the same relative paths (transformers takes an existing
+local folder before the Hub; the Hub is offline here). GPU-only commands get CPU arguments appended (accelerate:
+`--cpu`, so its launcher, the config file and our CLI run, with CPU processes in place of GPUs); `mmllm push` runs
+with the upload intercepted.
+"""
+
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ROOT, tiny_text_config, tiny_vision_config
+from transformers import (
+    AutoModelForCausalLM,
+    Blip2Config,
+    Blip2ForConditionalGeneration,
+    CLIPImageProcessorPil,
+    CLIPVisionModel,
+    LlavaConfig,
+    LlavaForConditionalGeneration,
+    SiglipImageProcessorPil,
+    SiglipVisionModel,
+)
+
+from modeling_mmllm.cli import main
+from modeling_mmllm.presets import offline_tokenizer
+from modeling_mmllm.synthetic import make_dataset
+
+README = (ROOT / "README.md").read_text()
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+CPU_RECIPE = ("--model owl2-tiny --data.synthetic joint --data.n 16 --data.image_size 32 --max_steps 2 "
+              "--per_device_train_batch_size 2 --bf16 false --gradient_checkpointing false "
+              "--dataloader_num_workers 0 --report_to none")
+ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no"
+
+# How each README command is exercised: extra arguments appended for a CPU run, and what it must leave behind.
+COMMANDS = {
+    "./run quickstart": None,  # the `quickstart_run` fixture (tests/test_quickstart.py checks it)
+    "./run tests": None,  # what .ci/run runs (checked below)
+    "mmllm train quickstart-stage2 --max_steps 200 --output_dir runs/try --model runs/quickstart/stage1/model":
+        ("", "runs/try/model/model.safetensors"),
+    "mmllm train llava-stage1-projector": (CPU_RECIPE + " --output_dir runs/llava-stage1", "runs/llava-stage1/model"),
+    "accelerate launch --config_file training_recipes/accelerate/multi_gpu.yaml -m modeling_mmllm.cli train "
+    "owl2-stage2-instruct": (CPU_RECIPE + " --output_dir runs/multi-gpu", "runs/multi-gpu/model"),
+    "accelerate launch --config_file training_recipes/accelerate/deepspeed_zero3.yaml -m modeling_mmllm.cli train "
+    "owl2-stage1-pretrain": (CPU_RECIPE + " --output_dir runs/zero3", "runs/zero3/model"),
+    "accelerate launch --config_file training_recipes/accelerate/fsdp.yaml -m modeling_mmllm.cli train llava-lora":
+        (CPU_RECIPE + " --output_dir runs/fsdp", "runs/fsdp/model/adapter_model.safetensors"),
+    "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100":
+        ("", "runs/ddp/model/model.safetensors"),
+    "trl sft --model_name_or_path runs/quickstart/stage2/model --trust_remote_code --dataset_name data_dir "
+    "--assistant_only_loss True --output_dir runs/trl-sft":
+        ("--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
+         "runs/trl-sft/model.safetensors"),
+    "mmllm build --preset owl2-tiny runs/owl2": ("", "runs/owl2/model.safetensors"),
+    "mmllm build --vision google/siglip-base-patch16-224 --text Qwen/Qwen2.5-0.5B-Instruct --projector abstractor "
+    "--modality-adaptive runs/composed": ("", "runs/composed/model.safetensors"),
+    'mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt '
+    '"What colour are the shapes?"': ("", None),
+    "mmllm chat runs/quickstart/stage2/model": ("", None),
+    "mmllm eval runs/quickstart/stage2/model --synthetic vqa --n 300": ("", None),
+    "mmllm convert llava path/to/llava-1.5-7b-hf runs/llava-1.5-7b": ("", "runs/llava-1.5-7b/model.safetensors"),
+    "mmllm convert blip2 path/to/blip2-opt-2.7b runs/blip2-opt-2.7b": ("", "runs/blip2-opt-2.7b/model.safetensors"),
+    "mmllm convert mplug-owl2 path/to/mplug-owl2-llama2-7b runs/mplug-owl2-llama2-7b":
+        ("", "runs/mplug-owl2-llama2-7b/model.safetensors"),
+    "mmllm push runs/quickstart/stage2/model me/owl2-shapes --private": ("", None),
+    "python benchmarks/vs_llava.py --repeats 3": ("--repeats 1", None),  # the last --repeats wins
+    "python benchmarks/projector_ttft.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/modality_adaptive_cost.py --repeats 3": ("--repeats 1", None),
+}
+
+
+def code_blocks(language: str) -> list[str]:
+    return re.findall(rf"^```{language}\n(.*?)^```", README, re.MULTILINE | re.DOTALL)
+
+
+def readme_commands() -> list[str]:
+    """Each shell command of the README, continuation lines joined, comments dropped, spaces normalised."""
+    commands = []
+    for block in code_blocks("bash"):
+        for line in block.replace("\\\n", " ").splitlines():
+            command = " ".join(line.split(" #")[0].split())
+            if command:
+                commands.append(command)
+    return commands
+
+
+def test_every_readme_command_is_exercised_here():
+    assert sorted(readme_commands()) == sorted(COMMANDS), "a README command was added or changed: update COMMANDS"
+    assert "./run tests" in (ROOT / ".ci" / "run").read_text()
+
+
+def _save_plain_lm(kind: str, folder: Path) -> None:
+    tokenizer = offline_tokenizer()
+    AutoModelForCausalLM.from_config(tiny_text_config(kind, vocab_size=len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+
+
+def _save_stand_ins(root: Path) -> None:
+    """Tiny models under the README's Hub ids and `path/to/...` folders, and the README's data folder."""
+    torch.manual_seed(0)
+    CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(root / "openai/clip-vit-large-patch14-336")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "openai/clip-vit-large-patch14-336")
+    SiglipVisionModel(tiny_vision_config("siglip")).save_pretrained(root / "google/siglip-base-patch16-224")
+    SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "google/siglip-base-patch16-224")
+    _save_plain_lm("llama", root / "lmsys/vicuna-7b-v1.5")
+    _save_plain_lm("qwen2", root / "Qwen/Qwen2.5-0.5B-Instruct")
+    llava = LlavaForConditionalGeneration(LlavaConfig(
+        vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config("llama").to_dict(),
+        image_token_id=offline_tokenizer().image_token_id, image_seq_length=16))
+    llava.save_pretrained(root / "path/to/llava-1.5-7b-hf")
+    blip2 = Blip2ForConditionalGeneration(Blip2Config(
+        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                           image_size=32, patch_size=8),
+        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+        text_config=dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                         word_embed_proj_dim=64, vocab_size=512, max_position_embeddings=128, pad_token_id=0),
+        num_query_tokens=8, image_token_id=5))
+    blip2.save_pretrained(root / "path/to/blip2-opt-2.7b")
+    shutil.copytree(ROOT / "tests/fixtures/mplug-owl2-tiny", root / "path/to/mplug-owl2-llama2-7b")
+    (root / "data_dir").mkdir()
+    make_dataset("joint", 16).remove_columns(["kind", "answer"]).to_parquet(root / "data_dir" / "train.parquet")
+    (root / "training_recipes").symlink_to(ROOT / "training_recipes")
+
+
+@pytest.fixture(scope="module")
+def workdir(quickstart_run):
+    assert quickstart_run["returncode"] == 0, quickstart_run["stderr"][-3000:]
+    root = quickstart_run["workdir"]
+    if not (root / "data_dir").exists():
+        _save_stand_ins(root)
+    return root
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", [command for command, how in COMMANDS.items() if how])
+def test_readme_command_runs(command, workdir, monkeypatch, capsys):
+    extra, leaves = COMMANDS[command]
+    argv = shlex.split(command) + shlex.split(extra)
+    if argv[0] == "mmllm":  # in this process, so the Hub upload can be intercepted
+        uploads = []
+        monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+        monkeypatch.setattr("huggingface_hub.HfApi.upload_folder",
+                            lambda self, repo_id, folder_path, **kw: uploads.append(repo_id))
+        monkeypatch.setattr("sys.stdin", io.StringIO("/image runs/quickstart/new_image.png\n"
+                                                     "What colour are the shapes?\n/quit\n"))
+        monkeypatch.chdir(workdir)
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+        code, output = main(argv[1:]), capsys.readouterr()
+        assert code == 0, output.err[-3000:]
+        if argv[1] == "push":
+            assert uploads == ["me/owl2-shapes"]
+        if argv[1] in ("generate", "chat"):  # the quickstart's model answers about the quickstart's new image
+            assert "red" in output.out
+        if argv[1] == "eval":
+            assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
+    else:
+        if argv[:2] == ["accelerate", "launch"]:
+            argv = shlex.split(ACCELERATE_CPU) + argv[2:]
+        if argv[0] == "python":  # the README's scripts, from the checkout
+            argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        run = subprocess.run(argv, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
+        if argv[1].startswith(str(ROOT / "benchmarks")):  # a table of ratios measured side by side
+            assert re.search(r"\d\.\d{3}|\d\.\d+x", run.stdout), run.stdout
+    if leaves:
+        assert (workdir / leaves).exists(), f"{command} did not write {leaves}"
+
+
+@pytest.mark.slow
+def test_readme_python_blocks_run_in_order(workdir):
+    """All Python blocks, in README order, in one fresh interpreter (as a reader pasting them would)."""
+    script = "\n".join(code_blocks("python"))
+    run = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stderr[-4000:]
+    assert run.stdout.split()[:1] == ["red"]  # the quickstart model's answer about the quickstart's new image
+    assert (workdir / "my-model" / "model.safetensors").is_file()
