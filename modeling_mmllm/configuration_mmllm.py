@@ -77,6 +77,19 @@ class MMLLMConfig(PreTrainedConfig):
             Decoder layers that get the module; `None` means all.
         modality_adaptive_modalities (`list[int]`, *optional*, defaults to `[1]`):
             Modality ids that get their own branch besides text (0): 1 image, 2 video, 3 audio.
+        audio_config (`dict` or `PreTrainedConfig`, *optional*):
+            Audio encoder (Whisper: its encoder half is used). `None`: no audio input.
+        audio_token_id (`int`, *optional*):
+            Id of the `<audio>` placeholder token (required with `audio_config`).
+        audio_pool_stride (`int`, *optional*, defaults to 4):
+            Audio encoder frames averaged into one soft token (Whisper: 50 frames/s, so 4 gives 12.5 tokens/s).
+        video_token_id (`int`, *optional*):
+            Id of the `<video>` placeholder token; clips go through the vision encoder and the input projector
+            frame by frame.
+        video_num_frames (`int`, *optional*, defaults to 8):
+            Frames sampled uniformly from each clip.
+        video_temporal_pool (`int`, *optional*, defaults to 2):
+            Consecutive projected frames averaged into one (divides `video_num_frames`).
         base_models (`list[str]`, *optional*):
             Folders or Hub ids the pretrained components came from (the model card's `base_model`).
     """
@@ -85,6 +98,7 @@ class MMLLMConfig(PreTrainedConfig):
     sub_configs_defaults = {
         "vision_config": SubConfigSpec(config_class=AutoConfig, model_type="clip_vision_model"),
         "text_config": SubConfigSpec(config_class=AutoConfig, model_type="llama"),
+        "audio_config": SubConfigSpec(config_class=AutoConfig, model_type="whisper", optional=True),
     }
 
     vision_config: dict | PreTrainedConfig | None = None
@@ -103,6 +117,12 @@ class MMLLMConfig(PreTrainedConfig):
     modality_adaptive: bool = False
     modality_adaptive_layers: list[int] | None = None
     modality_adaptive_modalities: list[int] = field(default_factory=lambda: [IMAGE])
+    audio_config: dict | PreTrainedConfig | None = None
+    audio_token_id: int | None = None
+    audio_pool_stride: int = 4
+    video_token_id: int | None = None
+    video_num_frames: int = 8
+    video_temporal_pool: int = 2
     base_models: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -133,6 +153,15 @@ class MMLLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"modality_adaptive_layers={layers} is out of range for a backbone with {num_text_layers} layers."
             )
+        if self.audio_config is not None and self.audio_token_id is None:
+            raise ValueError("audio_config is set but audio_token_id is not: give the id of the <audio> token.")
+        if self.audio_pool_stride < 1:
+            raise ValueError(f"audio_pool_stride={self.audio_pool_stride}: use 1 or more encoder frames per token.")
+        if self.video_temporal_pool < 1 or self.video_num_frames % self.video_temporal_pool:
+            raise ValueError(
+                f"video_num_frames={self.video_num_frames} is not a multiple of video_temporal_pool="
+                f"{self.video_temporal_pool}: pooling averages groups of that many consecutive frames."
+            )
         expected = self.projected_seq_length()
         if self.image_seq_length is None:
             self.image_seq_length = expected
@@ -152,6 +181,11 @@ class MMLLMConfig(PreTrainedConfig):
     def projected_seq_length(self) -> int:
         """Tokens the input projector emits per image (the projector registry knows each type's count)."""
         return projector_output_length(self)
+
+    @property
+    def video_seq_length(self) -> int:
+        """Soft tokens one video clip becomes: the pooled frames, each `image_seq_length` tokens."""
+        return self.video_num_frames // self.video_temporal_pool * self.image_seq_length
 
     @classmethod
     def from_preset(cls, name: str, **overrides) -> "MMLLMConfig":

@@ -23,12 +23,12 @@ class MLPProjector(nn.Module):
     `linear` is depth 1; LLaVA-1.5's projector is depth 2 with GELU (same parameter names: `linear_1`, `linear_2`).
     """
 
-    def __init__(self, config, depth: int | None = None):
+    def __init__(self, config, depth: int | None = None, in_size: int | None = None):
         super().__init__()
         depth = config.projector_depth if depth is None else depth
         if depth < 1:
             raise ValueError(f"projector_depth={depth}: an MLP projector needs at least one layer.")
-        in_size = config.vision_config.hidden_size * len(config.feature_layers)
+        in_size = in_size or config.vision_config.hidden_size * len(config.feature_layers)
         out_size = config.text_config.hidden_size
         self.depth = depth
         for index in range(1, depth + 1):
@@ -252,6 +252,14 @@ def build_input_projector(config) -> nn.Module:
     return _projector_class(config)(config)
 
 
+def build_audio_projector(config) -> nn.Module | None:
+    """The audio encoder's projector: an `mlp` over the pooled encoder frames (None without audio)."""
+    if config.audio_config is None:
+        return None
+    width = getattr(config.audio_config, "d_model", None) or config.audio_config.hidden_size
+    return MLPProjector(config, in_size=width)
+
+
 def projector_output_length(config) -> int:
     """Soft tokens per image that `config`'s projector emits."""
     return _projector_class(config).output_length(config)
@@ -264,6 +272,7 @@ __all__ = [
     "MLPProjector",
     "QFormerProjector",
     "ResamplerProjector",
+    "build_audio_projector",
     "build_input_projector",
     "projector_output_length",
 ]

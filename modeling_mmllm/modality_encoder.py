@@ -1,4 +1,5 @@
-"""Modality Encoder: a transformers vision model that runs only up to the feature layer the projector reads.
+"""Modality Encoders: a transformers vision model that runs only up to the feature layer the projector reads (images
+and video frames), and an audio encoder (Whisper's encoder half, or any transformers audio model).
 
 LLaVA-style models read an intermediate layer (e.g. the second to last). transformers' LLaVA runs every
 encoder layer anyway; here the layers above the deepest selected one stay in the weights (checkpoints load
@@ -6,8 +7,10 @@ unchanged) but are skipped, which saves their compute and the memory of their ac
 """
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, Blip2VisionModel
+from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 
 class ActiveLayers(nn.ModuleList):
@@ -86,4 +89,38 @@ def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, 
     return torch.cat(features, dim=-1)
 
 
-__all__ = ["ActiveLayers", "build_vision_tower", "num_vision_tokens", "select_vision_features"]
+# Encoder-decoder audio models whose encoder half is the modality encoder.
+AUDIO_ENCODERS_OUTSIDE_AUTO = {"whisper": WhisperEncoder}
+
+
+def build_audio_tower(config) -> nn.Module | None:
+    """The audio encoder of `config.audio_config` (None without one)."""
+    if config.audio_config is None:
+        return None
+    model_class = AUDIO_ENCODERS_OUTSIDE_AUTO.get(config.audio_config.model_type)
+    return model_class(config.audio_config) if model_class else AutoModel.from_config(config.audio_config)
+
+
+def num_audio_tokens(num_mel_frames: int, pool_stride: int) -> int:
+    """Soft tokens for `num_mel_frames` real feature frames: Whisper's stride-2 convolution, then pooling."""
+    encoder_frames = (num_mel_frames + 1) // 2
+    return (encoder_frames + pool_stride - 1) // pool_stride
+
+
+def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_features_mask: torch.Tensor,
+                 pool_stride: int) -> torch.Tensor:
+    """Audio windows `[windows, mel_bins, frames]` -> `[tokens, hidden]`, the windows' real tokens in order.
+
+    Whisper encodes a fixed window (padded with silence); only the frames of real audio are kept, then every
+    `pool_stride` of them are averaged into one token (the last group may be shorter).
+    """
+    hidden_states = audio_tower(input_features.to(audio_tower.dtype)).last_hidden_state
+    tokens = []
+    for window, num_frames in zip(hidden_states, input_features_mask.sum(-1).tolist()):
+        real = window[: (int(num_frames) + 1) // 2].T.unsqueeze(0)  # [1, hidden, encoder frames]
+        tokens.append(F.avg_pool1d(real, pool_stride, pool_stride, ceil_mode=True)[0].T)
+    return torch.cat(tokens)
+
+
+__all__ = ["ActiveLayers", "build_audio_tower", "build_vision_tower", "encode_audio", "num_audio_tokens",
+           "num_vision_tokens", "select_vision_features"]

@@ -17,10 +17,10 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_mmllm import IMAGE, MMLLMConfig, import_library_module
-from .input_projector import build_input_projector
+from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
+from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
-from .modality_encoder import build_vision_tower, select_vision_features
+from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 
 
 @dataclass
@@ -48,7 +48,7 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     config: MMLLMConfig
     config_class = MMLLMConfig
     base_model_prefix = "model"
-    input_modalities = ("image", "text")
+    input_modalities = ("image", "video", "audio", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
@@ -73,12 +73,18 @@ class MMLLMPreTrainedModel(PreTrainedModel):
 
 
 class MMLLMModel(MMLLMPreTrainedModel):
-    """Vision tower + input projector + language model, without an LM head."""
+    """Modality encoders + input projectors + language model, without an LM head.
+
+    Images and video frames share the vision tower and `multi_modal_projector`; audio (when configured) has its own
+    `audio_tower` and `audio_projector`. Every modality's soft tokens replace its placeholder tokens the same way.
+    """
 
     def __init__(self, config: MMLLMConfig):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
         self.multi_modal_projector = build_input_projector(config)
+        self.audio_tower = build_audio_tower(config)
+        self.audio_projector = build_audio_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
         if config.modality_adaptive:
             apply_modality_adaptive(
@@ -97,6 +103,27 @@ class MMLLMModel(MMLLMPreTrainedModel):
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         return self.multi_modal_projector(select_vision_features(self.vision_tower, pixel_values, self.config))
 
+    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
+        """Video clips `[clips, frames, 3, H, W]` -> `[clips, video_seq_length, hidden]`.
+
+        Frames are encoded and projected like images, then every `video_temporal_pool` consecutive frames are
+        averaged (temporal pooling), so a clip becomes `frames / pool` images' worth of tokens.
+        """
+        clips, frames = pixel_values_videos.shape[:2]
+        pool = self.config.video_temporal_pool
+        if frames % pool:
+            raise ValueError(f"Video clips have {frames} frames, not a multiple of video_temporal_pool={pool}.")
+        features = self.get_image_features(pixel_values_videos.flatten(0, 1))
+        features = features.view(clips, frames // pool, pool, *features.shape[1:]).mean(2)
+        return features.flatten(1, 2)
+
+    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
+        """Audio windows `[windows, mel_bins, frames]` + their masks -> `[1, tokens, hidden]` (all clips in order)."""
+        if self.audio_tower is None:
+            raise ValueError("This model has no audio encoder (audio_config is None): it cannot take audio input.")
+        tokens = encode_audio(self.audio_tower, input_features, input_features_mask, self.config.audio_pool_stride)
+        return self.audio_projector(tokens).unsqueeze(0)
+
     def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
         """Switch the modality-adaptive module on for this (loaded) model; new branches copy the text branch."""
         if self.config.modality_adaptive:
@@ -111,30 +138,51 @@ class MMLLMModel(MMLLMPreTrainedModel):
         """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
         return modality_adaptive_parameters(self.language_model)
 
+    def placeholder_ids(self) -> dict[int, int]:
+        """Placeholder token id of each configured modality: `{modality id: token id}`."""
+        ids = {IMAGE: self.config.image_token_id, VIDEO: self.config.video_token_id, AUDIO: self.config.audio_token_id}
+        return {modality: token for modality, token in ids.items() if token is not None}
+
     def get_mm_token_type_ids(self, input_ids: torch.LongTensor) -> torch.LongTensor:
-        """Modality id of every token (0 text, 1 image), derived from the placeholder token ids."""
-        return (input_ids == self.config.image_token_id).long() * IMAGE
+        """Modality id of every token (0 text, 1 image, 2 video, 3 audio), derived from the placeholder token ids."""
+        types = torch.zeros_like(input_ids)
+        for modality, token in self.placeholder_ids().items():
+            types = types.masked_fill(input_ids == token, modality)
+        return types
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, image_features: torch.Tensor
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, features: torch.Tensor,
+        token_id: int | None = None, name: str = "image",
     ) -> torch.BoolTensor:
-        """Positions of the image placeholder tokens; checks they match the number of image features."""
+        """Positions of one modality's placeholder tokens; checks they match the number of its features."""
+        token_id = self.config.image_token_id if token_id is None else token_id
         if input_ids is None:
-            image_embedding = self.get_input_embeddings()(
-                torch.tensor(self.config.image_token_id, device=inputs_embeds.device)
-            )
-            mask = (inputs_embeds == image_embedding).all(-1)
+            embedding = self.get_input_embeddings()(torch.tensor(token_id, device=inputs_embeds.device))
+            mask = (inputs_embeds == embedding).all(-1)
         else:
-            mask = input_ids == self.config.image_token_id
-        n_tokens, n_features = int(mask.sum()), image_features.shape[0] * image_features.shape[1]
+            mask = input_ids == token_id
+        n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
         if n_tokens != n_features:
             raise ValueError(
-                f"Image features and image tokens do not match: {n_tokens} image tokens in the input, "
-                f"{image_features.shape[0]} image(s) x {image_features.shape[1]} features = {n_features}. Build "
-                "inputs with MMLLMProcessor (it expands each <image> to image_seq_length tokens) and make sure "
-                "truncation does not cut an image span."
+                f"{name.capitalize()} features and {name} tokens do not match: {n_tokens} {name} tokens in the input, "
+                f"{features.shape[0]} {name} item(s) x {features.shape[1]} features = {n_features}. Build inputs with "
+                f"MMLLMProcessor (it expands each <{name}> to the right count) and make sure truncation does not cut "
+                f"a {name} span."
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
+
+    def _modality_features(self, pixel_values, pixel_values_videos, input_features, input_features_mask) -> dict:
+        """`{modality id: projected features}` for the modalities present in the inputs."""
+        features = {}
+        if pixel_values is not None:
+            features[IMAGE] = self.get_image_features(pixel_values)
+        if pixel_values_videos is not None:
+            features[VIDEO] = self.get_video_features(pixel_values_videos)
+        if input_features is not None:
+            if input_features_mask is None:
+                raise ValueError("input_features need input_features_mask (which frames are real audio).")
+            features[AUDIO] = self.get_audio_features(input_features, input_features_mask)
+        return features
 
     @can_return_tuple
     def forward(
@@ -146,24 +194,38 @@ class MMLLMModel(MMLLMPreTrainedModel):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         **kwargs,
     ) -> MMLLMModelOutputWithPast:
         r"""
         mm_token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Modality of each token (0 text, 1 image, 2 video, 3 audio), as the processor returns it. When absent
             it is derived from the placeholder ids (`get_mm_token_type_ids`).
+        pixel_values_videos (`torch.Tensor` of shape `(clips, frames, 3, height, width)`, *optional*):
+            Video frames, as the processor returns them.
+        input_features (`torch.Tensor` of shape `(windows, mel_bins, frames)`, *optional*):
+            Audio features, one row per encoder window (long clips span several windows).
+        input_features_mask (`torch.Tensor` of shape `(windows, frames)`, *optional*):
+            1 for frames of real audio, 0 for the padding of the last window of each clip.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        image_features = None
-        if pixel_values is not None:
-            image_features = self.get_image_features(pixel_values)
-            image_features = image_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, image_features)
-            inputs_embeds = inputs_embeds.masked_scatter(mask, image_features)
+        features = self._modality_features(pixel_values, pixel_values_videos, input_features, input_features_mask)
+        names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+        for modality, modality_features in features.items():
+            if modality not in self.placeholder_ids():
+                raise ValueError(f"This model has no <{names[modality]}> token ({names[modality]}_token_id is None): "
+                                 f"it cannot take {names[modality]} input.")
+            modality_features = modality_features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, modality_features,
+                                             self.placeholder_ids().get(modality), names[modality])
+            inputs_embeds = inputs_embeds.masked_scatter(mask, modality_features)
+        image_features = features.get(IMAGE)
 
         if self.config.modality_adaptive:
             if mm_token_type_ids is None and input_ids is not None:
@@ -225,6 +287,9 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        input_features: torch.Tensor | None = None,
+        input_features_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -243,6 +308,9 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
+            pixel_values_videos=pixel_values_videos,
+            input_features=input_features,
+            input_features_mask=input_features_mask,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

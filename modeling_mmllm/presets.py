@@ -120,17 +120,36 @@ def load_processor_preset(processor_class, name: str, config=None):
             f"least {len(tokenizer)}. Use from_components for presets of pretrained models."
         )
     options = json.loads((asset_dir("processing") / "processor_presets.json").read_text()).get(name, {})
+    if config.video_token_id is not None:
+        options.update(video_num_frames=config.video_num_frames, video_temporal_pool=config.video_temporal_pool)
+    if config.audio_config is not None:
+        options.update(audio_features=audio_features_for(config.audio_config), audio_pool_stride=config.audio_pool_stride)
     return processor_class(
         image_processor=image_processor_for(config.vision_config),
         tokenizer=tokenizer,
         chat_template=chat_template(),
         image_seq_length=config.image_seq_length,
+        context_length=config.text_config.max_position_embeddings,
         **options,
     )
 
 
+def audio_features_for(audio_config, sampling_rate: int = 16000, hop_length: int = 160):
+    """Whisper's log-mel feature extractor sized to the encoder: its window is `2 * max_source_positions` frames."""
+    if audio_config.model_type != "whisper":
+        raise ValueError(f"No feature-extractor preset for audio encoder type {audio_config.model_type!r}: pass the "
+                         "encoder's own feature extractor to MMLLMProcessor(audio_features=...).")
+    window_samples = 2 * audio_config.max_source_positions * hop_length
+    if window_samples % sampling_rate:
+        raise ValueError(f"max_source_positions={audio_config.max_source_positions} gives a window of "
+                         f"{window_samples / sampling_rate} s: use a whole number of seconds.")
+    return transformers.WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins, sampling_rate=sampling_rate,
+                                                hop_length=hop_length, chunk_length=window_samples // sampling_rate)
+
+
 __all__ = [
     "asset_dir",
+    "audio_features_for",
     "chat_template",
     "image_processor_for",
     "load_config_preset",

@@ -1,16 +1,45 @@
-"""MMLLMProcessor: tokenizer + image processor + chat template, one call from prompts and images to model inputs.
+"""MMLLMProcessor: tokenizer + image processor (+ audio feature extractor) + chat template, one call from prompts,
+images, video clips and audio clips to model inputs.
 
-Each `<image>` in the text becomes exactly `image_seq_length` placeholder tokens (what the input projector emits),
-and `mm_token_type_ids` marks every token's modality (0 text, 1 image). Bad input is a `ValueError` that says
-what is wrong and how to fix it; nothing is inserted or dropped silently.
+Each `<image>` becomes exactly `image_seq_length` placeholder tokens (what the input projector emits), each
+`<video>` the clip's `video_seq_length`, each `<audio>` the count for the clip's real length; `mm_token_type_ids`
+marks every token's modality (0 text, 1 image, 2 video, 3 audio). Bad input is a `ValueError` that names the item
+and says how to fix it; nothing is inserted, dropped or misread silently.
 """
 
+import math
+
+import numpy as np
+import torch
 from PIL import Image
+import transformers
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import is_valid_image
 from transformers.processing_utils import ProcessorMixin
 
 from .configuration_mmllm import import_library_module
+from .modality_encoder import num_audio_tokens
+
+try:  # optional: audio files (wav, flac, ogg)
+    import soundfile
+except ImportError:
+    soundfile = None
+
+try:  # optional: video files (gif; mp4 and others with imageio's ffmpeg or pyav plugin)
+    import imageio.v3 as imageio
+except ImportError:
+    imageio = None
+
+
+def _is_single_clip(item, audio: bool = False) -> bool:
+    """Whether `videos=`/`audio=` got one clip rather than a list of clips."""
+    if isinstance(item, (str, dict)):
+        return True
+    if isinstance(item, (np.ndarray, torch.Tensor)):
+        return item.ndim == (1 if audio else 4)
+    if audio:
+        return bool(item) and isinstance(item[0], (int, float, np.floating))
+    return bool(item) and isinstance(item[0], Image.Image)
 
 
 def _flatten(images) -> list:
@@ -38,6 +67,17 @@ class MMLLMProcessor(ProcessorMixin):
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Pad each image to a square with the normalisation mean colour before resizing, so nothing is cropped
             away (mPLUG-Owl2's and LLaVA-1.5's preprocessing).
+        video_num_frames (`int`, *optional*):
+            Frames sampled uniformly from each video clip; `None` means the model takes no video.
+        video_temporal_pool (`int`, *optional*, defaults to 1):
+            Consecutive frames the model averages into one (the config's `video_temporal_pool`).
+        audio_features (`FeatureExtractionMixin` or `dict`, *optional*):
+            The audio encoder's feature extractor (e.g. `WhisperFeatureExtractor`) or its saved dict; `None` means
+            the model takes no audio. Optional, unlike `ProcessorMixin`'s parts, so it is kept and saved here.
+        audio_pool_stride (`int`, *optional*, defaults to 4):
+            Encoder frames per audio token (the config's `audio_pool_stride`).
+        context_length (`int`, *optional*):
+            The backbone's context; a video or audio item that alone needs more tokens is an error.
     """
 
     return_mm_token_type_ids = True
@@ -49,6 +89,11 @@ class MMLLMProcessor(ProcessorMixin):
         chat_template=None,
         image_seq_length: int = 1,
         pad_to_square: bool = False,
+        video_num_frames: int | None = None,
+        video_temporal_pool: int = 1,
+        audio_features=None,
+        audio_pool_stride: int = 4,
+        context_length: int | None = None,
         **kwargs,
     ):
         if getattr(tokenizer, "image_token", None) is None:
@@ -62,7 +107,40 @@ class MMLLMProcessor(ProcessorMixin):
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
         self.image_seq_length = image_seq_length
         self.pad_to_square = pad_to_square
+        self.video_num_frames, self.video_temporal_pool = video_num_frames, video_temporal_pool
+        self.audio_pool_stride, self.context_length = audio_pool_stride, context_length
+        if isinstance(audio_features, dict):  # as saved in processor_config.json
+            extractor_class = getattr(transformers, audio_features["feature_extractor_type"])
+            audio_features = extractor_class(**audio_features)
+        self.audio_features = audio_features
+        for modality, enabled in (("video", video_num_frames is not None), ("audio", audio_features is not None)):
+            token = getattr(tokenizer, f"{modality}_token", None)
+            if enabled and token is None:
+                raise ValueError(f"The tokenizer has no {modality} token: add <{modality}> as `{modality}_token`.")
+            if enabled:
+                setattr(self, f"{modality}_token", token)
+                setattr(self, f"{modality}_token_id", tokenizer.convert_tokens_to_ids(token))
         super().__init__(image_processor, tokenizer, chat_template=chat_template)
+
+    @property
+    def feature_extractor(self):
+        """The audio feature extractor (what transformers' generic `__call__` looks for), or None."""
+        return self.audio_features
+
+    @property
+    def video_processor(self):
+        """Video frames go through the image processor (no torchvision needed)."""
+        return self.image_processor
+
+    @property
+    def video_seq_length(self) -> int:
+        return self.video_num_frames // self.video_temporal_pool * self.image_seq_length
+
+    def to_dict(self) -> dict:
+        output = super().to_dict()
+        if self.audio_features is not None:
+            output["audio_features"] = self.audio_features.to_dict()
+        return output
 
     @classmethod
     def from_preset(cls, name: str) -> "MMLLMProcessor":
@@ -80,23 +158,114 @@ class MMLLMProcessor(ProcessorMixin):
                     f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays, "
                     "torch tensors, or paths/URLs of image files."
                 )
-        return super().prepare_inputs_layout(images=images, text=text, videos=videos, audio=audio, **kwargs)
+        if self.all_special_multimodal_tokens and text is not None:
+            text = [text] if isinstance(text, str) else list(text)
+        if images is not None:
+            images = self.image_processor.fetch_images(images)
+        videos = None if videos is None else [videos] if _is_single_clip(videos) else list(videos)
+        audio = None if audio is None else [audio] if _is_single_clip(audio, audio=True) else list(audio)
+        return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Check prompts against images before any work: empty prompts, placeholder/image counts."""
+        """Check prompts against the items before any work: empty prompts, placeholder/item counts per modality."""
         samples = [text] if isinstance(text, str) else text
         if samples is not None and any(isinstance(sample, str) and not sample.strip() for sample in samples):
             raise ValueError("Empty prompt: every text must contain at least one non-space character.")
-        if images is not None and samples is not None:
-            n_placeholders = sum(sample.count(self.image_token) for sample in samples)
-            n_images = len(_flatten(images))
-            if n_placeholders != n_images:
+        if images is None and text is None and videos is None and audio is None:
+            raise ValueError("Nothing to process: pass text (and images=, videos= or audio=).")
+        items = {"image": len(_flatten(images)), "video": len(videos or []), "audio": len(audio or [])}
+        for modality, count in items.items():
+            token = getattr(self, f"{modality}_token", None)
+            if token is None:
+                if count:
+                    raise ValueError(f"Got {modality} input, but this processor has no {modality} support "
+                                     f"(no <{modality}> token and {modality} settings): use a model with a "
+                                     f"{modality} encoder.")
+                continue
+            n_placeholders = sum(sample.count(token) for sample in samples or [])
+            if samples is not None and n_placeholders != count:
                 raise ValueError(
-                    f"Got {n_images} image(s) but {n_placeholders} {self.image_token} placeholder(s) in the text: "
-                    f"put one {self.image_token} where each image belongs (chat messages with {{'type': 'image'}} "
+                    f"Got {count} {modality} item(s) but {n_placeholders} {token} placeholder(s) in the text: put "
+                    f"one {token} where each {modality} item belongs (chat messages with {{'type': '{modality}'}} "
                     "parts do this through the chat template). Nothing is inserted silently."
                 )
-        super().validate_inputs(images=images, text=text, videos=videos, audio=audio, **kwargs)
+
+    def _check_context(self, modality: str, index: int, tokens: int, detail: str = "") -> None:
+        if self.context_length is not None and tokens > self.context_length:
+            raise ValueError(f"{modality.capitalize()} item {index}{detail} needs {tokens} tokens, more than the "
+                             f"model's context of {self.context_length}: shorten it.")
+
+    def _process_videos(self, videos, **kwargs):
+        """Sample `video_num_frames` frames per clip and run them through the image processor."""
+        frames = [frame for index, clip in enumerate(videos) for frame in self._sample_frames(clip, index)]
+        pixel_values = self._process_images(frames, **kwargs)[0]["pixel_values"]
+        pixel_values = torch.as_tensor(np.asarray(pixel_values)).view(len(videos), self.video_num_frames,
+                                                                     *np.shape(pixel_values)[1:])
+        for index in range(len(videos)):
+            self._check_context("video", index, self.video_seq_length)
+        return {"pixel_values_videos": pixel_values}, [self.video_token * self.video_seq_length] * len(videos)
+
+    def _sample_frames(self, clip, index: int) -> list:
+        """A clip (file path, `[frames, H, W, 3]` array or tensor, or a list of frames) -> sampled frames."""
+        if isinstance(clip, str):
+            if imageio is None:
+                raise ValueError(f"Video item {index} is a file ({clip}); reading video files needs imageio "
+                                 "(`pip install imageio`), or pass the frames.")
+            try:
+                clip = imageio.imread(clip, index=None)
+            except Exception as error:
+                raise ValueError(f"Video item {index}: cannot read {clip} ({error}).") from None
+        frames = list(clip) if isinstance(clip, (list, tuple, np.ndarray, torch.Tensor)) else None
+        if not frames:
+            raise ValueError(f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of "
+                             "frames, a [frames, height, width, 3] array, or a video file path.")
+        picks = np.linspace(0, len(frames) - 1, self.video_num_frames).round().astype(int)
+        return [frames[pick] for pick in picks]
+
+    def _process_audio(self, audio, sampling_rate: int | None = None, **kwargs):
+        """Cut each clip into the encoder's windows; `<audio>` becomes the token count of its real length."""
+        extractor = self.audio_features
+        windows, replacements = [], []
+        for index, clip in enumerate(audio):
+            waveform = self._waveform(clip, index, sampling_rate)
+            starts = range(0, len(waveform), extractor.n_samples)
+            windows += [waveform[start:start + extractor.n_samples] for start in starts]
+            frames = [math.ceil(min(extractor.n_samples, len(waveform) - start) / extractor.hop_length)
+                      for start in starts]
+            tokens = sum(num_audio_tokens(frame, self.audio_pool_stride) for frame in frames)
+            self._check_context("audio", index, tokens, f" ({len(waveform) / extractor.sampling_rate:.1f} s)")
+            replacements.append(self.audio_token * tokens)
+        features = extractor(windows, sampling_rate=extractor.sampling_rate, padding="max_length",
+                             return_attention_mask=True, return_tensors="pt")
+        return ({"input_features": features["input_features"], "input_features_mask": features["attention_mask"]},
+                replacements)
+
+    def _waveform(self, clip, index: int, sampling_rate: int | None) -> np.ndarray:
+        """One mono waveform at the extractor's rate; a file path, `{"array", "sampling_rate"}`, or an array."""
+        expected = self.audio_features.sampling_rate
+        if isinstance(clip, str):
+            if soundfile is None:
+                raise ValueError(f"Audio item {index} is a file ({clip}); reading audio files needs soundfile "
+                                 "(`pip install soundfile`), or pass the waveform and sampling_rate.")
+            try:
+                clip, sampling_rate = soundfile.read(clip, dtype="float32")
+            except Exception as error:
+                raise ValueError(f"Audio item {index}: cannot read {clip} ({error}).") from None
+        elif isinstance(clip, dict):
+            clip, sampling_rate = clip.get("array"), clip.get("sampling_rate")
+        waveform = np.asarray(clip.cpu() if isinstance(clip, torch.Tensor) else clip, dtype=np.float32)
+        if waveform.ndim == 2:  # [samples, channels] -> mono
+            waveform = waveform.mean(axis=-1 if waveform.shape[-1] < waveform.shape[0] else 0)
+        if waveform.ndim != 1 or waveform.size == 0:
+            raise ValueError(f"Audio item {index} is empty or not a waveform (shape {waveform.shape}): pass a "
+                             "1-D array of samples.")
+        if sampling_rate is None:
+            raise ValueError(f"Audio item {index} has no sampling rate: pass sampling_rate={expected} (or a "
+                             "{'array', 'sampling_rate'} dict, or a file) so it is not misread.")
+        if sampling_rate != expected:
+            raise ValueError(f"Audio item {index} is sampled at {sampling_rate} Hz but the audio encoder expects "
+                             f"{expected} Hz: resample it first (e.g. librosa.resample or torchaudio).")
+        return waveform
 
     def _process_images(self, images, **kwargs):
         if self.pad_to_square:
