@@ -344,7 +344,8 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
 
         `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`.
         """
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **AUTO_MAP}
+        auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if self.config.audio_config is not None else {})}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         super().save_pretrained(save_directory, *args, **kwargs)
         try:
             cards = import_library_module("hub_card")
@@ -360,6 +361,8 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_mmllm.MMLLMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_mmllm.MMLLMForConditionalGeneration",
 }
+# Models that take audio also answer `pipeline("any-to-any")`.
+ANY_TO_ANY_AUTO_MAP = {"AutoModelForMultimodalLM": "modeling_mmllm.MMLLMForConditionalGeneration"}
 MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 

@@ -136,6 +136,53 @@ def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
     return rows + text_rows(repeats=max(1, n // (4 * len(TEXT_FACTS))))
 
 
+SAMPLING_RATE = 16000
+PITCHES = {"low": 440.0, "high": 1760.0}
+AUDIO_QUESTIONS = {"beeps": "How many beeps are there?", "pitch": "Is the sound low or high?"}
+
+
+@dataclass(frozen=True)
+class Sound:
+    """What an audio clip holds: `count` beeps of one pitch."""
+
+    count: int
+    pitch: str
+
+    def answer(self, kind: str) -> str:
+        return NUMBERS[self.count] if kind == "beeps" else self.pitch
+
+
+def random_sound(rng: np.random.Generator) -> Sound:
+    return Sound(count=int(rng.integers(1, 4)), pitch=list(PITCHES)[rng.integers(len(PITCHES))])
+
+
+def synthesize(sound: Sound, rng: np.random.Generator) -> np.ndarray:
+    """A 0.8-1.4 s clip at 16 kHz: `count` beeps (0.12-0.18 s, frequency within 10% of the pitch) in noise."""
+    length = int(rng.uniform(0.8, 1.4) * SAMPLING_RATE)
+    waveform = rng.normal(0, 0.02, length).astype(np.float32)
+    slot = length // sound.count
+    for index in range(sound.count):
+        duration = int(rng.uniform(0.12, 0.18) * SAMPLING_RATE)
+        start = index * slot + int(rng.integers(0, max(1, slot - duration)))
+        frequency = PITCHES[sound.pitch] * rng.uniform(0.9, 1.1)
+        time = np.arange(duration) / SAMPLING_RATE
+        waveform[start:start + duration] += 0.5 * np.sin(2 * np.pi * frequency * time) * np.hanning(duration)
+    return waveform
+
+
+def audio_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
+    """`n` audio question rows (`audio`: one `{"array", "sampling_rate"}` clip; kinds `beeps` and `pitch`)."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 11)
+    rows = []
+    for _ in range(n):
+        sound = random_sound(rng)
+        kind = list(AUDIO_QUESTIONS)[rng.integers(len(AUDIO_QUESTIONS))]
+        rows.append({"audio": [{"array": synthesize(sound, rng), "sampling_rate": SAMPLING_RATE}],
+                     "messages": _conversation(AUDIO_QUESTIONS[kind], sound.answer(kind)), "kind": kind,
+                     "answer": sound.answer(kind)})
+    return rows
+
+
 def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
     """A synthetic dataset in TRL's `images` + `messages` format.
 
@@ -155,4 +202,5 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
 
-__all__ = ["QUESTIONS", "TEXT_FACTS", "Scene", "make_dataset", "random_scene", "render"]
+__all__ = ["AUDIO_QUESTIONS", "QUESTIONS", "SAMPLING_RATE", "TEXT_FACTS", "Scene", "Sound", "audio_rows",
+           "make_dataset", "random_scene", "random_sound", "render", "synthesize"]

@@ -59,10 +59,10 @@ def test_save_and_load_round_trip(tmp_path, processor, images):
 @pytest.mark.parametrize(
     "kwargs, message",
     [
-        ({"images": "images:2", "text": ["<image> only one placeholder"]}, "Got 2 image\\(s\\) but 1 <image>"),
-        ({"images": "images:1", "text": ["<image><image> two placeholders"]}, "Got 1 image\\(s\\) but 2 <image>"),
-        ({"images": "images:1", "text": ["no placeholder at all"]}, "Got 1 image\\(s\\) but 0 <image>.*Nothing is inserted"),
-        ({"text": ["<image> but no image"]}, "no images were passed"),
+        ({"images": "images:2", "text": ["<image> only one placeholder"]}, "Got 2 image item\\(s\\) but 1 <image>"),
+        ({"images": "images:1", "text": ["<image><image> two placeholders"]}, "Got 1 image item\\(s\\) but 2 <image>"),
+        ({"images": "images:1", "text": ["no placeholder at all"]}, "Got 1 image item\\(s\\) but 0 <image>.*Nothing is inserted"),
+        ({"text": ["<image> but no image"]}, "Got 0 image item\\(s\\) but 1 <image>"),
         ({"images": [42], "text": ["<image>"]}, "Image 0 is a int, not an image"),
         ({"text": ["   "]}, "Empty prompt"),
         ({"images": "images:1", "text": ["hello <image>"], "truncation": True, "max_length": 8},
