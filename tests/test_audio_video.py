@@ -1,0 +1,312 @@
+"""Audio and video through the same mechanism as images: exact token counts, interleaving, the modality-adaptive
+module with three modalities, clear errors, a fresh-process reload and learning from synthetic audio."""
+
+import copy
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import soundfile
+import torch
+from conftest import make_images
+from PIL import Image
+
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.configuration_mmllm import AUDIO, IMAGE, VIDEO
+from modeling_mmllm.modality_adaptive import Multiway
+from modeling_mmllm.presets import load_processor_preset
+from modeling_mmllm.saving import save_model_folder
+from modeling_mmllm.synthetic import audio_rows
+
+RATE = 16000
+GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+# audio-tiny (image + audio) with video switched on: three modalities, each with its own decoder branch.
+ALL = dict(video_token_id=6, video_num_frames=4, video_temporal_pool=2, modality_adaptive_modalities=[1, 2, 3])
+
+
+def _tone(seconds: float, frequency: float = 440.0) -> np.ndarray:
+    time = np.arange(int(seconds * RATE)) / RATE
+    return (0.3 * np.sin(2 * np.pi * frequency * time)).astype(np.float32)
+
+
+def _clip(n: int = 10) -> list[Image.Image]:
+    """`n` frames of distinct solid colours (frame i has red = 20 * i)."""
+    return [Image.new("RGB", (40, 40), (20 * index, 100, 50)) for index in range(n)]
+
+
+def _prompt(processor, *parts: str, question: str = "What is it?") -> str:
+    content = [{"type": part} for part in parts] + [{"type": "text", "text": question}]
+    return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def _perturb(model, modality: int, seed: int = 0) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, Multiway) and str(modality) in module.multiway:
+                for parameter in module.multiway[str(modality)].parameters():
+                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+@pytest.fixture(scope="module")
+def config():
+    return MMLLMConfig.from_preset("audio-tiny", **ALL)
+
+
+@pytest.fixture(scope="module")
+def processor(config):
+    return load_processor_preset(MMLLMProcessor, "audio-tiny", config)
+
+
+@pytest.fixture(scope="module")
+def model(config):
+    torch.manual_seed(0)
+    model = MMLLMForConditionalGeneration(config).eval()
+    for modality in (IMAGE, VIDEO, AUDIO):  # branches that differ from text, so routing matters
+        _perturb(model, modality, seed=modality)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # well-separated greedy choices
+    return model
+
+
+def _audio_tokens(batch, row: int = 0) -> int:
+    return int((batch["mm_token_type_ids"][row] == AUDIO).sum())
+
+
+@pytest.mark.parametrize("seconds, windows, tokens", [
+    (0.3, 1, 4),   # 30 feature frames -> 15 encoder frames -> 4 tokens (stride 4)
+    (1.0, 1, 13),  # 100 -> 50 -> 13
+    (2.0, 1, 25),  # a full 2 s window of audio-tiny: 200 -> 100 -> 25
+    (2.5, 2, 32),  # two windows: 25 + 7
+    (4.1, 3, 52),  # 25 + 25 + 2
+])
+def test_audio_expands_to_the_count_of_its_real_length(processor, model, seconds, windows, tokens):
+    batch = processor(audio=[_tone(seconds)], text=[_prompt(processor, "audio")], sampling_rate=RATE,
+                      return_tensors="pt")
+    assert batch["input_features"].shape[0] == windows
+    assert _audio_tokens(batch) == tokens
+    with torch.no_grad():
+        features = model.model.get_audio_features(batch["input_features"], batch["input_features_mask"])
+        model(**batch)  # every placeholder gets exactly one feature
+    assert features.shape[1] == tokens
+
+
+def test_a_long_clip_is_its_windows_in_order(processor, model):
+    """A 2.5 s clip encodes as its first 2 s window followed by the remaining 0.5 s (Whisper's window is 2 s)."""
+    waveform = _tone(2.5, 660.0)
+    whole = processor(audio=[waveform], text=["<audio>"], sampling_rate=RATE, return_tensors="pt")
+    parts = processor(audio=[waveform[:2 * RATE], waveform[2 * RATE:]], text=["<audio><audio>"],
+                      sampling_rate=RATE, return_tensors="pt")
+    with torch.no_grad():
+        encode = model.model.get_audio_features
+        torch.testing.assert_close(encode(whole["input_features"], whole["input_features_mask"]),
+                                   encode(parts["input_features"], parts["input_features_mask"]))
+
+
+def test_audio_as_array_tensor_dict_and_files(processor, tmp_path):
+    waveform = _tone(0.7)
+    soundfile.write(tmp_path / "clip.wav", waveform, RATE, subtype="FLOAT")
+    soundfile.write(tmp_path / "clip.flac", waveform, RATE)  # 16-bit samples
+    stereo = np.stack([waveform, waveform], axis=1)
+    forms = [waveform, torch.from_numpy(waveform), {"array": waveform, "sampling_rate": RATE}, stereo,
+             str(tmp_path / "clip.wav"), str(tmp_path / "clip.flac")]
+    features = [processor(audio=[form], text=["<audio>"], sampling_rate=RATE, return_tensors="pt")["input_features"]
+                for form in forms]
+    for other in features[1:-1]:
+        torch.testing.assert_close(other, features[0], atol=1e-6, rtol=0)
+    torch.testing.assert_close(features[-1], features[0], atol=1e-2, rtol=0)  # FLAC's 16-bit quantisation
+
+
+def test_audio_files_in_chat_messages_are_loaded_and_resampled(processor, tmp_path):
+    soundfile.write(tmp_path / "clip.wav", _tone(1.0), 8000)  # another rate: transformers' loader resamples
+    messages = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "clip.wav")},
+                                             {"type": "text", "text": "How many beeps are there?"}]}]
+    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
+                                          return_tensors="pt")
+    assert _audio_tokens(batch) == 25  # 2 s at 16 kHz after resampling
+
+
+def test_video_frames_arrays_and_files_give_the_same_clip(processor, tmp_path):
+    frames = _clip(10)
+    frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
+    prompt = _prompt(processor, "video")
+    forms = [frames, np.stack([np.asarray(frame) for frame in frames]), str(tmp_path / "clip.gif")]
+    batches = [processor(videos=[form], text=[prompt], return_tensors="pt") for form in forms]
+    for batch in batches:
+        assert batch["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
+        assert int((batch["mm_token_type_ids"][0] == VIDEO).sum()) == processor.video_seq_length == 2 * 16
+        torch.testing.assert_close(batch["pixel_values_videos"], batches[0]["pixel_values_videos"], atol=0.02, rtol=0)
+    # Frames 0, 3, 6 and 9 are sampled uniformly from 10 (red channel 0, 60, 120, 180 before normalisation).
+    singles = processor(images=[frames[i] for i in (0, 3, 6, 9)], text=["<image>" * 4], return_tensors="pt")
+    torch.testing.assert_close(batches[0]["pixel_values_videos"][0], singles["pixel_values"])
+
+
+def test_interleaved_conversation_and_mixed_batches(processor, model):
+    """Image, clip, audio and image again in one message; rows with different modality sets batch like singles."""
+    image_a, image_b = make_images(2)
+    rows = [
+        dict(images=[image_a, image_b], videos=[_clip(6)], audio=[_tone(0.8)],
+             text=_prompt(processor, "image", "video", "audio", "image")),
+        dict(audio=[_tone(1.3, 880.0)], text=_prompt(processor, "audio", question="How many beeps are there?")),
+        dict(videos=[_clip(5)], text=_prompt(processor, "video")),
+        dict(text=_prompt(processor, question="What is one plus one?")),
+    ]
+    first = processor(**{**rows[0], "text": [rows[0]["text"]]}, sampling_rate=RATE, return_tensors="pt")
+    types = first["mm_token_type_ids"][0].tolist()
+    assert [types.count(modality) for modality in (IMAGE, VIDEO, AUDIO)] == [2 * 16, 32, 10]
+    order = [types[i] for i in range(len(types)) if types[i] and (i == 0 or types[i - 1] != types[i])]
+    assert order == [IMAGE, VIDEO, AUDIO, IMAGE]
+
+    singles = []
+    with torch.no_grad():
+        for row in rows:
+            batch = processor(**{**row, "text": [row["text"]]}, sampling_rate=RATE, return_tensors="pt")
+            singles.append((model(**batch).logits[0, -1], model.generate(**batch, **GREEDY)[0, -5:]))
+            uncached = model.generate(**batch, **GREEDY, use_cache=False)[0, -5:]
+            assert torch.equal(singles[-1][1], uncached)
+        mixed = processor(images=[image_a, image_b], videos=[_clip(6), _clip(5)], audio=[_tone(0.8), _tone(1.3, 880.0)],
+                          text=[row["text"] for row in rows], sampling_rate=RATE, padding=True, return_tensors="pt")
+        logits, generated = model(**mixed).logits[:, -1], model.generate(**mixed, **GREEDY)[:, -5:]
+    for index, (single_logits, single_ids) in enumerate(singles):
+        torch.testing.assert_close(logits[index], single_logits, atol=1e-4, rtol=1e-4)
+        assert torch.equal(generated[index], single_ids)
+
+
+def test_modality_adaptive_properties_with_three_modalities(config, processor):
+    plain_config = MMLLMConfig.from_preset("audio-tiny", **{**ALL, "modality_adaptive": False})
+    torch.manual_seed(1)
+    plain = MMLLMForConditionalGeneration(plain_config).eval()
+    adaptive = copy.deepcopy(plain)
+    adaptive.enable_modality_adaptive(modalities=[IMAGE, VIDEO, AUDIO])
+    text = processor(text=[_prompt(processor, question="What is one plus one?")], return_tensors="pt")
+    three = processor(images=make_images(1), videos=[_clip(4)], audio=[_tone(0.6)], sampling_rate=RATE,
+                      text=[_prompt(processor, "image", "video", "audio")], return_tensors="pt")
+    with torch.no_grad():
+        assert torch.equal(plain(**text).logits, adaptive(**text).logits)  # text only: bit-identical
+        torch.testing.assert_close(adaptive(**three).logits, plain(**three).logits, atol=1e-6, rtol=0)
+        reference = adaptive(**three).logits[0]
+        types = three["mm_token_type_ids"][0]
+        for modality in (IMAGE, VIDEO, AUDIO):  # each branch affects its own tokens and what follows, nothing before
+            changed = copy.deepcopy(adaptive)
+            _perturb(changed, modality)
+            logits = changed(**three).logits[0]
+            first = int((types == modality).nonzero()[0])
+            assert torch.equal(logits[:first], reference[:first])
+            assert (logits[first:] - reference[first:]).abs().amax(-1).min() > 0
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda p: p(audio=[_tone(1)], text=["<audio>"], sampling_rate=44100), "sampled at 44100 Hz.*expects 16000"),
+    (lambda p: p(audio=[_tone(1)], text=["<audio>"]), "Audio item 0 has no sampling rate"),
+    (lambda p: p(audio=[np.zeros(0, np.float32)], text=["<audio>"], sampling_rate=RATE), "Audio item 0 is empty"),
+    (lambda p: p(text=["<audio> where is it?"]), "Got 0 audio item\\(s\\) but 1 <audio>"),
+    (lambda p: p(audio=[_tone(1)], text=["no placeholder"], sampling_rate=RATE), "Got 1 audio item\\(s\\) but 0"),
+    (lambda p: p(audio=["/no/such.wav"], text=["<audio>"]), "Audio item 0: cannot read /no/such.wav"),
+    (lambda p: p(audio=[_tone(1), _tone(45)], text=["<audio><audio>"], sampling_rate=RATE),
+     "Audio item 1 \\(45.0 s\\) needs 563 tokens, more than the model's context of 512"),
+    (lambda p: p(videos=[[]], text=["<video>"]), "Video item 0 is empty"),
+    (lambda p: p(videos=[_clip(3)], text=["two <video><video>"]), "Got 1 video item\\(s\\) but 2 <video>"),
+    (lambda p: p(videos=["/no/such.gif"], text=["<video>"]), "Video item 0: cannot read /no/such.gif"),
+])
+def test_bad_audio_and_video_input_names_the_item(processor, call, message):
+    with pytest.raises(ValueError, match=message):
+        call(processor)
+
+
+def test_models_without_audio_or_video_refuse_it_clearly():
+    processor = MMLLMProcessor.from_preset("llava-tiny")
+    with pytest.raises(ValueError, match="Got audio input, but this processor has no audio support"):
+        processor(audio=[_tone(1)], text=["<audio>"], sampling_rate=RATE)
+    with pytest.raises(ValueError, match="no video support"):
+        processor(videos=[_clip(4)], text=["<video>"])
+
+
+def test_presets():
+    audio, video = MMLLMConfig.from_preset("audio-tiny"), MMLLMConfig.from_preset("video-tiny")
+    assert audio.audio_config.model_type == "whisper" and audio.modality_adaptive_modalities == [IMAGE, AUDIO]
+    assert video.video_seq_length == 2 * 9 and video.modality_adaptive_modalities == [IMAGE, VIDEO]
+    processor = MMLLMProcessor.from_preset("video-tiny")
+    batch = processor(videos=[_clip(7)], text=["<video>"], return_tensors="pt")
+    assert int((batch["mm_token_type_ids"] == VIDEO).sum()) == 18
+
+
+FRESH = """
+import json, sys
+sys.modules["modeling_mmllm"] = None  # only the folder's own code may run
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoModelForMultimodalLM, AutoProcessor
+folder = sys.argv[1]
+model, processor = AutoModelForMultimodalLM.from_pretrained(folder, trust_remote_code=True), AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+time = np.arange(12000) / 16000
+clip = [Image.new("RGB", (40, 40), (20 * i, 100, 50)) for i in range(6)]
+batch = processor(images=[Image.new("RGB", (40, 48), (200, 30, 30))], videos=[clip],
+                  audio=[(0.3 * np.sin(2 * np.pi * 440 * time)).astype(np.float32)], sampling_rate=16000,
+                  text=[sys.argv[2]], return_tensors="pt")
+ids = model.generate(**batch, max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
+print(json.dumps(ids[0, -5:].tolist()))
+"""
+
+
+@pytest.mark.slow
+def test_saved_folder_reloads_in_a_fresh_process(processor, model, tmp_path):
+    save_model_folder(model, processor, tmp_path / "model")
+    config = json.loads((tmp_path / "model" / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForMultimodalLM"] == "modeling_mmllm.MMLLMForConditionalGeneration"
+    prompt = _prompt(processor, "audio", "image", "video")
+    run = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "model"), prompt], capture_output=True,
+                         text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    batch = processor(images=[Image.new("RGB", (40, 48), (200, 30, 30))], videos=[_clip(6)],
+                      audio=[_tone(0.75)], sampling_rate=RATE, text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        expected = model.generate(**batch, **GREEDY)[0, -5:].tolist()
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
+
+
+def _audio_batch(processor, rows, train: bool):
+    prompts = [_prompt(processor, "audio", question=row["messages"][0]["content"]) for row in rows]
+    texts = [prompt + row["answer"] + "<|end|>" for prompt, row in zip(prompts, rows)] if train else prompts
+    batch = processor(audio=[row["audio"][0] for row in rows], text=texts, padding=True, return_tensors="pt")
+    if train:  # the loss covers the answer and the end-of-turn token only
+        labels = torch.full_like(batch["input_ids"], -100)
+        for index, (prompt, text) in enumerate(zip(prompts, texts)):
+            answer = len(processor.tokenizer(text)["input_ids"]) - len(processor.tokenizer(prompt)["input_ids"])
+            labels[index, -answer:] = batch["input_ids"][index, -answer:]
+        batch["labels"] = labels
+    return batch
+
+
+@pytest.mark.slow
+def test_audio_model_learns_to_answer_held_out_audio_questions():
+    """audio-tiny from scratch, 800 AdamW steps on CPU (about 40 s): beep counts and pitch of unheard clips."""
+    torch.manual_seed(0)
+    model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset("audio-tiny"))
+    processor = MMLLMProcessor.from_preset("audio-tiny")
+    train, heldout = audio_rows(1600, "train"), audio_rows(200, "heldout")
+    steps = 800
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=1e-3, total_steps=steps, pct_start=0.05)
+    model.train()
+    for step in range(steps):
+        picks = np.random.default_rng(step).choice(len(train), 16, replace=False)
+        loss = model(**_audio_batch(processor, [train[i] for i in picks], train=True)).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+    correct = {"beeps": [], "pitch": []}
+    with torch.no_grad():
+        for start in range(0, len(heldout), 50):
+            rows = heldout[start:start + 50]
+            batch = _audio_batch(processor, rows, train=False)
+            output = model.generate(**batch, max_new_tokens=3, do_sample=False)
+            answers = processor.batch_decode(output[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+            for row, answer in zip(rows, answers):
+                correct[row["kind"]].append(answer.strip() == row["answer"])
+    accuracy = {kind: float(np.mean(values)) for kind, values in correct.items()}
+    print(f"held-out audio accuracy {accuracy} (chance: beeps 0.33, pitch 0.5)")
+    assert accuracy["beeps"] >= 0.8 and accuracy["pitch"] >= 0.9
