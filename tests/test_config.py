@@ -82,3 +82,17 @@ def test_llava_1_5_7b_parameter_count_matches_transformers():
         model = MMLLMForConditionalGeneration(config)
     assert model.num_parameters() == 7_063_427_072
     assert config.image_seq_length == 576
+
+
+def test_whisper_llava_7b_is_llava_1_5_plus_a_whisper_large_v3_branch():
+    """LLaVA-1.5-7B's 7,063,427,072 + Whisper-large-v3's encoder + the audio projector + two new token rows."""
+    from transformers.models.whisper.modeling_whisper import WhisperEncoder
+
+    with torch.device("meta"):
+        config = MMLLMConfig.from_preset("whisper-llava-7b")
+        model = MMLLMForConditionalGeneration(config)
+        encoder = WhisperEncoder(config.audio_config).num_parameters()
+    assert encoder == 636_968_960  # Whisper-large-v3's encoder (32 layers x 1280, 128 mel bins)
+    projector = 1280 * 4096 + 4096 + 4096 * 4096 + 4096
+    assert model.num_parameters() == 7_063_427_072 + encoder + projector + 2 * 2 * 4096 == 7_722_440_704
+    assert config.video_seq_length == 4 * 576 and config.audio_config.max_source_positions == 1500
