@@ -57,13 +57,22 @@ def train(args: argparse.Namespace) -> None:
     print(f"model saved to {run_recipe(recipe, name=Path(args.recipe).stem)}")
 
 
+def _check_file(path: str | None, what: str) -> list[str]:
+    if path and not Path(path).is_file():
+        raise FileNotFoundError(f"No {what} file {path}.")
+    return [path] if path else []
+
+
 def generate(args: argparse.Namespace) -> None:
-    """One question (optionally about an image), one answer."""
-    images = [_open_image(args.image)] if args.image else []  # check the image before loading the model
+    """One question (optionally about an image, a video file and an audio file), one answer."""
+    images = [_open_image(args.image)] if args.image else []  # check the inputs before loading the model
+    videos, audio = _check_file(args.video, "video"), _check_file(args.audio, "audio")
     model, processor = _load_folder(args.model)
-    content = [{"type": "image"}] * len(images) + [{"type": "text", "text": args.prompt}]
+    parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "audio"}] * len(audio)
+    content = parts + [{"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
+    inputs = processor(images=images or None, videos=videos or None, audio=audio or None, text=[prompt],
+                       return_tensors="pt")
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 
@@ -188,10 +197,12 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.set_defaults(run=chat)
 
-    command = commands.add_parser("generate", help="answer one prompt (optionally about an image)")
+    command = commands.add_parser("generate", help="answer one prompt (optionally about an image, a video and an audio file)")
     command.add_argument("model", help="model folder")
     command.add_argument("--prompt", required=True)
     command.add_argument("--image", help="image file")
+    command.add_argument("--video", help="video file (gif; mp4 with imageio's ffmpeg plugin)")
+    command.add_argument("--audio", help="audio file (wav, flac)")
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(run=generate)
 

@@ -45,6 +45,11 @@ FEATURES = Features({
     "kind": Value("string"),
     "answer": Value("string"),
 })
+# Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
+AUDIO_FEATURES = Features({
+    **FEATURES,
+    "audio": [{"array": Sequence(Value("float32")), "sampling_rate": Value("int32")}],
+})
 
 
 @dataclass(frozen=True)
@@ -177,7 +182,7 @@ def audio_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     for _ in range(n):
         sound = random_sound(rng)
         kind = list(AUDIO_QUESTIONS)[rng.integers(len(AUDIO_QUESTIONS))]
-        rows.append({"audio": [{"array": synthesize(sound, rng), "sampling_rate": SAMPLING_RATE}],
+        rows.append({"images": [], "audio": [{"array": synthesize(sound, rng), "sampling_rate": SAMPLING_RATE}],
                      "messages": _conversation(AUDIO_QUESTIONS[kind], sound.answer(kind)), "kind": kind,
                      "answer": sound.answer(kind)})
     return rows
@@ -187,8 +192,11 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     """A synthetic dataset in TRL's `images` + `messages` format.
 
     Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `joint` (stage 2: image
-    questions mixed with the text-only facts), `text-eval` (the facts, for evaluation).
+    questions mixed with the text-only facts), `text-eval` (the facts, for evaluation), `audio` (questions about
+    synthetic beeps, with an `audio` column).
     """
+    if task == "audio":
+        return Dataset.from_list(audio_rows(n, split, seed), features=AUDIO_FEATURES).shuffle(seed=seed)
     if task == "text":
         rows = text_corpus_rows(n, seed)
     elif task == "text-eval":
@@ -198,7 +206,7 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     elif task == "joint":
         rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
     else:
-        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint or text-eval.")
+        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval or audio.")
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
 

@@ -29,6 +29,7 @@ import shutil
 from dataclasses import fields
 from pathlib import Path
 
+import numpy as np
 import torch
 import yaml
 from torch import nn
@@ -181,12 +182,31 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
 
 
 class MultimodalCollator(DataCollatorForVisionLanguageModeling):
-    """TRL's vision collator, plus: placeholder tokens (every non-text modality) never count in the loss."""
+    """TRL's vision collator, plus: rows with an `audio` column (clips as `{"array", "sampling_rate"}`) get their
+    clips into the first user message, and placeholder tokens (every non-text modality) never count in the loss."""
 
     def torch_call(self, examples):
+        examples = [self._with_audio_parts(example) for example in examples]
         batch = super().torch_call(examples)
         batch["labels"][batch["mm_token_type_ids"] != 0] = -100
         return batch
+
+    def _with_audio_parts(self, example: dict) -> dict:
+        """Typed content for the first user message: image placeholders (TRL fills them), then the audio clips."""
+        clips = example.get("audio") or []
+        if not clips:
+            return example
+        rate = self.processor.audio_features.sampling_rate
+        for clip in clips:
+            if clip["sampling_rate"] != rate:
+                raise ValueError(f"An audio clip is sampled at {clip['sampling_rate']} Hz but the audio encoder "
+                                 f"expects {rate} Hz: resample the dataset first (datasets' cast_column).")
+        messages = [dict(message) for message in example["messages"]]
+        user = next(message for message in messages if message["role"] == "user")
+        user["content"] = [*({"type": "image"} for _ in example.get("images") or []),
+                           *({"type": "audio", "audio": np.asarray(clip["array"], dtype=np.float32)} for clip in clips),
+                           {"type": "text", "text": user["content"]}]
+        return {**example, "messages": messages}
 
 
 class MMLLMTrainer(SFTTrainer):
