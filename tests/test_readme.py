@@ -16,7 +16,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import soundfile
 import torch
 from conftest import ROOT, tiny_text_config, tiny_vision_config
 from transformers import (
@@ -33,7 +35,7 @@ from transformers import (
 
 from modeling_mmllm.cli import main
 from modeling_mmllm.presets import offline_tokenizer
-from modeling_mmllm.synthetic import make_dataset
+from modeling_mmllm.synthetic import Sound, make_dataset, synthesize
 
 README = (ROOT / "README.md").read_text()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
@@ -58,6 +60,8 @@ COMMANDS = {
         (CPU_RECIPE + " --output_dir runs/fsdp", "runs/fsdp/model/adapter_model.safetensors"),
     "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100":
         ("", "runs/ddp/model/model.safetensors"),
+    "mmllm train audio-tiny-sft": ("--max_steps 20 --eval.n 8 --data.n 64", "runs/audio-tiny/model/model.safetensors"),
+    'mmllm generate runs/audio-tiny/model --audio beeps.wav --prompt "How many beeps are there?"': ("", None),
     "trl sft --model_name_or_path runs/quickstart/stage2/model --trust_remote_code --dataset_name data_dir "
     "--assistant_only_loss True --output_dir runs/trl-sft":
         ("--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
@@ -129,6 +133,7 @@ def _save_stand_ins(root: Path) -> None:
         num_query_tokens=8, image_token_id=5))
     blip2.save_pretrained(root / "path/to/blip2-opt-2.7b")
     shutil.copytree(ROOT / "tests/fixtures/mplug-owl2-tiny", root / "path/to/mplug-owl2-llama2-7b")
+    soundfile.write(root / "beeps.wav", synthesize(Sound(count=2, pitch="high"), np.random.default_rng(0)), 16000)
     (root / "data_dir").mkdir()
     make_dataset("joint", 16).remove_columns(["kind", "answer"]).to_parquet(root / "data_dir" / "train.parquet")
     (root / "training_recipes").symlink_to(ROOT / "training_recipes")
@@ -161,7 +166,7 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
         assert code == 0, output.err[-3000:]
         if argv[1] == "push":
             assert uploads == ["me/owl2-shapes"]
-        if argv[1] in ("generate", "chat"):  # the quickstart's model answers about the quickstart's new image
+        if argv[1] in ("generate", "chat") and "runs/quickstart" in command:  # about the quickstart's new image
             assert "red" in output.out
         if argv[1] == "eval":
             assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
