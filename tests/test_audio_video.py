@@ -10,12 +10,11 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import make_images
+from conftest import make_images, perturb_branches
 from PIL import Image
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.configuration_mmllm import AUDIO, IMAGE, VIDEO
-from modeling_mmllm.modality_adaptive import Multiway
 from modeling_mmllm.presets import load_processor_preset
 from modeling_mmllm.evaluation import exact_match
 from modeling_mmllm.saving import save_model_folder
@@ -43,15 +42,6 @@ def _prompt(processor, *parts: str, question: str = "What is it?") -> str:
     return processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
 
 
-def _perturb(model, modality: int, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Multiway) and str(modality) in module.multiway:
-                for parameter in module.multiway[str(modality)].parameters():
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
 @pytest.fixture(scope="module")
 def config():
     return MMLLMConfig.from_preset("audio-tiny", **ALL)
@@ -67,7 +57,7 @@ def model(config):
     torch.manual_seed(0)
     model = MMLLMForConditionalGeneration(config).eval()
     for modality in (IMAGE, VIDEO, AUDIO):  # branches that differ from text, so routing matters
-        _perturb(model, modality, seed=modality)
+        perturb_branches(model, modality, seed=modality)
     with torch.no_grad():
         model.lm_head.weight.mul_(20)  # well-separated greedy choices
     return model
@@ -192,7 +182,7 @@ def test_modality_adaptive_properties_with_three_modalities(config, processor):
         types = three["mm_token_type_ids"][0]
         for modality in (IMAGE, VIDEO, AUDIO):  # each branch affects its own tokens and what follows, nothing before
             changed = copy.deepcopy(adaptive)
-            _perturb(changed, modality)
+            perturb_branches(changed, modality)
             logits = changed(**three).logits[0]
             first = int((types == modality).nonzero()[0])
             assert torch.equal(logits[:first], reference[:first])

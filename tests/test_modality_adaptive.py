@@ -5,7 +5,7 @@ import threading
 
 import pytest
 import torch
-from conftest import make_images, seeded_model, tiny_text_config, tiny_vision_config
+from conftest import make_images, perturb_branches, seeded_model, tiny_text_config, tiny_vision_config
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.modality_adaptive import Multiway
@@ -16,15 +16,6 @@ GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=No
 def _config(kind: str, **fields) -> MMLLMConfig:
     return MMLLMConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config(kind).to_dict(),
                        image_token_id=5, **fields)
-
-
-def _perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Multiway) and str(modality) in module.multiway:
-                for parameter in module.multiway[str(modality)].parameters():
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +56,7 @@ def test_branches_equal_to_text_give_the_plain_model(models, inputs):
 def test_a_modality_branch_changes_only_its_tokens_and_what_follows(models, inputs):
     _, adaptive = models
     changed = copy.deepcopy(adaptive)
-    _perturb_branches(changed)
+    perturb_branches(changed)
     batch = inputs[1]
     first_image = int((batch["mm_token_type_ids"][0] == 1).nonzero()[0])
     with torch.no_grad():
@@ -77,7 +68,7 @@ def test_a_modality_branch_changes_only_its_tokens_and_what_follows(models, inpu
 def test_cached_generation_equals_uncached_and_padding_keeps_rows(models, processor, inputs):
     _, adaptive = models
     model = copy.deepcopy(adaptive)
-    _perturb_branches(model)
+    perturb_branches(model)
     padded = inputs[2]
     assert torch.equal(model.generate(**padded, use_cache=True, **GREEDY), model.generate(**padded, use_cache=False, **GREEDY))
     with torch.no_grad():
@@ -94,7 +85,7 @@ def test_cached_generation_equals_uncached_and_padding_keeps_rows(models, proces
 def test_routing_derived_when_mm_token_type_ids_absent(models, inputs):
     _, adaptive = models
     model = copy.deepcopy(adaptive)
-    _perturb_branches(model)
+    perturb_branches(model)
     batch = dict(inputs[1])
     with torch.no_grad():
         explicit = model(**batch).logits
@@ -111,7 +102,7 @@ def test_eager_sdpa_and_gradient_checkpointing(models, inputs):
     grads, logits = [], {}
     for implementation, checkpointing in (("eager", False), ("sdpa", False), ("sdpa", True)):
         model = copy.deepcopy(adaptive).train()
-        _perturb_branches(model)
+        perturb_branches(model)
         model.set_attn_implementation(implementation)
         if checkpointing:
             model.gradient_checkpointing_enable()
@@ -128,7 +119,7 @@ def test_eager_sdpa_and_gradient_checkpointing(models, inputs):
 def test_threads_route_independently(models, inputs):
     _, adaptive = models
     model = copy.deepcopy(adaptive)
-    _perturb_branches(model)
+    perturb_branches(model)
     with torch.no_grad():
         expected = [model(**inputs[0]).logits, model(**inputs[1]).logits]
     results, errors = {}, []
@@ -175,7 +166,7 @@ def test_n_modalities_route_each_to_its_branch(processor):
     routing[0, 2:4], routing[0, 4:6] = 2, 3  # pretend these are video and audio tokens
     with torch.no_grad():
         reference = model(**{**batch, "mm_token_type_ids": routing}).logits
-        _perturb_branches(model, modality=3)
+        perturb_branches(model, modality=3)
         changed = model(**{**batch, "mm_token_type_ids": routing}).logits
     assert torch.equal(reference[0, :4], changed[0, :4]) and not torch.allclose(reference[0, 4:], changed[0, 4:])
 
@@ -187,7 +178,7 @@ def test_backbone_without_llama_modules_is_a_clear_error():
 
 def test_save_and_reload_keeps_the_branches(tmp_path):
     model = seeded_model(_config("mistral", modality_adaptive=True))
-    _perturb_branches(model)
+    perturb_branches(model)
     model.save_pretrained(tmp_path)
     reloaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path)
     state = model.state_dict()
