@@ -164,7 +164,7 @@ def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from .quickstart import run_quickstart
 
-    run_quickstart(Path(args.output), fast=args.fast)
+    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -174,6 +174,8 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("quickstart", help="train, evaluate, save and reload the embedded default (CPU)")
     command.add_argument("--output", default="runs/quickstart", help="where the stages and the final folder go")
     command.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, low accuracy)")
+    command.add_argument("--audio", action="store_true",
+                         help="also train audio-tiny on synthetic beeps (about a minute) and report its accuracy")
     command.set_defaults(run=quickstart)
 
     command = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",

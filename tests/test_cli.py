@@ -104,10 +104,13 @@ def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_quickstart_fast_smoke(tmp_path):
     """The main job's plumbing end to end, with a few steps per stage (the full run is in test_quickstart)."""
-    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--output", str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--audio", "--output",
+                          str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "accuracy: " in run.stdout and "answer:" in run.stdout
     assert (tmp_path / "quickstart.png").is_file() and (tmp_path / "stage2" / "model" / "model.safetensors").is_file()
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert 0 <= summary["image/overall"] <= 1 and summary["demo"]["answer"] is not None
+    assert 0 <= summary["audio/overall"] <= 1 and "audio accuracy: " in run.stdout  # --audio: audio-tiny too
+    assert (tmp_path / "audio" / "model" / "model.safetensors").is_file()
