@@ -39,7 +39,12 @@ def _is_single_clip(item, audio: bool = False) -> bool:
         return item.ndim == (1 if audio else 4)
     if audio:
         return bool(item) and isinstance(item[0], (int, float, np.floating))
-    return bool(item) and isinstance(item[0], Image.Image)
+    return bool(item) and _is_frame(item[0])
+
+
+def _is_frame(item) -> bool:
+    """One video frame: a PIL image or an `[H, W, 3]` / `[3, H, W]` array or tensor."""
+    return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
 
 
 def _flatten(images) -> list:
@@ -216,7 +221,7 @@ class MMLLMProcessor(ProcessorMixin):
             except Exception as error:
                 raise ValueError(f"Video item {index}: cannot read {clip} ({error}).") from None
         frames = list(clip) if isinstance(clip, (list, tuple, np.ndarray, torch.Tensor)) else None
-        if not frames:
+        if not frames or not all(_is_frame(frame) for frame in frames):
             raise ValueError(f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of "
                              "frames, a [frames, height, width, 3] array, or a video file path.")
         picks = np.linspace(0, len(frames) - 1, self.video_num_frames).round().astype(int)

@@ -124,8 +124,10 @@ def test_video_frames_arrays_and_files_give_the_same_clip(processor, tmp_path):
     frames = _clip(10)
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
     prompt = _prompt(processor, "video")
-    forms = [frames, np.stack([np.asarray(frame) for frame in frames]), str(tmp_path / "clip.gif")]
+    arrays = [np.asarray(frame) for frame in frames]
+    forms = [frames, np.stack(arrays), arrays, str(tmp_path / "clip.gif")]
     batches = [processor(videos=[form], text=[prompt], return_tensors="pt") for form in forms]
+    batches.append(processor(videos=arrays, text=[prompt], return_tensors="pt"))  # one clip, not a list of clips
     for batch in batches:
         assert batch["pixel_values_videos"].shape == (1, 4, 3, 32, 32)
         assert int((batch["mm_token_type_ids"][0] == VIDEO).sum()) == processor.video_seq_length == 2 * 16
@@ -199,6 +201,7 @@ def test_modality_adaptive_properties_with_three_modalities(config, processor):
     (lambda p: p(audio=[_tone(1), _tone(45)], text=["<audio><audio>"], sampling_rate=RATE),
      "Audio item 1 \\(45.0 s\\) needs 563 tokens, more than the model's context of 512"),
     (lambda p: p(videos=[[]], text=["<video>"]), "Video item 0 is empty"),
+    (lambda p: p(videos=[[1, 2, 3]], text=["<video>"]), "Video item 0 is empty or not a clip"),
     (lambda p: p(videos=[_clip(3)], text=["two <video><video>"]), "Got 1 video item\\(s\\) but 2 <video>"),
     (lambda p: p(videos=["/no/such.gif"], text=["<video>"]), "Video item 0: cannot read /no/such.gif"),
 ])
