@@ -101,10 +101,14 @@ def build_audio_tower(config) -> nn.Module | None:
     return model_class(config.audio_config) if model_class else AutoModel.from_config(config.audio_config)
 
 
+def num_encoder_frames(num_mel_frames: int) -> int:
+    """Encoder frames for `num_mel_frames` feature frames (Whisper's stride-2 convolution)."""
+    return (num_mel_frames + 1) // 2
+
+
 def num_audio_tokens(num_mel_frames: int, pool_stride: int) -> int:
-    """Soft tokens for `num_mel_frames` real feature frames: Whisper's stride-2 convolution, then pooling."""
-    encoder_frames = (num_mel_frames + 1) // 2
-    return (encoder_frames + pool_stride - 1) // pool_stride
+    """Soft tokens for `num_mel_frames` real feature frames: the encoder frames, then pooling."""
+    return (num_encoder_frames(num_mel_frames) + pool_stride - 1) // pool_stride
 
 
 def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_features_mask: torch.Tensor,
@@ -117,7 +121,7 @@ def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_fea
     hidden_states = audio_tower(input_features.to(audio_tower.dtype)).last_hidden_state
     tokens = []
     for window, num_frames in zip(hidden_states, input_features_mask.sum(-1).tolist()):
-        real = window[: (int(num_frames) + 1) // 2].T.unsqueeze(0)  # [1, hidden, encoder frames]
+        real = window[: num_encoder_frames(int(num_frames))].T.unsqueeze(0)  # [1, hidden, encoder frames]
         tokens.append(F.avg_pool1d(real, pool_stride, pool_stride, ceil_mode=True)[0].T)
     return torch.cat(tokens)
 

@@ -23,6 +23,9 @@ from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parame
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 
 
+MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+
+
 @dataclass
 class MMLLMModelOutputWithPast(BaseModelOutputWithPast):
     """Backbone outputs plus the projected image features (`[num_images, image_seq_length, hidden]`)."""
@@ -173,6 +176,12 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     def _modality_features(self, pixel_values, pixel_values_videos, input_features, input_features_mask) -> dict:
         """`{modality id: projected features}` for the modalities present in the inputs."""
+        given = {IMAGE: pixel_values, VIDEO: pixel_values_videos, AUDIO: input_features}
+        for modality, value in given.items():
+            if value is not None and modality not in self.placeholder_ids():
+                name = MODALITY_NAMES[modality]
+                raise ValueError(f"This model has no <{name}> token ({name}_token_id is None): it cannot take {name} "
+                                 "input.")
         features = {}
         if pixel_values is not None:
             features[IMAGE] = self.get_image_features(pixel_values)
@@ -216,14 +225,11 @@ class MMLLMModel(MMLLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         features = self._modality_features(pixel_values, pixel_values_videos, input_features, input_features_mask)
-        names = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+        placeholder_ids = self.placeholder_ids()
         for modality, modality_features in features.items():
-            if modality not in self.placeholder_ids():
-                raise ValueError(f"This model has no <{names[modality]}> token ({names[modality]}_token_id is None): "
-                                 f"it cannot take {names[modality]} input.")
             modality_features = modality_features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(input_ids, inputs_embeds, modality_features,
-                                             self.placeholder_ids().get(modality), names[modality])
+                                             placeholder_ids[modality], MODALITY_NAMES[modality])
             inputs_embeds = inputs_embeds.masked_scatter(mask, modality_features)
         image_features = features.get(IMAGE)
 

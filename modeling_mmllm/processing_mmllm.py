@@ -11,8 +11,8 @@ import math
 
 import numpy as np
 import torch
-from PIL import Image
 import transformers
+from PIL import Image
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import is_valid_image
 from transformers.processing_utils import ProcessorMixin
