@@ -13,6 +13,7 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .input_projector import projector_output_length
+from .modality_generator import generator_settings
 
 # Modality ids of `mm_token_type_ids`, shared with transformers' processors.
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
@@ -90,6 +91,19 @@ class MMLLMConfig(PreTrainedConfig):
             Frames sampled uniformly from each clip.
         video_temporal_pool (`int`, *optional*, defaults to 2):
             Consecutive projected frames averaged into one (divides `video_num_frames`).
+        output_projector_type (`str`, *optional*):
+            Output projector from the LLM's hidden states at the signal tokens to the generator's conditioning:
+            `mlp` or `transformer` (NExT-GPT: learnable queries). `None`: text output only.
+        output_projector_config (`dict`, *optional*):
+            Settings of the output projector (layers, heads, ...); missing keys take the type's defaults.
+        signal_token_ids (`list[int]`, *optional*):
+            Ids of the signal tokens `<gen_img_0> ... <gen_img_{k-1}>` the LLM emits to produce an image (NExT-GPT
+            uses k = 4); `MMLLMForConditionalGeneration.enable_image_generation` adds them to the tokenizer.
+        modality_generator (`dict`, *optional*):
+            The modality generator: `{"type": "builtin", ...}` (a small image decoder, weights in this model) or
+            `{"type": "diffusers", "pretrained": ID_OR_SUBFOLDER, ...}` (a Stable Diffusion-family pipeline,
+            referenced, conditioned through `prompt_embeds`). Never a field named `generator`: transformers reads
+            that name as the text model.
         base_models (`list[str]`, *optional*):
             Folders or Hub ids the pretrained components came from (the model card's `base_model`).
     """
@@ -123,6 +137,10 @@ class MMLLMConfig(PreTrainedConfig):
     video_token_id: int | None = None
     video_num_frames: int = 8
     video_temporal_pool: int = 2
+    output_projector_type: str | None = None
+    output_projector_config: dict | None = None
+    signal_token_ids: list[int] | None = None
+    modality_generator: dict | None = None
     base_models: list[str] | None = None
 
     def __post_init__(self, **kwargs):
@@ -162,6 +180,7 @@ class MMLLMConfig(PreTrainedConfig):
                 f"video_num_frames={self.video_num_frames} is not a multiple of video_temporal_pool="
                 f"{self.video_temporal_pool}: pooling averages groups of that many consecutive frames."
             )
+        self._check_image_generation()
         expected = self.projected_seq_length()
         if self.image_seq_length is None:
             self.image_seq_length = expected
@@ -170,6 +189,29 @@ class MMLLMConfig(PreTrainedConfig):
                 f"image_seq_length={self.image_seq_length}, but the {self.projector_type!r} projector turns one "
                 f"image into {expected} tokens: leave image_seq_length unset or set it to {expected}."
             )
+
+    def _check_image_generation(self) -> None:
+        """Output projector, signal tokens and generator come together (or not at all)."""
+        parts = {"output_projector_type": self.output_projector_type, "signal_token_ids": self.signal_token_ids,
+                 "modality_generator": self.modality_generator}
+        given = [name for name, value in parts.items() if value]
+        if given and len(given) != len(parts):
+            missing = sorted(set(parts) - set(given))
+            raise ValueError(f"Image generation needs output_projector_type, signal_token_ids and modality_generator "
+                             f"together; {', '.join(missing)} missing. Use "
+                             "MMLLMForConditionalGeneration.enable_image_generation(processor, ...), which sets all "
+                             "three and adds the signal tokens to the tokenizer.")
+        if self.modality_generator:
+            self.modality_generator = generator_settings(self.modality_generator)
+        vocab_size = self.text_config.vocab_size
+        if self.signal_token_ids and not all(0 <= token < vocab_size for token in self.signal_token_ids):
+            raise ValueError(f"signal_token_ids={self.signal_token_ids} are outside the backbone's vocabulary of "
+                             f"{vocab_size}: resize the embeddings (enable_image_generation does).")
+
+    @property
+    def image_generation(self) -> bool:
+        """Whether this model can output images (output projector + generator configured)."""
+        return self.output_projector_type is not None
 
     @property
     def feature_layers(self) -> list[int]:

@@ -21,9 +21,13 @@ from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_librar
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
+from .modality_generator import build_modality_generator
+from .output_projector import build_output_projector
 
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+# Model inputs that carry media (kept for the image-generation pass after text generation).
+MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
 
 
 @dataclass
@@ -51,13 +55,22 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     config: MMLLMConfig
     config_class = MMLLMConfig
     base_model_prefix = "model"
-    input_modalities = ("image", "video", "audio", "text")
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["past_key_values"]
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
     _supports_attention_backend = True
+
+    @property
+    def input_modalities(self) -> tuple[str, ...]:
+        """The modalities this model's config takes (pipelines read it: any-to-any needs torchvision for images)."""
+        modalities = ["image"]
+        if self.config.video_token_id is not None:
+            modalities.append("video")
+        if self.config.audio_config is not None:
+            modalities.append("audio")
+        return (*modalities, "text")
 
     def _init_weights(self, module: nn.Module) -> None:
         """Input-projector layers start from PyTorch's fan-in init, not transformers' std 0.02.
@@ -80,6 +93,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     Images and video frames share the vision tower and `multi_modal_projector`; audio (when configured) has its own
     `audio_tower` and `audio_projector`. Every modality's soft tokens replace its placeholder tokens the same way.
+    With image generation configured, `output_projector` maps the hidden states at the signal tokens to the
+    conditioning of `modality_generator` (NExT-GPT's output side).
     """
 
     def __init__(self, config: MMLLMConfig):
@@ -93,6 +108,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
             apply_modality_adaptive(
                 self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
             )
+        self.output_projector = build_output_projector(config)
+        self.modality_generator = build_modality_generator(config)
         self.post_init()
 
     def get_input_embeddings(self) -> nn.Module:
@@ -140,6 +157,26 @@ class MMLLMModel(MMLLMPreTrainedModel):
     def modality_adaptive_parameters(self):
         """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
         return modality_adaptive_parameters(self.language_model)
+
+    def signal_states(self, hidden_states: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
+        """Hidden states at the signal tokens, one group of k per image to generate: `[images, k, hidden]`."""
+        if not self.config.signal_token_ids:
+            raise ValueError("This model has no signal tokens: it cannot generate images (see "
+                             "MMLLMForConditionalGeneration.enable_image_generation).")
+        signal_ids = torch.tensor(self.config.signal_token_ids, device=input_ids.device)
+        mask = torch.isin(input_ids, signal_ids)
+        k = len(self.config.signal_token_ids)
+        if int(mask.sum()) % k:
+            raise ValueError(f"Found {int(mask.sum())} signal tokens, not a multiple of the {k} that make one image: "
+                             "each image needs the full <gen_img_0> ... <gen_img_{k-1}> group.")
+        return hidden_states[mask].view(-1, k, hidden_states.shape[-1])
+
+    def get_generation_conditioning(self, signal_states: torch.Tensor) -> torch.Tensor:
+        """Output projector: signal-token states `[images, k, hidden]` -> the generator's conditioning."""
+        if self.output_projector is None:
+            raise ValueError("This model has no output projector: it cannot generate images (see "
+                             "MMLLMForConditionalGeneration.enable_image_generation).")
+        return self.output_projector(signal_states.to(next(self.output_projector.parameters()).dtype))
 
     def placeholder_ids(self) -> dict[int, int]:
         """Placeholder token id of each configured modality: `{modality id: token id}`."""
@@ -283,6 +320,83 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
         return self.model.modality_adaptive_parameters()
 
+    @property
+    def output_modalities(self) -> tuple[str, ...]:
+        """`("image", "text")` with an output projector and a generator (any-to-any pipelines read it)."""
+        return ("image", "text") if self.config.image_generation else ("text",)
+
+    def enable_image_generation(self, processor, modality_generator: dict | None = None,
+                                output_projector_type: str = "transformer", num_signal_tokens: int = 4,
+                                output_projector_config: dict | None = None) -> None:
+        """Add NExT-GPT's output side to this model: signal tokens `<gen_img_0..k-1>` in `processor`'s tokenizer
+        (embeddings and LM head resized), an output projector and a modality generator (default: the built-in
+        image decoder). New modules start untrained; train them with an any-to-any recipe."""
+        if self.config.image_generation:
+            raise ValueError("Image generation is already on for this model.")
+        tokens = [f"<gen_img_{index}>" for index in range(num_signal_tokens)]
+        processor.tokenizer.add_tokens(tokens, special_tokens=True)
+        if len(processor.tokenizer) > self.config.text_config.vocab_size:
+            self.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
+        self.config.signal_token_ids = processor.tokenizer.convert_tokens_to_ids(tokens)
+        self.config.output_projector_type = output_projector_type
+        self.config.output_projector_config = output_projector_config
+        self.config.modality_generator = modality_generator or {"type": "builtin"}
+        self.config._check_image_generation()
+        parameter = self.lm_head.weight
+        self.model.output_projector = build_output_projector(self.config).to(parameter.device, parameter.dtype)
+        self.model.modality_generator = build_modality_generator(self.config).to(parameter.device, parameter.dtype)
+
+    def decode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
+        """`generate(generation_mode="image")` already returns pixels `[B, 3, H, W]` in `[0, 1]`: passed through."""
+        return images
+
+    @torch.no_grad()
+    def generate(self, *args, generation_mode: str | None = None, generator_kwargs: dict | None = None, **kwargs):
+        """`GenerationMixin.generate`, plus `generation_mode="image"`: images `[B, 3, H, W]` in `[0, 1]`.
+
+        In image mode the LLM first answers as text; the hidden states at the signal tokens it emitted (appended
+        after the prompt when it emitted none) go through the output projector to the modality generator
+        (`generator_kwargs` go to the generator, e.g. `num_inference_steps` for diffusers).
+        """
+        if generation_mode in (None, "text"):
+            return super().generate(*args, **kwargs)
+        if generation_mode != "image":
+            raise ValueError(f"generation_mode={generation_mode!r}: use 'text' or 'image'.")
+        if not self.config.image_generation:
+            raise ValueError("This model cannot generate images: it has no output projector and modality generator "
+                             "(see enable_image_generation and the any-to-any recipes).")
+        if kwargs.get("return_dict_in_generate"):
+            raise ValueError("generation_mode='image' returns images, not a generation dict: drop "
+                             "return_dict_in_generate.")
+        input_ids = args[0] if args else kwargs["input_ids"]
+        sequences = super().generate(*args, **kwargs)
+        ids, mask = self._image_sequences(sequences, input_ids.shape[1], kwargs.get("attention_mask"))
+        media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
+        hidden_states = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                                   **media).last_hidden_state
+        conditioning = self.model.get_generation_conditioning(self.model.signal_states(hidden_states, ids))
+        return self.model.modality_generator.generate(conditioning, **(generator_kwargs or {}))
+
+    def _image_sequences(self, sequences: torch.LongTensor, prompt_length: int,
+                         attention_mask: torch.Tensor | None) -> tuple[torch.LongTensor, torch.LongTensor]:
+        """Each row's prompt and answer up to its first complete signal group (or the prompt + the signal tokens
+        when the answer has none), left-padded: every row then ends with its k signal tokens."""
+        signal = torch.tensor(self.config.signal_token_ids, device=sequences.device)
+        k, rows = len(signal), []
+        for index, sequence in enumerate(sequences):
+            prompt, answer = sequence[:prompt_length], sequence[prompt_length:]
+            if attention_mask is not None:
+                prompt = prompt[attention_mask[index].bool()]
+            starts = [start for start in range(len(answer) - k + 1) if torch.equal(answer[start:start + k], signal)]
+            rows.append(torch.cat([prompt, answer[:starts[0] + k] if starts else signal]))
+        width = max(len(row) for row in rows)
+        pad = self.config.text_config.pad_token_id or 0
+        ids = sequences.new_full((len(rows), width), pad)
+        mask = torch.zeros_like(ids)
+        for index, row in enumerate(rows):
+            ids[index, width - len(row):], mask[index, width - len(row):] = row, 1
+        return ids, mask
+
     @can_return_tuple
     def forward(
         self,
@@ -350,7 +464,8 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
 
         `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`.
         """
-        auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if self.config.audio_config is not None else {})}
+        any_to_any = self.config.audio_config is not None or self.config.image_generation
+        auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         super().save_pretrained(save_directory, *args, **kwargs)
         try:
@@ -367,7 +482,7 @@ AUTO_MAP = {
     "AutoModelForImageTextToText": "modeling_mmllm.MMLLMForConditionalGeneration",
     "AutoModelForCausalLM": "modeling_mmllm.MMLLMForConditionalGeneration",
 }
-# Models that take audio also answer `pipeline("any-to-any")`.
+# Models that take audio or generate images also answer `pipeline("any-to-any")`.
 ANY_TO_ANY_AUTO_MAP = {"AutoModelForMultimodalLM": "modeling_mmllm.MMLLMForConditionalGeneration"}
 MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")

@@ -113,6 +113,11 @@ def load_processor_preset(processor_class, name: str, config=None):
 
     config = config or MMLLMConfig.from_preset(name)
     tokenizer = offline_tokenizer()
+    signal_tokens = [f"<gen_img_{index}>" for index in range(len(config.signal_token_ids or []))]
+    tokenizer.add_tokens(signal_tokens, special_tokens=True)
+    if tokenizer.convert_tokens_to_ids(signal_tokens) != list(config.signal_token_ids or []):
+        raise ValueError(f"Preset {name!r} has signal_token_ids={config.signal_token_ids}, but the offline tokenizer "
+                         f"gives {signal_tokens} the ids {tokenizer.convert_tokens_to_ids(signal_tokens)}.")
     if tokenizer.image_token_id != config.image_token_id or len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(
             f"Preset {name!r} does not fit the offline tokenizer (image token id {tokenizer.image_token_id}, "

@@ -8,6 +8,7 @@ and says how to fix it; nothing is inserted, dropped or misread silently.
 """
 
 import math
+import re
 
 import numpy as np
 import torch
@@ -29,6 +30,9 @@ try:  # optional: video files (gif; mp4 and others with imageio's ffmpeg or pyav
     import imageio.v3 as imageio
 except ImportError:
     imageio = None
+
+
+SIGNAL_TOKEN = re.compile(r"<gen_img_(\d+)>")
 
 
 def _is_single_clip(item, audio: bool = False) -> bool:
@@ -289,6 +293,28 @@ class MMLLMProcessor(ProcessorMixin):
         canvas = Image.new("RGB", (side, side), background)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         return canvas
+
+    @property
+    def signal_tokens(self) -> list[str]:
+        """The image-generation signal tokens `<gen_img_0> ... <gen_img_{k-1}>` of the tokenizer (empty without)."""
+        tokens = [token for token in self.tokenizer.get_added_vocab() if SIGNAL_TOKEN.fullmatch(token)]
+        return sorted(tokens, key=lambda token: int(SIGNAL_TOKEN.fullmatch(token)[1]))
+
+    def apply_chat_template(self, conversation, chat_template=None, **kwargs):
+        """The chat template, told the signal tokens: an assistant `{"type": "image"}` part (an image the model
+        produces) renders as `<gen_img_0> ... <gen_img_{k-1}>`."""
+        kwargs.setdefault("image_generation_tokens", "".join(self.signal_tokens))
+        return super().apply_chat_template(conversation, chat_template, **kwargs)
+
+    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
+                                       **kwargs):
+        """Text (token ids -> strings) or, with `generation_mode="image"`, images `[B, 3, H, W]` in `[0, 1]` ->
+        PIL images (what `pipeline("any-to-any")` returns)."""
+        if generation_mode != "image":
+            return super().post_process_multimodal_output(generated_outputs, skip_special_tokens, generation_mode,
+                                                          **kwargs)
+        pixels = generated_outputs.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         return self.image_token * self.image_seq_length

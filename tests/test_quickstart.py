@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 HUB_SET = {"configuration_mmllm.py", "modeling_mmllm.py", "processing_mmllm.py", "modality_encoder.py",
-           "input_projector.py", "modality_adaptive.py"}
+           "input_projector.py", "modality_adaptive.py", "output_projector.py", "modality_generator.py"}
 
 
 @pytest.mark.slow

@@ -179,8 +179,8 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
     assert calls["create"] == ("someone/owl2-demo", True)
     assert calls["files"] == sorted([
         "README.md", "chat_template.jinja", "config.json", "configuration_mmllm.py", "generation_config.json",
-        "input_projector.py", "modality_adaptive.py", "modality_encoder.py", "model.safetensors", "modeling_mmllm.py",
-        "processing_mmllm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
+        "input_projector.py", "modality_adaptive.py", "modality_encoder.py", "modality_generator.py",
+        "model.safetensors", "modeling_mmllm.py", "output_projector.py", "processing_mmllm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
         "training_history.json", "eval_results.json"])
     card = calls["card"]
     header = yaml.safe_load(card.split("---")[1])

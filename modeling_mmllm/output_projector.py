@@ -1,0 +1,95 @@
+"""Output Projector: maps the LLM's hidden states at the signal tokens `<gen_img_0..k-1>` to the conditioning space
+of a modality generator (NExT-GPT): `[batch, k, llm width]` -> `[batch, condition_length, condition_width]`.
+
+`OUTPUT_PROJECTORS` is the registry of types; a new type is a class with `__init__(config)` and
+`forward(signal_states) -> conditioning`, added to the dict.
+"""
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+
+
+def _settings(config, defaults: dict) -> dict:
+    """`config.output_projector_config` over a type's defaults; unknown keys are an error, not ignored."""
+    given = dict(config.output_projector_config or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"output_projector_config has keys {sorted(unknown)} that the {config.output_projector_type!r} output "
+            f"projector does not use; its settings are {sorted(defaults)}."
+        )
+    return {**defaults, **given}
+
+
+def _condition_shape(config) -> tuple[int, int]:
+    generator = config.modality_generator
+    return generator["condition_length"], generator["condition_width"]
+
+
+class MLPOutputProjector(nn.Module):
+    """A two-layer MLP per signal token (LLM width -> condition width), then a linear map over the token axis
+    (k signal tokens -> condition_length positions)."""
+
+    DEFAULTS = {"hidden_act": "gelu"}
+
+    def __init__(self, config):
+        super().__init__()
+        settings = _settings(config, self.DEFAULTS)
+        length, width = _condition_shape(config)
+        self.linear_1 = nn.Linear(config.text_config.hidden_size, width)
+        self.act = ACT2FN[settings["hidden_act"]]
+        self.linear_2 = nn.Linear(width, width)
+        self.token_map = nn.Linear(len(config.signal_token_ids), length)
+
+    def forward(self, signal_states: torch.Tensor) -> torch.Tensor:
+        tokens = self.linear_2(self.act(self.linear_1(signal_states)))  # [batch, k, width]
+        return self.token_map(tokens.transpose(1, 2)).transpose(1, 2)  # [batch, length, width]
+
+
+class TransformerOutputProjector(nn.Module):
+    """NExT-GPT's output projector: `condition_length` learnable queries attend to the (projected) signal-token
+    states through a small transformer decoder; the result is the generator's conditioning sequence."""
+
+    DEFAULTS = {"num_layers": 2, "num_heads": 4, "intermediate_size": None, "dropout": 0.0}
+
+    def __init__(self, config):
+        super().__init__()
+        settings = _settings(config, self.DEFAULTS)
+        length, width = _condition_shape(config)
+        if width % settings["num_heads"]:
+            raise ValueError(f"condition_width={width} is not divisible by output_projector_config.num_heads="
+                             f"{settings['num_heads']}.")
+        self.in_proj = nn.Linear(config.text_config.hidden_size, width)
+        self.queries = nn.Parameter(torch.randn(1, length, width) * 0.02)
+        layer = nn.TransformerDecoderLayer(width, settings["num_heads"], settings["intermediate_size"] or 4 * width,
+                                           settings["dropout"], activation="gelu", batch_first=True, norm_first=True)
+        self.decoder = nn.TransformerDecoder(layer, settings["num_layers"])
+        self.norm = nn.LayerNorm(width)
+        self.out_proj = nn.Linear(width, width)
+
+    def forward(self, signal_states: torch.Tensor) -> torch.Tensor:
+        memory = self.in_proj(signal_states)
+        queries = self.queries.expand(signal_states.shape[0], -1, -1).to(memory.dtype)
+        return self.out_proj(self.norm(self.decoder(queries, memory)))
+
+
+OUTPUT_PROJECTORS: dict[str, type[nn.Module]] = {
+    "mlp": MLPOutputProjector,
+    "transformer": TransformerOutputProjector,
+}
+
+
+def build_output_projector(config) -> nn.Module | None:
+    """The output projector named by `config.output_projector_type` (None for text-only output)."""
+    if config.output_projector_type is None:
+        return None
+    try:
+        projector_class = OUTPUT_PROJECTORS[config.output_projector_type]
+    except KeyError:
+        raise ValueError(f"Unknown output_projector_type {config.output_projector_type!r}: choose one of "
+                         f"{sorted(OUTPUT_PROJECTORS)}.") from None
+    return projector_class(config)
+
+
+__all__ = ["OUTPUT_PROJECTORS", "MLPOutputProjector", "TransformerOutputProjector", "build_output_projector"]
