@@ -63,16 +63,47 @@ def _check_file(path: str | None, what: str) -> list[str]:
     return [path] if path else []
 
 
+def _image_target(path: str | None) -> Path | None:
+    """Where `--save-image` writes: a file name PIL knows how to write, in an existing folder."""
+    from PIL import Image
+
+    if path is None:
+        return None
+    target = Path(path)
+    if target.suffix.lower() not in Image.registered_extensions():
+        raise ValueError(f"--save-image {path}: use an image file name (.png, .jpg, ...).")
+    if not target.parent.is_dir():
+        raise FileNotFoundError(f"--save-image {path}: the folder {target.parent} does not exist.")
+    return target
+
+
+def _save_image(image, target: Path) -> None:
+    """Write through a temporary file in the same folder, then rename: never a half-written image."""
+    staging = target.with_name(f".{target.name}.partial{target.suffix}")
+    image.save(staging)
+    staging.replace(target)
+
+
 def generate(args: argparse.Namespace) -> None:
-    """One question (optionally about an image, a video file and an audio file), one answer."""
+    """One prompt (optionally about an image, a video file and an audio file): a text answer, or with `--save-image`
+    an image the model generates (models with an output projector and a modality generator)."""
     images = [_open_image(args.image)] if args.image else []  # check the inputs before loading the model
     videos, audio = _check_file(args.video, "video"), _check_file(args.audio, "audio")
+    target = _image_target(args.save_image)
     model, processor = _load_folder(args.model)
+    if target is not None and "image" not in model.output_modalities:
+        raise ValueError(f"{args.model} cannot generate images (no output projector and modality generator): train "
+                         "one with the any-to-any recipe (quickstart-any2any), or drop --save-image.")
     parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "audio"}] * len(audio)
     content = parts + [{"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(images=images or None, videos=videos or None, audio=audio or None, text=[prompt],
                        return_tensors="pt")
+    if target is not None:
+        pixels = model.generate(**inputs, generation_mode="image", max_new_tokens=args.max_new_tokens, do_sample=False)
+        _save_image(processor.post_process_multimodal_output(pixels, generation_mode="image")[0], target)
+        print(f"image saved to {target}")
+        return
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
     print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
 
@@ -199,12 +230,15 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.set_defaults(run=chat)
 
-    command = commands.add_parser("generate", help="answer one prompt (optionally about an image, a video and an audio file)")
+    command = commands.add_parser("generate", help="answer one prompt (optionally about an image, a video and an audio "
+                                  "file), or draw an image (--save-image)")
     command.add_argument("model", help="model folder")
     command.add_argument("--prompt", required=True)
     command.add_argument("--image", help="image file")
     command.add_argument("--video", help="video file (gif; mp4 with imageio's ffmpeg plugin)")
     command.add_argument("--audio", help="audio file (wav, flac)")
+    command.add_argument("--save-image", metavar="FILE",
+                         help="generate an image instead of text and save it (models that generate images)")
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(run=generate)
 

@@ -7,11 +7,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images, tiny_text_config, tiny_vision_config
+from conftest import make_images, seeded_model, tiny_text_config, tiny_vision_config
+from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.cli import main, parser
 from modeling_mmllm.presets import offline_tokenizer
+from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
 FIXTURE = Path(__file__).parent / "fixtures" / "mplug-owl2-tiny"
@@ -43,6 +46,28 @@ def test_generate_and_eval(saved_folder, image_file, capsys):
     assert any(line.startswith("overall") and line.endswith("%") for line in lines)
 
 
+@pytest.fixture(scope="module")
+def any2any_folder(tmp_path_factory):
+    model, processor = seeded_model(MMLLMConfig.from_preset("any2any-tiny")), MMLLMProcessor.from_preset("any2any-tiny")
+    folder = save_model_folder(model, processor, tmp_path_factory.mktemp("any2any") / "model")
+    return folder, model, processor
+
+
+def test_generate_saves_the_image_a_model_draws(any2any_folder, tmp_path, capsys):
+    folder, model, processor = any2any_folder
+    target = tmp_path / "drawn.png"
+    assert main(["generate", str(folder), "--prompt", "Draw one red circle.", "--save-image", str(target),
+                 "--max-new-tokens", "6"]) == 0
+    assert f"image saved to {target}" in capsys.readouterr().out
+    assert [p.name for p in tmp_path.iterdir()] == ["drawn.png"]  # nothing partial left beside it
+    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Draw one red circle."}]}],
+                                           add_generation_prompt=True)
+    pixels = model.generate(**processor(text=[prompt], return_tensors="pt"), generation_mode="image", max_new_tokens=6,
+                            do_sample=False)
+    expected = processor.post_process_multimodal_output(pixels, generation_mode="image")[0]
+    assert list(Image.open(target).getdata()) == list(expected.getdata())  # PNG is lossless: the same pixels
+
+
 def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
     session = f"/image {image_file}\nWhat colour is it?\n/image /no/such.png\nAnd now?\n/quit\n"
     run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder),
@@ -59,10 +84,15 @@ def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
     (["generate", "SAVED", "--prompt", "hi", "--image", "NOT_AN_IMAGE"], "is not an image PIL can read"),
     (["train", "no-such-recipe"], "No recipe 'no-such-recipe'"),
     (["convert", "mplug-owl2", "/no/such", "OUT"], "No such file"),
+    (["generate", "SAVED", "--prompt", "Draw.", "--save-image", "OUT.png"], "cannot generate images"),
+    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "OUT.txt"], "use an image file name"),
+    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/no/such/dir/x.png"], "does not exist"),
 ])
-def test_user_mistakes_are_one_line(argv, message, saved_folder, tmp_path, capsys):
+def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
-    replace = {"SAVED": str(saved_folder), "OUT": str(tmp_path / "out"), "NOT_AN_IMAGE": str(tmp_path / "fake.png")}
+    replace = {"SAVED": str(saved_folder), "OUT": str(tmp_path / "out"), "NOT_AN_IMAGE": str(tmp_path / "fake.png"),
+               "ANY2ANY": str(any2any_folder[0]), "OUT.png": str(tmp_path / "out.png"),
+               "OUT.txt": str(tmp_path / "out.txt")}
     assert main([replace.get(arg, arg) for arg in argv]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
