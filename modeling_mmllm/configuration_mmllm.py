@@ -14,6 +14,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .input_projector import projector_output_length
 from .modality_generator import generator_settings
+from .output_projector import output_projector_class
 
 # Modality ids of `mm_token_type_ids`, shared with transformers' processors.
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
@@ -203,6 +204,8 @@ class MMLLMConfig(PreTrainedConfig):
                              "three and adds the signal tokens to the tokenizer.")
         if self.modality_generator:
             self.modality_generator = generator_settings(self.modality_generator)
+        if self.output_projector_type:
+            output_projector_class(self)
         vocab_size = self.text_config.vocab_size
         if self.signal_token_ids and not all(0 <= token < vocab_size for token in self.signal_token_ids):
             raise ValueError(f"signal_token_ids={self.signal_token_ids} are outside the backbone's vocabulary of "

@@ -30,9 +30,58 @@ def _component_rows(config) -> dict[str, str]:
             f"{'all' if config.modality_adaptive_layers is None else config.modality_adaptive_layers} decoder layers"
             if config.modality_adaptive else "off"
         ),
-        "output_projector": "none",
-        "generator": "none (text output)",
+        **_output_rows(config),
     }
+
+
+def _output_rows(config) -> dict[str, str]:
+    """The Output Projector and Modality Generator rows: what turns signal-token states into images."""
+    if not config.image_generation:
+        return {"output_projector": "none", "generator": "none (text output)"}
+    generator, k = config.modality_generator, len(config.signal_token_ids)
+    shape = f"{generator['condition_length']} × {generator['condition_width']}"
+    settings = ", ".join(f"{key} {value}" for key, value in (config.output_projector_config or {}).items())
+    projector = (
+        f"`{config.output_projector_type}`{f' ({settings})' if settings else ''}: hidden states at the {k} signal "
+        f"tokens `<gen_img_0>` … `<gen_img_{k - 1}>` → conditioning of {shape} (condition length × width)"
+    )
+    if generator["type"] == "builtin":
+        size = generator["image_size"]
+        return {"output_projector": projector,
+                "generator": f"built-in image decoder (weights in this checkpoint): {shape} conditioning → "
+                             f"{size}×{size} RGB images"}
+    pretrained = str(generator.get("pretrained"))
+    # A name without "/" is a sub-folder of the saved model (where save_pretrained writes a local pipeline).
+    source = (f"the diffusers pipeline in this repository's `{pretrained}/` sub-folder" if "/" not in pretrained
+              else f"the diffusers pipeline `{pretrained}` (referenced, not copied)")
+    steps = generator.get("num_inference_steps")
+    return {"output_projector": projector,
+            "generator": f"{source}, conditioned through `prompt_embeds` of {shape}"
+                         + (f", {steps} denoising steps" if steps else "")
+                         + "; generating images needs diffusers: `pip install mmllm[generation]`"}
+
+
+def _any_to_any(config) -> bool:
+    """Whether `pipeline("any-to-any")` serves this model: it takes audio or generates images (as its auto_map)."""
+    return config.audio_config is not None or config.image_generation
+
+
+def _any_to_any_usage(config, repo_id: str) -> str:
+    """Markdown: how to call the model through `pipeline("any-to-any")` (empty for image-text-to-text models)."""
+    if not _any_to_any(config):
+        return ""
+    uses = [use for use, on in (("Audio questions", config.audio_config is not None),
+                                ("generated images", config.image_generation)) if on]
+    lines = ["", f"{' and '.join(uses).capitalize()} go through `pipeline(\"any-to-any\")`:", "", "```python",
+             f'pipe = pipeline("any-to-any", model="{repo_id}", trust_remote_code=True)']
+    if config.audio_config is not None:
+        lines += ['messages = [{"role": "user", "content": [{"type": "audio", "path": "question.wav"}, '
+                  '{"type": "text", "text": "What do you hear?"}]}]',
+                  'print(pipe(text=messages, generate_kwargs={"max_new_tokens": 32}))']
+    if config.image_generation:
+        lines += ['messages = [{"role": "user", "content": [{"type": "text", "text": "Draw a red circle."}]}]',
+                  'image = pipe(text=messages, generation_mode="image")[0]["generated_image"]  # a PIL image']
+    return "\n".join(lines + ["```"])
 
 
 def _training_section(folder: Path | None) -> str:
@@ -65,13 +114,17 @@ def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_
     rows = _component_rows(config)
     base_models = config.base_models or ([config._name_or_path] if adapter and config._name_or_path else None)
     tags = ["mmllm", "multimodal", "image-text-to-text", f"projector-{config.projector_type}", "custom_code"]
+    if _any_to_any(config):
+        tags.append("any-to-any")
+    if config.image_generation:
+        tags.append("text-to-image")
     if config.modality_adaptive:
         tags.append("modality-adaptive")
     if adapter:
         tags.append("lora")
     card_data = ModelCardData(
         library_name="peft" if adapter else "transformers",
-        pipeline_tag="image-text-to-text",
+        pipeline_tag="any-to-any" if _any_to_any(config) else "image-text-to-text",
         license=license,
         base_model=base_models,
         tags=tags,
@@ -84,12 +137,15 @@ def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_
         repo_id=repo_id or "path/to/this/folder",
         architecture_line=f"{config.vision_config.model_type} encoder + {config.projector_type} projector + "
         f"{config.text_config.model_type} backbone" + (" with the modality-adaptive module" if
-                                                        config.modality_adaptive else ""),
+                                                        config.modality_adaptive else "")
+        + (f", generating images through a {config.output_projector_type} output projector and the "
+           f"{config.modality_generator['type']} image generator" if config.image_generation else ""),
         parameters=f"Parameters: {base.num_parameters():,}." + (" This folder holds a LoRA adapter: load the base "
                                                                 "model, then `PeftModel.from_pretrained(base, folder)`."
                                                                 if adapter else ""),
         code_files=", ".join(f"`{name}`" for name in hub_set),
         training=_training_section(folder),
+        any_to_any_usage=_any_to_any_usage(config, repo_id or "path/to/this/folder"),
         **rows,
     )
 

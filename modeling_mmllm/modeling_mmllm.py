@@ -21,7 +21,7 @@ from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_librar
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
-from .modality_generator import build_modality_generator
+from .modality_generator import build_modality_generator, save_modality_generator
 from .output_projector import build_output_projector
 
 
@@ -374,7 +374,10 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
         hidden_states = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                    **media).last_hidden_state
-        conditioning = self.model.get_generation_conditioning(self.model.signal_states(hidden_states, ids))
+        # Each row ends with the signal group of its new image; groups earlier in the prompt (images of previous
+        # turns) only condition the text.
+        k = len(self.config.signal_token_ids)
+        conditioning = self.model.get_generation_conditioning(hidden_states[:, -k:])
         return self.model.modality_generator.generate(conditioning, **(generator_kwargs or {}))
 
     def _image_sequences(self, sequences: torch.LongTensor, prompt_length: int,
@@ -462,17 +465,25 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
 
-        `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`.
+        `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`. A local diffusers
+        pipeline (the modality generator) is written into the `modality_generator/` sub-folder, which the saved
+        config then names.
         """
         any_to_any = self.config.audio_config is not None or self.config.image_generation
         auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
-        super().save_pretrained(save_directory, *args, **kwargs)
+        generator_settings = self.config.modality_generator
+        self.config.modality_generator = save_modality_generator(
+            self.model.modality_generator, generator_settings, save_directory, kwargs.get("is_main_process", True))
         try:
-            cards = import_library_module("hub_card")
-        except ImportError:  # a bare remote-code environment: the folder keeps whatever card it has
-            return
-        cards.write_model_card(self, save_directory)
+            super().save_pretrained(save_directory, *args, **kwargs)
+            try:
+                cards = import_library_module("hub_card")
+            except ImportError:  # a bare remote-code environment: the folder keeps whatever card it has
+                return
+            cards.write_model_card(self, save_directory)
+        finally:  # the saved config names the copy; this model keeps using its source
+            self.config.modality_generator = generator_settings
 
 
 # Auto classes a saved folder answers to (written into config.json's `auto_map`).

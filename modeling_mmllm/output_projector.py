@@ -80,16 +80,24 @@ OUTPUT_PROJECTORS: dict[str, type[nn.Module]] = {
 }
 
 
-def build_output_projector(config) -> nn.Module | None:
-    """The output projector named by `config.output_projector_type` (None for text-only output)."""
-    if config.output_projector_type is None:
-        return None
+def output_projector_class(config) -> type[nn.Module]:
+    """The class of `config.output_projector_type`, with `output_projector_config` checked against its settings
+    (unknown types and keys are errors when the config is made, not when the model is built)."""
     try:
         projector_class = OUTPUT_PROJECTORS[config.output_projector_type]
     except KeyError:
         raise ValueError(f"Unknown output_projector_type {config.output_projector_type!r}: choose one of "
                          f"{sorted(OUTPUT_PROJECTORS)}.") from None
-    return projector_class(config)
+    _settings(config, projector_class.DEFAULTS)
+    return projector_class
 
 
-__all__ = ["OUTPUT_PROJECTORS", "MLPOutputProjector", "TransformerOutputProjector", "build_output_projector"]
+def build_output_projector(config) -> nn.Module | None:
+    """The output projector named by `config.output_projector_type` (None for text-only output)."""
+    if config.output_projector_type is None:
+        return None
+    return output_projector_class(config)(config)
+
+
+__all__ = ["OUTPUT_PROJECTORS", "MLPOutputProjector", "TransformerOutputProjector", "build_output_projector",
+           "output_projector_class"]

@@ -121,6 +121,10 @@ class MMLLMProcessor(ProcessorMixin):
         if isinstance(audio_features, dict):  # as saved in processor_config.json
             extractor_class = getattr(transformers, audio_features["feature_extractor_type"])
             audio_features = extractor_class(**audio_features)
+        if audio_features is not None:
+            # Pipelines collate a batch on the side the feature extractor and the tokenizer both report (and refuse
+            # to batch when they differ); each audio window is still padded on the right (`_process_audio`).
+            audio_features.padding_side = tokenizer.padding_side
         self.audio_features = audio_features
         for modality, enabled in (("video", video_num_frames is not None), ("audio", audio_features is not None)):
             token = getattr(tokenizer, f"{modality}_token", None)
@@ -244,8 +248,12 @@ class MMLLMProcessor(ProcessorMixin):
             tokens = sum(num_audio_tokens(frame, self.audio_pool_stride) for frame in frames)
             self._check_context("audio", index, tokens, f" ({len(waveform) / extractor.sampling_rate:.1f} s)")
             replacements.append(self.audio_token * tokens)
-        features = extractor(windows, sampling_rate=extractor.sampling_rate, padding="max_length",
-                             return_attention_mask=True, return_tensors="pt")
+        side, extractor.padding_side = extractor.padding_side, "right"  # Whisper's windows: audio first, then zeros
+        try:
+            features = extractor(windows, sampling_rate=extractor.sampling_rate, padding="max_length",
+                                 return_attention_mask=True, return_tensors="pt")
+        finally:
+            extractor.padding_side = side
         return ({"input_features": features["input_features"], "input_features_mask": features["attention_mask"]},
                 replacements)
 
