@@ -6,6 +6,7 @@ LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, th
 
 import math
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -21,8 +22,8 @@ from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_librar
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
-from .modality_generator import build_modality_generator, save_modality_generator
-from .output_projector import build_output_projector
+from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
+from .output_projector import build_output_projector, output_projector_class
 
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
@@ -333,6 +334,12 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         image decoder). New modules start untrained; train them with an any-to-any recipe."""
         if self.config.image_generation:
             raise ValueError("Image generation is already on for this model.")
+        if num_signal_tokens < 1:
+            raise ValueError(f"num_signal_tokens={num_signal_tokens}: an image needs at least one signal token.")
+        # Check every setting before the tokenizer, the embeddings or the config change.
+        modality_generator = generator_settings(modality_generator or {"type": "builtin"})
+        output_projector_class(SimpleNamespace(output_projector_type=output_projector_type,
+                                               output_projector_config=output_projector_config))
         tokens = [f"<gen_img_{index}>" for index in range(num_signal_tokens)]
         processor.tokenizer.add_tokens(tokens, special_tokens=True)
         if len(processor.tokenizer) > self.config.text_config.vocab_size:
@@ -340,7 +347,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         self.config.signal_token_ids = processor.tokenizer.convert_tokens_to_ids(tokens)
         self.config.output_projector_type = output_projector_type
         self.config.output_projector_config = output_projector_config
-        self.config.modality_generator = modality_generator or {"type": "builtin"}
+        self.config.modality_generator = modality_generator
         self.config._check_image_generation()
         parameter = self.lm_head.weight
         self.model.output_projector = build_output_projector(self.config).to(parameter.device, parameter.dtype)

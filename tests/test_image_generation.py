@@ -418,3 +418,19 @@ def test_model_card_render_for_a_repo(model):
     card = str(render_model_card(model, repo_id="someone/any2any-demo"))
     assert 'pipeline("any-to-any", model="someone/any2any-demo", trust_remote_code=True)' in card
     assert "generating images through a transformer output projector and the builtin image generator" in card
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"output_projector_type": "conv"}, "Unknown output_projector_type"),
+    ({"output_projector_config": {"depth": 3}}, "does not use"),
+    ({"modality_generator": {"type": "gan"}}, "Unknown modality_generator type"),
+    ({"num_signal_tokens": 0}, "at least one signal token"),
+])
+def test_enable_image_generation_refuses_bad_settings_before_changing_anything(kwargs, message):
+    model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset("owl2-tiny"))
+    processor = MMLLMProcessor.from_preset("owl2-tiny")
+    vocab, config = len(processor.tokenizer), model.config.to_dict()
+    with pytest.raises(ValueError, match=message):
+        model.enable_image_generation(processor, **kwargs)
+    assert len(processor.tokenizer) == vocab and model.config.to_dict() == config
+    assert model.lm_head.weight.shape[0] == vocab and model.model.output_projector is None
