@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models, processors, images and one saved folder, built once per session."""
 
+import json
 import os
+import string
 import subprocess
 import sys
 from pathlib import Path
@@ -22,6 +24,7 @@ from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProc
 from modeling_mmllm.saving import save_model_folder
 
 VOCAB = 512
+CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32  # the tiny Stable Diffusion stand-in's conditioning
 ROOT = Path(__file__).parent.parent
 
 
@@ -73,6 +76,52 @@ def perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
             if isinstance(module, Multiway) and str(modality) in module.multiway:
                 for parameter in module.multiway[str(modality)].parameters():
                     parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+
+
+def tiny_clip_tokenizer(folder):
+    """A CLIP BPE tokenizer from a hand-written vocab.json / merges.txt (characters plus a few merges)."""
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for char in string.ascii_lowercase + string.digits + ".,!?'":
+        vocab.setdefault(char, len(vocab))
+        vocab.setdefault(f"{char}</w>", len(vocab))
+    merges = ["t h", "th e</w>", "r e", "re d</w>", "s e", "se a</w>"]
+    for merge in merges:
+        vocab.setdefault(merge.replace(" ", ""), len(vocab))
+    folder.mkdir()
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
+    return CLIPTokenizer.from_pretrained(folder, model_max_length=CONDITION_LENGTH)
+
+
+def save_tiny_stable_diffusion(root: Path) -> Path:
+    """A tiny random StableDiffusionPipeline (CLIP text encoder, UNet, VAE, DDIM; 32x32 images), built from configs
+    offline and saved with diffusers' `save_pretrained` (safetensors) into `root / "pipeline"`."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    tokenizer = tiny_clip_tokenizer(root / "vocab")
+    torch.manual_seed(0)
+    text_encoder = CLIPTextModel(CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=CONDITION_WIDTH, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=CONDITION_LENGTH, bos_token_id=0, eos_token_id=1,
+        pad_token_id=1, projection_dim=CONDITION_WIDTH))
+    unet = UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        cross_attention_dim=CONDITION_WIDTH, attention_head_dim=8, norm_num_groups=32)
+    vae = AutoencoderKL(
+        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
+        sample_size=IMAGE_SIZE, norm_num_groups=32)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
+    return root / "pipeline"
 
 
 @pytest.fixture(scope="session")

@@ -6,13 +6,14 @@ saved once per session; the LLM side is `owl2-tiny` with `enable_image_generatio
 
 import json
 import os
-import string
 import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors import safe_open
+
+from conftest import CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE, save_tiny_stable_diffusion
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.modality_generator import (
@@ -25,56 +26,14 @@ from modeling_mmllm.saving import save_model_folder
 
 diffusers = pytest.importorskip("diffusers")
 
-CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32
 PROMPTS = ["Draw a red square.", "Paint the sea at night."]
 GENERATE = {"max_new_tokens": 4, "do_sample": False, "generator_kwargs": {"seed": 0}}
-
-
-def tiny_clip_tokenizer(folder):
-    """A CLIP BPE tokenizer from a hand-written vocab.json / merges.txt (characters plus a few merges)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ".,!?'":
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(f"{char}</w>", len(vocab))
-    merges = ["t h", "th e</w>", "r e", "re d</w>", "s e", "se a</w>"]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=CONDITION_LENGTH)
 
 
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory):
     """A tiny random StableDiffusionPipeline saved with diffusers' `save_pretrained` (safetensors)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root = tmp_path_factory.mktemp("tiny-sd")
-    tokenizer = tiny_clip_tokenizer(root / "vocab")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CONDITION_WIDTH, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CONDITION_LENGTH, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=CONDITION_WIDTH))
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CONDITION_WIDTH, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=IMAGE_SIZE, norm_num_groups=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
-    return root / "pipeline"
+    return save_tiny_stable_diffusion(tmp_path_factory.mktemp("tiny-sd"))
 
 
 @pytest.fixture(scope="module")
