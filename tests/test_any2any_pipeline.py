@@ -199,6 +199,12 @@ def _pixels(image) -> np.ndarray:
     return np.asarray(image).astype(np.int16)
 
 
+def _same_image(image, expected) -> bool:
+    """The same pixels up to float rounding: the pipeline runs under inference_mode, and BLAS may sum in another
+    order (seen on a 16-core GPU machine), which moves a value across a colour level at most."""
+    return np.abs(_pixels(image) - _pixels(expected)).max() <= 1
+
+
 @pytest.mark.parametrize("chat", [DRAW, DRAW_LIKE], ids=["text-prompt", "image-prompt"])
 def test_image_mode_returns_the_generated_image(image_pipe, image_model, image_processor, chat):
     (expected,) = _generated_images(image_model, image_processor, [chat])
@@ -206,7 +212,7 @@ def test_image_mode_returns_the_generated_image(image_pipe, image_model, image_p
     assert set(output) == {"input_text", "generated_image"}
     image = output["generated_image"]
     assert image.mode == "RGB" and image.size == (32, 32)  # the built-in generator's image_size
-    assert np.array_equal(_pixels(image), _pixels(expected))
+    assert _same_image(image, expected)
     assert _pixels(image).std() > 0  # an image, not a constant
 
 
@@ -222,7 +228,7 @@ def test_batched_image_prompts(image_pipe, image_model, image_processor):
     batched = image_pipe(text=chats, batch_size=2, generation_mode="image", generate_kwargs=_greedy())
     images = [output[0]["generated_image"] for output in batched]
     for image, expected in zip(images, _generated_images(image_model, image_processor, chats)):
-        assert np.array_equal(_pixels(image), _pixels(expected))
+        assert _same_image(image, expected)
     single = [image_pipe(text=chat, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
               for chat in chats]
     for image, alone in zip(images, single):  # left padding changes float rounding only: at most one level
@@ -288,4 +294,4 @@ def test_image_generation_through_the_pipeline_in_a_fresh_process(image_folder, 
     expected = image_pipe(text=DRAW, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
     with Image.open(tmp_path / "image.png") as image:
         assert image.size == (32, 32)
-        assert np.array_equal(_pixels(image.convert("RGB")), _pixels(expected))
+        assert _same_image(image.convert("RGB"), expected)
