@@ -212,8 +212,8 @@ class DiffusersImageGenerator:
     def pipeline(self):
         """The diffusers pipeline, loaded (and frozen) on first access."""
         if self._pipeline is None:
-            dtype = {"torch_dtype": self._target[1]} if self._target[1] is not None else {}
-            pipeline = import_diffusers().DiffusionPipeline.from_pretrained(self._resolved_source(), **dtype)
+            # Loaded as stored, then moved to the model's device and dtype (diffusers renamed its dtype argument).
+            pipeline = import_diffusers().DiffusionPipeline.from_pretrained(self._resolved_source())
             self._check_pipeline(pipeline)
             for component in pipeline.components.values():
                 if isinstance(component, nn.Module):

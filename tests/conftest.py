@@ -101,6 +101,7 @@ def save_tiny_stable_diffusion(root: Path) -> Path:
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    root.mkdir(parents=True, exist_ok=True)
     tokenizer = tiny_clip_tokenizer(root / "vocab")
     torch.manual_seed(0)
     text_encoder = CLIPTextModel(CLIPTextConfig(

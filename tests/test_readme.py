@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
-from conftest import ROOT, tiny_text_config, tiny_vision_config
+from conftest import ROOT, save_tiny_stable_diffusion, tiny_text_config, tiny_vision_config
 from transformers import (
     AutoModelForCausalLM,
     Blip2Config,
@@ -61,7 +61,12 @@ COMMANDS = {
     "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100":
         ("", "runs/ddp/model/model.safetensors"),
     "mmllm train audio-tiny-sft": ("--max_steps 20 --eval.n 8 --data.n 64", "runs/audio-tiny/model/model.safetensors"),
+    "mmllm train quickstart-any2any": ("--max_steps 4 --data.n 32 --generator_pretraining.steps 10 "
+                                       "--generator_pretraining.n 64 --eval.n 8",
+                                       "runs/quickstart/any2any/model/model.safetensors"),
     'mmllm generate runs/audio-tiny/model --audio beeps.wav --prompt "How many beeps are there?"': ("", None),
+    'mmllm generate runs/quickstart/any2any/model --prompt "Draw one large red circle on the left." '
+    '--save-image drawn.png': ("", "drawn.png"),
     "trl sft --model_name_or_path runs/quickstart/stage2/model --trust_remote_code --dataset_name data_dir "
     "--assistant_only_loss True --output_dir runs/trl-sft":
         ("--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
@@ -137,6 +142,8 @@ def _save_stand_ins(root: Path) -> None:
     (root / "data_dir").mkdir()
     make_dataset("joint", 16).remove_columns(["kind", "answer"]).to_parquet(root / "data_dir" / "train.parquet")
     (root / "training_recipes").symlink_to(ROOT / "training_recipes")
+    (root / "stable-diffusion-v1-5").mkdir()
+    save_tiny_stable_diffusion(root / "sd-stand-in").rename(root / "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
 
 @pytest.fixture(scope="module")
