@@ -54,16 +54,21 @@ class LinearProjector(MLPProjector):
         super().__init__(config, depth=1)
 
 
-def projector_settings(config, defaults: dict) -> dict:
-    """`config.projector_config` over a projector's defaults; unknown keys are an error, not ignored."""
-    given = dict(config.projector_config or {})
+def checked_settings(given: dict | None, defaults: dict, field: str, owner: str) -> dict:
+    """`given` (the config's `field`) over `owner`'s defaults; unknown keys are an error, not ignored."""
+    given = dict(given or {})
     unknown = set(given) - set(defaults)
     if unknown:
         raise ValueError(
-            f"projector_config has keys {sorted(unknown)} that the {config.projector_type!r} projector does not "
-            f"use; its settings are {sorted(defaults)}."
+            f"{field} has keys {sorted(unknown)} that the {owner} does not use; its settings are {sorted(defaults)}."
         )
     return {**defaults, **given}
+
+
+def projector_settings(config, defaults: dict) -> dict:
+    """`config.projector_config` over a projector's defaults."""
+    return checked_settings(config.projector_config, defaults, "projector_config",
+                            f"{config.projector_type!r} projector")
 
 
 def _feature_width(config) -> int:
@@ -274,5 +279,6 @@ __all__ = [
     "ResamplerProjector",
     "build_audio_projector",
     "build_input_projector",
+    "checked_settings",
     "projector_output_length",
 ]

@@ -24,6 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import cached_file
 
+from .input_projector import checked_settings
+
 # Sub-folder of a saved model that holds a local diffusers pipeline (`pretrained` is then this relative name).
 PIPELINE_FOLDER = "modality_generator"
 INSTALL_HINT = "pip install mmllm[generation]"
@@ -365,10 +367,8 @@ def generator_settings(settings: dict) -> dict:
     if kind not in GENERATORS:
         raise ValueError(f"Unknown modality_generator type {kind!r}: choose one of {sorted(GENERATORS)}.")
     defaults = GENERATORS[kind].DEFAULTS
-    unknown = set(settings) - set(defaults) - {"type"}
-    if unknown:
-        raise ValueError(f"modality_generator has keys {sorted(unknown)} that the {kind!r} generator does not use; "
-                         f"its settings are {sorted(defaults)}.")
+    checked_settings({k: v for k, v in settings.items() if k != "type"}, defaults, "modality_generator",
+                     f"{kind!r} generator")
     complete = getattr(GENERATORS[kind], "complete_settings", None)
     if complete is not None:  # e.g. a pipeline's conditioning shape, read from its configs
         settings = complete(settings)

@@ -9,17 +9,13 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
+from .input_projector import checked_settings
+
 
 def _settings(config, defaults: dict) -> dict:
-    """`config.output_projector_config` over a type's defaults; unknown keys are an error, not ignored."""
-    given = dict(config.output_projector_config or {})
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(
-            f"output_projector_config has keys {sorted(unknown)} that the {config.output_projector_type!r} output "
-            f"projector does not use; its settings are {sorted(defaults)}."
-        )
-    return {**defaults, **given}
+    """`config.output_projector_config` over a type's defaults."""
+    return checked_settings(config.output_projector_config, defaults, "output_projector_config",
+                            f"{config.output_projector_type!r} output projector")
 
 
 def _condition_shape(config) -> tuple[int, int]:
