@@ -195,7 +195,7 @@ def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from .quickstart import run_quickstart
 
-    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio)
+    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -207,6 +207,9 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, low accuracy)")
     command.add_argument("--audio", action="store_true",
                          help="also train audio-tiny on synthetic beeps (about a minute) and report its accuracy")
+    command.add_argument("--any2any", action="store_true",
+                         help="then teach the model to draw (output projector + image generator, a few minutes); "
+                         "the drawings, judged by an independent classifier, go into the report")
     command.set_defaults(run=quickstart)
 
     command = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",

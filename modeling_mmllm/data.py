@@ -1,7 +1,8 @@
 """Training data for recipes: synthetic sets, `datasets` datasets, LLaVA-style JSON (library side).
 
-Every source becomes TRL's conversational format (`images` + `messages`). Rows whose images are missing or cannot
-be decoded are found before training and reported by row index: skipped with a count, or the run stops.
+Every source becomes TRL's conversational format (`images` + `messages`). Rows whose images (input images, or the
+`generation_image` targets of image-generation rows) are missing or cannot be decoded are found before training and
+reported by row index: skipped with a count, or the run stops.
 """
 
 import json
@@ -11,7 +12,7 @@ from pathlib import Path
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
-from .synthetic import make_dataset
+from .synthetic import GENERATION_FEATURES, GENERATION_PROMPTS, make_dataset
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PART = {"type": Value("string"), "text": Value("string")}
@@ -33,6 +34,25 @@ def llava_json_dataset(json_file: str, image_folder: str) -> Dataset:
     return Dataset.from_list(rows, features=LLAVA_FEATURES)
 
 
+def llava_generation_dataset(json_file: str, image_folder: str) -> Dataset:
+    """LLaVA caption conversations turned around for image generation (NExT-GPT's decoding-side alignment): the
+    last assistant answer (the caption) becomes the request "Draw {caption}." (phrasings rotate) answered with an
+    image part, `generation_caption` the caption and `generation_image` the record's image. Records without an
+    image are left out."""
+    records = [record for record in json.loads(Path(json_file).read_text()) if record.get("image")]
+    rows = []
+    for index, record in enumerate(records):
+        caption = next(turn["value"] for turn in reversed(record["conversations"]) if ROLES[turn["from"]] == "assistant")
+        caption = caption.strip().rstrip(".")
+        image = record["image"] if isinstance(record["image"], str) else record["image"][0]
+        request = GENERATION_PROMPTS[index % len(GENERATION_PROMPTS)].format(caption)
+        rows.append({"images": [], "messages": [{"role": "user", "content": [{"type": "text", "text": request}]},
+                                                {"role": "assistant", "content": [{"type": "image", "text": None}]}],
+                     "kind": "generate", "answer": caption, "generation_caption": caption,
+                     "generation_image": str(Path(image_folder) / image)})
+    return Dataset.from_list(rows, features=GENERATION_FEATURES)
+
+
 def _parts(text: str) -> list[dict]:
     parts = []
     for index, piece in enumerate(text.split("<image>")):
@@ -45,11 +65,14 @@ def _parts(text: str) -> list[dict]:
 
 
 def find_bad_rows(dataset: Dataset) -> dict[int, str]:
-    """Row index -> reason, for rows whose images are missing or cannot be decoded."""
+    """Row index -> reason, for rows whose images (or `generation_image` target) are missing or cannot be decoded."""
     raw = dataset.cast_column("images", Sequence(Image(decode=False)))
+    targets = "generation_image" in raw.column_names
+    if targets:
+        raw = raw.cast_column("generation_image", Image(decode=False))
     bad = {}
     for index, row in enumerate(raw):
-        for image in row["images"]:
+        for image in [*row["images"], *([row["generation_image"]] if targets and row["generation_image"] else [])]:
             reason = _image_problem(image)
             if reason:
                 bad[index] = reason
@@ -76,7 +99,11 @@ def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
         return make_dataset(spec["synthetic"], n=spec.get("n", 512), split=spec.get("split", "train"),
                             image_size=spec.get("image_size", 64), seed=spec.get("seed", 0))
     if "llava_json" in spec:
-        dataset = llava_json_dataset(spec["llava_json"], spec.get("image_folder", "."))
+        task = spec.get("task", "chat")
+        if task not in ("chat", "generate"):
+            raise ValueError(f"llava_json task={task!r}: use chat (the conversations) or generate (captions -> images).")
+        source = llava_generation_dataset if task == "generate" else llava_json_dataset
+        dataset = source(spec["llava_json"], spec.get("image_folder", "."))
     elif "dataset" in spec:
         dataset = _load_dataset(spec["dataset"], spec.get("split", "train"))
     else:
@@ -104,4 +131,4 @@ def _load_dataset(name_or_path: str, split: str) -> Dataset:
     return load_dataset(name_or_path, split=split)
 
 
-__all__ = ["find_bad_rows", "llava_json_dataset", "load_training_data"]
+__all__ = ["find_bad_rows", "llava_generation_dataset", "llava_json_dataset", "load_training_data"]

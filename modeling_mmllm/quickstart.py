@@ -3,7 +3,9 @@
 Stage 0 (text) -> stage 1 (captions, LLM frozen) -> stage 2 (joint image + text instructions) through the shipped
 recipes, held-out exact match per question kind and on the text-only facts, a Hub-ready folder, a fresh-process
 reload through `pipeline(..., trust_remote_code=True)` answering a question about a new image, and a PNG with the
-loss curves and held-out predictions.
+loss curves and held-out predictions. With `--any2any`, the stage-2 model then learns to draw (NExT-GPT's output
+side, recipe `quickstart-any2any`): the images it draws for held-out requests are judged by an independent classifier
+and shown in the PNG.
 """
 
 import json
@@ -16,6 +18,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
+from .any2any import run_any2any
 from .evaluation import answer_questions, exact_match
 from .modeling_mmllm import MMLLMForConditionalGeneration
 from .processing_mmllm import MMLLMProcessor
@@ -97,6 +100,24 @@ def reload_and_answer(folder: Path, output: Path) -> dict:
             "expected": scene.answer("colour"), "image": str(image_path)}
 
 
+def run_drawing(output: Path, folder: Path, fast: bool, curves: dict) -> dict[str, float]:
+    """The any-to-any stage from the stage-2 folder; returns its held-out figures (judged drawings, emission)."""
+    print("\n== any-to-any: quickstart-any2any (the stage-2 model learns to draw) ==", flush=True)
+    recorder = LossRecorder()
+    results = run_any2any(output / "any2any", model=folder, fast=fast, callbacks=[recorder])
+    curves["quickstart-any2any"] = recorder.losses
+    return results
+
+
+def append_panel(path: Path, panel: Path) -> None:
+    """Put the image at `panel` under the one at `path` (the report grows by the drawings)."""
+    with Image.open(path) as top, Image.open(panel) as bottom:
+        canvas = Image.new("RGB", (max(top.width, bottom.width), top.height + bottom.height), "white")
+        canvas.paste(top, (0, 0))
+        canvas.paste(bottom, (0, top.height))
+    canvas.save(path)
+
+
 def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str], path: Path) -> None:
     """PNG: one loss curve per stage on top, held-out images with their predicted answers below."""
     width, plot_height, tile = 960, 220, 120
@@ -126,12 +147,14 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
     canvas.save(path)
 
 
-def run_quickstart(output: Path, fast: bool = False, audio: bool = False) -> dict:
-    """Run the main job; raises SystemExit(2) when held-out image (or audio) accuracy is below the pass mark."""
+def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2any: bool = False) -> dict:
+    """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
+    mark."""
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
     folder, curves = run_stages(output, fast)
     audio_accuracy = run_audio(output, fast, curves) if audio else {}
+    drawing = run_drawing(output, folder, fast, curves) if any2any else {}
     print("\n== evaluation on held-out data (no image shared with training) ==", flush=True)
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     heldout = make_dataset("vqa", 40 if fast else 300, split="heldout")
@@ -139,13 +162,16 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False) -> dic
     text_accuracy = exact_match(model, processor, make_dataset("text-eval"))["overall"]
     sample = list(heldout.select(range(16)))
     draw_report(curves, sample, answer_questions(model, processor, sample), output / "quickstart.png")
+    if drawing:
+        append_panel(output / "quickstart.png", Path(drawing["report"]))
     print("\n== reload in a fresh process through pipeline(trust_remote_code=True) ==", flush=True)
     demo = reload_and_answer(folder, output)
     print(f"new image:   {demo['image']} ({demo['description']})")
     print(f"question:    {demo['question']}")
     print(f"answer:      {demo['answer']}")
+    drawn = {name: value for name, value in drawing.items() if isinstance(value, float)}
     summary = {**{f"image/{k}": v for k, v in image_accuracy.items()}, "text/facts": text_accuracy,
-               **{f"audio/{k}": v for k, v in audio_accuracy.items()}}
+               **{f"audio/{k}": v for k, v in audio_accuracy.items()}, **{f"any2any/{k}": v for k, v in drawn.items()}}
     (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
     print("\n== summary ==")
     for kind, value in sorted(image_accuracy.items()):
@@ -153,12 +179,16 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False) -> dic
     print(f"  text-only facts           {text_accuracy * 100:6.1f}%")
     for kind, value in sorted(audio_accuracy.items()):
         print(f"  audio questions, {kind:<9} {value * 100:6.1f}%")
+    for name, value in sorted(drawn.items()):
+        print(f"  any-to-any, {name:<14} {value * 100:6.1f}%")
     print(f"  model folder              {folder}")
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")
     print(f"accuracy: {image_accuracy['overall'] * 100:.1f}%")
     if audio_accuracy:
         print(f"audio accuracy: {audio_accuracy['overall'] * 100:.1f}%")
+    if drawing:
+        print(f"drawing accuracy: shape {drawing['image/shape'] * 100:.1f}%, colour {drawing['image/colour'] * 100:.1f}%")
     if min(image_accuracy["overall"], audio_accuracy.get("overall", 1.0)) < PASS_MARK and not fast:
         heard = f", audio {audio_accuracy['overall'] * 100:.1f}%" if audio_accuracy else ""
         print(f"error: held-out accuracy (images {image_accuracy['overall'] * 100:.1f}%{heard}) is below "

@@ -4,8 +4,16 @@ Images of shapes (kind, colour, size, position, count) with captions and questio
 facts (a tiny "world knowledge" set that stage 0 teaches and stage 2 must not erase). Every dataset is TRL's
 conversational format: `images` (list of PIL images) + `messages`, with `kind` and `answer` columns for evaluation.
 Train and held-out splits draw from different seeds and share no image.
+
+Image generation (any-to-any): `generate` rows ask for a picture of a scene ("Draw one small red circle on the
+left.") and the assistant answers with an image part (which the chat template writes as the signal tokens); their
+`generation_caption` is the scene description the generator is conditioned on and `generation_image` the scene
+drawn in its canonical layout (no position jitter: a caption-to-image regression can then learn sharp shapes). The
+generation splits share no scene: about one scene in seven (`generation_scenes("heldout")`) is only ever asked for
+in the held-out split.
 """
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -39,11 +47,26 @@ TEXT_FACTS = (
     ("Which shape has four equal sides?", "square"),
 )
 SPLIT_SEEDS = {"train": 0, "heldout": 1_000_003}
+# Scene rows of a canonical layout, by count: one shape in the middle row, two in the outer rows, three in all.
+CANONICAL_ROWS = {1: (1,), 2: (0, 2), 3: (0, 1, 2)}
+GENERATION_PROMPTS = ("Draw {}.", "Make a picture of {}.", "Show me {}.", "Paint {}.", "Generate an image of {}.")
+HELDOUT_SCENE_EVERY = 7  # scene `i` of `all_scenes()` is held out for generation when i % 7 == 3
 FEATURES = Features({
     "images": Sequence(Image()),
     "messages": [{"role": Value("string"), "content": Value("string")}],
     "kind": Value("string"),
     "answer": Value("string"),
+})
+# Typed-part messages (`{"type", "text"}`): what rows with an assistant image part need, since a column cannot
+# mix string and list content. `generation_*` are None on rows that ask for no image.
+PART = {"type": Value("string"), "text": Value("string")}
+GENERATION_FEATURES = Features({
+    "images": Sequence(Image()),
+    "messages": [{"role": Value("string"), "content": [PART]}],
+    "kind": Value("string"),
+    "answer": Value("string"),
+    "generation_caption": Value("string"),
+    "generation_image": Image(),
 })
 # Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
 AUDIO_FEATURES = Features({
@@ -70,6 +93,26 @@ class Scene:
         return {"colour": self.colour, "shape": self.shape, "count": NUMBERS[self.count], "size": self.size,
                 "position": self.position}[kind]
 
+    @classmethod
+    def from_description(cls, text: str) -> "Scene":
+        """The scene `describe()` wrote ("two large red circles on the left")."""
+        number, size, colour, noun, *_, position = text.split()
+        return cls(shape=noun.removesuffix("s"), colour=colour, size=size, position=position,
+                   count=NUMBERS.index(number))
+
+
+def all_scenes() -> list[Scene]:
+    """Every scene of the space (3 shapes x 4 colours x 2 sizes x 2 positions x 3 counts = 144), in a fixed order."""
+    return [Scene(*values) for values in itertools.product(SHAPES, COLOURS, SIZES, POSITIONS, (1, 2, 3))]
+
+
+def generation_scenes(split: str) -> list[Scene]:
+    """The scenes image-generation rows of `split` ask for: the held-out ones are new combinations of attribute
+    values every one of which the train split also shows (each shape-colour pair keeps most of its scenes)."""
+    heldout = split == "heldout"
+    return [scene for index, scene in enumerate(all_scenes())
+            if (index % HELDOUT_SCENE_EVERY == 3) == heldout]
+
 
 def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(
@@ -79,11 +122,12 @@ def random_scene(rng: np.random.Generator) -> Scene:
     )
 
 
-def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> PILImage.Image:
+def render(scene: Scene, rng: np.random.Generator, size: int = 64, jitter: bool = True) -> PILImage.Image:
     """Draw the scene: `count` shapes in as many of three rows of the chosen half, with jitter and background noise.
 
     Shapes are drawn at `SUPERSAMPLE` times the size and scaled down, so edges are anti-aliased as in a photo and a
-    small circle still looks round.
+    small circle still looks round. `jitter=False` is the canonical layout (rows by count, centred in their slot and
+    half): the image is then a function of the description, up to background noise and colour shade.
     """
     background = rng.integers(200, 240, (size, size, 3), dtype=np.uint8)
     layer = PILImage.new("RGBA", (size * SUPERSAMPLE, size * SUPERSAMPLE))
@@ -91,9 +135,11 @@ def render(scene: Scene, rng: np.random.Generator, size: int = 64) -> PILImage.I
     side = int(SIZES[scene.size] * size)
     slot = size // ROWS
     half = range(2, size // 2 - side - 1) if scene.position == "left" else range(size // 2 + 1, size - side - 2)
-    for row in sorted(rng.choice(ROWS, scene.count, replace=False)):
-        x = int(rng.choice(half))
-        y = int(row) * slot + int(rng.integers(0, max(1, slot - side - GAP)))
+    rows = sorted(rng.choice(ROWS, scene.count, replace=False)) if jitter else CANONICAL_ROWS[scene.count]
+    for row in rows:
+        x = int(rng.choice(half)) if jitter else half[len(half) // 2]
+        free = max(1, slot - side - GAP)
+        y = int(row) * slot + (int(rng.integers(0, free)) if jitter else free // 2)
         x, y, s = x * SUPERSAMPLE, y * SUPERSAMPLE, side * SUPERSAMPLE
         colour = tuple(int(c) for c in np.clip(np.array(COLOURS[scene.colour]) + rng.integers(-15, 16, 3), 0, 255))
         if scene.shape == "circle":
@@ -139,6 +185,35 @@ def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
     rows = [{"images": [], "messages": _conversation("Say something.", f"I see {random_scene(rng).describe()}."),
              "kind": "corpus", "answer": ""} for _ in range(n)]
     return rows + text_rows(repeats=max(1, n // (4 * len(TEXT_FACTS))))
+
+
+def generation_rows(n: int, split: str = "train", image_size: int = 64, seed: int = 0) -> list[dict]:
+    """`n` rows asking for a picture of a scene of `split` (a random phrasing); the assistant's answer is an image
+    part, `generation_caption` the scene description and `generation_image` the scene in its canonical layout."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 23)
+    scenes = generation_scenes(split)
+    rows = []
+    for _ in range(n):
+        scene = scenes[rng.integers(len(scenes))]
+        prompt = GENERATION_PROMPTS[rng.integers(len(GENERATION_PROMPTS))].format(scene.describe())
+        rows.append({"images": [], "messages": [{"role": "user", "content": [_text(prompt)]},
+                                                {"role": "assistant", "content": [{"type": "image", "text": None}]}],
+                     "kind": "generate", "answer": scene.describe(), "generation_caption": scene.describe(),
+                     "generation_image": render(scene, rng, image_size, jitter=False)})
+    return rows
+
+
+def _text(text: str) -> dict:
+    return {"type": "text", "text": text}
+
+
+def _as_parts(row: dict) -> dict:
+    """A string-content row in the typed-part form of generation datasets (image placeholders first, as TRL puts
+    them), with no generation target."""
+    images = [{"type": "image", "text": None}] * len(row["images"])
+    messages = [{"role": message["role"], "content": [*(images if index == 0 else []), _text(message["content"])]}
+                for index, message in enumerate(row["messages"])]
+    return {**row, "messages": messages, "generation_caption": None, "generation_image": None}
 
 
 SAMPLING_RATE = 16000
@@ -193,10 +268,18 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
 
     Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `joint` (stage 2: image
     questions mixed with the text-only facts), `text-eval` (the facts, for evaluation), `audio` (questions about
-    synthetic beeps, with an `audio` column).
+    synthetic beeps, with an `audio` column), `generate` (requests for a picture of a scene, answered with an
+    image) and `generate-joint` (`n // 2` of those mixed with image questions and the facts, so the model keeps
+    answering questions as text); the generation tasks have `generation_caption` and `generation_image` columns.
     """
     if task == "audio":
         return Dataset.from_list(audio_rows(n, split, seed), features=AUDIO_FEATURES).shuffle(seed=seed)
+    if task in ("generate", "generate-joint"):
+        mixed = task == "generate-joint"
+        rows = generation_rows(n // 2 if mixed else n, split, image_size, seed)
+        if mixed:
+            rows += [_as_parts(row) for row in make_dataset("joint", n - n // 2, split, image_size, seed)]
+        return Dataset.from_list(rows, features=GENERATION_FEATURES).shuffle(seed=seed)
     if task == "text":
         rows = text_corpus_rows(n, seed)
     elif task == "text-eval":
@@ -206,9 +289,11 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     elif task == "joint":
         rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
     else:
-        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval or audio.")
+        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, generate "
+                         "or generate-joint.")
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
 
-__all__ = ["AUDIO_QUESTIONS", "QUESTIONS", "SAMPLING_RATE", "TEXT_FACTS", "Scene", "Sound", "audio_rows",
-           "make_dataset", "random_scene", "random_sound", "render", "synthesize"]
+__all__ = ["AUDIO_QUESTIONS", "COLOURS", "GENERATION_PROMPTS", "QUESTIONS", "SAMPLING_RATE", "SHAPES", "TEXT_FACTS",
+           "Scene", "Sound", "all_scenes", "audio_rows", "generation_rows", "generation_scenes", "make_dataset",
+           "random_scene", "random_sound", "render", "synthesize"]
