@@ -134,8 +134,8 @@ def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_quickstart_fast_smoke(tmp_path):
     """The main job's plumbing end to end, with a few steps per stage (the full run is in test_quickstart)."""
-    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--audio", "--output",
-                          str(tmp_path)],
+    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--audio", "--any2any",
+                          "--output", str(tmp_path)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     assert "accuracy: " in run.stdout and "answer:" in run.stdout
@@ -144,3 +144,7 @@ def test_quickstart_fast_smoke(tmp_path):
     assert 0 <= summary["image/overall"] <= 1 and summary["demo"]["answer"] is not None
     assert 0 <= summary["audio/overall"] <= 1 and "audio accuracy: " in run.stdout  # --audio: audio-tiny too
     assert (tmp_path / "audio" / "model" / "model.safetensors").is_file()
+    assert 0 <= summary["any2any/image/shape"] <= 1 and "drawing accuracy: " in run.stdout  # --any2any: it draws
+    assert (tmp_path / "any2any" / "model" / "model.safetensors").is_file()
+    with Image.open(tmp_path / "quickstart.png") as report, Image.open(tmp_path / "any2any" / "any2any.png") as drawn:
+        assert report.height > drawn.height  # the drawings are part of the report
