@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import soundfile
 import torch
+from PIL import Image
 from conftest import ROOT, save_tiny_stable_diffusion, tiny_text_config, tiny_vision_config
 from transformers import (
     AutoModelForCausalLM,
@@ -173,7 +174,11 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
         assert code == 0, output.err[-3000:]
         if argv[1] == "push":
             assert uploads == ["me/owl2-shapes"]
-        if argv[1] in ("generate", "chat") and "runs/quickstart" in command:  # about the quickstart's new image
+        if "--save-image" in argv:  # a drawing, not an answer: a real RGB PNG at the generator's size
+            with Image.open(workdir / argv[argv.index("--save-image") + 1]) as drawn:
+                assert drawn.mode == "RGB" and min(drawn.size) >= 16
+            assert "image saved to" in output.out
+        elif argv[1] in ("generate", "chat") and "runs/quickstart" in command:  # about the quickstart's new image
             assert "red" in output.out
         if argv[1] == "eval":
             assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
