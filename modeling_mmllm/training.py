@@ -551,6 +551,18 @@ def check_caption_lengths(captions: list[str], tokenizer, settings: dict) -> Non
                          f"to at least {longest}.")
 
 
+def whitened_layer(model: MMLLMForConditionalGeneration) -> nn.Linear:
+    """The output projector's input layer (a Linear on the LLM's hidden states), which `whiten_signal_states`
+    fits and then keeps fixed."""
+    hidden_size = model.config.text_config.hidden_size
+    layer = next((module for module in inner_model(model).output_projector.modules()
+                  if isinstance(module, nn.Linear) and module.in_features == hidden_size), None)
+    if layer is None:
+        raise ValueError("whiten_signal_states needs an output projector whose first layer is a Linear on the LLM's "
+                         "hidden states (the mlp and transformer types); drop the key for this one.")
+    return layer
+
+
 def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: MultimodalCollator, dataset,
                             rows: int = 512, batch_size: int = 32, eps: float = 1e-3) -> nn.Linear:
     """Fold a whitening of the signal-token states into the output projector's input layer, then freeze that layer.
@@ -563,12 +575,7 @@ def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: Mult
     so the layers after it learn on whitened inputs. Returns the layer.
     """
     inner = inner_model(model)
-    hidden_size = model.config.text_config.hidden_size
-    layer = next((module for module in inner.output_projector.modules()
-                  if isinstance(module, nn.Linear) and module.in_features == hidden_size), None)
-    if layer is None:
-        raise ValueError("whiten_signal_states needs an output projector whose first layer is a Linear on the LLM's "
-                         "hidden states (the mlp and transformer types); drop the key for this one.")
+    layer = whitened_layer(model)
     drawing = dataset.filter(lambda caption: bool(caption), input_columns="generation_caption") \
         if "generation_caption" in dataset.column_names else []
     if not len(drawing):
@@ -646,6 +653,17 @@ def pretrain_generator(model: MMLLMForConditionalGeneration, processor: MMLLMPro
     return {"steps": options["steps"], "loss": float(np.mean(recent)), "seconds": round(time.time() - start, 1)}
 
 
+def generator_pretraining_record(output_dir: Path, record: dict | None) -> dict | None:
+    """Keep the generator pre-training's figures beside the checkpoints (`record`), or read them back on resume
+    (`record=None`), so a resumed stage's history still reports them."""
+    path = output_dir / "generator_pretraining.json"
+    if record is None:
+        return json.loads(path.read_text()) if path.is_file() else None
+    output_dir.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record))
+    return record
+
+
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
     """The newest checkpoint whose files were all written (a killed run can leave a half-written one)."""
     needed = ("trainer_state.json", "optimizer.pt", "scheduler.pt")
@@ -682,16 +700,20 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
     if recipe.get("chat_template"):
         processor.chat_template = Path(recipe["chat_template"]).read_text()
     pretraining = None
-    if recipe.get("generator_pretraining") is not None and not resume:  # a checkpoint holds the trained generator
-        pretraining = pretrain_generator(model, processor, recipe["generator_pretraining"], device=args.device)
+    if recipe.get("generator_pretraining") is not None:  # a checkpoint holds the trained generator
+        pretraining = generator_pretraining_record(output_dir, None if resume else pretrain_generator(
+            model, processor, recipe["generator_pretraining"], device=args.device))
     apply_freeze_policy(model, recipe)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows_train(model, recipe) else set()
     dataset = load_training_data(recipe["data"], bad_rows=recipe.get("bad_rows", "stop"))
     image_loss_weight = float(recipe.get("image_loss_weight", 0.0))
     collator = MultimodalCollator(processor=processor, max_length=args.max_length,
                                   assistant_only_loss=args.assistant_only_loss, target_images=image_loss_weight > 0)
-    if recipe.get("whiten_signal_states") and not resume:
-        whiten_output_projector(model, collator, dataset, rows=int(recipe["whiten_signal_states"]))
+    if recipe.get("whiten_signal_states"):
+        if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
+            whitened_layer(model).requires_grad_(False)
+        else:
+            whiten_output_projector(model, collator, dataset, rows=int(recipe["whiten_signal_states"]))
     trainer = MMLLMTrainer(
         model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=collator,
         peft_config=lora_config(model, recipe["lora"]) if recipe.get("lora") is not None else None,

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny_stable_diffusion
+from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import TrainerCallback
 from trl import SFTTrainer
@@ -192,6 +193,40 @@ def test_alignment_loss_decreases(start_folder, tmp_path):
     train(recipe, name=RECIPE, callbacks=[recorder])
     losses = [log["alignment_loss"] for log in recorder.logs if "alignment_loss" in log]
     assert len(losses) >= 25 and np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])  # some batches ask for no image
+
+
+class _Interrupt(TrainerCallback):
+    """Stops the run (as a kill would) once it has passed `step`."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step > self.step:
+            raise KeyboardInterrupt
+
+
+def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path):
+    """A re-run resumes from the last checkpoint (generator pre-training and whitening are not redone: the
+    checkpoint holds their results) and ends where an uninterrupted run ends."""
+    overrides = {**TINY, "max_steps": 8, "save_steps": 4, "model.path": str(start_folder)}
+    straight = load_recipe(RECIPE, {**overrides, "output_dir": str(tmp_path / "straight")})
+    resumed = load_recipe(RECIPE, {**overrides, "output_dir": str(tmp_path / "resumed")})
+    for recipe in (straight, resumed):
+        del recipe["eval"]
+    train(straight, name=RECIPE)
+    with pytest.raises(KeyboardInterrupt):
+        train(resumed, name=RECIPE, callbacks=[_Interrupt(5)])
+    assert not (tmp_path / "resumed" / "model").exists()
+    train(resumed, name=RECIPE)
+    expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
+    actual = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        torch.testing.assert_close(actual[name], expected[name], atol=1e-6, rtol=0)
+    history = [json.loads((tmp_path / run / "model" / "training_history.json").read_text())[-1]
+               for run in ("straight", "resumed")]
+    assert history[1]["steps"] == 8 and history[1]["generator_pretraining"] == history[0]["generator_pretraining"]
 
 
 class _LogRecorder(TrainerCallback):
