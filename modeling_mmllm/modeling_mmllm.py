@@ -5,6 +5,7 @@ LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, th
 """
 
 import math
+import os
 from dataclasses import dataclass
 from types import SimpleNamespace
 
@@ -469,13 +470,18 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         """
         return import_library_module("composition").compose(cls, vision, text, projector, **overrides)
 
-    def save_pretrained(self, save_directory, *args, **kwargs):
+    def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
 
         `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`. A local diffusers
         pipeline (the modality generator) is written into the `modality_generator/` sub-folder, which the saved
-        config then names.
+        config then names. With `push_to_hub=True` (and transformers' `repo_id`, `commit_message`, `create_pr`,
+        `private`, `token`) the upload runs once the folder is complete, sub-folder and card included: every
+        file this call wrote or changed is uploaded.
         """
+        hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
+        os.makedirs(save_directory, exist_ok=True)
+        before = _file_times(save_directory)
         any_to_any = self.config.audio_config is not None or self.config.image_generation
         auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
@@ -484,13 +490,41 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             self.model.modality_generator, generator_settings, save_directory, kwargs.get("is_main_process", True))
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
-            try:
-                cards = import_library_module("hub_card")
-            except ImportError:  # a bare remote-code environment: the folder keeps whatever card it has
-                return
-            cards.write_model_card(self, save_directory)
+            _write_model_card(self, save_directory)
         finally:  # the saved config names the copy; this model keeps using its source
             self.config.modality_generator = generator_settings
+        if push_to_hub and kwargs.get("is_main_process", True):
+            _upload_saved_entries(save_directory, before, token=kwargs.get("token"), **hub)
+
+
+def _write_model_card(model: MMLLMForConditionalGeneration, folder) -> None:
+    """The package's model card; a bare remote-code environment keeps whatever card the folder has."""
+    try:
+        cards = import_library_module("hub_card")
+    except ImportError:
+        return
+    cards.write_model_card(model, folder)
+
+
+def _file_times(folder) -> dict[str, float]:
+    """`{path relative to folder: modification time}` of every file under `folder`."""
+    return {os.path.relpath(os.path.join(root, name), folder): os.path.getmtime(os.path.join(root, name))
+            for root, _, names in os.walk(folder) for name in names}
+
+
+def _upload_saved_entries(folder, before: dict[str, float], repo_id: str | None = None,
+                          commit_message: str | None = None, create_pr: bool = False, token=None,
+                          private: bool | None = None) -> None:
+    """Upload the files under `folder` written or changed since `before` (`_file_times`), sub-folders included
+    (transformers' own upload takes one level, which a diffusers pipeline exceeds)."""
+    from huggingface_hub import HfApi
+
+    changed = [path for path, time in _file_times(folder).items() if path not in before or time > before[path]]
+    api = HfApi(token=token)
+    repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
+                              exist_ok=True).repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload model",
+                      create_pr=create_pr, allow_patterns=[path.replace(os.sep, "/") for path in changed])
 
 
 # Auto classes a saved folder answers to (written into config.json's `auto_map`).

@@ -8,6 +8,8 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -143,6 +145,31 @@ def test_saved_folder_carries_the_pipeline(any2any, saved_folder, sd_folder):
         assert not [key for key in weights_file.keys() if "modality_generator" in key or "unet" in key]
     reloaded = MMLLMForConditionalGeneration.from_pretrained(saved_folder)
     assert os.path.samefile(reloaded.model.modality_generator.source, pipeline_folder)
+
+
+def test_save_pretrained_pushes_the_complete_folder(any2any, tmp_path, monkeypatch):
+    """`save_pretrained(push_to_hub=True)` uploads after the pipeline sub-folder and the card are written."""
+    model, _ = any2any
+    calls = {}
+    monkeypatch.setattr("huggingface_hub.HfApi.create_repo",
+                        lambda self, repo_id, private=None, exist_ok=False: calls.update(repo=(repo_id, private))
+                        or SimpleNamespace(repo_id=repo_id))
+
+    def upload_folder(self, repo_id, folder_path, allow_patterns, **kwargs):
+        calls["files"] = set(allow_patterns)
+        calls["card"] = (Path(folder_path) / "README.md").read_text()
+
+    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
+    folder = tmp_path / "any2any-sd"
+    model.save_pretrained(folder, push_to_hub=True, repo_id="me/any2any-sd", private=True)
+    assert calls["repo"] == ("me/any2any-sd", True)
+    assert calls["files"] == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
+    assert {"README.md", "model.safetensors", f"{PIPELINE_FOLDER}/unet/diffusion_pytorch_model.safetensors",
+            f"{PIPELINE_FOLDER}/model_index.json"} <= calls["files"]
+    assert "Modality Generator" in calls["card"]
+    (folder / "notes.txt").write_text("not part of the model")
+    model.save_pretrained(folder, push_to_hub=True, repo_id="me/any2any-sd")  # the same weights, rewritten
+    assert "notes.txt" not in calls["files"] and "model.safetensors" in calls["files"]
 
 
 FRESH_PROCESS = """

@@ -14,7 +14,7 @@ from modeling_mmllm.hub_card import hub_set_files
 
 HUB_SET = {"configuration_mmllm.py", "modality_encoder.py", "input_projector.py", "modality_adaptive.py", "modeling_mmllm.py",
            "processing_mmllm.py", "output_projector.py", "modality_generator.py"}
-ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL"}
+ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"}  # the last: a transformers dependency
 PROMPT = "<|user|>\n<image>What colour is it?<|end|>\n<|assistant|>\n"
 
 

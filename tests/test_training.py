@@ -192,7 +192,8 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
         assert text in card
 
 
-def test_cli_train_errors_are_one_line(tmp_path, capsys):
+def test_cli_train_errors_are_one_line(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no runs/quickstart here, whatever the checkout holds
     assert main(["train", "nope"]) == 1
     assert "No recipe 'nope'" in capsys.readouterr().err
     assert main(["train", "quickstart-stage2", "--output_dir", str(tmp_path)]) == 1
