@@ -6,6 +6,7 @@ reading (the mean hue of the saturated pixels) that needs no training at all. Bo
 `[0, 1]`, what `generate(generation_mode="image")` returns.
 """
 
+import functools
 import time
 
 import numpy as np
@@ -65,10 +66,12 @@ def judge_data(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tenso
     return pixels, {name: torch.tensor(values) for name, values in labels.items()}
 
 
+@functools.lru_cache(maxsize=2)
 def train_judge(n: int = 2000, steps: int = 300, batch_size: int = 64, learning_rate: float = 5e-3,
                 seed: int = 0, heldout: int = 600) -> tuple[ShapeColourJudge, dict[str, float]]:
     """Train the judge on rendered scenes; returns it and its accuracy per attribute on `heldout` real images of
-    the held-out split (plus `seconds`)."""
+    the held-out split (plus `seconds`). Training is deterministic, so a process trains each judge once: later
+    calls with the same arguments return the same (judge, scores) — use the judge, don't train it further."""
     start = time.time()
     torch.manual_seed(seed)
     images, labels = judge_data(n, "train", seed)

@@ -14,7 +14,7 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.image_judge import CHANCE
+from modeling_mmllm.image_judge import CHANCE, train_judge
 from modeling_mmllm.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
 from modeling_mmllm.training import (
     ALIGNMENT_FREEZE,
@@ -281,6 +281,14 @@ def test_real_size_recipe_with_a_diffusers_generator_on_a_tiny_model(tmp_path):
     model, processor = build_model(spec)
     with pytest.raises(ValueError, match="'diffusers' generator comes pretrained: remove generator_pretraining"):
         pretrain_generator(model, processor, {"steps": 1})
+
+
+def test_the_judge_trains_once_per_process():
+    """Evaluating several stages (or runs) in one process reuses the deterministic judge instead of retraining it."""
+    train_judge.cache_clear()
+    judge, scores = train_judge(n=32, steps=2, heldout=8)
+    assert train_judge(n=32, steps=2, heldout=8)[0] is judge and train_judge.cache_info().hits == 1
+    assert set(scores) == {"shape", "colour", "seconds"}
 
 
 @pytest.fixture(scope="module")
