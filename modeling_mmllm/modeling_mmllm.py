@@ -229,6 +229,12 @@ class MMLLMModel(MMLLMPreTrainedModel):
         if input_features is not None:
             if input_features_mask is None:
                 raise ValueError("input_features need input_features_mask (which frames are real audio).")
+            if input_features.shape[0] != input_features_mask.shape[0]:
+                raise ValueError(
+                    f"input_features hold {input_features.shape[0]} audio window(s) but input_features_mask "
+                    f"{input_features_mask.shape[0]}: windows were lost on the way. transformers' pipeline batching "
+                    "keeps only the first window of each item, so clips longer than one encoder window need "
+                    "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window).")
             features[AUDIO] = self.get_audio_features(input_features, input_features_mask)
         return features
 

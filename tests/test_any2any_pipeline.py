@@ -144,6 +144,15 @@ def test_batched_audio_questions_equal_single_ones(audio_pipe, audio_model, audi
     assert [output[0]["generated_text"] for output in batched] == expected
 
 
+def test_batched_long_clips_name_the_pipeline_limit(audio_pipe, audio_chats):
+    """transformers' pipeline batching keeps one window per item: a clip longer than a window gets a clear error
+    (not a placeholder-count mismatch); alone it is answered."""
+    long_chat = _chat({"type": "audio", "audio": _tone(3.5, 440.0)}, _text("How many beeps are there?"))
+    assert audio_pipe(text=long_chat, generate_kwargs=_greedy(), return_full_text=False)[0]["generated_text"]
+    with pytest.raises(ValueError, match=r"hold 2 audio window\(s\) but input_features_mask 3.*batch_size=1"):
+        audio_pipe(text=[long_chat, audio_chats["low", "array"]], batch_size=2, generate_kwargs=_greedy())
+
+
 def test_audio_model_card_and_output_modalities(audio_folder, audio_pipe):
     card = (audio_folder / "README.md").read_text()
     assert "pipeline_tag: any-to-any" in card.split("---")[1]
