@@ -301,7 +301,7 @@ def trained(tmp_path_factory):
     generator pre-trained, LLM frozen, judged on held-out scenes by a separately trained classifier."""
     output = tmp_path_factory.mktemp("any2any")
     overrides = {"model": {"preset": "owl2-tiny", "image_generation": GENERATION}, "output_dir": str(output),
-                 "max_steps": 500, "data.n": 1200, "generator_pretraining.steps": 800, "eval.n": 120,
+                 "max_steps": 300, "data.n": 1200, "generator_pretraining.steps": 800, "eval.n": 120,
                  "whiten_signal_states": 256, "logging_steps": 50}
     folder = train(load_recipe(RECIPE, overrides), name=RECIPE)
     metrics = json.loads((folder / "eval_results.json").read_text())

@@ -50,8 +50,9 @@ ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no
 COMMANDS = {
     "./run quickstart": None,  # the `quickstart_run` fixture (tests/test_quickstart.py checks it)
     "./run tests": None,  # what .ci/run runs (checked below)
+    # Training commands run a few steps here (the last --max_steps wins); learning is tested in test_training_runs.
     "mmllm train quickstart-stage2 --max_steps 200 --output_dir runs/try --model runs/quickstart/stage1/model":
-        ("", "runs/try/model/model.safetensors"),
+        ("--max_steps 20", "runs/try/model/model.safetensors"),
     "mmllm train llava-stage1-projector": (CPU_RECIPE + " --output_dir runs/llava-stage1", "runs/llava-stage1/model"),
     "accelerate launch --config_file training_recipes/accelerate/multi_gpu.yaml -m modeling_mmllm.cli train "
     "owl2-stage2-instruct": (CPU_RECIPE + " --output_dir runs/multi-gpu", "runs/multi-gpu/model"),
@@ -60,7 +61,7 @@ COMMANDS = {
     "accelerate launch --config_file training_recipes/accelerate/fsdp.yaml -m modeling_mmllm.cli train llava-lora":
         (CPU_RECIPE + " --output_dir runs/fsdp", "runs/fsdp/model/adapter_model.safetensors"),
     "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100":
-        ("", "runs/ddp/model/model.safetensors"),
+        ("--max_steps 10", "runs/ddp/model/model.safetensors"),
     "mmllm train audio-tiny-sft": ("--max_steps 20 --eval.n 8 --data.n 64", "runs/audio-tiny/model/model.safetensors"),
     "mmllm train quickstart-any2any": ("--max_steps 4 --data.n 32 --generator_pretraining.steps 10 "
                                        "--generator_pretraining.n 64 --eval.n 8",
