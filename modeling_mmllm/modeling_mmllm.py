@@ -4,10 +4,10 @@ Structured like transformers' LLaVA: `MMLLMModel` returns the backbone's full-se
 LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, the loss and generation.
 """
 
+import copy
 import math
 import os
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -341,12 +341,24 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         image decoder). New modules start untrained; train them with an any-to-any recipe."""
         if self.config.image_generation:
             raise ValueError("Image generation is already on for this model.")
-        if num_signal_tokens < 1:
-            raise ValueError(f"num_signal_tokens={num_signal_tokens}: an image needs at least one signal token.")
-        # Check every setting before the tokenizer, the embeddings or the config change.
-        modality_generator = generator_settings(modality_generator or {"type": "builtin"})
-        output_projector_class(SimpleNamespace(output_projector_type=output_projector_type,
-                                               output_projector_config=output_projector_config))
+        if not hasattr(processor, "tokenizer"):
+            raise ValueError(f"enable_image_generation needs the model's MMLLMProcessor (its tokenizer gets the signal "
+                             f"tokens), not {type(processor).__name__}.")
+        if isinstance(num_signal_tokens, bool) or not isinstance(num_signal_tokens, int) or num_signal_tokens < 1:
+            raise ValueError(f"num_signal_tokens={num_signal_tokens!r}: an image needs a whole number (>= 1) of signal "
+                             "tokens; NExT-GPT uses 4.")
+        if modality_generator is not None and not isinstance(modality_generator, dict):
+            raise ValueError(f"modality_generator={modality_generator!r}: pass a dict such as {{'type': 'builtin'}} or "
+                             "{'type': 'diffusers', 'pretrained': ID_OR_FOLDER}.")
+        # Check every setting (building the new modules on the meta device, without touching the random state)
+        # before the tokenizer, the embeddings or the config change.
+        trial = copy.deepcopy(self.config)
+        trial.signal_token_ids = list(range(num_signal_tokens))  # stand-ins for the ids the tokens will get
+        trial.output_projector_type, trial.output_projector_config = output_projector_type, output_projector_config
+        trial.modality_generator = generator_settings(modality_generator or {"type": "builtin"})
+        trial._check_image_generation()
+        with torch.random.fork_rng(devices=[]), torch.device("meta"):
+            build_output_projector(trial), build_modality_generator(trial)
         tokens = [f"<gen_img_{index}>" for index in range(num_signal_tokens)]
         processor.tokenizer.add_tokens(tokens, special_tokens=True)
         if len(processor.tokenizer) > self.config.text_config.vocab_size:
@@ -354,7 +366,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         self.config.signal_token_ids = processor.tokenizer.convert_tokens_to_ids(tokens)
         self.config.output_projector_type = output_projector_type
         self.config.output_projector_config = output_projector_config
-        self.config.modality_generator = modality_generator
+        self.config.modality_generator = trial.modality_generator
         self.config._check_image_generation()
         parameter = self.lm_head.weight
         self.model.output_projector = build_output_projector(self.config).to(parameter.device, parameter.dtype)
@@ -384,15 +396,23 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
                              "return_dict_in_generate.")
         input_ids = args[0] if args else kwargs["input_ids"]
         sequences = super().generate(*args, **kwargs)
-        ids, mask = self._image_sequences(sequences, input_ids.shape[1], kwargs.get("attention_mask"))
         media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
+        per_prompt = len(sequences) // len(input_ids)  # num_return_sequences: consecutive rows share a prompt
+        images = [self._draw(sequences[draw::per_prompt], input_ids.shape[1], kwargs.get("attention_mask"), media,
+                             generator_kwargs or {}) for draw in range(per_prompt)]
+        return torch.stack(images, dim=1).flatten(0, 1)
+
+    def _draw(self, sequences: torch.LongTensor, prompt_length: int, attention_mask: torch.Tensor | None,
+              media: dict, generator_kwargs: dict) -> torch.Tensor:
+        """One image per prompt row from its generated `sequences` (one row each, in prompt order)."""
+        ids, mask = self._image_sequences(sequences, prompt_length, attention_mask)
         hidden_states = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                                    **media).last_hidden_state
         # Each row ends with the signal group of its new image; groups earlier in the prompt (images of previous
         # turns) only condition the text.
         k = len(self.config.signal_token_ids)
         conditioning = self.model.get_generation_conditioning(hidden_states[:, -k:])
-        return self.model.modality_generator.generate(conditioning, **(generator_kwargs or {}))
+        return self.model.modality_generator.generate(conditioning, **generator_kwargs)
 
     def _image_sequences(self, sequences: torch.LongTensor, prompt_length: int,
                          attention_mask: torch.Tensor | None) -> tuple[torch.LongTensor, torch.LongTensor]:

@@ -271,6 +271,26 @@ def test_left_padded_batches_equal_single_rows(model, a2a_processor):
     assert (batched[0] - batched[1]).abs().max() > 1e-3
 
 
+def test_several_images_per_prompt(model, a2a_processor):
+    """num_return_sequences: one image per returned sequence, in generate's order (consecutive rows per prompt)."""
+    prompts = [_prompt(a2a_processor, "Draw a red circle."), _prompt(a2a_processor, "Draw two small blue squares now.")]
+    batch = a2a_processor(text=prompts, padding=True, return_tensors="pt")
+    sampling = {"max_new_tokens": 6, "do_sample": True, "num_return_sequences": 3}
+    torch.manual_seed(3)
+    sequences = model.generate(**batch, **sampling)
+    torch.manual_seed(3)
+    images = model.generate(**batch, **sampling, generation_mode="image")
+    assert images.shape == (6, 3, 32, 32)
+    width = batch["input_ids"].shape[1]
+    for row, sequence in enumerate(sequences.tolist()):
+        prompt = [t for t, keep in zip(sequence[:width], batch["attention_mask"][row // 3].tolist()) if keep]
+        answer = sequence[width:]
+        starts = [i for i in range(len(answer)) if answer[i:i + len(SIGNAL)] == SIGNAL]
+        ids = prompt + (answer[:starts[0] + len(SIGNAL)] if starts else SIGNAL)
+        torch.testing.assert_close(images[row:row + 1], _image_from(model, ids), atol=1e-5, rtol=0)
+    assert (images[0] - images[3]).abs().max() > 1e-3
+
+
 def test_the_input_image_conditions_the_generated_image(model, a2a_processor):
     prompt = _prompt(a2a_processor, "Draw one like this.", image=True)
     images = [_generate_images(model, a2a_processor(images=[picture], text=[prompt], return_tensors="pt"))
@@ -424,7 +444,12 @@ def test_model_card_render_for_a_repo(model):
     ({"output_projector_type": "conv"}, "Unknown output_projector_type"),
     ({"output_projector_config": {"depth": 3}}, "does not use"),
     ({"modality_generator": {"type": "gan"}}, "Unknown modality_generator type"),
-    ({"num_signal_tokens": 0}, "at least one signal token"),
+    ({"num_signal_tokens": 0}, "whole number"),
+    ({"num_signal_tokens": "4"}, "whole number"),
+    ({"modality_generator": "builtin"}, "pass a dict"),
+    # Checked when the modules are built: still before anything changes.
+    ({"modality_generator": {"type": "builtin", "image_size": 30}}, "4 x a power of two"),
+    ({"output_projector_config": {"num_heads": 3}}, "not divisible by output_projector_config.num_heads=3"),
 ])
 def test_enable_image_generation_refuses_bad_settings_before_changing_anything(kwargs, message):
     model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset("owl2-tiny"))
@@ -434,3 +459,5 @@ def test_enable_image_generation_refuses_bad_settings_before_changing_anything(k
         model.enable_image_generation(processor, **kwargs)
     assert len(processor.tokenizer) == vocab and model.config.to_dict() == config
     assert model.lm_head.weight.shape[0] == vocab and model.model.output_projector is None
+    model.enable_image_generation(processor)  # a corrected call then works
+    assert model.config.image_generation and len(processor.tokenizer) == vocab + 4
