@@ -26,6 +26,11 @@ try:  # optional: audio files (wav, flac, ogg)
 except ImportError:
     soundfile = None
 
+try:  # optional: resampling audio at another rate (what transformers' own audio loader uses)
+    import soxr
+except ImportError:
+    soxr = None
+
 try:  # optional: video files (gif; mp4 and others with imageio's ffmpeg or pyav plugin)
     import imageio.v3 as imageio
 except ImportError:
@@ -258,7 +263,8 @@ class MMLLMProcessor(ProcessorMixin):
                 replacements)
 
     def _waveform(self, clip, index: int, sampling_rate: int | None) -> np.ndarray:
-        """One mono waveform at the extractor's rate; a file path, `{"array", "sampling_rate"}`, or an array."""
+        """One mono waveform at the extractor's rate (resampled with soxr, as transformers' audio loader does); a file
+        path, `{"array", "sampling_rate"}`, or an array with `sampling_rate`."""
         expected = self.audio_features.sampling_rate
         if isinstance(clip, str):
             if soundfile is None:
@@ -280,8 +286,11 @@ class MMLLMProcessor(ProcessorMixin):
             raise ValueError(f"Audio item {index} has no sampling rate: pass sampling_rate={expected} (or a "
                              "{'array', 'sampling_rate'} dict, or a file) so it is not misread.")
         if sampling_rate != expected:
-            raise ValueError(f"Audio item {index} is sampled at {sampling_rate} Hz but the audio encoder expects "
-                             f"{expected} Hz: resample it first (e.g. librosa.resample or torchaudio).")
+            if soxr is None:
+                raise ValueError(f"Audio item {index} is sampled at {sampling_rate} Hz but the audio encoder expects "
+                                 f"{expected} Hz: install soxr to resample it here (`pip install mmllm[audio]`), or "
+                                 "resample it first.")
+            waveform = soxr.resample(waveform, sampling_rate, expected).astype(np.float32)
         return waveform
 
     def _process_images(self, images, **kwargs):
