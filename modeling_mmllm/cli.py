@@ -74,14 +74,26 @@ def _image_target(path: str | None) -> Path | None:
         raise ValueError(f"--save-image {path}: use an image file name (.png, .jpg, ...).")
     if not target.parent.is_dir():
         raise FileNotFoundError(f"--save-image {path}: the folder {target.parent} does not exist.")
+    if target.is_dir():
+        raise IsADirectoryError(f"--save-image {path} is a folder: give a file name inside it.")
+    _save_image(None, target)  # can we write there? (checked before the model loads)
     return target
 
 
 def _save_image(image, target: Path) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written image."""
+    """Write through a temporary file in the same folder, then rename: never a half-written image, never a
+    temporary file left behind. `image=None` only checks that the folder takes the file."""
     staging = target.with_name(f".{target.name}.partial{target.suffix}")
-    image.save(staging)
-    staging.replace(target)
+    try:
+        if image is None:
+            staging.touch()
+        else:
+            image.save(staging)
+            staging.replace(target)
+    except OSError as error:
+        raise OSError(f"--save-image {target}: cannot write it ({error.strerror or error}).") from None
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def generate(args: argparse.Namespace) -> None:
@@ -105,7 +117,10 @@ def generate(args: argparse.Namespace) -> None:
         print(f"image saved to {target}")
         return
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    print(processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip())
+    answer = output[0, inputs["input_ids"].shape[1]:]
+    print(processor.decode(answer, skip_special_tokens=True).strip())
+    if set(answer.tolist()) & set(model.config.signal_token_ids or []):
+        print("(the model answered with an image: add --save-image FILE to draw it)", file=sys.stderr)
 
 
 def _input_lines():

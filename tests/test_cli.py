@@ -11,7 +11,7 @@ from conftest import make_images, seeded_model, tiny_text_config, tiny_vision_co
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from modeling_mmllm import MMLLMConfig, MMLLMProcessor
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.cli import main, parser
 from modeling_mmllm.presets import offline_tokenizer
 from modeling_mmllm.saving import save_model_folder
@@ -68,6 +68,15 @@ def test_generate_saves_the_image_a_model_draws(any2any_folder, tmp_path, capsys
     assert list(Image.open(target).getdata()) == list(expected.getdata())  # PNG is lossless: the same pixels
 
 
+def test_generate_without_save_image_hints_at_it_when_the_answer_is_an_image(any2any_folder, capsys, monkeypatch):
+    folder, model, _ = any2any_folder
+    signal = model.config.signal_token_ids
+    monkeypatch.setattr(MMLLMForConditionalGeneration, "generate",  # the model answers with its signal group
+                        lambda self, input_ids, **kwargs: torch.cat([input_ids, torch.tensor([signal])], dim=1))
+    assert main(["generate", str(folder), "--prompt", "Draw one red circle."]) == 0
+    assert "add --save-image FILE to draw it" in capsys.readouterr().err
+
+
 def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
     session = f"/image {image_file}\nWhat colour is it?\n/image /no/such.png\nAnd now?\n/quit\n"
     run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder),
@@ -87,16 +96,20 @@ def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
     (["generate", "SAVED", "--prompt", "Draw.", "--save-image", "OUT.png"], "cannot generate images"),
     (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "OUT.txt"], "use an image file name"),
     (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/no/such/dir/x.png"], "does not exist"),
+    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "DIR.png"], "is a folder: give a file name"),
+    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
 ])
 def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
+    (tmp_path / "dir.png").mkdir()
     replace = {"SAVED": str(saved_folder), "OUT": str(tmp_path / "out"), "NOT_AN_IMAGE": str(tmp_path / "fake.png"),
                "ANY2ANY": str(any2any_folder[0]), "OUT.png": str(tmp_path / "out.png"),
-               "OUT.txt": str(tmp_path / "out.txt")}
+               "OUT.txt": str(tmp_path / "out.txt"), "DIR.png": str(tmp_path / "dir.png")}
     assert main([replace.get(arg, arg) for arg in argv]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "fake.png"]  # nothing partial left behind
 
 
 def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
