@@ -370,6 +370,16 @@ def test_post_processing_to_pil(a2a_processor):
     # Text mode still decodes ids.
     ids = a2a_processor.tokenizer(["Hello there"], add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert a2a_processor.post_process_multimodal_output(ids) == ["Hello there"]
+    # One image, arrays and lists give the same pictures; anything else is a clear error.
+    for form in (pixels[0], pixels.numpy(), [pixels[0], pixels[1]], list(pixels.numpy())):
+        converted = a2a_processor.post_process_multimodal_output(form, generation_mode="image")
+        assert [np.asarray(image).tolist() for image in converted] == [np.asarray(image).tolist()
+                                                                      for image in images[:len(converted)]]
+    for bad in (ids, torch.rand(2, 4, 8, 6)):
+        with pytest.raises(ValueError, match=r"pixels \[B, 3, H, W\].*got"):
+            a2a_processor.post_process_multimodal_output(bad, generation_mode="image")
+    with pytest.raises(ValueError, match="pass generation_mode='image'"):
+        a2a_processor.post_process_multimodal_output(pixels)
 
 
 # Saving, auto_map, model card.
