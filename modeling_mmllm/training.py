@@ -42,6 +42,7 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 
 import json
 import shutil
+import sys
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, fields
@@ -653,15 +654,23 @@ def pretrain_generator(model: MMLLMForConditionalGeneration, processor: MMLLMPro
     return {"steps": options["steps"], "loss": float(np.mean(recent)), "seconds": round(time.time() - start, 1)}
 
 
-def generator_pretraining_record(output_dir: Path, record: dict | None) -> dict | None:
+def generator_pretraining_record(output_dir: Path, settings: dict, record: dict | None) -> dict | None:
     """Keep the generator pre-training's figures beside the checkpoints (`record`), or read them back on resume
-    (`record=None`), so a resumed stage's history still reports them."""
+    (`record=None`), so a resumed stage's history still reports them. A resumed run keeps the checkpoint's
+    generator: changed pre-training `settings` are reported, not silently dropped."""
     path = output_dir / "generator_pretraining.json"
-    if record is None:
-        return json.loads(path.read_text()) if path.is_file() else None
-    output_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(record))
-    return record
+    if record is not None:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"settings": settings, "result": record}))
+        return record
+    if not path.is_file():
+        return None
+    saved = json.loads(path.read_text())
+    if saved["settings"] != settings:
+        print(f"warning: generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
+              f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again).",
+              file=sys.stderr, flush=True)
+    return saved["result"]
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -671,7 +680,9 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     for checkpoint in checkpoints:
         has_weights = any(checkpoint.glob("*.safetensors"))
         if has_weights and all((checkpoint / name).is_file() for name in needed):
+            print(f"resuming from {checkpoint} (use a new output_dir to start over)", flush=True)
             return checkpoint
+        print(f"skipping {checkpoint}: incomplete (the run was stopped while writing it)", flush=True)
     return None
 
 
@@ -701,8 +712,9 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
         processor.chat_template = Path(recipe["chat_template"]).read_text()
     pretraining = None
     if recipe.get("generator_pretraining") is not None:  # a checkpoint holds the trained generator
-        pretraining = generator_pretraining_record(output_dir, None if resume else pretrain_generator(
-            model, processor, recipe["generator_pretraining"], device=args.device))
+        pretraining = generator_pretraining_record(output_dir, recipe["generator_pretraining"], None if resume else
+                                                   pretrain_generator(model, processor, recipe["generator_pretraining"],
+                                                                      device=args.device))
     apply_freeze_policy(model, recipe)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows_train(model, recipe) else set()
     dataset = load_training_data(recipe["data"], bad_rows=recipe.get("bad_rows", "stop"))

@@ -207,7 +207,7 @@ class _Interrupt(TrainerCallback):
             raise KeyboardInterrupt
 
 
-def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path):
+def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path, capsys):
     """A re-run resumes from the last checkpoint (generator pre-training and whitening are not redone: the
     checkpoint holds their results) and ends where an uninterrupted run ends."""
     overrides = {**TINY, "max_steps": 8, "save_steps": 4, "model.path": str(start_folder)}
@@ -219,7 +219,9 @@ def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         train(resumed, name=RECIPE, callbacks=[_Interrupt(5)])
     assert not (tmp_path / "resumed" / "model").exists()
+    capsys.readouterr()
     train(resumed, name=RECIPE)
+    assert f"resuming from {tmp_path / 'resumed' / 'checkpoint-4'}" in capsys.readouterr().out
     expected = load_file(tmp_path / "straight" / "model" / "model.safetensors")
     actual = load_file(tmp_path / "resumed" / "model" / "model.safetensors")
     assert expected.keys() == actual.keys()
@@ -229,8 +231,11 @@ def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path):
     history = [json.loads((tmp_path / run / "model" / "training_history.json").read_text())[-1]
                for run in ("straight", "resumed")]
     interrupted = json.loads((tmp_path / "resumed" / "generator_pretraining.json").read_text())
-    assert history[1]["steps"] == 8 and history[1]["generator_pretraining"] == interrupted  # what made its generator
-    assert interrupted["steps"] == history[0]["generator_pretraining"]["steps"] == 5
+    assert history[1]["steps"] == 8 and history[1]["generator_pretraining"] == interrupted["result"]  # its generator's
+    assert interrupted["result"]["steps"] == history[0]["generator_pretraining"]["steps"] == 5
+    resumed["generator_pretraining"]["steps"] = 7  # changed after the fact: kept, but said
+    train(resumed, name=RECIPE)
+    assert "the checkpoint's generator was pre-trained with" in capsys.readouterr().err
 
 
 class _LogRecorder(TrainerCallback):
