@@ -127,6 +127,10 @@ def _download_subfolder(repo_id: str, subfolder: str) -> str:
 
 
 def _read_json(pretrained: str, subfolder: str, name: str) -> dict:
+    if not os.path.isdir(pretrained) and (os.path.isabs(pretrained) or pretrained.startswith(".")
+                                          or pretrained.count("/") > 1):
+        raise ValueError(f"modality_generator pretrained={pretrained!r}: no such pipeline folder (and not a Hub id "
+                         "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5').")
     with open(cached_file(pretrained, name, subfolder=subfolder), encoding="utf-8") as file:
         return json.load(file)
 

@@ -118,6 +118,8 @@ def test_settings_are_explicit_and_checked(sd_folder):
         generator_settings({"type": "diffusers", "pretrained": str(sd_folder), "height": 64})
     with pytest.raises(ValueError, match="needs 'pretrained'"):
         generator_settings({"type": "diffusers"})
+    with pytest.raises(ValueError, match="'/no/such/sd': no such pipeline folder"):
+        generator_settings({"type": "diffusers", "pretrained": "/no/such/sd"})
     wrong = DiffusersImageGenerator({**settings, "condition_width": 48})
     with pytest.raises(ValueError, match="diffusers_generator_settings"):
         wrong.pipeline
