@@ -29,6 +29,8 @@ from .input_projector import checked_settings
 # Sub-folder of a saved model that holds a local diffusers pipeline (`pretrained` is then this relative name).
 PIPELINE_FOLDER = "modality_generator"
 INSTALL_HINT = "pip install mmllm[generation]"
+# generate() keywords of diffusion generators; the built-in decoder accepts and ignores them.
+SAMPLING_KEYWORDS = ("num_inference_steps", "guidance_scale", "seed", "generator")
 
 
 class BuiltinImageGenerator(nn.Module):
@@ -91,6 +93,13 @@ class BuiltinImageGenerator(nn.Module):
 
     @torch.no_grad()
     def generate(self, conditioning: torch.Tensor, **kwargs) -> torch.Tensor:
+        """Conditioning -> images `[batch, 3, H, W]` in `[0, 1]`. The decoder is deterministic: a diffusion
+        generator's sampling keywords (`SAMPLING_KEYWORDS`) are accepted, so one call serves every generator, and
+        have no effect; any other keyword is an error."""
+        unknown = sorted(set(kwargs) - set(SAMPLING_KEYWORDS))
+        if unknown:
+            raise ValueError(f"The built-in image generator takes no {unknown} (generator_kwargs): it accepts only "
+                             f"{list(SAMPLING_KEYWORDS)}, which it does not need.")
         return torch.sigmoid(self(conditioning.to(self.to_grid.weight.dtype))).float()
 
     def image_loss(self, conditioning: torch.Tensor, images: torch.Tensor) -> torch.Tensor:

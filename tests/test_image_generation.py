@@ -271,6 +271,17 @@ def test_left_padded_batches_equal_single_rows(model, a2a_processor):
     assert (batched[0] - batched[1]).abs().max() > 1e-3
 
 
+def test_generator_kwargs_are_checked(model, a2a_processor):
+    """The built-in decoder is deterministic: sampling keywords are accepted (one call for every generator), and
+    have no effect; a misspelt keyword is an error, not silently dropped."""
+    inputs = a2a_processor(text=[_prompt(a2a_processor, "Draw a red circle.")], return_tensors="pt")
+    plain = _generate_images(model, inputs)
+    torch.testing.assert_close(_generate_images(model, inputs, generator_kwargs={"seed": 3, "num_inference_steps": 9}),
+                               plain)
+    with pytest.raises(ValueError, match=r"takes no \['num_steps'\]"):
+        _generate_images(model, inputs, generator_kwargs={"num_steps": 9})
+
+
 def test_several_images_per_prompt(model, a2a_processor):
     """num_return_sequences: one image per returned sequence, in generate's order (consecutive rows per prompt)."""
     prompts = [_prompt(a2a_processor, "Draw a red circle."), _prompt(a2a_processor, "Draw two small blue squares now.")]
