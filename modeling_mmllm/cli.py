@@ -1,6 +1,7 @@
 """The `mmllm` command line (library side). User mistakes end with one clear line and exit code 1."""
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
@@ -54,7 +55,12 @@ def train(args: argparse.Namespace) -> None:
     from .training import train as run_recipe
 
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
-    print(f"model saved to {run_recipe(recipe, name=Path(args.recipe).stem)}")
+    folder = run_recipe(recipe, name=Path(args.recipe).stem)
+    results = folder / "eval_results.json"
+    if results.is_file():  # the recipe's held-out evaluation (also in the model card)
+        for name, value in json.loads(results.read_text()).items():
+            print(f"{name:<26}{value:.1%}")
+    print(f"model saved to {folder}")
 
 
 def _check_file(path: str | None, what: str) -> list[str]:

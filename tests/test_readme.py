@@ -183,6 +183,8 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
             assert "red" in output.out
         if argv[1] == "eval":
             assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
+        if argv[1:3] == ["train", "quickstart-any2any"]:  # the held-out evaluation is printed, not only saved
+            assert re.search(r"^image/shape\s+\d+\.\d%$", output.out, re.MULTILINE), output.out[-2000:]
     else:
         if argv[:2] == ["accelerate", "launch"]:
             argv = shlex.split(ACCELERATE_CPU) + argv[2:]
