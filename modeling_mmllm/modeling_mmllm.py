@@ -24,7 +24,7 @@ from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
-from .output_projector import build_output_projector, output_projector_class
+from .output_projector import build_output_projector
 
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}

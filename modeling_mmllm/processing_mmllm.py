@@ -326,7 +326,8 @@ class MMLLMProcessor(ProcessorMixin):
     def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
                                        **kwargs):
         """Text (token ids -> strings) or, with `generation_mode="image"`, images `[B, 3, H, W]` (or one `[3, H, W]`)
-        in `[0, 1]`, as a tensor, an array or a list of them -> a list of PIL images (what `pipeline("any-to-any")` returns)."""
+        in `[0, 1]`, as a tensor, an array or a list of them -> a list of PIL images (what `pipeline("any-to-any")`
+        returns)."""
         if generation_mode != "image":
             if torch.is_tensor(generated_outputs) and generated_outputs.is_floating_point():
                 raise ValueError("These outputs are pixels, not token ids: pass generation_mode='image'.")
@@ -339,7 +340,7 @@ class MMLLMProcessor(ProcessorMixin):
             raise ValueError(f"generation_mode='image' turns pixels [B, 3, H, W] (or [3, H, W]) in [0, 1] into PIL "
                              f"images (what generate(generation_mode='image') returns); got {pixels.dtype} of shape "
                              f"{tuple(pixels.shape)}.")
-        pixels = pixels.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+        pixels = pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8)
         return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
 
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
