@@ -3,6 +3,7 @@
 import argparse
 import json
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError)
@@ -82,20 +83,18 @@ def _image_target(path: str | None) -> Path | None:
         raise FileNotFoundError(f"--save-image {path}: the folder {target.parent} does not exist.")
     if target.is_dir():
         raise IsADirectoryError(f"--save-image {path} is a folder: give a file name inside it.")
-    _save_image(None, target)  # can we write there? (checked before the model loads)
+    with _staging(target) as staging:  # can we write there? (checked before the model loads)
+        staging.touch()
     return target
 
 
-def _save_image(image, target: Path) -> None:
-    """Write through a temporary file in the same folder, then rename: never a half-written image, never a
-    temporary file left behind. `image=None` only checks that the folder takes the file."""
+@contextmanager
+def _staging(target: Path):
+    """A temporary file beside `target` (write it, then rename it onto `target`: never a half-written image),
+    removed whatever happens; a write that fails names the user's path."""
     staging = target.with_name(f".{target.name}.partial{target.suffix}")
     try:
-        if image is None:
-            staging.touch()
-        else:
-            image.save(staging)
-            staging.replace(target)
+        yield staging
     except OSError as error:
         raise OSError(f"--save-image {target}: cannot write it ({error.strerror or error}).") from None
     finally:
@@ -119,7 +118,9 @@ def generate(args: argparse.Namespace) -> None:
                        return_tensors="pt")
     if target is not None:
         pixels = model.generate(**inputs, generation_mode="image", max_new_tokens=args.max_new_tokens, do_sample=False)
-        _save_image(processor.post_process_multimodal_output(pixels, generation_mode="image")[0], target)
+        with _staging(target) as staging:
+            processor.post_process_multimodal_output(pixels, generation_mode="image")[0].save(staging)
+            staging.replace(target)
         print(f"image saved to {target}")
         return
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
