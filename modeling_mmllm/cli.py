@@ -213,6 +213,18 @@ def push(args: argparse.Namespace) -> None:
     print(f"pushed {args.folder} to https://huggingface.co/{push_folder(Path(args.folder), args.repo_id, args.private)}")
 
 
+def upgrade(args: argparse.Namespace) -> None:
+    """Rewrite saved folders' code files with this version's hub set (weights untouched)."""
+    import transformers
+
+    from .saving import upgrade_folder
+
+    for folder in args.folders:
+        written = upgrade_folder(folder)
+        print(f"upgraded {folder}: {len(written)} code files rewritten ({', '.join(written)}); weights, config and "
+              f"processor untouched; it loads on transformers {transformers.__version__}")
+
+
 def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from .quickstart import run_quickstart
@@ -281,6 +293,14 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("source", help="checkpoint folder")
     command.add_argument("output", type=Path, help="folder to write (must not exist)")
     command.set_defaults(run=convert)
+
+    command = commands.add_parser("upgrade", help="rewrite saved folders' code with this version's (weights untouched)",
+                                  description="Folders carry their model code; a folder saved by an older mmllm "
+                                  "may not run on a newer transformers. This rewrites the code files of each folder "
+                                  "with the current ones, atomically, and leaves weights, config and processor as "
+                                  "they are.")
+    command.add_argument("folders", nargs="+", help="model folders saved by mmllm")
+    command.set_defaults(run=upgrade)
 
     command = commands.add_parser("push", help="upload a model folder to a Hub repo, with its card")
     command.add_argument("folder", help="model folder")

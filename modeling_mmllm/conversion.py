@@ -185,7 +185,7 @@ def from_mplug_owl2(path):
     modality-adaptive module (branch 0 text, 1 image). The image token is appended after the original vocabulary
     and never generated. `processor` is None when the folder has no tokenizer.
     """
-    from .modeling_mmllm import MMLLMForConditionalGeneration
+    from .modality_adaptive import module_tree_key
     from .presets import chat_template
     from .processing_mmllm import MMLLMProcessor
 
@@ -208,7 +208,7 @@ def from_mplug_owl2(path):
     state_dict["lm_head.weight"] = torch.cat([head, head.new_zeros(1, head.shape[1])])
 
     model = MMLLMForConditionalGeneration(config)
-    model.load_state_dict(state_dict, strict=True)
+    model.load_state_dict({module_tree_key(key): tensor for key, tensor in state_dict.items()}, strict=True)
     model.generation_config.suppress_tokens = [config.image_token_id]
     model.generation_config.bos_token_id = raw.get("bos_token_id")
     model.generation_config.eos_token_id = raw.get("eos_token_id")

@@ -1,14 +1,22 @@
 """Modality-adaptive module (mPLUG-Owl2): per-modality K/V projections and layer norms inside the LLM.
 
 In each selected decoder layer, `self_attn.k_proj`, `self_attn.v_proj`, `input_layernorm` and
-`post_attention_layernorm` become `Multiway` modules with one branch per modality (`multiway.0` is text, then one
-per extra modality id: 1 image, 2 video, 3 audio); `q_proj`, `o_proj`, the MLP and the final norm stay shared.
-Every token goes through its own modality's branch only (gather/scatter).
+`post_attention_layernorm` get one branch per modality (0 text, then 1 image, 2 video, 3 audio); `q_proj`, `o_proj`,
+the MLP and the final norm stay shared. The branches sit in their owner's `multiway` dict under the module's own
+name (`self_attn.multiway.1.k_proj`, `multiway.1.input_layernorm`): each is a plain `nn.Linear` or norm whose name
+ends like the backbone's, so PEFT's usual `target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]` and
+`"all-linear"` give every branch its own adapter. Every token goes through its own modality's branch only
+(gather/scatter); text-only input runs the text branch on the whole tensor, exactly the backbone's computation.
 
 Routing travels as the `mm_token_type_ids` keyword argument into each decoder layer's `forward`, which transformers'
 decoder models pass through. The layer's class is extended with a `forward` that publishes the routing in a
 context variable for the duration of the call, so gradient checkpointing (which re-runs `forward`) routes the same
-way; the value is local to the running thread or task, never shared.
+way; the value is local to the running thread or task, never shared. While it is published, `self.k_proj` (in the
+backbone's own attention code) is a router over the branches; otherwise it is the text branch, which is what tools
+that walk the module tree by attribute see.
+
+On disk the names are mPLUG-Owl2's (`self_attn.k_proj.multiway.{0,1}.weight`, as mmllm 0.1 saved them):
+`CHECKPOINT_RENAMES` maps them onto the module tree when transformers loads a folder, and back when it saves one.
 """
 
 import contextlib
@@ -20,39 +28,43 @@ import torch
 from torch import nn
 
 TEXT = 0
-MULTIWAY_MODULES = ("self_attn.k_proj", "self_attn.v_proj", "input_layernorm", "post_attention_layernorm")
+MODALITIES = (0, 1, 2, 3)
+# Owner of multiway modules (its path in the decoder layer; "" is the layer itself) -> the modules it holds.
+MULTIWAY_MODULES = {"self_attn": ("k_proj", "v_proj"), "": ("input_layernorm", "post_attention_layernorm")}
+
+# (name on disk, name in the module tree) fragments; plain text, so transformers can apply them both ways.
+CHECKPOINT_RENAMES = [(f".{name}.multiway.{modality}.", f".multiway.{modality}.{name}.")
+                      for names in MULTIWAY_MODULES.values() for name in names for modality in MODALITIES]
+
+
+
+def module_tree_key(key: str) -> str:
+    """A state-dict key as saved on disk (mPLUG-Owl2's multiway names) -> its name in this module tree."""
+    for on_disk, in_model in CHECKPOINT_RENAMES:
+        key = key.replace(on_disk, in_model)
+    return key
+
 
 _ROUTING: ContextVar[torch.Tensor | None] = ContextVar("mmllm_modality_routing", default=None)
-_ADAPTIVE_CLASSES: dict[type, type] = {}
+_ADAPTIVE_CLASSES: dict[tuple[type, bool], type] = {}
 
 
-class Multiway(nn.Module):
-    """One copy of a module per modality; each token runs through its modality's copy only.
+class MultiwayRouter:
+    """Runs each token through its modality's branch (`{modality id: module}`); other modalities use text's."""
 
-    Tokens of a modality without a branch use the text branch. With text tokens only (or no routing), the text
-    branch runs on the whole tensor: exactly the original module's computation.
-    """
+    def __init__(self, branches: dict[int, nn.Module], routing: torch.Tensor):
+        self.branches, self.routing = branches, routing
 
-    def __init__(self, text_branch: nn.Module, modalities: Sequence[int]):
-        super().__init__()
-        branches = {str(TEXT): text_branch}
-        branches.update({str(modality): _copy_branch(text_branch) for modality in modalities})
-        self.multiway = nn.ModuleDict(branches)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        routing = _ROUTING.get()
-        text_branch = self.multiway[str(TEXT)]
-        if routing is None:
-            return text_branch(hidden_states)
-        routing = routing[..., -hidden_states.shape[-2]:].to(hidden_states.device).reshape(-1)
-        extra = {int(key): branch for key, branch in self.multiway.items() if int(key) != TEXT}
-        masks = {modality: routing == modality for modality in extra}
+    def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        text_branch = self.branches[TEXT]
+        routing = self.routing[..., -hidden_states.shape[-2]:].to(hidden_states.device).reshape(-1)
+        masks = {modality: routing == modality for modality in self.branches if modality != TEXT}
         present = {modality: mask for modality, mask in masks.items() if bool(mask.any())}
         if not present:
             return text_branch(hidden_states)
         flat = hidden_states.reshape(-1, hidden_states.shape[-1])
         text_mask = ~torch.stack(list(present.values())).any(0)
-        groups = [(text_branch, text_mask)] + [(extra[modality], mask) for modality, mask in present.items()]
+        groups = [(text_branch, text_mask)] + [(self.branches[modality], mask) for modality, mask in present.items()]
         output = None
         for branch, mask in groups:
             index = mask.nonzero(as_tuple=True)[0]
@@ -63,6 +75,43 @@ class Multiway(nn.Module):
                 output = result.new_zeros(flat.shape[0], result.shape[-1])
             output = output.index_copy(0, index, result)
         return output.reshape(*hidden_states.shape[:-1], -1)
+
+
+def _multiway_attribute(self: nn.Module, name: str):
+    """The router (during a routed forward) or the text branch for one of this owner's multiway names."""
+    branches = nn.Module.__getattr__(self, "multiway")
+    routing = _ROUTING.get()
+    if routing is None:
+        return branches[str(TEXT)][name]
+    return MultiwayRouter({int(modality): modules[name] for modality, modules in branches.items()}, routing)
+
+
+def _adaptive_class(owner_class: type, publishes_routing: bool) -> type:
+    """`owner_class` whose multiway names resolve through `_multiway_attribute`; the decoder layer's `forward` also
+    takes `mm_token_type_ids` and publishes it while it runs."""
+    key = (owner_class, publishes_routing)
+    if key not in _ADAPTIVE_CLASSES:
+
+        def __getattr__(self, name: str):
+            modules = self.__dict__["_modules"]
+            if name not in modules and "multiway" in modules and name in modules["multiway"][str(TEXT)]:
+                return _multiway_attribute(self, name)
+            return super(adaptive, self).__getattr__(name)
+
+        namespace = {"__getattr__": __getattr__}
+        if publishes_routing:
+
+            def forward(self, *args, mm_token_type_ids: torch.Tensor | None = None, **kwargs):
+                token = _ROUTING.set(mm_token_type_ids)
+                try:
+                    return super(adaptive, self).forward(*args, **kwargs)
+                finally:
+                    _ROUTING.reset(token)
+
+            namespace["forward"] = forward
+        adaptive = type(f"ModalityAdaptive{owner_class.__name__}", (owner_class,), namespace)
+        _ADAPTIVE_CLASSES[key] = adaptive
+    return _ADAPTIVE_CLASSES[key]
 
 
 def _copy_branch(text_branch: nn.Module) -> nn.Module:
@@ -92,49 +141,41 @@ def _gathered(module: nn.Module):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def _adaptive_layer_class(layer_class: type) -> type:
-    """`layer_class` whose `forward` takes `mm_token_type_ids` and routes the layer's multiway modules by it."""
-    if layer_class not in _ADAPTIVE_CLASSES:
-
-        def forward(self, *args, mm_token_type_ids: torch.Tensor | None = None, **kwargs):
-            token = _ROUTING.set(mm_token_type_ids)
-            try:
-                return super(adaptive, self).forward(*args, **kwargs)
-            finally:
-                _ROUTING.reset(token)
-
-        adaptive = type(f"ModalityAdaptive{layer_class.__name__}", (layer_class,), {"forward": forward})
-        _ADAPTIVE_CLASSES[layer_class] = adaptive
-    return _ADAPTIVE_CLASSES[layer_class]
-
-
 def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a Llama-family backbone, or a clear error naming the backbone."""
     layers = getattr(language_model, "layers", None)
     model_type = getattr(language_model.config, "model_type", type(language_model).__name__)
     if not isinstance(layers, nn.ModuleList) or not all(_has_modules(layer) for layer in layers):
+        paths = [f"{owner}.{name}" if owner else name for owner, names in MULTIWAY_MODULES.items() for name in names]
         raise ValueError(
             f"The modality-adaptive module needs a Llama-style backbone (decoder layers at `.layers` with "
-            f"{', '.join(MULTIWAY_MODULES)}); the {model_type!r} backbone ({type(language_model).__name__}) does "
+            f"{', '.join(paths)}); the {model_type!r} backbone ({type(language_model).__name__}) does "
             "not have them (GPT-2, for one, fuses q/k/v in `c_attn`). Use a Llama, Mistral, Qwen2/3 or Gemma "
             "backbone, or set modality_adaptive=False."
         )
     return layers
 
 
+def _owner(layer: nn.Module, path: str) -> nn.Module | None:
+    return getattr(layer, path, None) if path else layer
+
+
 def _has_modules(layer: nn.Module) -> bool:
-    return all(_get(layer, path) is not None for path in MULTIWAY_MODULES)
+    for owner, names in MULTIWAY_MODULES.items():
+        module = _owner(layer, owner)
+        if module is None or not all(isinstance(getattr(module, name, None), nn.Module) for name in names):
+            return False
+    return True
 
 
-def _get(module: nn.Module, path: str) -> nn.Module | None:
-    for name in path.split("."):
-        module = getattr(module, name, None)
-    return module
-
-
-def _set(module: nn.Module, path: str, value: nn.Module) -> None:
-    parent, _, name = path.rpartition(".")
-    setattr(_get(module, parent) if parent else module, name, value)
+def _make_multiway(owner: nn.Module, names: Sequence[str], modalities: Sequence[int], publishes_routing: bool):
+    """Move `owner`'s `names` into `owner.multiway["0"]` and add a copy of each per modality."""
+    text = nn.ModuleDict({name: owner._modules.pop(name) for name in names})
+    branches = {str(TEXT): text}
+    branches.update({str(modality): nn.ModuleDict({name: _copy_branch(text[name]) for name in names})
+                     for modality in modalities})
+    owner.multiway = nn.ModuleDict(branches)
+    owner.__class__ = _adaptive_class(type(owner), publishes_routing)
 
 
 def apply_modality_adaptive(
@@ -145,20 +186,26 @@ def apply_modality_adaptive(
     indices = range(len(all_layers)) if layers is None else layers
     for index in indices:
         layer = all_layers[index]
-        if isinstance(_get(layer, MULTIWAY_MODULES[0]), Multiway):
+        if "multiway" in layer._modules:
             raise ValueError(f"Decoder layer {index} is already modality-adaptive.")
-        for path in MULTIWAY_MODULES:
-            _set(layer, path, Multiway(_get(layer, path), modalities))
-        layer.__class__ = _adaptive_layer_class(type(layer))
+        for owner, names in MULTIWAY_MODULES.items():
+            _make_multiway(_owner(layer, owner), names, modalities, publishes_routing=not owner)
+
+
+def multiway_branches(module: nn.Module, modality: int) -> Iterator[nn.Module]:
+    """Every branch module of one modality (`0` text) under `module`."""
+    for submodule in module.modules():
+        multiway = submodule._modules.get("multiway") if type(submodule) in _ADAPTIVE_CLASSES.values() else None
+        if multiway is not None and str(modality) in multiway:
+            yield from multiway[str(modality)].values()
 
 
 def modality_adaptive_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
     """The parameters of the non-text branches (the module's new weights: freeze policies, LoRA targets)."""
-    for submodule in module.modules():
-        if isinstance(submodule, Multiway):
-            for key, branch in submodule.multiway.items():
-                if int(key) != TEXT:
-                    yield from branch.parameters()
+    for modality in MODALITIES[1:]:
+        for branch in multiway_branches(module, modality):
+            yield from branch.parameters()
 
 
-__all__ = ["Multiway", "apply_modality_adaptive", "decoder_layers", "modality_adaptive_parameters"]
+__all__ = ["CHECKPOINT_RENAMES", "MultiwayRouter", "apply_modality_adaptive", "decoder_layers",
+           "modality_adaptive_parameters", "module_tree_key", "multiway_branches"]

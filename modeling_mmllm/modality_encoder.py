@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import AutoModel, Blip2VisionModel
+from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
 
@@ -70,23 +71,27 @@ def build_vision_tower(config) -> nn.Module:
     return vision_tower
 
 
-def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, config) -> torch.Tensor:
-    """Encoder features that feed the projector: `[num_images, tokens, hidden * len(feature_layers)]`.
+def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, config,
+                           output_hidden_states: bool | None = None, **kwargs) -> tuple[ModelOutput, torch.Tensor]:
+    """The encoder's outputs, and the features that feed the projector: `[num_images, tokens, hidden * layers]`.
 
-    Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`). Images of
-    another size than the encoder's are accepted where it can interpolate its position embeddings.
+    Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`) unless the
+    caller asks for all of them. Images of another size than the encoder's are accepted where it can interpolate
+    its position embeddings.
     """
     layers = config.feature_layers
-    kwargs = {}
     if tuple(pixel_values.shape[-2:]) != (config.vision_config.image_size,) * 2:
         kwargs["interpolate_pos_encoding"] = True  # another resolution: interpolate the position embeddings
-    outputs = vision_tower(pixel_values, output_hidden_states=layers, return_dict=True, **kwargs)
+    outputs = vision_tower(pixel_values, output_hidden_states=True if output_hidden_states else layers,
+                           return_dict=True, **kwargs)
     features = [outputs.hidden_states[layer] for layer in layers]
+    if not output_hidden_states:
+        outputs.hidden_states = None
     if config.vision_feature_layernorm:
         features = [vision_tower.post_layernorm(feature) for feature in features]
     if config.vision_feature_select_strategy == "default":
         features = [feature[:, 1:] for feature in features]
-    return torch.cat(features, dim=-1)
+    return outputs, torch.cat(features, dim=-1)
 
 
 # Encoder-decoder audio models whose encoder half is the modality encoder.
@@ -112,18 +117,20 @@ def num_audio_tokens(num_mel_frames: int, pool_stride: int) -> int:
 
 
 def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_features_mask: torch.Tensor,
-                 pool_stride: int) -> torch.Tensor:
-    """Audio windows `[windows, mel_bins, frames]` -> `[tokens, hidden]`, the windows' real tokens in order.
+                 pool_stride: int, **kwargs) -> tuple[ModelOutput, torch.Tensor]:
+    """Audio windows `[windows, mel_bins, frames]` -> the encoder's outputs, and `[tokens, hidden]`: the windows'
+    real tokens in order.
 
     Whisper encodes a fixed window (padded with silence); only the frames of real audio are kept, then every
     `pool_stride` of them are averaged into one token (the last group may be shorter).
     """
-    hidden_states = audio_tower(input_features.to(audio_tower.dtype)).last_hidden_state
+    outputs = audio_tower(input_features.to(audio_tower.dtype), return_dict=True, **kwargs)
+    hidden_states = outputs.last_hidden_state
     tokens = []
     for window, num_frames in zip(hidden_states, input_features_mask.sum(-1).tolist()):
         real = window[: num_encoder_frames(int(num_frames))].T.unsqueeze(0)  # [1, hidden, encoder frames]
         tokens.append(F.avg_pool1d(real, pool_stride, pool_stride, ceil_mode=True)[0].T)
-    return torch.cat(tokens)
+    return outputs, torch.cat(tokens)
 
 
 __all__ = ["ActiveLayers", "build_audio_tower", "build_vision_tower", "encode_audio", "num_audio_tokens",

@@ -13,15 +13,24 @@ import torch
 from torch import nn
 from transformers import AutoModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.generation import GenerationMixin
-from transformers.modeling_outputs import BaseModelOutputWithPast, ModelOutput
+from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
+
+try:  # transformers >= 5.24: multimodal outputs, which carry each encoder's output
+    from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _ModelOutput
+    from transformers.modeling_outputs import MultimodalCausalLMOutputWithPast as _CausalLMOutput
+except ImportError:  # transformers 5.23
+    _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .input_projector import build_audio_projector, build_input_projector
-from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
+from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
 from .output_projector import build_output_projector
@@ -32,23 +41,41 @@ MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
 
 
+class _ModalityOutputs:
+    """Outputs that carry each modality encoder's output (`BaseModelOutputWithPooling`, the projected features in
+    `pooler_output`), as transformers' multimodal outputs do; the backbone's cache keeps the field name that the
+    installed transformers gives it (`cache` from 5.24 on, `past_key_values` before)."""
+
+    @property
+    def image_hidden_states(self) -> torch.Tensor | None:
+        """The projected image features `[num_images, image_seq_length, hidden]` (LLaVA's older name)."""
+        return None if self.image_outputs is None else self.image_outputs.pooler_output
+
+
 @dataclass
-class MMLLMModelOutputWithPast(BaseModelOutputWithPast):
-    """Backbone outputs plus the projected image features (`[num_images, image_seq_length, hidden]`)."""
+class MMLLMModelOutputWithPast(_ModalityOutputs, _ModelOutput):
+    """Backbone outputs plus each modality encoder's output."""
 
-    image_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
+    audio_outputs: BaseModelOutputWithPooling | None = None
 
 
 @dataclass
-class MMLLMCausalLMOutputWithPast(ModelOutput):
-    """Language-modeling outputs of [`MMLLMForConditionalGeneration`]."""
+class MMLLMCausalLMOutputWithPast(_ModalityOutputs, _CausalLMOutput):
+    """Language-modeling outputs of [`MMLLMForConditionalGeneration`], with each modality encoder's output."""
 
-    loss: torch.Tensor | None = None
-    logits: torch.Tensor | None = None
-    past_key_values: Cache | None = None
-    hidden_states: tuple[torch.Tensor] | None = None
-    attentions: tuple[torch.Tensor] | None = None
-    image_hidden_states: torch.Tensor | None = None
+    image_outputs: BaseModelOutputWithPooling | None = None
+    video_outputs: BaseModelOutputWithPooling | None = None
+    audio_outputs: BaseModelOutputWithPooling | None = None
+
+
+def _pooled(encoder_outputs, features: torch.Tensor) -> BaseModelOutputWithPooling:
+    """An encoder's outputs with the projected `features` as `pooler_output` (transformers' contract for
+    `get_image_features` and its kin; vLLM's Transformers backend reads it too)."""
+    return BaseModelOutputWithPooling(
+        last_hidden_state=encoder_outputs.last_hidden_state, pooler_output=features,
+        hidden_states=encoder_outputs.get("hidden_states"), attentions=encoder_outputs.get("attentions"))
 
 
 class MMLLMPreTrainedModel(PreTrainedModel):
@@ -58,7 +85,8 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     config_class = MMLLMConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache's name from transformers 5.24 on, and before
+    _can_compile_fullgraph = True
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -120,31 +148,55 @@ class MMLLMModel(MMLLMPreTrainedModel):
     def set_input_embeddings(self, value: nn.Module) -> None:
         self.language_model.set_input_embeddings(value)
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Encode and project images: `[num_images, 3, H, W]` -> `[num_images, image_seq_length, hidden]`."""
+    @can_return_tuple
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Encode and project images `[num_images, 3, H, W]`: the vision tower's outputs, with the projected
+        features `[num_images, image_seq_length, hidden]` in `pooler_output` (transformers' contract)."""
         pixel_values = pixel_values.to(self.vision_tower.dtype)
-        return self.multi_modal_projector(select_vision_features(self.vision_tower, pixel_values, self.config))
+        outputs, features = select_vision_features(self.vision_tower, pixel_values, self.config, **kwargs)
+        return _pooled(outputs, self.multi_modal_projector(features))
 
-    def get_video_features(self, pixel_values_videos: torch.Tensor) -> torch.Tensor:
-        """Video clips `[clips, frames, 3, H, W]` -> `[clips, video_seq_length, hidden]`.
+    @can_return_tuple
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Video clips `[clips, frames, 3, H, W]`: the frames' encoder outputs, with the clips' features
+        `[clips, video_seq_length, hidden]` in `pooler_output`.
 
         Frames are encoded and projected like images, then every `video_temporal_pool` consecutive frames are
         averaged (temporal pooling), so a clip becomes `frames / pool` images' worth of tokens.
         """
+        self._check_modality(VIDEO)
         clips, frames = pixel_values_videos.shape[:2]
         pool = self.config.video_temporal_pool
         if frames % pool:
             raise ValueError(f"Video clips have {frames} frames, not a multiple of video_temporal_pool={pool}.")
-        features = self.get_image_features(pixel_values_videos.flatten(0, 1))
+        outputs = self.get_image_features(pixel_values_videos.flatten(0, 1), return_dict=True, **kwargs)
+        features = outputs.pooler_output
         features = features.view(clips, frames // pool, pool, *features.shape[1:]).mean(2)
-        return features.flatten(1, 2)
+        return _pooled(outputs, features.flatten(1, 2))
 
-    def get_audio_features(self, input_features: torch.Tensor, input_features_mask: torch.Tensor) -> torch.Tensor:
-        """Audio windows `[windows, mel_bins, frames]` + their masks -> `[1, tokens, hidden]` (all clips in order)."""
-        if self.audio_tower is None:
+    @can_return_tuple
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        """Audio windows `[windows, mel_bins, frames]` + their masks: the audio encoder's outputs, with the soft
+        tokens of all clips in order `[1, tokens, hidden]` in `pooler_output`."""
+        self._check_modality(AUDIO)
+        outputs, tokens = encode_audio(self.audio_tower, input_features, input_features_mask,
+                                       self.config.audio_pool_stride, **kwargs)
+        return _pooled(outputs, self.audio_projector(tokens).unsqueeze(0))
+
+    def _check_modality(self, modality: int) -> None:
+        """A clear error when the config has no placeholder (or no encoder) for `modality`."""
+        name = MODALITY_NAMES[modality]
+        if modality not in self.placeholder_ids():
+            raise ValueError(f"This model has no <{name}> token ({name}_token_id is None): it cannot take {name} "
+                             "input.")
+        if modality == AUDIO and self.audio_tower is None:
             raise ValueError("This model has no audio encoder (audio_config is None): it cannot take audio input.")
-        tokens = encode_audio(self.audio_tower, input_features, input_features_mask, self.config.audio_pool_stride)
-        return self.audio_projector(tokens).unsqueeze(0)
 
     def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
         """Switch the modality-adaptive module on for this (loaded) model; new branches copy the text branch."""
@@ -213,19 +265,17 @@ class MMLLMModel(MMLLMPreTrainedModel):
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
-    def _modality_features(self, pixel_values, pixel_values_videos, input_features, input_features_mask) -> dict:
-        """`{modality id: projected features}` for the modalities present in the inputs."""
+    def _encoder_outputs(self, pixel_values, pixel_values_videos, input_features, input_features_mask) -> dict:
+        """`{modality id: encoder outputs (projected features in pooler_output)}` for the modalities given."""
         given = {IMAGE: pixel_values, VIDEO: pixel_values_videos, AUDIO: input_features}
         for modality, value in given.items():
-            if value is not None and modality not in self.placeholder_ids():
-                name = MODALITY_NAMES[modality]
-                raise ValueError(f"This model has no <{name}> token ({name}_token_id is None): it cannot take {name} "
-                                 "input.")
-        features = {}
+            if value is not None:
+                self._check_modality(modality)
+        outputs = {}
         if pixel_values is not None:
-            features[IMAGE] = self.get_image_features(pixel_values)
+            outputs[IMAGE] = self.get_image_features(pixel_values, return_dict=True)
         if pixel_values_videos is not None:
-            features[VIDEO] = self.get_video_features(pixel_values_videos)
+            outputs[VIDEO] = self.get_video_features(pixel_values_videos, return_dict=True)
         if input_features is not None:
             if input_features_mask is None:
                 raise ValueError("input_features need input_features_mask (which frames are real audio).")
@@ -235,8 +285,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
                     f"{input_features_mask.shape[0]}: windows were lost on the way. transformers' pipeline batching "
                     "keeps only the first window of each item, so clips longer than one encoder window need "
                     "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window).")
-            features[AUDIO] = self.get_audio_features(input_features, input_features_mask)
-        return features
+            outputs[AUDIO] = self.get_audio_features(input_features, input_features_mask, return_dict=True)
+        return outputs
 
     @can_return_tuple
     def forward(
@@ -245,15 +295,18 @@ class MMLLMModel(MMLLMPreTrainedModel):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MMLLMModelOutputWithPast:
         r"""
+        The backbone's cache, and the generation settings it takes (`use_cache`, `output_attentions`, ...), pass
+        through `kwargs` under the names the installed transformers uses (`cache` from 5.24 on, `past_key_values`
+        before), so one hub set runs on both.
+
         mm_token_type_ids (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
             Modality of each token (0 text, 1 image, 2 video, 3 audio), as the processor returns it. When absent
             it is derived from the placeholder ids (`get_mm_token_type_ids`).
@@ -269,37 +322,30 @@ class MMLLMModel(MMLLMPreTrainedModel):
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        features = self._modality_features(pixel_values, pixel_values_videos, input_features, input_features_mask)
+        encoder_outputs = self._encoder_outputs(pixel_values, pixel_values_videos, input_features, input_features_mask)
         placeholder_ids = self.placeholder_ids()
-        for modality, modality_features in features.items():
-            modality_features = modality_features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, modality_features,
-                                             placeholder_ids[modality], MODALITY_NAMES[modality])
-            inputs_embeds = inputs_embeds.masked_scatter(mask, modality_features)
-        image_features = features.get(IMAGE)
+        for modality, modality_outputs in encoder_outputs.items():
+            features = modality_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(input_ids, inputs_embeds, features, placeholder_ids[modality],
+                                             MODALITY_NAMES[modality])
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
 
         if self.config.modality_adaptive:
             if mm_token_type_ids is None and input_ids is not None:
                 mm_token_type_ids = self.get_mm_token_type_ids(input_ids)
             kwargs["mm_token_type_ids"] = mm_token_type_ids
         outputs = self.language_model(
-            attention_mask=attention_mask,
-            position_ids=position_ids,
-            past_key_values=past_key_values,
-            inputs_embeds=inputs_embeds,
-            **kwargs,
+            attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
         return MMLLMModelOutputWithPast(
-            last_hidden_state=outputs.last_hidden_state,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=image_features,
+            **outputs, **{f"{MODALITY_NAMES[modality]}_outputs": value for modality, value in encoder_outputs.items()}
         )
 
 
 class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
     """[`MMLLMModel`] with the LM head: training loss, `logits_to_keep` and KV-cached generation."""
+
+    _tp_plan = {"lm_head": "colwise_gather_output"}
 
     def __init__(self, config: MMLLMConfig):
         super().__init__(config)
@@ -317,8 +363,20 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, new_embeddings: nn.Module) -> None:
         self.lm_head = new_embeddings
 
-    def get_image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.model.get_image_features(pixel_values)
+    def get_image_features(
+        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_image_features(pixel_values, **kwargs)
+
+    def get_video_features(
+        self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_video_features(pixel_values_videos, **kwargs)
+
+    def get_audio_features(
+        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+    ) -> BaseModelOutputWithPooling:
+        return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
     def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
         """Switch mPLUG-Owl2's modality-adaptive module on (see `MMLLMModel.enable_modality_adaptive`)."""
@@ -441,7 +499,6 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         pixel_values: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         mm_token_type_ids: torch.LongTensor | None = None,
         pixel_values_videos: torch.Tensor | None = None,
@@ -449,7 +506,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         input_features_mask: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        **kwargs,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> MMLLMCausalLMOutputWithPast:
         r"""
         labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
@@ -462,7 +519,6 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             pixel_values=pixel_values,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
             inputs_embeds=inputs_embeds,
             mm_token_type_ids=mm_token_type_ids,
             pixel_values_videos=pixel_values_videos,
@@ -477,14 +533,8 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             loss = self.loss_function(
                 logits=logits, labels=labels, vocab_size=self.config.text_config.vocab_size, **kwargs
             )
-        return MMLLMCausalLMOutputWithPast(
-            loss=loss,
-            logits=logits,
-            past_key_values=outputs.past_key_values,
-            hidden_states=outputs.hidden_states,
-            attentions=outputs.attentions,
-            image_hidden_states=outputs.image_hidden_states,
-        )
+        backbone = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
+        return MMLLMCausalLMOutputWithPast(loss=loss, logits=logits, **backbone)
 
     @classmethod
     def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
@@ -562,6 +612,10 @@ AUTO_MAP = {
 }
 # Models that take audio or generate images also answer `pipeline("any-to-any")`.
 ANY_TO_ANY_AUTO_MAP = {"AutoModelForMultimodalLM": "modeling_mmllm.MMLLMForConditionalGeneration"}
+# Folders keep mPLUG-Owl2's multiway names on disk (see modality_adaptive.py); transformers maps them both ways.
+register_checkpoint_conversion_mapping(
+    "mmllm", [WeightRenaming(on_disk, in_model) for on_disk, in_model in CHECKPOINT_RENAMES], overwrite=True
+)
 MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 

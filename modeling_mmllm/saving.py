@@ -1,5 +1,7 @@
 """Write a model folder atomically: save into a temporary sibling folder, then rename (library side)."""
 
+import json
+import os
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -46,4 +48,60 @@ def write_adapter_card(model, folder: Path) -> None:
         write_model_card(model, folder)
 
 
-__all__ = ["atomic_folder", "save_model_folder", "write_adapter_card"]
+def hub_files() -> list[Path]:
+    """The hub set: the files `save_pretrained` copies into every folder (the registered classes' modules and
+    their `from .name import X` closure, as transformers follows it)."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    package = Path(__file__).parent
+    roots = [package / f"{name}_mmllm.py" for name in ("configuration", "modeling", "processing")]
+    return sorted({Path(path) for root in roots for path in [root, *get_relative_import_files(str(root))]})
+
+
+def upgrade_folder(folder: str | Path) -> list[str]:
+    """Rewrite a saved folder's code files with this package's hub set, so it loads on the transformers releases
+    this package supports; weights, config, processor and card stay as they are (the same files, hard-linked).
+
+    The new folder is assembled beside the old one and swapped in by renames: an interruption leaves the old
+    folder or the new one, never a mix. Returns the names of the code files written.
+    """
+    folder = Path(folder)
+    config = folder / "config.json"
+    if not config.is_file():
+        raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
+    model_type = json.loads(config.read_text()).get("model_type")
+    if model_type != "mmllm":
+        raise ValueError(f"{folder} holds a {model_type!r} model, not an mmllm one: `mmllm upgrade` only rewrites "
+                         "the code of mmllm folders (`mmllm convert` imports LLaVA, BLIP-2 and mPLUG-Owl2 folders).")
+    code = hub_files()
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-upgrade-", dir=folder.parent))
+    backup = staging.with_name(staging.name + "-old")
+    try:
+        for entry in folder.iterdir():  # the old code files (flat *.py) are replaced, everything else is kept
+            if entry.suffix != ".py":
+                _link_or_copy(entry, staging / entry.name)
+        for path in code:
+            shutil.copy2(path, staging / path.name)
+        folder.rename(backup)
+        staging.rename(folder)
+    except BaseException:
+        if backup.exists() and not folder.exists():
+            backup.rename(folder)
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    shutil.rmtree(backup, ignore_errors=True)
+    return [path.name for path in code]
+
+
+def _link_or_copy(source: Path, target: Path) -> None:
+    """Hard-link a file (no copy of the weights; the bytes stay the same) or copy what cannot be linked."""
+    if source.is_dir():
+        shutil.copytree(source, target, copy_function=lambda a, b: _link_or_copy(Path(a), Path(b)))
+        return
+    try:
+        os.link(source, target)
+    except OSError:
+        shutil.copy2(source, target)
+
+
+__all__ = ["atomic_folder", "hub_files", "save_model_folder", "upgrade_folder", "write_adapter_card"]

@@ -68,14 +68,13 @@ def seeded_model(config: MMLLMConfig, seed: int = 0) -> MMLLMForConditionalGener
 
 def perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
     """Move one modality's modality-adaptive branches away from the text branch (so routing shows in outputs)."""
-    from modeling_mmllm.modality_adaptive import Multiway
+    from modeling_mmllm.modality_adaptive import multiway_branches
 
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, Multiway) and str(modality) in module.multiway:
-                for parameter in module.multiway[str(modality)].parameters():
-                    parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
+        for branch in multiway_branches(model, modality):
+            for parameter in branch.parameters():
+                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
 
 
 def tiny_clip_tokenizer(folder):

@@ -105,5 +105,5 @@ def test_modality_adaptive_branches_copy_the_pretrained_text_branch(parts):
     for index, layer in enumerate(model.model.language_model.layers):
         source = lm.model.layers[index]
         for branch in ("0", "1"):
-            assert torch.equal(layer.self_attn.k_proj.multiway[branch].weight, source.self_attn.k_proj.weight)
-            assert torch.equal(layer.input_layernorm.multiway[branch].weight, source.input_layernorm.weight)
+            assert torch.equal(layer.self_attn.multiway[branch].k_proj.weight, source.self_attn.k_proj.weight)
+            assert torch.equal(layer.multiway[branch].input_layernorm.weight, source.input_layernorm.weight)

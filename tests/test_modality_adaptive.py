@@ -8,7 +8,6 @@ import torch
 from conftest import make_images, perturb_branches, seeded_model, tiny_text_config, tiny_vision_config
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.modality_adaptive import Multiway
 
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
 
@@ -145,12 +144,12 @@ def test_new_branches_are_copies_and_listed():
     model = seeded_model(_config("llama"))
     model.enable_modality_adaptive(layers=[1], modalities=[1, 3])
     layer = model.model.language_model.layers[1]
-    for module in (layer.self_attn.k_proj, layer.input_layernorm):
-        assert set(module.multiway) == {"0", "1", "3"}
+    for owner in (layer.self_attn, layer):
+        assert set(owner.multiway) == {"0", "1", "3"}
         for key in ("1", "3"):
-            assert all(torch.equal(a, b) for a, b in zip(module.multiway[key].parameters(),
-                                                          module.multiway["0"].parameters()))
-    assert not isinstance(model.model.language_model.layers[0].self_attn.k_proj, Multiway)
+            assert all(torch.equal(a, b) for a, b in zip(owner.multiway[key].parameters(),
+                                                          owner.multiway["0"].parameters()))
+    assert "multiway" not in model.model.language_model.layers[0]._modules
     names = {id(p) for p in model.modality_adaptive_parameters()}
     expected = [p for n, p in model.named_parameters() if ".multiway.1." in n or ".multiway.3." in n]
     assert names == {id(p) for p in expected} and len(expected) == 8

@@ -40,7 +40,7 @@ def test_vision_tower_stops_at_the_feature_layer(feature_layer, ran):
     model.model.vision_tower.encoder.layers = full
     reference = model.model.vision_tower(pixel_values, output_hidden_states=True).hidden_states[feature_layer][:, 1:]
     model.model.vision_tower.encoder.layers = layers
-    torch.testing.assert_close(select_vision_features(model.model.vision_tower, pixel_values, config), reference)
+    torch.testing.assert_close(select_vision_features(model.model.vision_tower, pixel_values, config)[1], reference)
 
 
 def test_mm_token_type_ids_derived_from_placeholders(tiny_model, batch):

@@ -51,7 +51,7 @@ def test_logits_and_intermediate_tensors_match_the_original(converted, data):
     ids = _expand(inputs["input_ids"])
     with torch.no_grad():
         out = model(input_ids=ids, pixel_values=inputs["images"])
-        vision = select_vision_features(model.model.vision_tower, inputs["images"], model.config)
+        vision = select_vision_features(model.model.vision_tower, inputs["images"], model.config)[1]
         text = model(input_ids=inputs["text_input_ids"], attention_mask=inputs["text_attention_mask"])
     assert torch.equal(model.model.get_mm_token_type_ids(ids), expected["modality_indicators"])
     assert (vision - expected["vision_last_hidden_state"]).abs().max() <= 1e-4
@@ -95,7 +95,7 @@ def test_grouped_query_attention_backbones_work():
     config = MMLLMConfig.from_preset("owl2-tiny", text_config={**MMLLMConfig.from_preset("owl2-tiny").text_config.to_dict(),
                                                                "num_key_value_heads": 2})
     model = MMLLMForConditionalGeneration(config).eval()
-    assert model.model.language_model.layers[0].self_attn.k_proj.multiway["1"].out_features == 32
+    assert model.model.language_model.layers[0].self_attn.multiway["1"].k_proj.out_features == 32
     ids = torch.tensor([[7, *[5] * 9, 8, 9]])
     with torch.no_grad():
         assert model(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32)).logits.shape == (1, 12, 512)
