@@ -48,16 +48,6 @@ def write_adapter_card(model, folder: Path) -> None:
         write_model_card(model, folder)
 
 
-def hub_files() -> list[Path]:
-    """The hub set: the files `save_pretrained` copies into every folder (the registered classes' modules and
-    their `from .name import X` closure, as transformers follows it)."""
-    from transformers.dynamic_module_utils import get_relative_import_files
-
-    package = Path(__file__).parent
-    roots = [package / f"{name}_mmllm.py" for name in ("configuration", "modeling", "processing")]
-    return sorted({Path(path) for root in roots for path in [root, *get_relative_import_files(str(root))]})
-
-
 def upgrade_folder(folder: str | Path) -> list[str]:
     """Rewrite a saved folder's code files with this package's hub set, so it loads on the transformers releases
     this package supports; weights, config, processor and card stay as they are (the same files, hard-linked).
@@ -73,7 +63,9 @@ def upgrade_folder(folder: str | Path) -> list[str]:
     if model_type != "mmllm":
         raise ValueError(f"{folder} holds a {model_type!r} model, not an mmllm one: `mmllm upgrade` only rewrites "
                          "the code of mmllm folders (`mmllm convert` imports LLaVA, BLIP-2 and mPLUG-Owl2 folders).")
-    code = hub_files()
+    from .hub_card import hub_set_files
+
+    code = [Path(path) for path in hub_set_files()]
     staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-upgrade-", dir=folder.parent))
     backup = staging.with_name(staging.name + "-old")
     try:
@@ -104,4 +96,4 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-__all__ = ["atomic_folder", "hub_files", "save_model_folder", "upgrade_folder", "write_adapter_card"]
+__all__ = ["atomic_folder", "save_model_folder", "upgrade_folder", "write_adapter_card"]

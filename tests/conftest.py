@@ -1,10 +1,12 @@
 """Shared fixtures: tiny models, processors, images and one saved folder, built once per session."""
 
 import json
+import logging
 import os
 import string
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -21,11 +23,59 @@ from transformers import (
 )
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.hub_card import hub_set_files
 from modeling_mmllm.saving import save_model_folder
 
 VOCAB = 512
 CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32  # the tiny Stable Diffusion stand-in's conditioning
 ROOT = Path(__file__).parent.parent
+
+
+HUB_FILES = {Path(path).name for path in hub_set_files()}
+PACKAGE = Path(hub_set_files()[0]).parent
+
+
+def hub_code_on_stack(frame) -> bool:
+    """Whether a hub-set file (the package's own or a folder's remote-code copy) is among the calling frames."""
+    while frame is not None:
+        path = Path(frame.f_code.co_filename)
+        if path.name in HUB_FILES and (path.parent == PACKAGE or "transformers_modules" in path.parts):
+            return True
+        frame = frame.f_back
+    return False
+
+
+class DeprecatedFromHubSet(logging.Handler):
+    """transformers logs some deprecations instead of warning (the 5.24 cache rename): those count too."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if "deprecat" in record.getMessage() and hub_code_on_stack(sys._getframe()):
+            raise FutureWarning(f"the hub set uses a deprecated transformers API: {record.getMessage()}")
+
+
+@pytest.fixture(autouse=True)
+def hub_set_deprecations_are_errors(request, monkeypatch):
+    """In hub-set tests, a FutureWarning or DeprecationWarning raised while the hub set's code is calling (or a
+    deprecation transformers logs) fails the test: the next rename shows here before it breaks users' folders."""
+    if request.node.get_closest_marker("hub") is None:
+        yield
+        return
+    warn = warnings.warn
+
+    def strict_warn(message, category=None, stacklevel=1, source=None, **kwargs):
+        kind = category or (type(message) if isinstance(message, Warning) else UserWarning)
+        if issubclass(kind, (FutureWarning, DeprecationWarning)) and hub_code_on_stack(sys._getframe(1)):
+            raise kind(message)
+        return warn(message, category, stacklevel + 1, source, **kwargs)
+
+    monkeypatch.setattr(warnings, "warn", strict_warn)
+    check = DeprecatedFromHubSet(logging.WARNING)
+    logger = logging.getLogger("transformers")  # its modules' loggers propagate to it
+    logger.addHandler(check)
+    try:
+        yield
+    finally:
+        logger.removeHandler(check)
 
 
 def tiny_vision_config(kind: str = "clip", **overrides):

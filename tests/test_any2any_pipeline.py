@@ -22,6 +22,8 @@ from transformers import pipeline
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
+pytestmark = pytest.mark.hub
+
 RATE = 16000
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
 TESTS = Path(__file__).parent

@@ -21,6 +21,8 @@ from modeling_mmllm.saving import save_model_folder
 from modeling_mmllm.synthetic import make_dataset
 from modeling_mmllm.training import load_recipe, train
 
+pytestmark = pytest.mark.hub
+
 RATE = 16000
 GREEDY = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
 # audio-tiny (image + audio) with video switched on: three modalities, each with its own decoder branch.

@@ -7,6 +7,8 @@ from transformers import Blip2Config, Blip2ForConditionalGeneration
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.conversion import from_blip2
 
+pytestmark = pytest.mark.hub
+
 IMAGE_TOKEN, QUERIES = 5, 8
 
 

@@ -15,6 +15,8 @@ from transformers import (
 
 from modeling_mmllm import MMLLMForConditionalGeneration
 
+pytestmark = pytest.mark.hub
+
 
 def _plain_lm_tokenizer() -> PreTrainedTokenizerFast:
     """An ordinary LM tokenizer (byte-level BPE with only <s> and </s>), as a pretrained LM would ship."""

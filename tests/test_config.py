@@ -9,6 +9,8 @@ from conftest import make_images, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.presets import preset_names
 
+pytestmark = pytest.mark.hub
+
 
 def test_llava_tiny_preset_fields():
     config = MMLLMConfig.from_preset("llava-tiny")

@@ -8,6 +8,8 @@ from transformers import LlavaConfig, LlavaForConditionalGeneration
 from modeling_mmllm import MMLLMForConditionalGeneration
 from modeling_mmllm.conversion import from_llava
 
+pytestmark = pytest.mark.hub
+
 IMAGE_TOKEN = 5
 
 

@@ -12,6 +12,8 @@ from transformers.dynamic_module_utils import get_imports
 
 from modeling_mmllm.hub_card import hub_set_files
 
+pytestmark = pytest.mark.hub
+
 HUB_SET = {"configuration_mmllm.py", "modality_encoder.py", "input_projector.py", "modality_adaptive.py", "modeling_mmllm.py",
            "processing_mmllm.py", "output_projector.py", "modality_generator.py"}
 ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"}  # the last: a transformers dependency

@@ -15,6 +15,8 @@ from modeling_mmllm.hub_card import _component_rows, render_model_card
 from modeling_mmllm.output_projector import OUTPUT_PROJECTORS, build_output_projector
 from modeling_mmllm.saving import save_model_folder
 
+pytestmark = pytest.mark.hub
+
 SIGNAL = [512, 513, 514, 515]  # <gen_img_0..3> of the any2any-tiny preset
 GREEDY = {"max_new_tokens": 8, "do_sample": False, "pad_token_id": 0}
 

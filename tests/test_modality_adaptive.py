@@ -9,6 +9,8 @@ from conftest import make_images, perturb_branches, seeded_model, tiny_text_conf
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 
+pytestmark = pytest.mark.hub
+
 GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=None)
 
 

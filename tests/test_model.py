@@ -8,6 +8,8 @@ from conftest import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.modality_encoder import select_vision_features
 
+pytestmark = pytest.mark.hub
+
 
 @pytest.fixture(scope="module")
 def batch(processor, images):

@@ -3,6 +3,8 @@
 import pytest
 from transformers import pipeline
 
+pytestmark = pytest.mark.hub
+
 GENERATE = {"max_new_tokens": 6, "do_sample": False}
 
 

@@ -8,6 +8,8 @@ from transformers import AutoProcessor
 from modeling_mmllm import MMLLMProcessor
 from modeling_mmllm.presets import _offline_tokenizer_json
 
+pytestmark = pytest.mark.hub
+
 
 def test_expands_each_image_to_image_seq_length(processor, images):
     out = processor(images=images[:2], text=["<image> and <image> differ"], return_tensors="pt")

@@ -12,6 +12,8 @@ from conftest import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
+pytestmark = pytest.mark.hub
+
 PRESETS = ["llava-tiny", "owl2-tiny", "blip2-tiny", "resampler-tiny"]
 QUERY_BASED = ["owl2-tiny", "blip2-tiny", "resampler-tiny"]
 TEXTS = ["<image>Compare with<image>, which is bigger?", "Just text, no picture.", "What is in <image>?"]

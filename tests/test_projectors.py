@@ -7,6 +7,8 @@ from torch import nn
 from modeling_mmllm import MMLLMConfig
 from modeling_mmllm.input_projector import PROJECTORS, build_input_projector
 
+pytestmark = pytest.mark.hub
+
 
 @pytest.mark.parametrize("projector_type, depth", [("linear", 1), ("mlp", 2), ("mlp", 3)])
 def test_projector_shapes_and_gradients(projector_type, depth):

@@ -12,7 +12,8 @@ import transformers
 from packaging.version import Version
 
 from modeling_mmllm import cli
-from modeling_mmllm.saving import hub_files, upgrade_folder
+from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.saving import upgrade_folder
 
 pytestmark = pytest.mark.hub
 
@@ -57,7 +58,7 @@ def test_an_upgraded_old_folder_answers_as_its_own_code_did(old_folder, capsys):
 
     assert cli.main(["upgrade", str(old_folder)]) == 0
     assert "8 code files rewritten" in capsys.readouterr().out
-    for path in hub_files():
+    for path in map(Path, hub_set_files()):
         assert filecmp.cmp(path, old_folder / path.name, shallow=False)
     after = (old_folder / "model.safetensors").stat()
     assert (after.st_ino, after.st_size, after.st_mtime) == (weights.st_ino, weights.st_size, weights.st_mtime)
