@@ -442,6 +442,9 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         after the prompt when it emitted none) go through the output projector to the modality generator
         (`generator_kwargs` go to the generator, e.g. `num_inference_steps` for diffusers).
         """
+        if kwargs.get("cache_implementation") == "offloaded" and self.device.type == "cpu":
+            raise ValueError("cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
+                             "the CPU, and this model is on the CPU. Use the default cache or 'static' here.")
         if generation_mode in (None, "text"):
             return super().generate(*args, **kwargs)
         if generation_mode != "image":
