@@ -85,6 +85,7 @@ COMMANDS = {
     "mmllm convert mplug-owl2 path/to/mplug-owl2-llama2-7b runs/mplug-owl2-llama2-7b":
         ("", "runs/mplug-owl2-llama2-7b/model.safetensors"),
     "mmllm push runs/quickstart/stage2/model me/owl2-shapes --private": ("", None),
+    "mmllm upgrade runs/old-model": ("", "runs/old-model/modeling_mmllm.py"),  # a folder saved by mmllm 0.1.0
     "python benchmarks/vs_llava.py --repeats 3": ("--repeats 1", None),  # the last --repeats wins
     "python benchmarks/projector_ttft.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/modality_adaptive_cost.py --repeats 3": ("--repeats 1", None),
@@ -140,6 +141,7 @@ def _save_stand_ins(root: Path) -> None:
         num_query_tokens=8, image_token_id=5))
     blip2.save_pretrained(root / "path/to/blip2-opt-2.7b")
     shutil.copytree(ROOT / "tests/fixtures/mplug-owl2-tiny", root / "path/to/mplug-owl2-llama2-7b")
+    shutil.copytree(ROOT / "tests/fixtures/owl2-tiny-v0.1.0", root / "runs/old-model")
     soundfile.write(root / "beeps.wav", synthesize(Sound(count=2, pitch="high"), np.random.default_rng(0)), 16000)
     (root / "data_dir").mkdir()
     make_dataset("joint", 16).remove_columns(["kind", "answer"]).to_parquet(root / "data_dir" / "train.parquet")
