@@ -12,7 +12,7 @@ import deepspeed  # noqa: E402
 from transformers.integrations import HfDeepSpeedConfig  # noqa: E402
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration  # noqa: E402
-from modeling_mmllm.modality_adaptive import Multiway  # noqa: E402
+from modeling_mmllm.modality_adaptive import multiway_branches  # noqa: E402
 
 deepspeed.init_distributed(dist_backend="gloo")
 ds_config = {"zero_optimization": {"stage": 3}, "train_batch_size": 1, "gradient_accumulation_steps": 1}
@@ -22,13 +22,10 @@ model = MMLLMForConditionalGeneration._from_config(MMLLMConfig.from_preset("owl2
 partitioned = model.model.language_model.layers[0].self_attn.k_proj.weight
 report = {"partitioned_before": partitioned.numel() == 0}
 model.enable_modality_adaptive()
-equal, sizes = [], []
-for module in model.modules():
-    if isinstance(module, Multiway):
-        text, image = list(module.multiway["0"].parameters()), list(module.multiway["1"].parameters())
-        with deepspeed.zero.GatheredParameters(text + image):
-            equal += [torch.equal(a, b) for a, b in zip(text, image)]
-            sizes += [b.numel() for b in image]
+text, image = ([p for branch in multiway_branches(model, modality) for p in branch.parameters()] for modality in (0, 1))
+with deepspeed.zero.GatheredParameters(text + image):
+    equal = [torch.equal(a, b) for a, b in zip(text, image)]
+    sizes = [b.numel() for b in image]
 report.update(copies_equal=all(equal), copies_nonempty=min(sizes) > 0, branches=len(equal))
 engine, *_ = deepspeed.initialize(model=model, config=ds_config,
                                   optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
