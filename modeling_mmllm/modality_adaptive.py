@@ -178,6 +178,15 @@ def _make_multiway(owner: nn.Module, names: Sequence[str], modalities: Sequence[
     owner.__class__ = _adaptive_class(type(owner), publishes_routing)
 
 
+def _accept_checkpoint_names(layer: nn.Module, state_dict: dict, prefix: str, *args) -> None:
+    """`load_state_dict` pre-hook: a folder's own weights file (the Trainer's resume, loading by hand) carries the
+    on-disk names; rename them onto the module tree (the dict is `load_state_dict`'s own copy)."""
+    for key in [key for key in state_dict if key.startswith(prefix) and ".multiway." in key]:
+        renamed = prefix + module_tree_key("." + key[len(prefix):])[1:]
+        if renamed != key:
+            state_dict[renamed] = state_dict.pop(key)
+
+
 def apply_modality_adaptive(
     language_model: nn.Module, layers: Sequence[int] | None, modalities: Sequence[int]
 ) -> None:
@@ -190,6 +199,7 @@ def apply_modality_adaptive(
             raise ValueError(f"Decoder layer {index} is already modality-adaptive.")
         for owner, names in MULTIWAY_MODULES.items():
             _make_multiway(_owner(layer, owner), names, modalities, publishes_routing=not owner)
+        layer.register_load_state_dict_pre_hook(_accept_checkpoint_names)
 
 
 def multiway_branches(module: nn.Module, modality: int) -> Iterator[nn.Module]:

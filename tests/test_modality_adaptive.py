@@ -184,3 +184,17 @@ def test_save_and_reload_keeps_the_branches(tmp_path):
     reloaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path)
     state = model.state_dict()
     assert all(torch.equal(t, state[k]) for k, t in reloaded.state_dict().items())
+
+
+def test_a_folders_weights_file_loads_by_hand_with_its_on_disk_names(tmp_path):
+    """The Trainer resumes with `load_state_dict(load_file(...))`: mPLUG-Owl2's on-disk names must land."""
+    from safetensors.torch import load_file
+
+    model = seeded_model(_config("llama", modality_adaptive=True))
+    perturb_branches(model)
+    model.save_pretrained(tmp_path)
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert any(".k_proj.multiway.1." in key for key in on_disk)
+    fresh = seeded_model(_config("llama", modality_adaptive=True), seed=1)
+    fresh.load_state_dict(on_disk, strict=True)
+    assert all(torch.equal(tensor, model.state_dict()[key]) for key, tensor in fresh.state_dict().items())
