@@ -238,7 +238,7 @@ class MMLLMConfig(PreTrainedConfig):
 
         Any field can be overridden by keyword, e.g. `from_preset("llava-tiny", projector_type="linear")`.
         """
-        return import_library_module("presets").load_config_preset(cls, name, **overrides)
+        return import_library_module("builders.presets").load_config_preset(cls, name, **overrides)
 
 
 MMLLMConfig.register_for_auto_class()

@@ -547,7 +547,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         the tokenizer, the embeddings resized and the package's chat template set (unless `chat_template=` is
         given). Any other keyword overrides an `MMLLMConfig` field.
         """
-        return import_library_module("composition").compose(cls, vision, text, projector, **overrides)
+        return import_library_module("builders.composition").compose(cls, vision, text, projector, **overrides)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
@@ -579,7 +579,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
 def _write_model_card(model: MMLLMForConditionalGeneration, folder) -> None:
     """The package's model card; a bare remote-code environment keeps whatever card the folder has."""
     try:
-        cards = import_library_module("hub_card")
+        cards = import_library_module("export.hub_card")
     except ImportError:
         return
     cards.write_model_card(model, folder)

@@ -166,7 +166,7 @@ class MMLLMProcessor(ProcessorMixin):
 
         Deterministic and built locally (no download), so tests and the quickstart need no network.
         """
-        return import_library_module("presets").load_processor_preset(cls, name)
+        return import_library_module("builders.presets").load_processor_preset(cls, name)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them."""

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.export.hub_card import hub_set_files
 from modeling_mmllm.saving import save_model_folder
 
 VOCAB = 512

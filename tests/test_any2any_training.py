@@ -14,9 +14,9 @@ from transformers import TrainerCallback
 from trl import SFTTrainer
 
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.image_judge import CHANCE, train_judge
-from modeling_mmllm.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
-from modeling_mmllm.training import (
+from modeling_mmllm.evaluation.image_judge import CHANCE, train_judge
+from modeling_mmllm.data.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
+from modeling_mmllm.training.runner import (
     ALIGNMENT_FREEZE,
     MMLLMTrainer,
     MultimodalCollator,

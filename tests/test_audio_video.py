@@ -15,11 +15,11 @@ from PIL import Image
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.configuration_mmllm import AUDIO, IMAGE, VIDEO
-from modeling_mmllm.presets import load_processor_preset
-from modeling_mmllm.evaluation import exact_match
+from modeling_mmllm.builders.presets import load_processor_preset
+from modeling_mmllm.evaluation.metrics import exact_match
 from modeling_mmllm.saving import save_model_folder
-from modeling_mmllm.synthetic import make_dataset
-from modeling_mmllm.training import load_recipe, train
+from modeling_mmllm.data.synthetic import make_dataset
+from modeling_mmllm.training.runner import load_recipe, train
 
 pytestmark = pytest.mark.hub
 

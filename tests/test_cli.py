@@ -13,7 +13,7 @@ from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditional
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.cli import main, parser
-from modeling_mmllm.presets import offline_tokenizer
+from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]

@@ -6,7 +6,7 @@ import warnings
 import pytest
 
 from conftest import HUB_FILES
-from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.export.hub_card import hub_set_files
 
 pytestmark = pytest.mark.hub
 

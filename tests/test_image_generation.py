@@ -11,7 +11,7 @@ from conftest import make_images, seeded_model
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.hub_card import _component_rows, render_model_card
+from modeling_mmllm.export.hub_card import _component_rows, render_model_card
 from modeling_mmllm.output_projector import OUTPUT_PROJECTORS, build_output_projector
 from modeling_mmllm.saving import save_model_folder
 

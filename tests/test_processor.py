@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoProcessor
 
 from modeling_mmllm import MMLLMProcessor
-from modeling_mmllm.presets import _offline_tokenizer_json
+from modeling_mmllm.builders.presets import _offline_tokenizer_json
 
 pytestmark = pytest.mark.hub
 

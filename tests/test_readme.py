@@ -35,8 +35,8 @@ from transformers import (
 )
 
 from modeling_mmllm.cli import main
-from modeling_mmllm.presets import offline_tokenizer
-from modeling_mmllm.synthetic import Sound, make_dataset, synthesize
+from modeling_mmllm.builders.presets import offline_tokenizer
+from modeling_mmllm.data.synthetic import Sound, make_dataset, synthesize
 
 README = (ROOT / "README.md").read_text()
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",

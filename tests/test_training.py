@@ -9,9 +9,9 @@ from conftest import make_images
 from datasets import Dataset
 
 from modeling_mmllm.cli import main
-from modeling_mmllm.data import llava_json_dataset, load_training_data
-from modeling_mmllm.presets import asset_dir
-from modeling_mmllm.training import (
+from modeling_mmllm.data.loading import llava_json_dataset, load_training_data
+from modeling_mmllm.builders.presets import asset_dir
+from modeling_mmllm.training.runner import (
     MultimodalCollator,
     apply_freeze_policy,
     build_model,

@@ -12,7 +12,7 @@ import transformers
 from packaging.version import Version
 
 from modeling_mmllm import cli
-from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.export.hub_card import hub_set_files
 from modeling_mmllm.saving import upgrade_folder
 
 pytestmark = pytest.mark.hub

@@ -39,7 +39,7 @@ engine.step()
 report["trained_step_loss"] = float(loss.detach())
 
 # The runner under ZeRO-3: the projector (and the modality-adaptive branches) are saved with their full weights.
-from modeling_mmllm.training import load_recipe, train  # noqa: E402
+from modeling_mmllm.training.runner import load_recipe, train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 output = sys.argv[2]

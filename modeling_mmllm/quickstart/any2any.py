@@ -12,12 +12,12 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
-from .evaluation import generate_images
-from .image_judge import CHANCE
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .processing_mmllm import MMLLMProcessor
-from .synthetic import make_dataset
-from .training import load_recipe, train
+from ..evaluation.metrics import generate_images
+from ..evaluation.image_judge import CHANCE
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..processing_mmllm import MMLLMProcessor
+from ..data.synthetic import make_dataset
+from ..training.runner import load_recipe, train
 
 RECIPE = "quickstart-any2any"
 FAST = {"max_steps": 6, "save_steps": 100, "logging_steps": 2, "data.n": 64, "generator_pretraining.steps": 10,

@@ -19,11 +19,11 @@ from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
 from .any2any import run_any2any
-from .evaluation import answer_questions, exact_match
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .processing_mmllm import MMLLMProcessor
-from .synthetic import QUESTIONS, make_dataset, random_scene, render
-from .training import load_recipe, train
+from ..evaluation.metrics import answer_questions, exact_match
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..processing_mmllm import MMLLMProcessor
+from ..data.synthetic import QUESTIONS, make_dataset, random_scene, render
+from ..training.runner import load_recipe, train
 
 STAGES = ("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")
 FAST = {"max_steps": 6, "save_steps": 100, "logging_steps": 2, "data.n": 64}

@@ -45,7 +45,7 @@ def _load_tokenizer(text: str):
 
 def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_template: str | None = None, **overrides):
     """Build `(model, processor)` from a pretrained vision encoder and causal LM; see `from_components`."""
-    from .processing_mmllm import MMLLMProcessor
+    from ..processing_mmllm import MMLLMProcessor
 
     # The modality-adaptive module is switched on after the pretrained weights are in: its branches copy them.
     modality_adaptive = overrides.pop("modality_adaptive", False)

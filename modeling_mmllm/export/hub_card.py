@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .presets import asset_dir
+from ..builders.presets import asset_dir
 
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -152,7 +152,7 @@ def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_
 
 def hub_set_files() -> list[str]:
     """The files `save_pretrained` copies next to a checkpoint: the model and processor modules and their imports."""
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # the hub set sits at the package root
     entries = [str(package / "modeling_mmllm.py"), str(package / "processing_mmllm.py")]
     files = set(entries)
     for entry in entries:

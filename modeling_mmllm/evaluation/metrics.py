@@ -8,7 +8,7 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .synthetic import Scene
+from ..data.synthetic import Scene
 
 
 def _batched_inputs(model, processor, rows: list[dict], batch_size: int):

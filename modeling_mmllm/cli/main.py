@@ -11,8 +11,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError
 
 def _load_folder(folder: str):
     """A saved model folder and its processor, or a clear error when the folder is not one."""
-    from .modeling_mmllm import MMLLMForConditionalGeneration
-    from .processing_mmllm import MMLLMProcessor
+    from ..modeling_mmllm import MMLLMForConditionalGeneration
+    from ..processing_mmllm import MMLLMProcessor
 
     path = Path(folder)
     if not (path / "config.json").is_file():
@@ -33,10 +33,10 @@ def _open_image(path: str):
 
 def build(args: argparse.Namespace) -> None:
     """Build a preset (random weights) or compose pretrained components into a Hub-ready folder."""
-    from .configuration_mmllm import MMLLMConfig
-    from .modeling_mmllm import MMLLMForConditionalGeneration
-    from .processing_mmllm import MMLLMProcessor
-    from .saving import save_model_folder
+    from ..configuration_mmllm import MMLLMConfig
+    from ..modeling_mmllm import MMLLMForConditionalGeneration
+    from ..processing_mmllm import MMLLMProcessor
+    from ..export.saving import save_model_folder
 
     if args.preset:
         model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(args.preset))
@@ -52,8 +52,8 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
-    from .training import load_recipe, parse_overrides
-    from .training import train as run_recipe
+    from ..training.runner import load_recipe, parse_overrides
+    from ..training.runner import train as run_recipe
 
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
@@ -173,8 +173,8 @@ def chat(args: argparse.Namespace) -> None:
 
 def evaluate(args: argparse.Namespace) -> None:
     """Exact-match accuracy of a model folder on question rows, per question kind."""
-    from .data import load_training_data
-    from .evaluation import exact_match
+    from ..data.loading import load_training_data
+    from ..evaluation.metrics import exact_match
 
     model, processor = _load_folder(args.model)
     spec = {"synthetic": args.synthetic, "n": args.n, "split": args.split, "image_size": args.image_size}
@@ -187,8 +187,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from .conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
-    from .saving import save_model_folder
+    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
+    from ..export.saving import save_model_folder
 
     if args.kind == "mplug-owl2":
         model, processor = from_mplug_owl2(args.source)
@@ -205,8 +205,8 @@ def convert(args: argparse.Namespace) -> None:
 
 def push(args: argparse.Namespace) -> None:
     """Upload a Hub-ready folder to a Hub repo, with its card rendered for that repo."""
-    from .hub_card import write_model_card
-    from .training import push_folder
+    from ..export.hub_card import write_model_card
+    from ..training.runner import push_folder
 
     model, _ = _load_folder(args.folder)
     write_model_card(model, args.folder, repo_id=args.repo_id)
@@ -217,7 +217,7 @@ def upgrade(args: argparse.Namespace) -> None:
     """Rewrite saved folders' code files with this version's hub set (weights untouched)."""
     import transformers
 
-    from .saving import upgrade_folder
+    from ..export.saving import upgrade_folder
 
     for folder in args.folders:
         written = upgrade_folder(folder)
@@ -227,7 +227,7 @@ def upgrade(args: argparse.Namespace) -> None:
 
 def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
-    from .quickstart import run_quickstart
+    from ..quickstart.run import run_quickstart
 
     run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any)
 

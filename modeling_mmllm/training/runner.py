@@ -56,12 +56,12 @@ from torch.nn import functional as F
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from .configuration_mmllm import MMLLMConfig
-from .data import load_training_data
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .presets import load_processor_preset
-from .processing_mmllm import MMLLMProcessor
-from .saving import atomic_folder, save_model_folder, write_adapter_card
+from ..configuration_mmllm import MMLLMConfig
+from ..data.loading import load_training_data
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..builders.presets import load_processor_preset
+from ..processing_mmllm import MMLLMProcessor
+from ..export.saving import atomic_folder, save_model_folder, write_adapter_card
 
 RECIPE_KEYS = {"model", "data", "bad_rows", "freeze", "train_modality_adaptive", "vision_lr_decay", "lora",
                "merge_lora", "chat_template", "eval", "train_signal_tokens", "generator_pretraining",
@@ -92,7 +92,7 @@ def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    from .presets import asset_dir
+    from ..builders.presets import asset_dir
 
     shipped = asset_dir("training_recipes") / f"{Path(name_or_path).stem}.yaml"
     if shipped.is_file():
@@ -200,7 +200,7 @@ def load_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcesso
         model = MMLLMForConditionalGeneration.from_pretrained(folder, **load_kwargs(spec))
         return model, MMLLMProcessor.from_pretrained(folder)
     if "mplug_owl2" in spec:
-        from .conversion import from_mplug_owl2
+        from ..builders.conversion import from_mplug_owl2
 
         model, processor = from_mplug_owl2(spec["mplug_owl2"])
         if processor is None:
@@ -756,7 +756,7 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
 def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, float]:
     """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`); with
     image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well."""
-    from .evaluation import evaluate_image_generation, exact_match
+    from ..evaluation.metrics import evaluate_image_generation, exact_match
 
     dataset = load_training_data(spec)
     if "generation_caption" not in dataset.column_names:

@@ -14,8 +14,8 @@ from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoTokenizer, Blip2ForConditionalGeneration, CLIPImageProcessorPil, LlavaForConditionalGeneration
 
-from .configuration_mmllm import MMLLMConfig
-from .modeling_mmllm import MMLLMForConditionalGeneration
+from ..configuration_mmllm import MMLLMConfig
+from ..modeling_mmllm import MMLLMForConditionalGeneration
 
 
 def _load(model_or_path, model_class: type[nn.Module]) -> nn.Module:
@@ -185,9 +185,9 @@ def from_mplug_owl2(path):
     modality-adaptive module (branch 0 text, 1 image). The image token is appended after the original vocabulary
     and never generated. `processor` is None when the folder has no tokenizer.
     """
-    from .modality_adaptive import module_tree_key
+    from ..modality_adaptive import module_tree_key
     from .presets import chat_template
-    from .processing_mmllm import MMLLMProcessor
+    from ..processing_mmllm import MMLLMProcessor
 
     folder = Path(path)
     raw = json.loads((folder / "config.json").read_text())
@@ -234,7 +234,7 @@ def convert_processor(source, config: MMLLMConfig):
     from transformers import AutoProcessor
 
     from .presets import chat_template
-    from .processing_mmllm import MMLLMProcessor
+    from ..processing_mmllm import MMLLMProcessor
 
     try:
         original = AutoProcessor.from_pretrained(source)

@@ -11,7 +11,7 @@ from pathlib import Path
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # modeling_mmllm/
 TOKENIZER_VOCAB_SIZE = 512
 
 
@@ -109,7 +109,7 @@ def load_processor_preset(processor_class, name: str, config=None):
 
     `config` (the preset's config with overrides, e.g. another image size) defaults to the preset's own.
     """
-    from .configuration_mmllm import MMLLMConfig
+    from ..configuration_mmllm import MMLLMConfig
 
     config = config or MMLLMConfig.from_preset(name)
     tokenizer = offline_tokenizer()

@@ -15,7 +15,7 @@ from PIL import ImageFilter
 from torch import nn
 from torch.nn import functional as F
 
-from .synthetic import COLOURS, SHAPES, SPLIT_SEEDS, random_scene, render
+from ..data.synthetic import COLOURS, SHAPES, SPLIT_SEEDS, random_scene, render
 
 JUDGE_SIZE = 32
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS)}
