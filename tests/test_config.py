@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
-from conftest import make_images, tiny_text_config, tiny_vision_config
 
+from helpers import make_images, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.builders.presets import preset_names
 

@@ -63,11 +63,24 @@ def test_saved_folder_contents(saved_folder):
 def test_model_card(saved_folder):
     card = (saved_folder / "README.md").read_text()
     header = card.split("---")[1]
-    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0",
-                 "- mmllm", "- custom_code"):
+    for line in (
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "license: apache-2.0",
+        "- mmllm",
+        "- custom_code",
+    ):
         assert line in header
-    for text in ("Modality Encoder", "Input Projector", "LLM Backbone", "Output Projector", "Modality Generator",
-                 "trust_remote_code=True", "`modeling_mmllm.py`", "16 tokens per image"):
+    for text in (
+        "Modality Encoder",
+        "Input Projector",
+        "LLM Backbone",
+        "Output Projector",
+        "Modality Generator",
+        "trust_remote_code=True",
+        "`modeling_mmllm.py`",
+        "16 tokens per image",
+    ):
         assert text in card
 
 
@@ -99,8 +112,12 @@ def test_fresh_process_without_the_package_generates_the_same(saved_folder, tiny
 
     inputs = processor(images=[Image.open(image_path)], text=[PROMPT], return_tensors="pt")
     expected = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)[0].tolist()
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(image_path), PROMPT],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(image_path), PROMPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reported = json.loads(result.stdout.strip().splitlines()[-1])
     assert reported["module"].startswith("transformers_modules.")
