@@ -16,11 +16,17 @@ def measure_interleaved(script: str, variants: list[str], repeats: int, threads:
     runs = {variant: [] for variant in variants}
     for repeat in range(repeats):
         for variant in variants if repeat % 2 == 0 else variants[::-1]:
-            out = subprocess.run([sys.executable, script, "--child", variant, "--threads", str(threads), *extra],
-                                 check=True, capture_output=True, text=True)
+            out = subprocess.run(
+                [sys.executable, script, "--child", variant, "--threads", str(threads), *extra],
+                check=True,
+                capture_output=True,
+                text=True,
+            )
             runs[variant].append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {variant: {metric: statistics.median(run[metric] for run in results) for metric in results[0]}
-            for variant, results in runs.items()}
+    return {
+        variant: {metric: statistics.median(run[metric] for run in results) for metric in results[0]}
+        for variant, results in runs.items()
+    }
 
 
 def run_benchmark(script: str, doc: str, measure: Callable[[str, int], dict], variants: list[str]):

@@ -12,11 +12,30 @@ from harness import run_benchmark
 
 PROMPT_TOKENS, NEW_TOKENS = 32, 32
 ARCH = dict(
-    vision_config=dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       num_attention_heads=8, image_size=448, patch_size=14, projection_dim=256, hidden_act="quick_gelu"),
-    text_config=dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                     num_attention_heads=12, num_key_value_heads=12, vocab_size=32001, max_position_embeddings=4096),
-    vision_feature_layer=-1, vision_feature_select_strategy="full", vision_feature_layernorm=True,
+    vision_config=dict(
+        model_type="clip_vision_model",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        image_size=448,
+        patch_size=14,
+        projection_dim=256,
+        hidden_act="quick_gelu",
+    ),
+    text_config=dict(
+        model_type="llama",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32001,
+        max_position_embeddings=4096,
+    ),
+    vision_feature_layer=-1,
+    vision_feature_select_strategy="full",
+    vision_feature_layernorm=True,
     projector_type="abstractor",
     projector_config=dict(num_queries=64, num_layers=6, num_heads=8, intermediate_size=704),
     image_token_id=32000,
@@ -49,8 +68,10 @@ def measure(variant: str, threads: int) -> dict:
 
 def main() -> None:
     args, medians = run_benchmark(__file__, __doc__, measure, ["without", "with"])
-    print(f"modality-adaptive module cost | CLIP 448 px + abstractor (65 tokens) + Llama 8 x 768 | "
-          f"median of {args.repeats}, {args.threads} threads")
+    print(
+        f"modality-adaptive module cost | CLIP 448 px + abstractor (65 tokens) + Llama 8 x 768 | "
+        f"median of {args.repeats}, {args.threads} threads"
+    )
     print(f"{'metric':<16}{'without':>12}{'with':>12}{'with/without':>14}")
     for metric in ("prefill_s", "decode_tok_s"):
         without, with_module = medians["without"][metric], medians["with"][metric]

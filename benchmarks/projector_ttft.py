@@ -1,7 +1,8 @@
 """Time to first token: `mlp` (one token per patch) vs `abstractor` (64 queries) at ViT-L-like patch counts.
 
 Same encoder (CLIP, 336 px / patch 14 -> 576 patches, small widths so it runs on a CPU) and same Llama backbone,
-in mPLUG-Owl2's size proportions (backbone ~18x the encoder); only the projector differs. Each variant runs in its own subprocess, interleaved; prints medians and the ratio.
+in mPLUG-Owl2's size proportions (backbone ~18x the encoder); only the projector differs. Each variant runs in
+its own subprocess, interleaved; prints medians and the ratio.
 
     python benchmarks/projector_ttft.py [--repeats 3] [--threads 2]
 """
@@ -12,18 +13,38 @@ from harness import run_benchmark
 
 PROMPT_TOKENS = 32
 ARCH = dict(
-    vision_config=dict(model_type="clip_vision_model", hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                       num_attention_heads=8, image_size=336, patch_size=14, projection_dim=256),
+    vision_config=dict(
+        model_type="clip_vision_model",
+        hidden_size=256,
+        intermediate_size=1024,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        image_size=336,
+        patch_size=14,
+        projection_dim=256,
+    ),
     # The backbone is ~18x the encoder's size, as LLaMA-2-7B is ~20x ViT-L.
-    text_config=dict(model_type="llama", hidden_size=768, intermediate_size=2048, num_hidden_layers=8,
-                     num_attention_heads=12, num_key_value_heads=12, vocab_size=32064, max_position_embeddings=4096),
+    text_config=dict(
+        model_type="llama",
+        hidden_size=768,
+        intermediate_size=2048,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+        vocab_size=32064,
+        max_position_embeddings=4096,
+    ),
     image_token_id=32000,
 )
 VARIANTS = {
     "mlp": dict(projector_type="mlp", vision_feature_layer=-2, vision_feature_select_strategy="default"),
-    "abstractor": dict(projector_type="abstractor", vision_feature_layer=-1, vision_feature_select_strategy="full",
-                       vision_feature_layernorm=True,
-                       projector_config=dict(num_queries=64, num_layers=6, num_heads=8, intermediate_size=704)),
+    "abstractor": dict(
+        projector_type="abstractor",
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        vision_feature_layernorm=True,
+        projector_config=dict(num_queries=64, num_layers=6, num_heads=8, intermediate_size=704),
+    ),
 }
 
 
@@ -48,8 +69,10 @@ def time_to_first_token(variant: str, threads: int) -> dict:
 
 def main() -> None:
     args, medians = run_benchmark(__file__, __doc__, time_to_first_token, list(VARIANTS))
-    print(f"time to first token, 1 image (336 px, 576 patches) + {PROMPT_TOKENS}-token prompt | "
-          f"median of {args.repeats}, {args.threads} threads")
+    print(
+        f"time to first token, 1 image (336 px, 576 patches) + {PROMPT_TOKENS}-token prompt | "
+        f"median of {args.repeats}, {args.threads} threads"
+    )
     for variant, result in medians.items():
         print(f"{variant:<12}{int(result['sequence']):>6} tokens {result['seconds']:>10.4f} s")
     ratio = medians["mlp"]["seconds"] / medians["abstractor"]["seconds"]

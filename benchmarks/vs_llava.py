@@ -17,10 +17,26 @@ import time
 
 IMAGE_TOKEN = 32000
 ARCH = dict(
-    vision_config=dict(model_type="clip_vision_model", hidden_size=768, intermediate_size=3072, num_hidden_layers=4,
-                       num_attention_heads=12, image_size=224, patch_size=14, projection_dim=512),
-    text_config=dict(model_type="llama", hidden_size=512, intermediate_size=1376, num_hidden_layers=4,
-                     num_attention_heads=8, num_key_value_heads=8, vocab_size=32064, max_position_embeddings=2048),
+    vision_config=dict(
+        model_type="clip_vision_model",
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=4,
+        num_attention_heads=12,
+        image_size=224,
+        patch_size=14,
+        projection_dim=512,
+    ),
+    text_config=dict(
+        model_type="llama",
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+        vocab_size=32064,
+        max_position_embeddings=2048,
+    ),
     vision_feature_layer=-2,
     vision_feature_select_strategy="default",
     image_token_id=IMAGE_TOKEN,
@@ -46,8 +62,11 @@ def inputs(batch: int = 1):
     import torch
 
     ids = [1] + [IMAGE_TOKEN] * 256 + list(range(100, 100 + PROMPT_TOKENS))
-    return dict(input_ids=torch.tensor([ids] * batch), attention_mask=torch.ones(batch, len(ids), dtype=torch.long),
-                pixel_values=torch.randn(batch, 3, 224, 224))
+    return dict(
+        input_ids=torch.tensor([ids] * batch),
+        attention_mask=torch.ones(batch, len(ids), dtype=torch.long),
+        pixel_values=torch.randn(batch, 3, 224, 224),
+    )
 
 
 def measure(variant: str, metric: str, threads: int) -> float:
@@ -95,8 +114,12 @@ def measure(variant: str, metric: str, threads: int) -> float:
 
 
 def run_child(variant: str, metric: str, threads: int) -> float:
-    out = subprocess.run([sys.executable, __file__, "--child", variant, metric, "--threads", str(threads)],
-                         check=True, capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", variant, metric, "--threads", str(threads)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -110,19 +133,27 @@ def main() -> None:
         print(json.dumps(measure(*args.child, threads=args.threads)))
         return
 
-    metrics = {"prefill": ("s", "lower"), "decode": ("tok/s", "higher"), "train_step": ("s", "lower"),
-               "peak_memory_mb": ("MB", "lower")}
+    metrics = {
+        "prefill": ("s", "lower"),
+        "decode": ("tok/s", "higher"),
+        "train_step": ("s", "lower"),
+        "peak_memory_mb": ("MB", "lower"),
+    }
     results = {(v, m): [] for v in ("mmllm", "llava") for m in metrics}
     for repeat in range(args.repeats):
         for metric in metrics:
-            for variant in (("mmllm", "llava") if repeat % 2 == 0 else ("llava", "mmllm")):
+            for variant in ("mmllm", "llava") if repeat % 2 == 0 else ("llava", "mmllm"):
                 results[variant, metric].append(run_child(variant, metric, args.threads))
-    print(f"mmllm vs transformers LLaVA | CLIP 4 layers 224px (feature layer -2) + Llama 4x512 | "
-          f"median of {args.repeats}, {args.threads} threads")
+    print(
+        f"mmllm vs transformers LLaVA | CLIP 4 layers 224px (feature layer -2) + Llama 4x512 | "
+        f"median of {args.repeats}, {args.threads} threads"
+    )
     print(f"{'metric':<16}{'mmllm':>12}{'LLaVA':>12}{'ours/LLaVA':>12}")
     for metric, (unit, better) in metrics.items():
         ours, theirs = (statistics.median(results[v, metric]) for v in ("mmllm", "llava"))
-        print(f"{metric + ' (' + unit + ')':<16}{ours:>12.4f}{theirs:>12.4f}{ours / theirs:>12.3f}  ({better} is better)")
+        print(
+            f"{metric + ' (' + unit + ')':<16}{ours:>12.4f}{theirs:>12.4f}{ours / theirs:>12.3f}  ({better} is better)"
+        )
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ AutoModelForImageTextToText.register(MMLLMConfig, MMLLMForConditionalGeneration,
 AutoModelForCausalLM.register(MMLLMConfig, MMLLMForConditionalGeneration, exist_ok=True)
 AutoProcessor.register(MMLLMConfig, MMLLMProcessor, exist_ok=True)
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
 __all__ = [
     "MMLLMConfig",

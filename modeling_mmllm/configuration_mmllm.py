@@ -193,23 +193,30 @@ class MMLLMConfig(PreTrainedConfig):
 
     def _check_image_generation(self) -> None:
         """Output projector, signal tokens and generator come together (or not at all)."""
-        parts = {"output_projector_type": self.output_projector_type, "signal_token_ids": self.signal_token_ids,
-                 "modality_generator": self.modality_generator}
+        parts = {
+            "output_projector_type": self.output_projector_type,
+            "signal_token_ids": self.signal_token_ids,
+            "modality_generator": self.modality_generator,
+        }
         given = [name for name, value in parts.items() if value]
         if given and len(given) != len(parts):
             missing = sorted(set(parts) - set(given))
-            raise ValueError(f"Image generation needs output_projector_type, signal_token_ids and modality_generator "
-                             f"together; {', '.join(missing)} missing. Use "
-                             "MMLLMForConditionalGeneration.enable_image_generation(processor, ...), which sets all "
-                             "three and adds the signal tokens to the tokenizer.")
+            raise ValueError(
+                f"Image generation needs output_projector_type, signal_token_ids and modality_generator "
+                f"together; {', '.join(missing)} missing. Use "
+                "MMLLMForConditionalGeneration.enable_image_generation(processor, ...), which sets all "
+                "three and adds the signal tokens to the tokenizer."
+            )
         if self.modality_generator:
             self.modality_generator = generator_settings(self.modality_generator)
         if self.output_projector_type:
             output_projector_class(self)
         vocab_size = self.text_config.vocab_size
         if self.signal_token_ids and not all(0 <= token < vocab_size for token in self.signal_token_ids):
-            raise ValueError(f"signal_token_ids={self.signal_token_ids} are outside the backbone's vocabulary of "
-                             f"{vocab_size}: resize the embeddings (enable_image_generation does).")
+            raise ValueError(
+                f"signal_token_ids={self.signal_token_ids} are outside the backbone's vocabulary of "
+                f"{vocab_size}: resize the embeddings (enable_image_generation does)."
+            )
 
     @property
     def image_generation(self) -> bool:
@@ -238,7 +245,7 @@ class MMLLMConfig(PreTrainedConfig):
 
         Any field can be overridden by keyword, e.g. `from_preset("llava-tiny", projector_type="linear")`.
         """
-        return import_library_module("presets").load_config_preset(cls, name, **overrides)
+        return import_library_module("builders.presets").load_config_preset(cls, name, **overrides)
 
 
 MMLLMConfig.register_for_auto_class()

@@ -67,8 +67,9 @@ def checked_settings(given: dict | None, defaults: dict, field: str, owner: str)
 
 def projector_settings(config, defaults: dict) -> dict:
     """`config.projector_config` over a projector's defaults."""
-    return checked_settings(config.projector_config, defaults, "projector_config",
-                            f"{config.projector_type!r} projector")
+    return checked_settings(
+        config.projector_config, defaults, "projector_config", f"{config.projector_type!r} projector"
+    )
 
 
 def _feature_width(config) -> int:
@@ -150,8 +151,14 @@ class AbstractorProjector(nn.Module):
     rebuilt for the patch grid it sees.
     """
 
-    DEFAULTS = {"num_queries": 64, "num_layers": 6, "num_heads": 16, "intermediate_size": 2816,
-                "layer_norm_eps": 1e-6, "end_token": True}
+    DEFAULTS = {
+        "num_queries": 64,
+        "num_layers": 6,
+        "num_heads": 16,
+        "intermediate_size": 2816,
+        "layer_norm_eps": 1e-6,
+        "end_token": True,
+    }
 
     def __init__(self, config):
         super().__init__()
@@ -222,7 +229,12 @@ class ResamplerProjector(nn.Module):
             perceiver_config={"qk_layer_norms_perceiver": settings["qk_layer_norms"]},
         )
         self.perceiver = IdeficsPerceiverResampler(
-            idefics_config, width, settings["depth"], settings["num_heads"], settings["head_dim"], settings["num_latents"]
+            idefics_config,
+            width,
+            settings["depth"],
+            settings["num_heads"],
+            settings["head_dim"],
+            settings["num_latents"],
         )
         self.linear = nn.Linear(width, config.text_config.hidden_size)
 

@@ -33,9 +33,12 @@ MODALITIES = (0, 1, 2, 3)
 MULTIWAY_MODULES = {"self_attn": ("k_proj", "v_proj"), "": ("input_layernorm", "post_attention_layernorm")}
 
 # (name on disk, name in the module tree) fragments; plain text, so transformers can apply them both ways.
-CHECKPOINT_RENAMES = [(f".{name}.multiway.{modality}.", f".multiway.{modality}.{name}.")
-                      for names in MULTIWAY_MODULES.values() for name in names for modality in MODALITIES]
-
+CHECKPOINT_RENAMES = [
+    (f".{name}.multiway.{modality}.", f".multiway.{modality}.{name}.")
+    for names in MULTIWAY_MODULES.values()
+    for name in names
+    for modality in MODALITIES
+]
 
 
 def module_tree_key(key: str) -> str:
@@ -57,7 +60,7 @@ class MultiwayRouter:
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
         text_branch = self.branches[TEXT]
-        routing = self.routing[..., -hidden_states.shape[-2]:].to(hidden_states.device).reshape(-1)
+        routing = self.routing[..., -hidden_states.shape[-2] :].to(hidden_states.device).reshape(-1)
         masks = {modality: routing == modality for modality in self.branches if modality != TEXT}
         present = {modality: mask for modality, mask in masks.items() if bool(mask.any())}
         if not present:
@@ -172,8 +175,9 @@ def _make_multiway(owner: nn.Module, names: Sequence[str], modalities: Sequence[
     """Move `owner`'s `names` into `owner.multiway["0"]` and add a copy of each per modality."""
     text = nn.ModuleDict({name: owner._modules.pop(name) for name in names})
     branches = {str(TEXT): text}
-    branches.update({str(modality): nn.ModuleDict({name: _copy_branch(text[name]) for name in names})
-                     for modality in modalities})
+    branches.update(
+        {str(modality): nn.ModuleDict({name: _copy_branch(text[name]) for name in names}) for modality in modalities}
+    )
     owner.multiway = nn.ModuleDict(branches)
     owner.__class__ = _adaptive_class(type(owner), publishes_routing)
 
@@ -182,14 +186,12 @@ def _accept_checkpoint_names(layer: nn.Module, state_dict: dict, prefix: str, *a
     """`load_state_dict` pre-hook: a folder's own weights file (the Trainer's resume, loading by hand) carries the
     on-disk names; rename them onto the module tree (the dict is `load_state_dict`'s own copy)."""
     for key in [key for key in state_dict if key.startswith(prefix) and ".multiway." in key]:
-        renamed = prefix + module_tree_key("." + key[len(prefix):])[1:]
+        renamed = prefix + module_tree_key("." + key[len(prefix) :])[1:]
         if renamed != key:
             state_dict[renamed] = state_dict.pop(key)
 
 
-def apply_modality_adaptive(
-    language_model: nn.Module, layers: Sequence[int] | None, modalities: Sequence[int]
-) -> None:
+def apply_modality_adaptive(language_model: nn.Module, layers: Sequence[int] | None, modalities: Sequence[int]) -> None:
     """Give the selected decoder layers one K/V/norm branch per modality, each a copy of the text branch."""
     all_layers = decoder_layers(language_model)
     indices = range(len(all_layers)) if layers is None else layers
@@ -217,5 +219,12 @@ def modality_adaptive_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
             yield from branch.parameters()
 
 
-__all__ = ["CHECKPOINT_RENAMES", "MultiwayRouter", "apply_modality_adaptive", "decoder_layers",
-           "modality_adaptive_parameters", "module_tree_key", "multiway_branches"]
+__all__ = [
+    "CHECKPOINT_RENAMES",
+    "MultiwayRouter",
+    "apply_modality_adaptive",
+    "decoder_layers",
+    "modality_adaptive_parameters",
+    "module_tree_key",
+    "multiway_branches",
+]

@@ -71,8 +71,9 @@ def build_vision_tower(config) -> nn.Module:
     return vision_tower
 
 
-def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, config,
-                           output_hidden_states: bool | None = None, **kwargs) -> tuple[ModelOutput, torch.Tensor]:
+def select_vision_features(
+    vision_tower: nn.Module, pixel_values: torch.Tensor, config, output_hidden_states: bool | None = None, **kwargs
+) -> tuple[ModelOutput, torch.Tensor]:
     """The encoder's outputs, and the features that feed the projector: `[num_images, tokens, hidden * layers]`.
 
     Only the selected hidden states are captured (transformers' `output_hidden_states=<indices>`) unless the
@@ -82,8 +83,9 @@ def select_vision_features(vision_tower: nn.Module, pixel_values: torch.Tensor, 
     layers = config.feature_layers
     if tuple(pixel_values.shape[-2:]) != (config.vision_config.image_size,) * 2:
         kwargs["interpolate_pos_encoding"] = True  # another resolution: interpolate the position embeddings
-    outputs = vision_tower(pixel_values, output_hidden_states=True if output_hidden_states else layers,
-                           return_dict=True, **kwargs)
+    outputs = vision_tower(
+        pixel_values, output_hidden_states=True if output_hidden_states else layers, return_dict=True, **kwargs
+    )
     features = [outputs.hidden_states[layer] for layer in layers]
     if not output_hidden_states:
         outputs.hidden_states = None
@@ -116,8 +118,9 @@ def num_audio_tokens(num_mel_frames: int, pool_stride: int) -> int:
     return (num_encoder_frames(num_mel_frames) + pool_stride - 1) // pool_stride
 
 
-def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_features_mask: torch.Tensor,
-                 pool_stride: int, **kwargs) -> tuple[ModelOutput, torch.Tensor]:
+def encode_audio(
+    audio_tower: nn.Module, input_features: torch.Tensor, input_features_mask: torch.Tensor, pool_stride: int, **kwargs
+) -> tuple[ModelOutput, torch.Tensor]:
     """Audio windows `[windows, mel_bins, frames]` -> the encoder's outputs, and `[tokens, hidden]`: the windows'
     real tokens in order.
 
@@ -133,5 +136,12 @@ def encode_audio(audio_tower: nn.Module, input_features: torch.Tensor, input_fea
     return outputs, torch.cat(tokens)
 
 
-__all__ = ["ActiveLayers", "build_audio_tower", "build_vision_tower", "encode_audio", "num_audio_tokens",
-           "num_vision_tokens", "select_vision_features"]
+__all__ = [
+    "ActiveLayers",
+    "build_audio_tower",
+    "build_vision_tower",
+    "encode_audio",
+    "num_audio_tokens",
+    "num_vision_tokens",
+    "select_vision_features",
+]

@@ -41,8 +41,14 @@ class BuiltinImageGenerator(nn.Module):
     while the LLM side learns to produce its conditioning.
     """
 
-    DEFAULTS = {"condition_length": 8, "condition_width": 64, "image_size": 32, "channels": 64, "num_heads": 4,
-                "vocab_size": None}
+    DEFAULTS = {
+        "condition_length": 8,
+        "condition_width": 64,
+        "image_size": 32,
+        "channels": 64,
+        "num_heads": 4,
+        "vocab_size": None,
+    }
 
     def __init__(self, settings: dict, vocab_size: int):
         super().__init__()
@@ -51,17 +57,24 @@ class BuiltinImageGenerator(nn.Module):
         self.start_size = 4
         self.num_upsamples = (size // self.start_size).bit_length() - 1
         if self.start_size * 2**self.num_upsamples != size:
-            raise ValueError(f"modality_generator.image_size={size}: the built-in decoder needs 4 x a power of two "
-                             "(16, 32, 64, ...).")
+            raise ValueError(
+                f"modality_generator.image_size={size}: the built-in decoder needs 4 x a power of two "
+                "(16, 32, 64, ...)."
+            )
         self.embed_tokens = nn.Embedding(settings["vocab_size"] or vocab_size, width)
         self.embed_positions = nn.Embedding(self.length, width)
-        self.encoder = nn.TransformerEncoderLayer(width, settings["num_heads"], 4 * width, 0.0, activation="gelu",
-                                                  batch_first=True, norm_first=True)
+        self.encoder = nn.TransformerEncoderLayer(
+            width, settings["num_heads"], 4 * width, 0.0, activation="gelu", batch_first=True, norm_first=True
+        )
         self.encoder_norm = nn.LayerNorm(width)
         self.to_grid = nn.Linear(self.length * width, channels * self.start_size**2)
         self.upsample = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(channels, channels, 3, padding=1),
-                          nn.GroupNorm(8, channels), nn.SiLU())
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"),
+                nn.Conv2d(channels, channels, 3, padding=1),
+                nn.GroupNorm(8, channels),
+                nn.SiLU(),
+            )
             for _ in range(self.num_upsamples)
         )
         self.to_rgb = nn.Conv2d(channels, 3, 3, padding=1)
@@ -98,8 +111,10 @@ class BuiltinImageGenerator(nn.Module):
         have no effect; any other keyword is an error."""
         unknown = sorted(set(kwargs) - set(SAMPLING_KEYWORDS))
         if unknown:
-            raise ValueError(f"The built-in image generator takes no {unknown} (generator_kwargs): it accepts only "
-                             f"{list(SAMPLING_KEYWORDS)}, which it does not need.")
+            raise ValueError(
+                f"The built-in image generator takes no {unknown} (generator_kwargs): it accepts only "
+                f"{list(SAMPLING_KEYWORDS)}, which it does not need."
+            )
         return torch.sigmoid(self(conditioning.to(self.to_grid.weight.dtype))).float()
 
     def image_loss(self, conditioning: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
@@ -136,10 +151,13 @@ def _download_subfolder(repo_id: str, subfolder: str) -> str:
 
 
 def _read_json(pretrained: str, subfolder: str, name: str) -> dict:
-    if not os.path.isdir(pretrained) and (os.path.isabs(pretrained) or pretrained.startswith(".")
-                                          or pretrained.count("/") > 1):
-        raise ValueError(f"modality_generator pretrained={pretrained!r}: no such pipeline folder (and not a Hub id "
-                         "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5').")
+    if not os.path.isdir(pretrained) and (
+        os.path.isabs(pretrained) or pretrained.startswith(".") or pretrained.count("/") > 1
+    ):
+        raise ValueError(
+            f"modality_generator pretrained={pretrained!r}: no such pipeline folder (and not a Hub id "
+            "such as 'stable-diffusion-v1-5/stable-diffusion-v1-5')."
+        )
     with open(cached_file(pretrained, name, subfolder=subfolder), encoding="utf-8") as file:
         return json.load(file)
 
@@ -175,14 +193,22 @@ class DiffusersImageGenerator:
     in the `modality_generator/` sub-folder.
     """
 
-    DEFAULTS = {"pretrained": None, "condition_length": None, "condition_width": None, "num_inference_steps": 50,
-                "guidance_scale": 7.5, "image_size": None}
+    DEFAULTS = {
+        "pretrained": None,
+        "condition_length": None,
+        "condition_width": None,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "image_size": None,
+    }
 
     def __init__(self, settings: dict, model_folder: str | None = None):
         self.settings = {**self.DEFAULTS, **settings}
         if not self.settings["pretrained"]:
-            raise ValueError("modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
-                             "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline).")
+            raise ValueError(
+                "modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
+                "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline)."
+            )
         self.model_folder = str(model_folder or "")
         self.source = self._local_source(self.settings["pretrained"], self.model_folder)
         self._pipeline = None
@@ -198,8 +224,10 @@ class DiffusersImageGenerator:
     def complete_settings(cls, settings: dict) -> dict:
         """Fill a missing conditioning shape from the pipeline's configs (`diffusers_generator_settings`)."""
         if not settings.get("pretrained"):
-            raise ValueError("modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
-                             "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline).")
+            raise ValueError(
+                "modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
+                "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline)."
+            )
         if settings.get("condition_length") is not None and settings.get("condition_width") is not None:
             return settings
         given = {key: value for key, value in settings.items() if value is not None}
@@ -258,8 +286,9 @@ class DiffusersImageGenerator:
                 f"{cross_attention}): build the settings with diffusers_generator_settings(pretrained)."
             )
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> "DiffusersImageGenerator":
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> "DiffusersImageGenerator":
         """Where the pipeline should run (applied now if loaded, else at load); returns self like `nn.Module.to`."""
         device = torch.device(device) if device is not None else self._target[0]
         self._target = (device, dtype or self._target[1])
@@ -292,9 +321,15 @@ class DiffusersImageGenerator:
         return prompt_embeds
 
     @torch.no_grad()
-    def generate(self, conditioning: torch.Tensor, num_inference_steps: int | None = None,
-                 guidance_scale: float | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None, **kwargs) -> torch.Tensor:
+    def generate(
+        self,
+        conditioning: torch.Tensor,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        **kwargs,
+    ) -> torch.Tensor:
         """Conditioning -> images `[batch, 3, H, W]` in `[0, 1]`.
 
         Classifier-free guidance (`guidance_scale > 1`) contrasts with the encoding of the empty prompt. `seed` makes
@@ -307,9 +342,15 @@ class DiffusersImageGenerator:
         negative = self.encode_prompt([""] * len(conditioning)) if guidance_scale > 1 else None
         size = self.image_size()
         images = pipeline(
-            prompt_embeds=conditioning, negative_prompt_embeds=negative, height=size, width=size,
+            prompt_embeds=conditioning,
+            negative_prompt_embeds=negative,
+            height=size,
+            width=size,
             num_inference_steps=num_inference_steps or self.settings["num_inference_steps"],
-            guidance_scale=guidance_scale, generator=generator, output_type="pt", **kwargs,
+            guidance_scale=guidance_scale,
+            generator=generator,
+            output_type="pt",
+            **kwargs,
         ).images
         return images.float()
 
@@ -320,8 +361,9 @@ class DiffusersImageGenerator:
             self._noise_scheduler = import_diffusers().DDPMScheduler.from_config(self.pipeline.scheduler.config)
         return self._noise_scheduler
 
-    def image_loss(self, conditioning: torch.Tensor, images: torch.Tensor,
-                   generator: torch.Generator | None = None) -> torch.Tensor:
+    def image_loss(
+        self, conditioning: torch.Tensor, images: torch.Tensor, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
         """The denoising loss through the frozen UNet against target images in `[0, 1]` (resized to the
         pipeline's resolution): gradients reach `conditioning` only."""
         pipeline = self._follow(conditioning)
@@ -337,16 +379,22 @@ class DiffusersImageGenerator:
         scheduler = self.noise_scheduler
         noise = import_diffusers().utils.torch_utils.randn_tensor(latents.shape, generator, device=device, dtype=dtype)
         random_device = generator.device if generator is not None else device
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator,
-                                  device=random_device).to(device)
+        timesteps = torch.randint(
+            0, scheduler.config.num_train_timesteps, (len(latents),), generator=generator, device=random_device
+        ).to(device)
         noisy = scheduler.add_noise(latents, noise, timesteps)
         prediction = pipeline.unet(noisy, timesteps, encoder_hidden_states=conditioning).sample
         kind = scheduler.config.prediction_type
-        targets = {"epsilon": lambda: noise, "sample": lambda: latents,
-                   "v_prediction": lambda: scheduler.get_velocity(latents, noise, timesteps)}
+        targets = {
+            "epsilon": lambda: noise,
+            "sample": lambda: latents,
+            "v_prediction": lambda: scheduler.get_velocity(latents, noise, timesteps),
+        }
         if kind not in targets:
-            raise ValueError(f"The pipeline's scheduler predicts {kind!r}; the 'diffusers' generator's image_loss "
-                             f"supports {sorted(targets)}.")
+            raise ValueError(
+                f"The pipeline's scheduler predicts {kind!r}; the 'diffusers' generator's image_loss "
+                f"supports {sorted(targets)}."
+            )
         return F.mse_loss(prediction.float(), targets[kind]().float())
 
     def save_pretrained(self, save_directory: str | os.PathLike, is_main_process: bool = True) -> str:
@@ -380,8 +428,9 @@ def generator_settings(settings: dict) -> dict:
     if kind not in GENERATORS:
         raise ValueError(f"Unknown modality_generator type {kind!r}: choose one of {sorted(GENERATORS)}.")
     defaults = GENERATORS[kind].DEFAULTS
-    checked_settings({k: v for k, v in settings.items() if k != "type"}, defaults, "modality_generator",
-                     f"{kind!r} generator")
+    checked_settings(
+        {k: v for k, v in settings.items() if k != "type"}, defaults, "modality_generator", f"{kind!r} generator"
+    )
     complete = getattr(GENERATORS[kind], "complete_settings", None)
     if complete is not None:  # e.g. a pipeline's conditioning shape, read from its configs
         settings = complete(settings)
@@ -401,8 +450,9 @@ def build_modality_generator(config) -> nn.Module | DiffusersImageGenerator | No
     return GENERATORS[settings["type"]].from_config({k: v for k, v in settings.items() if k != "type"}, config)
 
 
-def save_modality_generator(generator, settings: dict | None, save_directory: str | os.PathLike,
-                            is_main_process: bool = True) -> dict | None:
+def save_modality_generator(
+    generator, settings: dict | None, save_directory: str | os.PathLike, is_main_process: bool = True
+) -> dict | None:
     """Write a referenced generator's files next to a saved model and return the `modality_generator` settings the
     saved config carries (a local diffusers pipeline becomes the relative `modality_generator` sub-folder)."""
     if not isinstance(generator, DiffusersImageGenerator):
@@ -410,6 +460,14 @@ def save_modality_generator(generator, settings: dict | None, save_directory: st
     return {**settings, "pretrained": generator.save_pretrained(save_directory, is_main_process)}
 
 
-__all__ = ["GENERATORS", "PIPELINE_FOLDER", "BuiltinImageGenerator", "DiffusersImageGenerator",
-           "build_modality_generator", "diffusers_generator_settings", "generator_settings", "import_diffusers",
-           "save_modality_generator"]
+__all__ = [
+    "GENERATORS",
+    "PIPELINE_FOLDER",
+    "BuiltinImageGenerator",
+    "DiffusersImageGenerator",
+    "build_modality_generator",
+    "diffusers_generator_settings",
+    "generator_settings",
+    "import_diffusers",
+    "save_modality_generator",
+]

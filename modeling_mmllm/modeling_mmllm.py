@@ -35,7 +35,6 @@ from .modality_encoder import build_audio_tower, build_vision_tower, encode_audi
 from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
 from .output_projector import build_output_projector
 
-
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
 # Model inputs that carry media (kept for the image-generation pass after text generation).
 MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
@@ -74,8 +73,11 @@ def _pooled(encoder_outputs, features: torch.Tensor) -> BaseModelOutputWithPooli
     """An encoder's outputs with the projected `features` as `pooler_output` (transformers' contract for
     `get_image_features` and its kin; vLLM's Transformers backend reads it too)."""
     return BaseModelOutputWithPooling(
-        last_hidden_state=encoder_outputs.last_hidden_state, pooler_output=features,
-        hidden_states=encoder_outputs.get("hidden_states"), attentions=encoder_outputs.get("attentions"))
+        last_hidden_state=encoder_outputs.last_hidden_state,
+        pooler_output=features,
+        hidden_states=encoder_outputs.get("hidden_states"),
+        attentions=encoder_outputs.get("attentions"),
+    )
 
 
 class MMLLMPreTrainedModel(PreTrainedModel):
@@ -185,16 +187,18 @@ class MMLLMModel(MMLLMPreTrainedModel):
         """Audio windows `[windows, mel_bins, frames]` + their masks: the audio encoder's outputs, with the soft
         tokens of all clips in order `[1, tokens, hidden]` in `pooler_output`."""
         self._check_modality(AUDIO)
-        outputs, tokens = encode_audio(self.audio_tower, input_features, input_features_mask,
-                                       self.config.audio_pool_stride, **kwargs)
+        outputs, tokens = encode_audio(
+            self.audio_tower, input_features, input_features_mask, self.config.audio_pool_stride, **kwargs
+        )
         return _pooled(outputs, self.audio_projector(tokens).unsqueeze(0))
 
     def _check_modality(self, modality: int) -> None:
         """A clear error when the config has no placeholder (or no encoder) for `modality`."""
         name = MODALITY_NAMES[modality]
         if modality not in self.placeholder_ids():
-            raise ValueError(f"This model has no <{name}> token ({name}_token_id is None): it cannot take {name} "
-                             "input.")
+            raise ValueError(
+                f"This model has no <{name}> token ({name}_token_id is None): it cannot take {name} input."
+            )
         if modality == AUDIO and self.audio_tower is None:
             raise ValueError("This model has no audio encoder (audio_config is None): it cannot take audio input.")
 
@@ -215,21 +219,27 @@ class MMLLMModel(MMLLMPreTrainedModel):
     def signal_states(self, hidden_states: torch.Tensor, input_ids: torch.LongTensor) -> torch.Tensor:
         """Hidden states at the signal tokens, one group of k per image to generate: `[images, k, hidden]`."""
         if not self.config.signal_token_ids:
-            raise ValueError("This model has no signal tokens: it cannot generate images (see "
-                             "MMLLMForConditionalGeneration.enable_image_generation).")
+            raise ValueError(
+                "This model has no signal tokens: it cannot generate images (see "
+                "MMLLMForConditionalGeneration.enable_image_generation)."
+            )
         signal_ids = torch.tensor(self.config.signal_token_ids, device=input_ids.device)
         mask = torch.isin(input_ids, signal_ids)
         k = len(self.config.signal_token_ids)
         if int(mask.sum()) % k:
-            raise ValueError(f"Found {int(mask.sum())} signal tokens, not a multiple of the {k} that make one image: "
-                             "each image needs the full <gen_img_0> ... <gen_img_{k-1}> group.")
+            raise ValueError(
+                f"Found {int(mask.sum())} signal tokens, not a multiple of the {k} that make one image: "
+                "each image needs the full <gen_img_0> ... <gen_img_{k-1}> group."
+            )
         return hidden_states[mask].view(-1, k, hidden_states.shape[-1])
 
     def get_generation_conditioning(self, signal_states: torch.Tensor) -> torch.Tensor:
         """Output projector: signal-token states `[images, k, hidden]` -> the generator's conditioning."""
         if self.output_projector is None:
-            raise ValueError("This model has no output projector: it cannot generate images (see "
-                             "MMLLMForConditionalGeneration.enable_image_generation).")
+            raise ValueError(
+                "This model has no output projector: it cannot generate images (see "
+                "MMLLMForConditionalGeneration.enable_image_generation)."
+            )
         return self.output_projector(signal_states.to(next(self.output_projector.parameters()).dtype))
 
     def placeholder_ids(self) -> dict[int, int]:
@@ -245,8 +255,12 @@ class MMLLMModel(MMLLMPreTrainedModel):
         return types
 
     def get_placeholder_mask(
-        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor, features: torch.Tensor,
-        token_id: int | None = None, name: str = "image",
+        self,
+        input_ids: torch.LongTensor | None,
+        inputs_embeds: torch.Tensor,
+        features: torch.Tensor,
+        token_id: int | None = None,
+        name: str = "image",
     ) -> torch.BoolTensor:
         """Positions of one modality's placeholder tokens; checks they match the number of its features."""
         token_id = self.config.image_token_id if token_id is None else token_id
@@ -284,7 +298,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
                     f"input_features hold {input_features.shape[0]} audio window(s) but input_features_mask "
                     f"{input_features_mask.shape[0]}: windows were lost on the way. transformers' pipeline batching "
                     "keeps only the first window of each item, so clips longer than one encoder window need "
-                    "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window).")
+                    "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window)."
+                )
             outputs[AUDIO] = self.get_audio_features(input_features, input_features_mask, return_dict=True)
         return outputs
 
@@ -326,8 +341,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
         placeholder_ids = self.placeholder_ids()
         for modality, modality_outputs in encoder_outputs.items():
             features = modality_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(input_ids, inputs_embeds, features, placeholder_ids[modality],
-                                             MODALITY_NAMES[modality])
+            mask = self.get_placeholder_mask(
+                input_ids, inputs_embeds, features, placeholder_ids[modality], MODALITY_NAMES[modality]
+            )
             inputs_embeds = inputs_embeds.masked_scatter(mask, features)
 
         if self.config.modality_adaptive:
@@ -391,23 +407,34 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         """`("image", "text")` with an output projector and a generator (any-to-any pipelines read it)."""
         return ("image", "text") if self.config.image_generation else ("text",)
 
-    def enable_image_generation(self, processor, modality_generator: dict | None = None,
-                                output_projector_type: str = "transformer", num_signal_tokens: int = 4,
-                                output_projector_config: dict | None = None) -> None:
+    def enable_image_generation(
+        self,
+        processor,
+        modality_generator: dict | None = None,
+        output_projector_type: str = "transformer",
+        num_signal_tokens: int = 4,
+        output_projector_config: dict | None = None,
+    ) -> None:
         """Add NExT-GPT's output side to this model: signal tokens `<gen_img_0..k-1>` in `processor`'s tokenizer
         (embeddings and LM head resized), an output projector and a modality generator (default: the built-in
         image decoder). New modules start untrained; train them with an any-to-any recipe."""
         if self.config.image_generation:
             raise ValueError("Image generation is already on for this model.")
         if not hasattr(processor, "tokenizer"):
-            raise ValueError(f"enable_image_generation needs the model's MMLLMProcessor (its tokenizer gets the signal "
-                             f"tokens), not {type(processor).__name__}.")
+            raise ValueError(
+                f"enable_image_generation needs the model's MMLLMProcessor (its tokenizer gets the signal "
+                f"tokens), not {type(processor).__name__}."
+            )
         if isinstance(num_signal_tokens, bool) or not isinstance(num_signal_tokens, int) or num_signal_tokens < 1:
-            raise ValueError(f"num_signal_tokens={num_signal_tokens!r}: an image needs a whole number (>= 1) of signal "
-                             "tokens; NExT-GPT uses 4.")
+            raise ValueError(
+                f"num_signal_tokens={num_signal_tokens!r}: an image needs a whole number (>= 1) of signal "
+                "tokens; NExT-GPT uses 4."
+            )
         if modality_generator is not None and not isinstance(modality_generator, dict):
-            raise ValueError(f"modality_generator={modality_generator!r}: pass a dict such as {{'type': 'builtin'}} or "
-                             "{'type': 'diffusers', 'pretrained': ID_OR_FOLDER}.")
+            raise ValueError(
+                f"modality_generator={modality_generator!r}: pass a dict such as {{'type': 'builtin'}} or "
+                "{'type': 'diffusers', 'pretrained': ID_OR_FOLDER}."
+            )
         # Check every setting (building the new modules on the meta device, without touching the random state)
         # before the tokenizer, the embeddings or the config change.
         trial = copy.deepcopy(self.config)
@@ -443,40 +470,61 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         (`generator_kwargs` go to the generator, e.g. `num_inference_steps` for diffusers).
         """
         if kwargs.get("cache_implementation") == "offloaded" and self.device.type == "cpu":
-            raise ValueError("cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
-                             "the CPU, and this model is on the CPU. Use the default cache or 'static' here.")
+            raise ValueError(
+                "cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
+                "the CPU, and this model is on the CPU. Use the default cache or 'static' here."
+            )
         if generation_mode in (None, "text"):
             return super().generate(*args, **kwargs)
         if generation_mode != "image":
             raise ValueError(f"generation_mode={generation_mode!r}: use 'text' or 'image'.")
         if not self.config.image_generation:
-            raise ValueError("This model cannot generate images: it has no output projector and modality generator "
-                             "(see enable_image_generation and the any-to-any recipes).")
+            raise ValueError(
+                "This model cannot generate images: it has no output projector and modality generator "
+                "(see enable_image_generation and the any-to-any recipes)."
+            )
         if kwargs.get("return_dict_in_generate"):
-            raise ValueError("generation_mode='image' returns images, not a generation dict: drop "
-                             "return_dict_in_generate.")
+            raise ValueError(
+                "generation_mode='image' returns images, not a generation dict: drop return_dict_in_generate."
+            )
         input_ids = args[0] if args else kwargs["input_ids"]
         sequences = super().generate(*args, **kwargs)
         media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
         per_prompt = len(sequences) // len(input_ids)  # num_return_sequences: consecutive rows share a prompt
-        images = [self._draw(sequences[draw::per_prompt], input_ids.shape[1], kwargs.get("attention_mask"), media,
-                             generator_kwargs or {}) for draw in range(per_prompt)]
+        images = [
+            self._draw(
+                sequences[draw::per_prompt],
+                input_ids.shape[1],
+                kwargs.get("attention_mask"),
+                media,
+                generator_kwargs or {},
+            )
+            for draw in range(per_prompt)
+        ]
         return torch.stack(images, dim=1).flatten(0, 1)
 
-    def _draw(self, sequences: torch.LongTensor, prompt_length: int, attention_mask: torch.Tensor | None,
-              media: dict, generator_kwargs: dict) -> torch.Tensor:
+    def _draw(
+        self,
+        sequences: torch.LongTensor,
+        prompt_length: int,
+        attention_mask: torch.Tensor | None,
+        media: dict,
+        generator_kwargs: dict,
+    ) -> torch.Tensor:
         """One image per prompt row from its generated `sequences` (one row each, in prompt order)."""
         ids, mask = self._image_sequences(sequences, prompt_length, attention_mask)
-        hidden_states = self.model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
-                                   **media).last_hidden_state
+        hidden_states = self.model(
+            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **media
+        ).last_hidden_state
         # Each row ends with the signal group of its new image; groups earlier in the prompt (images of previous
         # turns) only condition the text.
         k = len(self.config.signal_token_ids)
         conditioning = self.model.get_generation_conditioning(hidden_states[:, -k:])
         return self.model.modality_generator.generate(conditioning, **generator_kwargs)
 
-    def _image_sequences(self, sequences: torch.LongTensor, prompt_length: int,
-                         attention_mask: torch.Tensor | None) -> tuple[torch.LongTensor, torch.LongTensor]:
+    def _image_sequences(
+        self, sequences: torch.LongTensor, prompt_length: int, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.LongTensor, torch.LongTensor]:
         """Each row's prompt and answer up to its first complete signal group (or the prompt + the signal tokens
         when the answer has none), left-padded: every row then ends with its k signal tokens."""
         signal = torch.tensor(self.config.signal_token_ids, device=sequences.device)
@@ -485,14 +533,14 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
             prompt, answer = sequence[:prompt_length], sequence[prompt_length:]
             if attention_mask is not None:
                 prompt = prompt[attention_mask[index].bool()]
-            starts = [start for start in range(len(answer) - k + 1) if torch.equal(answer[start:start + k], signal)]
-            rows.append(torch.cat([prompt, answer[:starts[0] + k] if starts else signal]))
+            starts = [start for start in range(len(answer) - k + 1) if torch.equal(answer[start : start + k], signal)]
+            rows.append(torch.cat([prompt, answer[: starts[0] + k] if starts else signal]))
         width = max(len(row) for row in rows)
         pad = self.config.text_config.pad_token_id or 0
         ids = sequences.new_full((len(rows), width), pad)
         mask = torch.zeros_like(ids)
         for index, row in enumerate(rows):
-            ids[index, width - len(row):], mask[index, width - len(row):] = row, 1
+            ids[index, width - len(row) :], mask[index, width - len(row) :] = row, 1
         return ids, mask
 
     @can_return_tuple
@@ -547,7 +595,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         the tokenizer, the embeddings resized and the package's chat template set (unless `chat_template=` is
         given). Any other keyword overrides an `MMLLMConfig` field.
         """
-        return import_library_module("composition").compose(cls, vision, text, projector, **overrides)
+        return import_library_module("builders.composition").compose(cls, vision, text, projector, **overrides)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
         """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
@@ -566,7 +614,8 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         generator_settings = self.config.modality_generator
         self.config.modality_generator = save_modality_generator(
-            self.model.modality_generator, generator_settings, save_directory, kwargs.get("is_main_process", True))
+            self.model.modality_generator, generator_settings, save_directory, kwargs.get("is_main_process", True)
+        )
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
             _write_model_card(self, save_directory)
@@ -579,7 +628,7 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
 def _write_model_card(model: MMLLMForConditionalGeneration, folder) -> None:
     """The package's model card; a bare remote-code environment keeps whatever card the folder has."""
     try:
-        cards = import_library_module("hub_card")
+        cards = import_library_module("export.hub_card")
     except ImportError:
         return
     cards.write_model_card(model, folder)
@@ -587,23 +636,38 @@ def _write_model_card(model: MMLLMForConditionalGeneration, folder) -> None:
 
 def _file_times(folder) -> dict[str, float]:
     """`{path relative to folder: modification time}` of every file under `folder`."""
-    return {os.path.relpath(os.path.join(root, name), folder): os.path.getmtime(os.path.join(root, name))
-            for root, _, names in os.walk(folder) for name in names}
+    return {
+        os.path.relpath(os.path.join(root, name), folder): os.path.getmtime(os.path.join(root, name))
+        for root, _, names in os.walk(folder)
+        for name in names
+    }
 
 
-def _upload_saved_entries(folder, before: dict[str, float], repo_id: str | None = None,
-                          commit_message: str | None = None, create_pr: bool = False, token=None,
-                          private: bool | None = None) -> None:
+def _upload_saved_entries(
+    folder,
+    before: dict[str, float],
+    repo_id: str | None = None,
+    commit_message: str | None = None,
+    create_pr: bool = False,
+    token=None,
+    private: bool | None = None,
+) -> None:
     """Upload the files under `folder` written or changed since `before` (`_file_times`), sub-folders included
     (transformers' own upload takes one level, which a diffusers pipeline exceeds)."""
     from huggingface_hub import HfApi
 
     changed = [path for path, time in _file_times(folder).items() if path not in before or time > before[path]]
     api = HfApi(token=token)
-    repo_id = api.create_repo(repo_id or os.path.basename(os.path.abspath(folder)), private=private,
-                              exist_ok=True).repo_id
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message=commit_message or "Upload model",
-                      create_pr=create_pr, allow_patterns=[path.replace(os.sep, "/") for path in changed])
+    repo_id = api.create_repo(
+        repo_id or os.path.basename(os.path.abspath(folder)), private=private, exist_ok=True
+    ).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=str(folder),
+        commit_message=commit_message or "Upload model",
+        create_pr=create_pr,
+        allow_patterns=[path.replace(os.sep, "/") for path in changed],
+    )
 
 
 # Auto classes a saved folder answers to (written into config.json's `auto_map`).

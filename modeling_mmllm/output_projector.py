@@ -14,8 +14,12 @@ from .input_projector import checked_settings
 
 def _settings(config, defaults: dict) -> dict:
     """`config.output_projector_config` over a type's defaults."""
-    return checked_settings(config.output_projector_config, defaults, "output_projector_config",
-                            f"{config.output_projector_type!r} output projector")
+    return checked_settings(
+        config.output_projector_config,
+        defaults,
+        "output_projector_config",
+        f"{config.output_projector_type!r} output projector",
+    )
 
 
 def _condition_shape(config) -> tuple[int, int]:
@@ -54,12 +58,21 @@ class TransformerOutputProjector(nn.Module):
         settings = _settings(config, self.DEFAULTS)
         length, width = _condition_shape(config)
         if width % settings["num_heads"]:
-            raise ValueError(f"condition_width={width} is not divisible by output_projector_config.num_heads="
-                             f"{settings['num_heads']}.")
+            raise ValueError(
+                f"condition_width={width} is not divisible by output_projector_config.num_heads="
+                f"{settings['num_heads']}."
+            )
         self.in_proj = nn.Linear(config.text_config.hidden_size, width)
         self.queries = nn.Parameter(torch.randn(1, length, width) * 0.02)
-        layer = nn.TransformerDecoderLayer(width, settings["num_heads"], settings["intermediate_size"] or 4 * width,
-                                           settings["dropout"], activation="gelu", batch_first=True, norm_first=True)
+        layer = nn.TransformerDecoderLayer(
+            width,
+            settings["num_heads"],
+            settings["intermediate_size"] or 4 * width,
+            settings["dropout"],
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
+        )
         self.decoder = nn.TransformerDecoder(layer, settings["num_layers"])
         self.norm = nn.LayerNorm(width)
         self.out_proj = nn.Linear(width, width)
@@ -82,8 +95,10 @@ def output_projector_class(config) -> type[nn.Module]:
     try:
         projector_class = OUTPUT_PROJECTORS[config.output_projector_type]
     except KeyError:
-        raise ValueError(f"Unknown output_projector_type {config.output_projector_type!r}: choose one of "
-                         f"{sorted(OUTPUT_PROJECTORS)}.") from None
+        raise ValueError(
+            f"Unknown output_projector_type {config.output_projector_type!r}: choose one of "
+            f"{sorted(OUTPUT_PROJECTORS)}."
+        ) from None
     _settings(config, projector_class.DEFAULTS)
     return projector_class
 
@@ -95,5 +110,10 @@ def build_output_projector(config) -> nn.Module | None:
     return output_projector_class(config)(config)
 
 
-__all__ = ["OUTPUT_PROJECTORS", "MLPOutputProjector", "TransformerOutputProjector", "build_output_projector",
-           "output_projector_class"]
+__all__ = [
+    "OUTPUT_PROJECTORS",
+    "MLPOutputProjector",
+    "TransformerOutputProjector",
+    "build_output_projector",
+    "output_projector_class",
+]

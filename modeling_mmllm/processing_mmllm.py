@@ -166,7 +166,7 @@ class MMLLMProcessor(ProcessorMixin):
 
         Deterministic and built locally (no download), so tests and the quickstart need no network.
         """
-        return import_library_module("presets").load_processor_preset(cls, name)
+        return import_library_module("builders.presets").load_processor_preset(cls, name)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them."""
@@ -196,9 +196,11 @@ class MMLLMProcessor(ProcessorMixin):
             token = getattr(self, f"{modality}_token", None)
             if token is None:
                 if count:
-                    raise ValueError(f"Got {modality} input, but this processor has no {modality} support "
-                                     f"(no <{modality}> token and {modality} settings): use a model with a "
-                                     f"{modality} encoder.")
+                    raise ValueError(
+                        f"Got {modality} input, but this processor has no {modality} support "
+                        f"(no <{modality}> token and {modality} settings): use a model with a "
+                        f"{modality} encoder."
+                    )
                 continue
             n_placeholders = sum(sample.count(token) for sample in samples or [])
             if samples is not None and n_placeholders != count:
@@ -210,15 +212,18 @@ class MMLLMProcessor(ProcessorMixin):
 
     def _check_context(self, modality: str, index: int, tokens: int, detail: str = "") -> None:
         if self.context_length is not None and tokens > self.context_length:
-            raise ValueError(f"{modality.capitalize()} item {index}{detail} needs {tokens} tokens, more than the "
-                             f"model's context of {self.context_length}: shorten it.")
+            raise ValueError(
+                f"{modality.capitalize()} item {index}{detail} needs {tokens} tokens, more than the "
+                f"model's context of {self.context_length}: shorten it."
+            )
 
     def _process_videos(self, videos, **kwargs):
         """Sample `video_num_frames` frames per clip and run them through the image processor."""
         frames = [frame for index, clip in enumerate(videos) for frame in self._sample_frames(clip, index)]
         pixel_values = self._process_images(frames, **kwargs)[0]["pixel_values"]
-        pixel_values = torch.as_tensor(np.asarray(pixel_values)).view(len(videos), self.video_num_frames,
-                                                                     *np.shape(pixel_values)[1:])
+        pixel_values = torch.as_tensor(np.asarray(pixel_values)).view(
+            len(videos), self.video_num_frames, *np.shape(pixel_values)[1:]
+        )
         for index in range(len(videos)):
             self._check_context("video", index, self.video_seq_length)
         return {"pixel_values_videos": pixel_values}, [self.video_token * self.video_seq_length] * len(videos)
@@ -227,16 +232,20 @@ class MMLLMProcessor(ProcessorMixin):
         """A clip (file path, `[frames, H, W, 3]` array or tensor, or a list of frames) -> sampled frames."""
         if isinstance(clip, str):
             if imageio is None:
-                raise ValueError(f"Video item {index} is a file ({clip}); reading video files needs imageio "
-                                 "(`pip install imageio`), or pass the frames.")
+                raise ValueError(
+                    f"Video item {index} is a file ({clip}); reading video files needs imageio "
+                    "(`pip install imageio`), or pass the frames."
+                )
             try:
                 clip = imageio.imread(clip, index=None)
             except Exception as error:
                 raise ValueError(f"Video item {index}: cannot read {clip} ({error}).") from None
         frames = list(clip) if isinstance(clip, (list, tuple, np.ndarray, torch.Tensor)) else None
         if not frames or not all(_is_frame(frame) for frame in frames):
-            raise ValueError(f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of "
-                             "frames, a [frames, height, width, 3] array, or a video file path.")
+            raise ValueError(
+                f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of "
+                "frames, a [frames, height, width, 3] array, or a video file path."
+            )
         picks = np.linspace(0, len(frames) - 1, self.video_num_frames).round().astype(int)
         return [frames[pick] for pick in picks]
 
@@ -247,20 +256,28 @@ class MMLLMProcessor(ProcessorMixin):
         for index, clip in enumerate(audio):
             waveform = self._waveform(clip, index, sampling_rate)
             starts = range(0, len(waveform), extractor.n_samples)
-            windows += [waveform[start:start + extractor.n_samples] for start in starts]
-            frames = [math.ceil(min(extractor.n_samples, len(waveform) - start) / extractor.hop_length)
-                      for start in starts]
+            windows += [waveform[start : start + extractor.n_samples] for start in starts]
+            frames = [
+                math.ceil(min(extractor.n_samples, len(waveform) - start) / extractor.hop_length) for start in starts
+            ]
             tokens = sum(num_audio_tokens(frame, self.audio_pool_stride) for frame in frames)
             self._check_context("audio", index, tokens, f" ({len(waveform) / extractor.sampling_rate:.1f} s)")
             replacements.append(self.audio_token * tokens)
         side, extractor.padding_side = extractor.padding_side, "right"  # Whisper's windows: audio first, then zeros
         try:
-            features = extractor(windows, sampling_rate=extractor.sampling_rate, padding="max_length",
-                                 return_attention_mask=True, return_tensors="pt")
+            features = extractor(
+                windows,
+                sampling_rate=extractor.sampling_rate,
+                padding="max_length",
+                return_attention_mask=True,
+                return_tensors="pt",
+            )
         finally:
             extractor.padding_side = side
-        return ({"input_features": features["input_features"], "input_features_mask": features["attention_mask"]},
-                replacements)
+        return (
+            {"input_features": features["input_features"], "input_features_mask": features["attention_mask"]},
+            replacements,
+        )
 
     def _waveform(self, clip, index: int, sampling_rate: int | None) -> np.ndarray:
         """One mono waveform at the extractor's rate (resampled with soxr, as transformers' audio loader does); a file
@@ -268,8 +285,10 @@ class MMLLMProcessor(ProcessorMixin):
         expected = self.audio_features.sampling_rate
         if isinstance(clip, str):
             if soundfile is None:
-                raise ValueError(f"Audio item {index} is a file ({clip}); reading audio files needs soundfile "
-                                 "(`pip install soundfile`), or pass the waveform and sampling_rate.")
+                raise ValueError(
+                    f"Audio item {index} is a file ({clip}); reading audio files needs soundfile "
+                    "(`pip install soundfile`), or pass the waveform and sampling_rate."
+                )
             try:
                 clip, sampling_rate = soundfile.read(clip, dtype="float32")
             except Exception as error:
@@ -280,16 +299,21 @@ class MMLLMProcessor(ProcessorMixin):
         if waveform.ndim == 2:  # [samples, channels] -> mono
             waveform = waveform.mean(axis=-1 if waveform.shape[-1] < waveform.shape[0] else 0)
         if waveform.ndim != 1 or waveform.size == 0:
-            raise ValueError(f"Audio item {index} is empty or not a waveform (shape {waveform.shape}): pass a "
-                             "1-D array of samples.")
+            raise ValueError(
+                f"Audio item {index} is empty or not a waveform (shape {waveform.shape}): pass a 1-D array of samples."
+            )
         if sampling_rate is None:
-            raise ValueError(f"Audio item {index} has no sampling rate: pass sampling_rate={expected} (or a "
-                             "{'array', 'sampling_rate'} dict, or a file) so it is not misread.")
+            raise ValueError(
+                f"Audio item {index} has no sampling rate: pass sampling_rate={expected} (or a "
+                "{'array', 'sampling_rate'} dict, or a file) so it is not misread."
+            )
         if sampling_rate != expected:
             if soxr is None:
-                raise ValueError(f"Audio item {index} is sampled at {sampling_rate} Hz but the audio encoder expects "
-                                 f"{expected} Hz: install soxr to resample it here (`pip install mmllm[audio]`), or "
-                                 "resample it first.")
+                raise ValueError(
+                    f"Audio item {index} is sampled at {sampling_rate} Hz but the audio encoder expects "
+                    f"{expected} Hz: install soxr to resample it here (`pip install mmllm[audio]`), or "
+                    "resample it first."
+                )
             waveform = soxr.resample(waveform, sampling_rate, expected).astype(np.float32)
         return waveform
 
@@ -323,23 +347,34 @@ class MMLLMProcessor(ProcessorMixin):
         kwargs.setdefault("image_generation_tokens", "".join(self.signal_tokens))
         return super().apply_chat_template(conversation, chat_template, **kwargs)
 
-    def post_process_multimodal_output(self, generated_outputs, skip_special_tokens=True, generation_mode=None,
-                                       **kwargs):
+    def post_process_multimodal_output(
+        self, generated_outputs, skip_special_tokens=True, generation_mode=None, **kwargs
+    ):
         """Text (token ids -> strings) or, with `generation_mode="image"`, images `[B, 3, H, W]` (or one `[3, H, W]`)
         in `[0, 1]`, as a tensor, an array or a list of them -> a list of PIL images (what `pipeline("any-to-any")`
         returns)."""
         if generation_mode != "image":
             if torch.is_tensor(generated_outputs) and generated_outputs.is_floating_point():
                 raise ValueError("These outputs are pixels, not token ids: pass generation_mode='image'.")
-            return super().post_process_multimodal_output(generated_outputs, skip_special_tokens, generation_mode,
-                                                          **kwargs)
+            return super().post_process_multimodal_output(
+                generated_outputs, skip_special_tokens, generation_mode, **kwargs
+            )
         items = generated_outputs if isinstance(generated_outputs, (list, tuple)) else [generated_outputs]
-        pixels = torch.cat([torch.as_tensor(np.asarray(item) if not torch.is_tensor(item) else item).detach().cpu()
-                            .reshape(-1, *np.shape(item)[-3:]) for item in items])
+        pixels = torch.cat(
+            [
+                torch.as_tensor(np.asarray(item) if not torch.is_tensor(item) else item)
+                .detach()
+                .cpu()
+                .reshape(-1, *np.shape(item)[-3:])
+                for item in items
+            ]
+        )
         if pixels.ndim != 4 or pixels.shape[1] != 3 or not pixels.is_floating_point():
-            raise ValueError(f"generation_mode='image' turns pixels [B, 3, H, W] (or [3, H, W]) in [0, 1] into PIL "
-                             f"images (what generate(generation_mode='image') returns); got {pixels.dtype} of shape "
-                             f"{tuple(pixels.shape)}.")
+            raise ValueError(
+                f"generation_mode='image' turns pixels [B, 3, H, W] (or [3, H, W]) in [0, 1] into PIL "
+                f"images (what generate(generation_mode='image') returns); got {pixels.dtype} of shape "
+                f"{tuple(pixels.shape)}."
+            )
         pixels = pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8)
         return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
 

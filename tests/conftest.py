@@ -1,63 +1,19 @@
-"""Shared fixtures: tiny models, processors, images and one saved folder, built once per session."""
+"""Shared fixtures: tiny models, processors, images and one saved folder, built once per session; the deprecation net
+of the hub-set tests. Helpers the tests import live in helpers.py."""
 
-import json
 import logging
 import os
-import string
 import subprocess
 import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 from PIL import Image
-from transformers import (
-    CLIPVisionConfig,
-    GPT2Config,
-    LlamaConfig,
-    MistralConfig,
-    Qwen2Config,
-    SiglipVisionConfig,
-)
 
+from helpers import ROOT, DeprecatedFromHubSet, hub_code_on_stack, make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.hub_card import hub_set_files
 from modeling_mmllm.saving import save_model_folder
-
-VOCAB = 512
-CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32  # the tiny Stable Diffusion stand-in's conditioning
-ROOT = Path(__file__).parent.parent
-
-
-HUB_FILES = {Path(path).name for path in hub_set_files()}
-PACKAGE = Path(hub_set_files()[0]).parent
-
-
-def hub_code_on_stack(frame) -> bool:
-    """Whether a hub-set file (the package's own or a folder's remote-code copy) is among the calling frames."""
-    while frame is not None:
-        path = Path(frame.f_code.co_filename)
-        if path.name in HUB_FILES and (path.parent == PACKAGE or "transformers_modules" in path.parts):
-            return True
-        frame = frame.f_back
-    return False
-
-
-# Deprecations transformers triggers itself, through our overrides: its assisted decoding calls the assistant's
-# `generate` (ours, passing through) with a generation config and loose arguments together.
-UPSTREAM_DEPRECATIONS = ("Passing `generation_config` together with generation-related arguments",)
-
-
-class DeprecatedFromHubSet(logging.Handler):
-    """transformers logs some deprecations instead of warning (the 5.24 cache rename): those count too."""
-
-    def emit(self, record: logging.LogRecord) -> None:
-        message = record.getMessage()
-        if "deprecat" in message and not message.startswith(UPSTREAM_DEPRECATIONS) and hub_code_on_stack(
-                sys._getframe()):
-            raise FutureWarning(f"the hub set uses a deprecated transformers API: {message}")
 
 
 @pytest.fixture(autouse=True)
@@ -83,102 +39,6 @@ def hub_set_deprecations_are_errors(request, monkeypatch):
         yield
     finally:
         logger.removeHandler(check)
-
-
-def tiny_vision_config(kind: str = "clip", **overrides):
-    common = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=32,
-                  patch_size=8)
-    if kind == "clip":
-        return CLIPVisionConfig(**{**common, "projection_dim": 32, **overrides})
-    if kind == "siglip":
-        return SiglipVisionConfig(**{**common, **overrides})
-    raise ValueError(kind)
-
-
-def tiny_text_config(kind: str = "llama", **overrides):
-    common = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=256, pad_token_id=0,
-                  eos_token_id=1, bos_token_id=None)
-    classes = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}
-    if kind in classes:
-        return classes[kind](**{**common, **overrides})
-    if kind == "gpt2":
-        fields = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=VOCAB, n_positions=256, pad_token_id=0,
-                      eos_token_id=1, bos_token_id=None)
-        return GPT2Config(**{**fields, **overrides})
-    raise ValueError(kind)
-
-
-def make_images(n: int, seed: int = 0, size=(40, 48)) -> list[Image.Image]:
-    rng = np.random.default_rng(seed)
-    return [Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)) for _ in range(n)]
-
-
-def seeded_model(config: MMLLMConfig, seed: int = 0) -> MMLLMForConditionalGeneration:
-    torch.manual_seed(seed)
-    model = MMLLMForConditionalGeneration(config).eval()
-    # Untrained tiny models have near-uniform logits; scale the head so greedy choices are well separated.
-    with torch.no_grad():
-        model.lm_head.weight.mul_(20)
-    return model
-
-
-def perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
-    """Move one modality's modality-adaptive branches away from the text branch (so routing shows in outputs)."""
-    from modeling_mmllm.modality_adaptive import multiway_branches
-
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for branch in multiway_branches(model, modality):
-            for parameter in branch.parameters():
-                parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.3)
-
-
-def tiny_clip_tokenizer(folder):
-    """A CLIP BPE tokenizer from a hand-written vocab.json / merges.txt (characters plus a few merges)."""
-    from transformers import CLIPTokenizer
-
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for char in string.ascii_lowercase + string.digits + ".,!?'":
-        vocab.setdefault(char, len(vocab))
-        vocab.setdefault(f"{char}</w>", len(vocab))
-    merges = ["t h", "th e</w>", "r e", "re d</w>", "s e", "se a</w>"]
-    for merge in merges:
-        vocab.setdefault(merge.replace(" ", ""), len(vocab))
-    folder.mkdir()
-    (folder / "vocab.json").write_text(json.dumps(vocab))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n")
-    return CLIPTokenizer.from_pretrained(folder, model_max_length=CONDITION_LENGTH)
-
-
-def save_tiny_stable_diffusion(root: Path) -> Path:
-    """A tiny random StableDiffusionPipeline (CLIP text encoder, UNet, VAE, DDIM; 32x32 images), built from configs
-    offline and saved with diffusers' `save_pretrained` (safetensors) into `root / "pipeline"`."""
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    root.mkdir(parents=True, exist_ok=True)
-    tokenizer = tiny_clip_tokenizer(root / "vocab")
-    torch.manual_seed(0)
-    text_encoder = CLIPTextModel(CLIPTextConfig(
-        vocab_size=len(tokenizer), hidden_size=CONDITION_WIDTH, intermediate_size=37, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=CONDITION_LENGTH, bos_token_id=0, eos_token_id=1,
-        pad_token_id=1, projection_dim=CONDITION_WIDTH))
-    unet = UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 2, in_channels=4, out_channels=4, block_out_channels=(32, 64), layers_per_block=1,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=CONDITION_WIDTH, attention_head_dim=8, norm_num_groups=32)
-    vae = AutoencoderKL(
-        block_out_channels=(32, 64), in_channels=3, out_channels=3, latent_channels=4, layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 2, up_block_types=("UpDecoderBlock2D",) * 2,
-        sample_size=IMAGE_SIZE, norm_num_groups=32)
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
-                                       scheduler=scheduler, safety_checker=None, feature_extractor=None,
-                                       requires_safety_checker=False)
-    pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
-    return root / "pipeline"
 
 
 @pytest.fixture(scope="session")
@@ -210,11 +70,26 @@ def quickstart_run(tmp_path_factory) -> dict:
     """
     workdir = tmp_path_factory.mktemp("readme")
     output = workdir / "runs" / "quickstart"
-    env = {**os.environ, "MMLLM_VENV": sys.prefix, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    run = subprocess.run([str(ROOT / "run"), "quickstart", "--output", str(output)], capture_output=True, text=True,
-                         timeout=1200, env=env)
-    return {"workdir": workdir, "output": output, "returncode": run.returncode, "stdout": run.stdout,
-            "stderr": run.stderr, **{f"stage{index}": output / f"stage{index}" / "model" for index in range(3)}}
+    env = {
+        **os.environ,
+        "MMLLM_VENV": sys.prefix,
+        "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+    }
+    run = subprocess.run(
+        [str(ROOT / "run"), "quickstart", "--output", str(output)],
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env=env,
+    )
+    return {
+        "workdir": workdir,
+        "output": output,
+        "returncode": run.returncode,
+        "stdout": run.stdout,
+        "stderr": run.stderr,
+        **{f"stage{index}": output / f"stage{index}" / "model" for index in range(3)},
+    }
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from modeling_mmllm.training import load_recipe, train
+from modeling_mmllm.training.runner import load_recipe, train
 
 output = sys.argv[1]
 
@@ -24,8 +24,16 @@ class ReportWeights(TrainerCallback):
             json.dump({"sha": digest.hexdigest(), "world_size": world, "steps": state.global_step}, file)
 
 
-recipe = load_recipe("quickstart-stage2", {
-    "model": "owl2-tiny", "data": {"synthetic": "joint", "n": 32, "image_size": 32}, "output_dir": output,
-    "max_steps": 4, "per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1,
-})
+recipe = load_recipe(
+    "quickstart-stage2",
+    {
+        "model": "owl2-tiny",
+        "data": {"synthetic": "joint", "n": 32, "image_size": 32},
+        "output_dir": output,
+        "max_steps": 4,
+        "per_device_train_batch_size": 2,
+        "save_steps": 100,
+        "logging_steps": 1,
+    },
+)
 train(recipe, name="ddp", callbacks=[ReportWeights()])

@@ -18,7 +18,7 @@ PREFIX = "model.visual_abstractor."
 
 def _abstractor_weights() -> dict[str, torch.Tensor]:
     weights = load_file(FIXTURE / "model.safetensors")
-    return {k[len(PREFIX):]: v for k, v in weights.items() if k.startswith(PREFIX)}
+    return {k[len(PREFIX) :]: v for k, v in weights.items() if k.startswith(PREFIX)}
 
 
 def test_position_tables_equal_the_original_buffers():

@@ -12,15 +12,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
-from conftest import make_images, seeded_model
 from PIL import Image
 from pipeline_gate import lift_torchvision_gate, torchvision_importable, without_torchvision
 from transformers import pipeline
 
+from helpers import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
+
+soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 
 pytestmark = pytest.mark.hub
 
@@ -72,6 +73,7 @@ def test_without_the_helper_the_pipeline_asks_for_torchvision(audio_folder):
 
 # Issue #7: audio questions through pipeline("any-to-any").
 
+
 @pytest.fixture(scope="module")
 def audio_model():
     return seeded_model(MMLLMConfig.from_preset("audio-tiny"))
@@ -107,12 +109,13 @@ def audio_chats(tmp_path_factory):
 
 def _expected_answer(model, processor, chat) -> tuple[list[int], str]:
     """Greedy `model.generate` on the processor's inputs for `chat`: the new ids and their text."""
-    inputs = processor.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                           return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        chat, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
     assert (inputs["mm_token_type_ids"] == 3).any()  # the audio really is in the prompt
     with torch.no_grad():
         ids = model.generate(**inputs, **GREEDY, pad_token_id=processor.tokenizer.pad_token_id)
-    new = ids[0, inputs["input_ids"].shape[1]:]
+    new = ids[0, inputs["input_ids"].shape[1] :]
     return ids[0].tolist(), processor.decode(new, skip_special_tokens=True)
 
 
@@ -130,8 +133,12 @@ def test_audio_question_answers_like_generate(audio_pipe, audio_model, audio_pro
 
 
 def test_audio_as_array_and_as_file_give_the_same_answer(audio_pipe, audio_chats):
-    answers = {form: audio_pipe(text=audio_chats["high", form], generate_kwargs=_greedy(),
-                                return_full_text=False)[0]["generated_text"] for form in ("array", "file")}
+    answers = {
+        form: audio_pipe(text=audio_chats["high", form], generate_kwargs=_greedy(), return_full_text=False)[0][
+            "generated_text"
+        ]
+        for form in ("array", "file")
+    }
     assert answers["array"] == answers["file"]
 
 
@@ -139,8 +146,9 @@ def test_batched_audio_questions_equal_single_ones(audio_pipe, audio_model, audi
     chats = [audio_chats["low", "array"], audio_chats["high", "file"]]
     expected = [_expected_answer(audio_model, audio_processor, chat)[1] for chat in chats]
     assert expected[0] != expected[1]
-    single = [audio_pipe(text=chat, generate_kwargs=_greedy(), return_full_text=False)[0]["generated_text"]
-              for chat in chats]
+    single = [
+        audio_pipe(text=chat, generate_kwargs=_greedy(), return_full_text=False)[0]["generated_text"] for chat in chats
+    ]
     batched = audio_pipe(text=chats, batch_size=2, generate_kwargs=_greedy(), return_full_text=False)
     assert single == expected
     assert [output[0]["generated_text"] for output in batched] == expected
@@ -171,6 +179,7 @@ def test_a_model_without_image_generation_refuses_image_mode(audio_pipe, audio_c
 
 # Issue #8: images out of pipeline("any-to-any").
 
+
 @pytest.fixture(scope="module")
 def image_model():
     return seeded_model(MMLLMConfig.from_preset("any2any-tiny"))
@@ -197,11 +206,13 @@ DRAW_LIKE = _chat({"type": "image", "image": make_images(1, seed=3)[0]}, _text("
 
 def _generated_images(model, processor, chats, **kwargs) -> list:
     """In process: processor -> `model.generate(generation_mode="image")` -> the processor's PIL images."""
-    inputs = processor.apply_chat_template(chats, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                           padding=True, return_tensors="pt")
+    inputs = processor.apply_chat_template(
+        chats, tokenize=True, return_dict=True, add_generation_prompt=True, padding=True, return_tensors="pt"
+    )
     with torch.no_grad():
-        images = model.generate(**inputs, **GREEDY, pad_token_id=processor.tokenizer.pad_token_id,
-                                generation_mode="image", **kwargs)
+        images = model.generate(
+            **inputs, **GREEDY, pad_token_id=processor.tokenizer.pad_token_id, generation_mode="image", **kwargs
+        )
     assert images.shape == (len(chats), 3, 32, 32)
     return processor.post_process_multimodal_output(images, generation_mode="image")
 
@@ -229,8 +240,10 @@ def test_image_mode_returns_the_generated_image(image_pipe, image_model, image_p
 
 def test_the_input_image_changes_the_generated_image(image_pipe):
     other = _chat({"type": "image", "image": make_images(1, seed=4)[0]}, _text("Draw one like this."))
-    images = [image_pipe(text=chat, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
-              for chat in (DRAW_LIKE, other)]
+    images = [
+        image_pipe(text=chat, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
+        for chat in (DRAW_LIKE, other)
+    ]
     assert not np.array_equal(_pixels(images[0]), _pixels(images[1]))
 
 
@@ -240,8 +253,10 @@ def test_batched_image_prompts(image_pipe, image_model, image_processor):
     images = [output[0]["generated_image"] for output in batched]
     for image, expected in zip(images, _generated_images(image_model, image_processor, chats)):
         assert _same_image(image, expected)
-    single = [image_pipe(text=chat, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
-              for chat in chats]
+    single = [
+        image_pipe(text=chat, generation_mode="image", generate_kwargs=_greedy())[0]["generated_image"]
+        for chat in chats
+    ]
     for image, alone in zip(images, single):  # left padding changes float rounding only: at most one level
         assert np.abs(_pixels(image) - _pixels(alone)).max() <= 1
     assert not np.array_equal(_pixels(images[0]), _pixels(images[1]))
@@ -249,11 +264,12 @@ def test_batched_image_prompts(image_pipe, image_model, image_processor):
 
 @pytest.mark.parametrize("mode", [None, "text"])
 def test_text_mode_is_unchanged(image_pipe, image_model, image_processor, mode):
-    inputs = image_processor.apply_chat_template(DRAW, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                                 return_tensors="pt")
+    inputs = image_processor.apply_chat_template(
+        DRAW, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         ids = image_model.generate(**inputs, **GREEDY, pad_token_id=image_processor.tokenizer.pad_token_id)
-    expected = image_processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = image_processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     kwargs = {} if mode is None else {"generation_mode": mode}
     output = image_pipe(text=DRAW, generate_kwargs=_greedy(), return_full_text=False, **kwargs)
     assert output[0]["generated_text"] == expected
@@ -270,11 +286,12 @@ def test_images_still_answer_through_image_text_to_text(image_folder, image_mode
     pipe = pipeline("image-text-to-text", model=str(image_folder), trust_remote_code=True)
     image = make_images(1, seed=5)[0]
     chat = _chat({"type": "image", "image": image}, _text("What colour is it?"))
-    inputs = image_processor.apply_chat_template(chat, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                                 return_tensors="pt")
+    inputs = image_processor.apply_chat_template(
+        chat, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
     with torch.no_grad():
         ids = image_model.generate(**inputs, **GREEDY, pad_token_id=image_processor.tokenizer.pad_token_id)
-    expected = image_processor.decode(ids[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    expected = image_processor.decode(ids[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     output = pipe(text=chat, generate_kwargs=_greedy(), return_full_text=False)
     assert output[0]["generated_text"] == expected
 
@@ -297,8 +314,12 @@ print(json.dumps({"module": type(pipe.model).__module__, "outputs": list(pipe.mo
 
 @pytest.mark.slow
 def test_image_generation_through_the_pipeline_in_a_fresh_process(image_folder, image_pipe, tmp_path):
-    run = subprocess.run([sys.executable, "-c", FRESH, str(TESTS), str(image_folder), json.dumps(DRAW),
-                          str(tmp_path / "image.png")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, str(TESTS), str(image_folder), json.dumps(DRAW), str(tmp_path / "image.png")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["module"].startswith("transformers_modules") and report["outputs"] == ["image", "text"]

@@ -7,16 +7,16 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import save_tiny_stable_diffusion
 from safetensors.torch import load_file
 from torch.nn import functional as F
 from transformers import TrainerCallback
 from trl import SFTTrainer
 
+from helpers import save_tiny_stable_diffusion
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.image_judge import CHANCE, train_judge
-from modeling_mmllm.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
-from modeling_mmllm.training import (
+from modeling_mmllm.data.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
+from modeling_mmllm.evaluation.image_judge import CHANCE, train_judge
+from modeling_mmllm.training.runner import (
     ALIGNMENT_FREEZE,
     MMLLMTrainer,
     MultimodalCollator,
@@ -31,9 +31,17 @@ from modeling_mmllm.training import (
 
 RECIPE = "quickstart-any2any"
 GENERATION = load_recipe(RECIPE, {"output_dir": "unused"})["model"]["image_generation"]
-TINY = {"max_steps": 12, "per_device_train_batch_size": 8, "logging_steps": 1, "save_steps": 100,
-        "learning_rate": 5e-3, "data.n": 64, "generator_pretraining.steps": 5, "generator_pretraining.n": 32,
-        "whiten_signal_states": 64}
+TINY = {
+    "max_steps": 12,
+    "per_device_train_batch_size": 8,
+    "logging_steps": 1,
+    "save_steps": 100,
+    "learning_rate": 5e-3,
+    "data.n": 64,
+    "generator_pretraining.steps": 5,
+    "generator_pretraining.n": 32,
+    "whiten_signal_states": 64,
+}
 
 
 def _images_bytes(dataset) -> list[bytes]:
@@ -91,7 +99,8 @@ def test_collator_writes_signal_tokens_and_passes_targets_not_inputs(any2any):
     _, processor = any2any
     rows = list(make_dataset("generate-joint", 16))
     batch = MultimodalCollator(processor=processor, assistant_only_loss=True, target_images=True)(
-        [dict(row) for row in rows])
+        [dict(row) for row in rows]
+    )
     drawing = [row for row in rows if row["generation_caption"]]
     assert batch["generation_captions"] == [row["generation_caption"] for row in drawing]
     assert batch["generation_pixel_values"].shape == (len(drawing), 3, 64, 64)
@@ -138,10 +147,19 @@ def test_compute_loss_adds_the_alignment_loss(any2any, tmp_path, image_loss_weig
     dataset = make_dataset("generate-joint", 8)
     collator = MultimodalCollator(processor=processor, assistant_only_loss=True, target_images=True)
     args = sft_config({"output_dir": str(tmp_path), "max_steps": 1, "report_to": "none"})
-    trainer = MMLLMTrainer(model=model, args=args, train_dataset=dataset, processing_class=processor,
-                           data_collator=collator, alignment_loss_weight=2.0, image_loss_weight=image_loss_weight)
-    batch = {key: value.to(args.device) if torch.is_tensor(value) else value
-             for key, value in collator([dict(row) for row in dataset]).items()}
+    trainer = MMLLMTrainer(
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=collator,
+        alignment_loss_weight=2.0,
+        image_loss_weight=image_loss_weight,
+    )
+    batch = {
+        key: value.to(args.device) if torch.is_tensor(value) else value
+        for key, value in collator([dict(row) for row in dataset]).items()
+    }
     targets = {key: batch.pop(key) for key in ("generation_captions", "generation_pixel_values")}
     lm_loss = SFTTrainer.compute_loss(trainer, trainer.model, dict(batch))
     loss = trainer.compute_loss(trainer.model, {**batch, **targets})
@@ -179,16 +197,19 @@ def test_recipe_trains_only_the_output_projector_and_the_signal_rows(start_folde
     assert history["generator_pretraining"]["steps"] == 5 and history["trained_token_rows"] == signal
     assert history["frozen"] == ALIGNMENT_FREEZE
     processor = MMLLMProcessor.from_pretrained(folder)
-    prompt = processor.apply_chat_template([{"role": "user", "content": "Draw one small red circle on the left."}],
-                                           add_generation_prompt=True)
-    images = model.generate(**processor(text=[prompt], return_tensors="pt"), generation_mode="image",
-                            max_new_tokens=5, do_sample=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "Draw one small red circle on the left."}], add_generation_prompt=True
+    )
+    images = model.generate(
+        **processor(text=[prompt], return_tensors="pt"), generation_mode="image", max_new_tokens=5, do_sample=False
+    )
     assert images.shape == (1, 3, 32, 32)
 
 
 def test_alignment_loss_decreases(start_folder, tmp_path):
-    recipe = load_recipe(RECIPE, {**TINY, "max_steps": 30, "model.path": str(start_folder),
-                                  "output_dir": str(tmp_path)})
+    recipe = load_recipe(
+        RECIPE, {**TINY, "max_steps": 30, "model.path": str(start_folder), "output_dir": str(tmp_path)}
+    )
     del recipe["eval"]
     recorder = _LogRecorder()
     train(recipe, name=RECIPE, callbacks=[recorder])
@@ -229,8 +250,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(start_folder, tmp_path, 
     atol = 1e-3 if torch.cuda.is_available() else 1e-6
     for name in expected:
         torch.testing.assert_close(actual[name], expected[name], atol=atol, rtol=0)
-    history = [json.loads((tmp_path / run / "model" / "training_history.json").read_text())[-1]
-               for run in ("straight", "resumed")]
+    history = [
+        json.loads((tmp_path / run / "model" / "training_history.json").read_text())[-1]
+        for run in ("straight", "resumed")
+    ]
     interrupted = json.loads((tmp_path / "resumed" / "generator_pretraining.json").read_text())
     assert history[1]["steps"] == 8 and history[1]["generator_pretraining"] == interrupted["result"]  # its generator's
     assert interrupted["result"]["steps"] == history[0]["generator_pretraining"]["steps"] == 5
@@ -248,8 +271,17 @@ class _LogRecorder(TrainerCallback):
 
 
 def test_lora_run_trains_signal_tokens_through_peft_and_merges(start_folder, tmp_path):
-    recipe = load_recipe(RECIPE, {**TINY, "max_steps": 4, "model.path": str(start_folder), "output_dir": str(tmp_path),
-                                  "lora": {"r": 4, "lora_alpha": 8}, "merge_lora": True})
+    recipe = load_recipe(
+        RECIPE,
+        {
+            **TINY,
+            "max_steps": 4,
+            "model.path": str(start_folder),
+            "output_dir": str(tmp_path),
+            "lora": {"r": 4, "lora_alpha": 8},
+            "merge_lora": True,
+        },
+    )
     del recipe["eval"]
     recorder = _LogRecorder()
     folder = train(recipe, name=RECIPE, callbacks=[recorder])
@@ -261,12 +293,14 @@ def test_lora_run_trains_signal_tokens_through_peft_and_merges(start_folder, tmp
     signal = merged.config.signal_token_ids
     for module in ("get_input_embeddings", "get_output_embeddings"):  # old rows kept, signal rows trained
         weight, before = getattr(merged, module)().weight, getattr(base, module)().weight
-        assert torch.equal(weight[:min(signal)], before[:min(signal)]) and weight.shape[0] == max(signal) + 1
+        assert torch.equal(weight[: min(signal)], before[: min(signal)]) and weight.shape[0] == max(signal) + 1
     processor = MMLLMProcessor.from_pretrained(tmp_path / "merged")
-    prompt = processor.apply_chat_template([{"role": "user", "content": "Draw two large blue squares on the left."}],
-                                           add_generation_prompt=True)
-    images = merged.generate(**processor(text=[prompt], return_tensors="pt"), generation_mode="image",
-                             max_new_tokens=5, do_sample=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": "Draw two large blue squares on the left."}], add_generation_prompt=True
+    )
+    images = merged.generate(
+        **processor(text=[prompt], return_tensors="pt"), generation_mode="image", max_new_tokens=5, do_sample=False
+    )
     assert images.shape == (1, 3, 32, 32)
 
 
@@ -275,19 +309,37 @@ def test_real_size_recipe_with_a_diffusers_generator_on_a_tiny_model(tmp_path):
     tiny Stable Diffusion; the generator cannot be pre-trained."""
     pytest.importorskip("diffusers")
     pipeline = save_tiny_stable_diffusion(tmp_path / "sd")
-    spec = {"preset": "owl2-tiny", "image_generation": {"modality_generator": {
-        "type": "diffusers", "pretrained": str(pipeline), "num_inference_steps": 2}}}
-    recipe = load_recipe("nextgpt-style-image", {
-        "model": spec, "data": {"synthetic": "generate-joint", "n": 8, "image_size": 32}, "output_dir": str(tmp_path / "run"),
-        "bf16": False, "gradient_checkpointing": False, "dataloader_num_workers": 0, "max_steps": 2,
-        "per_device_train_batch_size": 4, "logging_steps": 1, "save_steps": 100, "image_loss_weight": 1.0})
+    spec = {
+        "preset": "owl2-tiny",
+        "image_generation": {
+            "modality_generator": {"type": "diffusers", "pretrained": str(pipeline), "num_inference_steps": 2}
+        },
+    }
+    recipe = load_recipe(
+        "nextgpt-style-image",
+        {
+            "model": spec,
+            "data": {"synthetic": "generate-joint", "n": 8, "image_size": 32},
+            "output_dir": str(tmp_path / "run"),
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "dataloader_num_workers": 0,
+            "max_steps": 2,
+            "per_device_train_batch_size": 4,
+            "logging_steps": 1,
+            "save_steps": 100,
+            "image_loss_weight": 1.0,
+        },
+    )
     recorder, snapshots = _LogRecorder(), Snapshots()
     train(recipe, name="nextgpt-style-image", callbacks=[recorder, snapshots])
     logged = {key for log in recorder.logs for key in log}
     assert {"alignment_loss", "image_loss"} <= logged
     changed = {name for name in snapshots.begin if not torch.equal(snapshots.begin[name], snapshots.end[name])}
-    assert {name.split(".")[1] for name in changed if name.startswith("model.")} == {"output_projector",
-                                                                                      "language_model"}
+    assert {name.split(".")[1] for name in changed if name.startswith("model.")} == {
+        "output_projector",
+        "language_model",
+    }
     model, processor = build_model(spec)
     with pytest.raises(ValueError, match="'diffusers' generator comes pretrained: remove generator_pretraining"):
         pretrain_generator(model, processor, {"steps": 1})
@@ -306,9 +358,16 @@ def trained(tmp_path_factory):
     """One real run shared by the slow asserts: the quickstart-any2any recipe from a random owl2-tiny, built-in
     generator pre-trained, LLM frozen, judged on held-out scenes by a separately trained classifier."""
     output = tmp_path_factory.mktemp("any2any")
-    overrides = {"model": {"preset": "owl2-tiny", "image_generation": GENERATION}, "output_dir": str(output),
-                 "max_steps": 300, "data.n": 1200, "generator_pretraining.steps": 800, "eval.n": 120,
-                 "whiten_signal_states": 256, "logging_steps": 50}
+    overrides = {
+        "model": {"preset": "owl2-tiny", "image_generation": GENERATION},
+        "output_dir": str(output),
+        "max_steps": 300,
+        "data.n": 1200,
+        "generator_pretraining.steps": 800,
+        "eval.n": 120,
+        "whiten_signal_states": 256,
+        "logging_steps": 50,
+    }
     folder = train(load_recipe(RECIPE, overrides), name=RECIPE)
     metrics = json.loads((folder / "eval_results.json").read_text())
     print("\nany2any from owl2-tiny:", json.dumps(metrics))

@@ -8,18 +8,19 @@ import sys
 
 import numpy as np
 import pytest
-import soundfile
 import torch
-from conftest import make_images, perturb_branches
 from PIL import Image
 
+from helpers import make_images, perturb_branches
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.builders.presets import load_processor_preset
 from modeling_mmllm.configuration_mmllm import AUDIO, IMAGE, VIDEO
-from modeling_mmllm.presets import load_processor_preset
-from modeling_mmllm.evaluation import exact_match
+from modeling_mmllm.data.synthetic import make_dataset
+from modeling_mmllm.evaluation.metrics import exact_match
 from modeling_mmllm.saving import save_model_folder
-from modeling_mmllm.synthetic import make_dataset
-from modeling_mmllm.training import load_recipe, train
+from modeling_mmllm.training.runner import load_recipe, train
+
+soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 
 pytestmark = pytest.mark.hub
 
@@ -69,16 +70,20 @@ def _audio_tokens(batch, row: int = 0) -> int:
     return int((batch["mm_token_type_ids"][row] == AUDIO).sum())
 
 
-@pytest.mark.parametrize("seconds, windows, tokens", [
-    (0.3, 1, 4),   # 30 feature frames -> 15 encoder frames -> 4 tokens (stride 4)
-    (1.0, 1, 13),  # 100 -> 50 -> 13
-    (2.0, 1, 25),  # a full 2 s window of audio-tiny: 200 -> 100 -> 25
-    (2.5, 2, 32),  # two windows: 25 + 7
-    (4.1, 3, 52),  # 25 + 25 + 2
-])
+@pytest.mark.parametrize(
+    "seconds, windows, tokens",
+    [
+        (0.3, 1, 4),  # 30 feature frames -> 15 encoder frames -> 4 tokens (stride 4)
+        (1.0, 1, 13),  # 100 -> 50 -> 13
+        (2.0, 1, 25),  # a full 2 s window of audio-tiny: 200 -> 100 -> 25
+        (2.5, 2, 32),  # two windows: 25 + 7
+        (4.1, 3, 52),  # 25 + 25 + 2
+    ],
+)
 def test_audio_expands_to_the_count_of_its_real_length(processor, model, seconds, windows, tokens):
-    batch = processor(audio=[_tone(seconds)], text=[_prompt(processor, "audio")], sampling_rate=RATE,
-                      return_tensors="pt")
+    batch = processor(
+        audio=[_tone(seconds)], text=[_prompt(processor, "audio")], sampling_rate=RATE, return_tensors="pt"
+    )
     assert batch["input_features"].shape[0] == windows
     assert _audio_tokens(batch) == tokens
     with torch.no_grad():
@@ -91,14 +96,21 @@ def test_a_long_clip_is_its_windows_in_order(processor, model):
     """A 2.5 s clip encodes as its first 2 s window followed by the remaining 0.5 s (Whisper's window is 2 s)."""
     waveform = _tone(2.5, 660.0)
     whole = processor(audio=[waveform], text=["<audio>"], sampling_rate=RATE, return_tensors="pt")
-    parts = processor(audio=[waveform[:2 * RATE], waveform[2 * RATE:]], text=["<audio><audio>"],
-                      sampling_rate=RATE, return_tensors="pt")
+    parts = processor(
+        audio=[waveform[: 2 * RATE], waveform[2 * RATE :]],
+        text=["<audio><audio>"],
+        sampling_rate=RATE,
+        return_tensors="pt",
+    )
     with torch.no_grad():
+
         def encode(*inputs):
             return model.model.get_audio_features(*inputs).pooler_output
 
-        torch.testing.assert_close(encode(whole["input_features"], whole["input_features_mask"]),
-                                   encode(parts["input_features"], parts["input_features_mask"]))
+        torch.testing.assert_close(
+            encode(whole["input_features"], whole["input_features_mask"]),
+            encode(parts["input_features"], parts["input_features_mask"]),
+        )
 
 
 def test_audio_as_array_tensor_dict_and_files(processor, tmp_path):
@@ -106,10 +118,18 @@ def test_audio_as_array_tensor_dict_and_files(processor, tmp_path):
     soundfile.write(tmp_path / "clip.wav", waveform, RATE, subtype="FLOAT")
     soundfile.write(tmp_path / "clip.flac", waveform, RATE)  # 16-bit samples
     stereo = np.stack([waveform, waveform], axis=1)
-    forms = [waveform, torch.from_numpy(waveform), {"array": waveform, "sampling_rate": RATE}, stereo,
-             str(tmp_path / "clip.wav"), str(tmp_path / "clip.flac")]
-    features = [processor(audio=[form], text=["<audio>"], sampling_rate=RATE, return_tensors="pt")["input_features"]
-                for form in forms]
+    forms = [
+        waveform,
+        torch.from_numpy(waveform),
+        {"array": waveform, "sampling_rate": RATE},
+        stereo,
+        str(tmp_path / "clip.wav"),
+        str(tmp_path / "clip.flac"),
+    ]
+    features = [
+        processor(audio=[form], text=["<audio>"], sampling_rate=RATE, return_tensors="pt")["input_features"]
+        for form in forms
+    ]
     for other in features[1:-1]:
         torch.testing.assert_close(other, features[0], atol=1e-6, rtol=0)
     torch.testing.assert_close(features[-1], features[0], atol=1e-2, rtol=0)  # FLAC's 16-bit quantisation
@@ -119,12 +139,16 @@ def test_other_sampling_rates_are_resampled_or_refused(processor, tmp_path, monk
     """A clip at another rate is resampled to the encoder's (its real length decides the tokens), from an array,
     a dict or a file alike; without soxr it is refused, never misread."""
     soundfile.write(tmp_path / "clip.wav", _tone(1.0)[::2], 8000)
-    clips = {"array": dict(audio=[_tone(2.0)], sampling_rate=2 * RATE), "dict": dict(audio=[{"array": _tone(1.0)[::2],
-             "sampling_rate": RATE // 2}]), "file": dict(audio=[str(tmp_path / "clip.wav")])}
+    clips = {
+        "array": dict(audio=[_tone(2.0)], sampling_rate=2 * RATE),
+        "dict": dict(audio=[{"array": _tone(1.0)[::2], "sampling_rate": RATE // 2}]),
+        "file": dict(audio=[str(tmp_path / "clip.wav")]),
+    }
     for clip in clips.values():
         batch = processor(text=["<audio>"], return_tensors="pt", **clip)
-        assert _audio_tokens(batch) == _audio_tokens(processor(audio=[_tone(1.0)], sampling_rate=RATE,
-                                                              text=["<audio>"], return_tensors="pt"))
+        assert _audio_tokens(batch) == _audio_tokens(
+            processor(audio=[_tone(1.0)], sampling_rate=RATE, text=["<audio>"], return_tensors="pt")
+        )
     monkeypatch.setattr("modeling_mmllm.processing_mmllm.soxr", None)
     with pytest.raises(ValueError, match="sampled at 32000 Hz.*expects 16000 Hz: install soxr"):
         processor(text=["<audio>"], **clips["array"])
@@ -132,10 +156,18 @@ def test_other_sampling_rates_are_resampled_or_refused(processor, tmp_path, monk
 
 def test_audio_files_in_chat_messages_are_loaded_and_resampled(processor, tmp_path):
     soundfile.write(tmp_path / "clip.wav", _tone(1.0), 8000)  # another rate: transformers' loader resamples
-    messages = [{"role": "user", "content": [{"type": "audio", "path": str(tmp_path / "clip.wav")},
-                                             {"type": "text", "text": "How many beeps are there?"}]}]
-    batch = processor.apply_chat_template(messages, tokenize=True, return_dict=True, add_generation_prompt=True,
-                                          return_tensors="pt")
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "path": str(tmp_path / "clip.wav")},
+                {"type": "text", "text": "How many beeps are there?"},
+            ],
+        }
+    ]
+    batch = processor.apply_chat_template(
+        messages, tokenize=True, return_dict=True, add_generation_prompt=True, return_tensors="pt"
+    )
     assert _audio_tokens(batch) == 25  # 2 s at 16 kHz after resampling
 
 
@@ -160,8 +192,12 @@ def test_interleaved_conversation_and_mixed_batches(processor, model):
     """Image, clip, audio and image again in one message; rows with different modality sets batch like singles."""
     image_a, image_b = make_images(2)
     rows = [
-        dict(images=[image_a, image_b], videos=[_clip(6)], audio=[_tone(0.8)],
-             text=_prompt(processor, "image", "video", "audio", "image")),
+        dict(
+            images=[image_a, image_b],
+            videos=[_clip(6)],
+            audio=[_tone(0.8)],
+            text=_prompt(processor, "image", "video", "audio", "image"),
+        ),
         dict(audio=[_tone(1.3, 880.0)], text=_prompt(processor, "audio", question="How many beeps are there?")),
         dict(videos=[_clip(5)], text=_prompt(processor, "video")),
         dict(text=_prompt(processor, question="What is one plus one?")),
@@ -179,8 +215,15 @@ def test_interleaved_conversation_and_mixed_batches(processor, model):
             singles.append((model(**batch).logits[0, -1], model.generate(**batch, **GREEDY)[0, -5:]))
             uncached = model.generate(**batch, **GREEDY, use_cache=False)[0, -5:]
             assert torch.equal(singles[-1][1], uncached)
-        mixed = processor(images=[image_a, image_b], videos=[_clip(6), _clip(5)], audio=[_tone(0.8), _tone(1.3, 880.0)],
-                          text=[row["text"] for row in rows], sampling_rate=RATE, padding=True, return_tensors="pt")
+        mixed = processor(
+            images=[image_a, image_b],
+            videos=[_clip(6), _clip(5)],
+            audio=[_tone(0.8), _tone(1.3, 880.0)],
+            text=[row["text"] for row in rows],
+            sampling_rate=RATE,
+            padding=True,
+            return_tensors="pt",
+        )
         logits, generated = model(**mixed).logits[:, -1], model.generate(**mixed, **GREEDY)[:, -5:]
     for index, (single_logits, single_ids) in enumerate(singles):
         torch.testing.assert_close(logits[index], single_logits, atol=1e-4, rtol=1e-4)
@@ -194,8 +237,14 @@ def test_modality_adaptive_properties_with_three_modalities(config, processor):
     adaptive = copy.deepcopy(plain)
     adaptive.enable_modality_adaptive(modalities=[IMAGE, VIDEO, AUDIO])
     text = processor(text=[_prompt(processor, question="What is one plus one?")], return_tensors="pt")
-    three = processor(images=make_images(1), videos=[_clip(4)], audio=[_tone(0.6)], sampling_rate=RATE,
-                      text=[_prompt(processor, "image", "video", "audio")], return_tensors="pt")
+    three = processor(
+        images=make_images(1),
+        videos=[_clip(4)],
+        audio=[_tone(0.6)],
+        sampling_rate=RATE,
+        text=[_prompt(processor, "image", "video", "audio")],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         assert torch.equal(plain(**text).logits, adaptive(**text).logits)  # text only: bit-identical
         torch.testing.assert_close(adaptive(**three).logits, plain(**three).logits, atol=1e-6, rtol=0)
@@ -210,19 +259,24 @@ def test_modality_adaptive_properties_with_three_modalities(config, processor):
             assert (logits[first:] - reference[first:]).abs().amax(-1).min() > 0
 
 
-@pytest.mark.parametrize("call, message", [
-    (lambda p: p(audio=[_tone(1)], text=["<audio>"]), "Audio item 0 has no sampling rate"),
-    (lambda p: p(audio=[np.zeros(0, np.float32)], text=["<audio>"], sampling_rate=RATE), "Audio item 0 is empty"),
-    (lambda p: p(text=["<audio> where is it?"]), "Got 0 audio item\\(s\\) but 1 <audio>"),
-    (lambda p: p(audio=[_tone(1)], text=["no placeholder"], sampling_rate=RATE), "Got 1 audio item\\(s\\) but 0"),
-    (lambda p: p(audio=["/no/such.wav"], text=["<audio>"]), "Audio item 0: cannot read /no/such.wav"),
-    (lambda p: p(audio=[_tone(1), _tone(45)], text=["<audio><audio>"], sampling_rate=RATE),
-     "Audio item 1 \\(45.0 s\\) needs 563 tokens, more than the model's context of 512"),
-    (lambda p: p(videos=[[]], text=["<video>"]), "Video item 0 is empty"),
-    (lambda p: p(videos=[[1, 2, 3]], text=["<video>"]), "Video item 0 is empty or not a clip"),
-    (lambda p: p(videos=[_clip(3)], text=["two <video><video>"]), "Got 1 video item\\(s\\) but 2 <video>"),
-    (lambda p: p(videos=["/no/such.gif"], text=["<video>"]), "Video item 0: cannot read /no/such.gif"),
-])
+@pytest.mark.parametrize(
+    "call, message",
+    [
+        (lambda p: p(audio=[_tone(1)], text=["<audio>"]), "Audio item 0 has no sampling rate"),
+        (lambda p: p(audio=[np.zeros(0, np.float32)], text=["<audio>"], sampling_rate=RATE), "Audio item 0 is empty"),
+        (lambda p: p(text=["<audio> where is it?"]), "Got 0 audio item\\(s\\) but 1 <audio>"),
+        (lambda p: p(audio=[_tone(1)], text=["no placeholder"], sampling_rate=RATE), "Got 1 audio item\\(s\\) but 0"),
+        (lambda p: p(audio=["/no/such.wav"], text=["<audio>"]), "Audio item 0: cannot read /no/such.wav"),
+        (
+            lambda p: p(audio=[_tone(1), _tone(45)], text=["<audio><audio>"], sampling_rate=RATE),
+            "Audio item 1 \\(45.0 s\\) needs 563 tokens, more than the model's context of 512",
+        ),
+        (lambda p: p(videos=[[]], text=["<video>"]), "Video item 0 is empty"),
+        (lambda p: p(videos=[[1, 2, 3]], text=["<video>"]), "Video item 0 is empty or not a clip"),
+        (lambda p: p(videos=[_clip(3)], text=["two <video><video>"]), "Got 1 video item\\(s\\) but 2 <video>"),
+        (lambda p: p(videos=["/no/such.gif"], text=["<video>"]), "Video item 0: cannot read /no/such.gif"),
+    ],
+)
 def test_bad_audio_and_video_input_names_the_item(processor, call, message):
     with pytest.raises(ValueError, match=message):
         call(processor)
@@ -252,7 +306,8 @@ import numpy as np, torch
 from PIL import Image
 from transformers import AutoModelForMultimodalLM, AutoProcessor
 folder = sys.argv[1]
-model, processor = AutoModelForMultimodalLM.from_pretrained(folder, trust_remote_code=True), AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+model = AutoModelForMultimodalLM.from_pretrained(folder, trust_remote_code=True)
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
 time = np.arange(12000) / 16000
 clip = [Image.new("RGB", (40, 40), (20 * i, 100, 50)) for i in range(6)]
 batch = processor(images=[Image.new("RGB", (40, 48), (200, 30, 30))], videos=[clip],
@@ -269,11 +324,18 @@ def test_saved_folder_reloads_in_a_fresh_process(processor, model, tmp_path):
     config = json.loads((tmp_path / "model" / "config.json").read_text())
     assert config["auto_map"]["AutoModelForMultimodalLM"] == "modeling_mmllm.MMLLMForConditionalGeneration"
     prompt = _prompt(processor, "audio", "image", "video")
-    run = subprocess.run([sys.executable, "-c", FRESH, str(tmp_path / "model"), prompt], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH, str(tmp_path / "model"), prompt], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    batch = processor(images=[Image.new("RGB", (40, 48), (200, 30, 30))], videos=[_clip(6)],
-                      audio=[_tone(0.75)], sampling_rate=RATE, text=[prompt], return_tensors="pt")
+    batch = processor(
+        images=[Image.new("RGB", (40, 48), (200, 30, 30))],
+        videos=[_clip(6)],
+        audio=[_tone(0.75)],
+        sampling_rate=RATE,
+        text=[prompt],
+        return_tensors="pt",
+    )
     with torch.no_grad():
         expected = model.generate(**batch, **GREEDY)[0, -5:].tolist()
     assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
@@ -283,8 +345,9 @@ def test_saved_folder_reloads_in_a_fresh_process(processor, model, tmp_path):
 def test_audio_model_learns_to_answer_held_out_audio_questions(tmp_path):
     """The shipped recipe trains audio-tiny from scratch on CPU (about a minute): beep counts and pitch of clips
     it never heard (chance: beeps 1/3, pitch 1/2)."""
-    folder = train(load_recipe("audio-tiny-sft", {"output_dir": str(tmp_path), "report_to": "none"}),
-                   name="audio-tiny-sft")
+    folder = train(
+        load_recipe("audio-tiny-sft", {"output_dir": str(tmp_path), "report_to": "none"}), name="audio-tiny-sft"
+    )
     reported = json.loads((folder / "eval_results.json").read_text())
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     accuracy = exact_match(model, processor, make_dataset("audio", 200, split="heldout", seed=1))
@@ -300,8 +363,23 @@ def test_cli_generate_takes_audio_and_video_files(processor, model, tmp_path, ca
     soundfile.write(tmp_path / "beep.wav", _tone(0.9), RATE)
     frames = _clip(6)
     frames[0].save(tmp_path / "clip.gif", save_all=True, append_images=frames[1:], duration=40)
-    assert main(["generate", str(tmp_path / "model"), "--audio", str(tmp_path / "beep.wav"), "--video",
-                 str(tmp_path / "clip.gif"), "--prompt", "What is it?", "--max-new-tokens", "3"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(tmp_path / "model"),
+                "--audio",
+                str(tmp_path / "beep.wav"),
+                "--video",
+                str(tmp_path / "clip.gif"),
+                "--prompt",
+                "What is it?",
+                "--max-new-tokens",
+                "3",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()
     assert main(["generate", str(tmp_path / "model"), "--audio", "/no/such.wav", "--prompt", "hi"]) == 1
     assert "No audio file /no/such.wav" in capsys.readouterr().err

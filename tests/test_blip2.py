@@ -15,12 +15,32 @@ IMAGE_TOKEN, QUERIES = 5, 8
 @pytest.fixture(scope="module")
 def blip2() -> Blip2ForConditionalGeneration:
     config = Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64,
-                            cross_attention_frequency=1),
-        text_config=dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                         word_embed_proj_dim=64, vocab_size=512, max_position_embeddings=128, pad_token_id=0),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            image_size=32,
+            patch_size=8,
+        ),
+        qformer_config=dict(
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            cross_attention_frequency=1,
+        ),
+        text_config=dict(
+            model_type="opt",
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            vocab_size=512,
+            max_position_embeddings=128,
+            pad_token_id=0,
+        ),
         num_query_tokens=QUERIES,
         image_token_id=IMAGE_TOKEN,
     )
@@ -36,8 +56,11 @@ def _inputs():
     span = [IMAGE_TOKEN] * QUERIES
     rows = [[*span, 2, 40, 41, 42], [0, 0, *span, 2, 50]]
     torch.manual_seed(3)
-    return dict(input_ids=torch.tensor(rows), attention_mask=torch.tensor([[1] * 12, [0, 0] + [1] * 10]),
-                pixel_values=torch.randn(2, 3, 32, 32))
+    return dict(
+        input_ids=torch.tensor(rows),
+        attention_mask=torch.tensor([[1] * 12, [0, 0] + [1] * 10]),
+        pixel_values=torch.randn(2, 3, 32, 32),
+    )
 
 
 def test_logits_equal_blip2(blip2, tmp_path):

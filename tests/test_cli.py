@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import make_images, seeded_model, tiny_text_config, tiny_vision_config
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
+from helpers import make_images, seeded_model, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main, parser
-from modeling_mmllm.presets import offline_tokenizer
 from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
@@ -38,8 +38,21 @@ def image_file(tmp_path_factory):
 
 
 def test_generate_and_eval(saved_folder, image_file, capsys):
-    assert main(["generate", str(saved_folder), "--image", str(image_file), "--prompt", "What colour?",
-                 "--max-new-tokens", "4"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(saved_folder),
+                "--image",
+                str(image_file),
+                "--prompt",
+                "What colour?",
+                "--max-new-tokens",
+                "4",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip()
     assert main(["eval", str(saved_folder), "--synthetic", "vqa", "--n", "8", "--image-size", "32"]) == 0
     lines = capsys.readouterr().out.splitlines()
@@ -56,14 +69,29 @@ def any2any_folder(tmp_path_factory):
 def test_generate_saves_the_image_a_model_draws(any2any_folder, tmp_path, capsys):
     folder, model, processor = any2any_folder
     target = tmp_path / "drawn.png"
-    assert main(["generate", str(folder), "--prompt", "Draw one red circle.", "--save-image", str(target),
-                 "--max-new-tokens", "6"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                str(folder),
+                "--prompt",
+                "Draw one red circle.",
+                "--save-image",
+                str(target),
+                "--max-new-tokens",
+                "6",
+            ]
+        )
+        == 0
+    )
     assert f"image saved to {target}" in capsys.readouterr().out
     assert [p.name for p in tmp_path.iterdir()] == ["drawn.png"]  # nothing partial left beside it
-    prompt = processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": "Draw one red circle."}]}],
-                                           add_generation_prompt=True)
-    pixels = model.generate(**processor(text=[prompt], return_tensors="pt"), generation_mode="image", max_new_tokens=6,
-                            do_sample=False)
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "text", "text": "Draw one red circle."}]}], add_generation_prompt=True
+    )
+    pixels = model.generate(
+        **processor(text=[prompt], return_tensors="pt"), generation_mode="image", max_new_tokens=6, do_sample=False
+    )
     expected = processor.post_process_multimodal_output(pixels, generation_mode="image")[0]
     assert list(Image.open(target).getdata()) == list(expected.getdata())  # PNG is lossless: the same pixels
 
@@ -71,40 +99,57 @@ def test_generate_saves_the_image_a_model_draws(any2any_folder, tmp_path, capsys
 def test_generate_without_save_image_hints_at_it_when_the_answer_is_an_image(any2any_folder, capsys, monkeypatch):
     folder, model, _ = any2any_folder
     signal = model.config.signal_token_ids
-    monkeypatch.setattr(MMLLMForConditionalGeneration, "generate",  # the model answers with its signal group
-                        lambda self, input_ids, **kwargs: torch.cat([input_ids, torch.tensor([signal])], dim=1))
+    monkeypatch.setattr(
+        MMLLMForConditionalGeneration,
+        "generate",  # the model answers with its signal group
+        lambda self, input_ids, **kwargs: torch.cat([input_ids, torch.tensor([signal])], dim=1),
+    )
     assert main(["generate", str(folder), "--prompt", "Draw one red circle."]) == 0
     assert "add --save-image FILE to draw it" in capsys.readouterr().err
 
 
 def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
     session = f"/image {image_file}\nWhat colour is it?\n/image /no/such.png\nAnd now?\n/quit\n"
-    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder),
-                          "--max-new-tokens", "4"], input=session, capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder), "--max-new-tokens", "4"],
+        input=session,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-2000:]
     assert "[image attached: 48x40]" in run.stdout
     assert "error: No image file /no/such.png." in run.stdout
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["generate", "/no/such/folder", "--prompt", "hi"], "is not a model folder"),
-    (["build", "--preset", "llava-huge", "OUT"], "Unknown preset 'llava-huge'"),
-    (["generate", "SAVED", "--prompt", "hi", "--image", "/no/such.png"], "No image file /no/such.png"),
-    (["generate", "SAVED", "--prompt", "hi", "--image", "NOT_AN_IMAGE"], "is not an image PIL can read"),
-    (["train", "no-such-recipe"], "No recipe 'no-such-recipe'"),
-    (["convert", "mplug-owl2", "/no/such", "OUT"], "No such file"),
-    (["generate", "SAVED", "--prompt", "Draw.", "--save-image", "OUT.png"], "cannot generate images"),
-    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "OUT.txt"], "use an image file name"),
-    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/no/such/dir/x.png"], "does not exist"),
-    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "DIR.png"], "is a folder: give a file name"),
-    (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["generate", "/no/such/folder", "--prompt", "hi"], "is not a model folder"),
+        (["build", "--preset", "llava-huge", "OUT"], "Unknown preset 'llava-huge'"),
+        (["generate", "SAVED", "--prompt", "hi", "--image", "/no/such.png"], "No image file /no/such.png"),
+        (["generate", "SAVED", "--prompt", "hi", "--image", "NOT_AN_IMAGE"], "is not an image PIL can read"),
+        (["train", "no-such-recipe"], "No recipe 'no-such-recipe'"),
+        (["convert", "mplug-owl2", "/no/such", "OUT"], "No such file"),
+        (["generate", "SAVED", "--prompt", "Draw.", "--save-image", "OUT.png"], "cannot generate images"),
+        (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "OUT.txt"], "use an image file name"),
+        (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/no/such/dir/x.png"], "does not exist"),
+        (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "DIR.png"], "is a folder: give a file name"),
+        (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
+    ],
+)
 def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
     (tmp_path / "dir.png").mkdir()
-    replace = {"SAVED": str(saved_folder), "OUT": str(tmp_path / "out"), "NOT_AN_IMAGE": str(tmp_path / "fake.png"),
-               "ANY2ANY": str(any2any_folder[0]), "OUT.png": str(tmp_path / "out.png"),
-               "OUT.txt": str(tmp_path / "out.txt"), "DIR.png": str(tmp_path / "dir.png")}
+    replace = {
+        "SAVED": str(saved_folder),
+        "OUT": str(tmp_path / "out"),
+        "NOT_AN_IMAGE": str(tmp_path / "fake.png"),
+        "ANY2ANY": str(any2any_folder[0]),
+        "OUT.png": str(tmp_path / "out.png"),
+        "OUT.txt": str(tmp_path / "out.txt"),
+        "DIR.png": str(tmp_path / "dir.png"),
+    }
     assert main([replace.get(arg, arg) for arg in argv]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
@@ -114,14 +159,19 @@ def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder,
 
 def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
     tokenizer = offline_tokenizer()
-    config = LlavaConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config("llama").to_dict(),
-                         image_token_id=tokenizer.image_token_id, image_seq_length=16)
+    config = LlavaConfig(
+        vision_config=tiny_vision_config("clip").to_dict(),
+        text_config=tiny_text_config("llama").to_dict(),
+        image_token_id=tokenizer.image_token_id,
+        image_seq_length=16,
+    )
     torch.manual_seed(0)
     llava = LlavaForConditionalGeneration(config)
     llava.save_pretrained(tmp_path / "llava")
     image_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=8,
-                   vision_feature_select_strategy="default").save_pretrained(tmp_path / "llava")
+    LlavaProcessor(
+        image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default"
+    ).save_pretrained(tmp_path / "llava")
     assert main(["convert", "llava", str(tmp_path / "llava"), str(tmp_path / "ours")]) == 0
     names = {p.name for p in (tmp_path / "ours").iterdir()}
     assert {"model.safetensors", "modeling_mmllm.py", "processor_config.json", "README.md"} <= names
@@ -134,8 +184,10 @@ def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
 def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
     uploads = []
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
-    monkeypatch.setattr("huggingface_hub.HfApi.upload_folder",
-                        lambda self, repo_id, folder_path, **kw: uploads.append((repo_id, folder_path)))
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.upload_folder",
+        lambda self, repo_id, folder_path, **kw: uploads.append((repo_id, folder_path)),
+    )
     assert main(["build", "--preset", "owl2-tiny", str(tmp_path / "m")]) == 0
     assert main(["push", str(tmp_path / "m"), "me/owl2-tiny", "--private"]) == 0
     assert uploads == [("me/owl2-tiny", str(tmp_path / "m"))]
@@ -147,9 +199,22 @@ def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_quickstart_fast_smoke(tmp_path):
     """The main job's plumbing end to end, with a few steps per stage (the full run is in test_quickstart)."""
-    run = subprocess.run([sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--audio", "--any2any",
-                          "--output", str(tmp_path)],
-                         capture_output=True, text=True, timeout=900)
+    run = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "modeling_mmllm.cli",
+            "quickstart",
+            "--fast",
+            "--audio",
+            "--any2any",
+            "--output",
+            str(tmp_path),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert "accuracy: " in run.stdout and "answer:" in run.stdout
     assert (tmp_path / "quickstart.png").is_file() and (tmp_path / "stage2" / "model" / "model.safetensors").is_file()

@@ -2,17 +2,17 @@
 
 import pytest
 import torch
-from conftest import make_images, tiny_text_config, tiny_vision_config
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     AutoModelForCausalLM,
+    CLIPConfig,
     CLIPImageProcessorPil,
     CLIPModel,
-    CLIPConfig,
     CLIPVisionModel,
     PreTrainedTokenizerFast,
 )
 
+from helpers import make_images, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMForConditionalGeneration
 
 pytestmark = pytest.mark.hub
@@ -23,8 +23,12 @@ def _plain_lm_tokenizer() -> PreTrainedTokenizerFast:
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator(["the quick brown fox jumps over the lazy dog"] * 20, trainer)
     return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
 
@@ -35,13 +39,26 @@ def parts(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     torch.manual_seed(1)
     CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(root / "clip-vision")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip-vision")
-    clip = CLIPModel(CLIPConfig(vision_config=tiny_vision_config("clip").to_dict(),
-                                text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                                             "num_attention_heads": 4, "vocab_size": 99},
-                                projection_dim=32))
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip-vision"
+    )
+    clip = CLIPModel(
+        CLIPConfig(
+            vision_config=tiny_vision_config("clip").to_dict(),
+            text_config={
+                "hidden_size": 32,
+                "intermediate_size": 64,
+                "num_hidden_layers": 1,
+                "num_attention_heads": 4,
+                "vocab_size": 99,
+            },
+            projection_dim=32,
+        )
+    )
     clip.save_pretrained(root / "clip-dual")
-    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(root / "clip-dual")
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
+        root / "clip-dual"
+    )
     tokenizer = _plain_lm_tokenizer()
     for kind in ("llama", "gpt2"):
         lm = AutoModelForCausalLM.from_config(tiny_text_config(kind, vocab_size=len(tokenizer)))
@@ -89,8 +106,11 @@ def test_composed_model_keeps_pretrained_weights_and_lm_logits(parts, vision, te
 
 def test_caller_chat_template_and_config_overrides(parts):
     model, processor = MMLLMForConditionalGeneration.from_components(
-        vision=str(parts / "clip-vision"), text=str(parts / "llama"), projector="linear",
-        chat_template="{{ messages[0]['content'] }}", vision_feature_layer=-1,
+        vision=str(parts / "clip-vision"),
+        text=str(parts / "llama"),
+        projector="linear",
+        chat_template="{{ messages[0]['content'] }}",
+        vision_feature_layer=-1,
     )
     assert processor.chat_template == "{{ messages[0]['content'] }}"
     assert model.config.projector_type == "linear" and model.config.vision_feature_layer == -1
@@ -98,9 +118,12 @@ def test_caller_chat_template_and_config_overrides(parts):
 
 def test_modality_adaptive_branches_copy_the_pretrained_text_branch(parts):
     model, _ = MMLLMForConditionalGeneration.from_components(
-        vision=str(parts / "clip-vision"), text=str(parts / "llama"), projector="abstractor",
+        vision=str(parts / "clip-vision"),
+        text=str(parts / "llama"),
+        projector="abstractor",
         projector_config={"num_queries": 4, "num_layers": 1, "num_heads": 4, "intermediate_size": 64},
-        vision_feature_select_strategy="full", modality_adaptive=True,
+        vision_feature_select_strategy="full",
+        modality_adaptive=True,
     )
     lm = AutoModelForCausalLM.from_pretrained(parts / "llama")
     assert model.config.modality_adaptive and model.config.image_seq_length == 5

@@ -4,10 +4,10 @@ import json
 
 import pytest
 import torch
-from conftest import make_images, tiny_text_config, tiny_vision_config
 
+from helpers import make_images, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.presets import preset_names
+from modeling_mmllm.builders.presets import preset_names
 
 pytestmark = pytest.mark.hub
 

@@ -2,9 +2,9 @@
 
 import pytest
 import torch
-from conftest import tiny_text_config, tiny_vision_config
 from transformers import LlavaConfig, LlavaForConditionalGeneration
 
+from helpers import tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMForConditionalGeneration
 from modeling_mmllm.conversion import from_llava
 

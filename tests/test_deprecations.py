@@ -5,8 +5,8 @@ import warnings
 
 import pytest
 
-from conftest import HUB_FILES
-from modeling_mmllm.hub_card import hub_set_files
+from helpers import HUB_FILES
+from modeling_mmllm.export.hub_card import hub_set_files
 
 pytestmark = pytest.mark.hub
 
@@ -32,4 +32,4 @@ def test_a_deprecation_transformers_logs_for_the_hub_set_is_an_error():
 
 def test_other_code_only_warns():
     with pytest.warns(FutureWarning):
-        warnings.warn("not from the hub set", FutureWarning)
+        warnings.warn("not from the hub set", FutureWarning, stacklevel=1)

@@ -15,8 +15,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from conftest import CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE, save_tiny_stable_diffusion
-
+from helpers import CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE, save_tiny_stable_diffusion
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.modality_generator import (
     PIPELINE_FOLDER,
@@ -44,16 +43,21 @@ def any2any(sd_folder):
     torch.manual_seed(0)
     model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset("owl2-tiny")).eval()
     processor = MMLLMProcessor.from_preset("owl2-tiny")
-    model.enable_image_generation(processor, modality_generator={
-        "type": "diffusers", "pretrained": str(sd_folder), "num_inference_steps": 2})
+    model.enable_image_generation(
+        processor, modality_generator={"type": "diffusers", "pretrained": str(sd_folder), "num_inference_steps": 2}
+    )
     return model, processor
 
 
 @pytest.fixture(scope="module")
 def texts(any2any):
     _, processor = any2any
-    return [processor.apply_chat_template([{"role": "user", "content": [{"type": "text", "text": prompt}]}],
-                                          add_generation_prompt=True) for prompt in PROMPTS]
+    return [
+        processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "text", "text": prompt}]}], add_generation_prompt=True
+        )
+        for prompt in PROMPTS
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -82,8 +86,10 @@ def test_conditioning_shape_is_the_pipelines_prompt_embeds(any2any, sd_folder):
     assert shape == (CONDITION_LENGTH, CONDITION_WIDTH)
     settings = diffusers_generator_settings(str(sd_folder))
     assert (settings["condition_length"], settings["condition_width"]) == shape
-    assert (model.config.modality_generator["condition_length"],
-            model.config.modality_generator["condition_width"]) == shape
+    assert (
+        model.config.modality_generator["condition_length"],
+        model.config.modality_generator["condition_width"],
+    ) == shape
     signal_states = torch.randn(3, len(model.config.signal_token_ids), model.config.text_config.hidden_size)
     assert model.model.get_generation_conditioning(signal_states).shape == (3, *shape)
 
@@ -122,12 +128,13 @@ def test_settings_are_explicit_and_checked(sd_folder):
         generator_settings({"type": "diffusers", "pretrained": "/no/such/sd"})
     wrong = DiffusersImageGenerator({**settings, "condition_width": 48})
     with pytest.raises(ValueError, match="diffusers_generator_settings"):
-        wrong.pipeline
+        _ = wrong.pipeline
 
 
 def test_a_hub_pipeline_stays_a_reference(tmp_path):
-    generator = DiffusersImageGenerator({"pretrained": "someone/tiny-sd", "condition_length": 77,
-                                         "condition_width": 768})
+    generator = DiffusersImageGenerator(
+        {"pretrained": "someone/tiny-sd", "condition_length": 77, "condition_width": 768}
+    )
     assert generator.save_pretrained(tmp_path) == "someone/tiny-sd"
     assert not list(tmp_path.iterdir())
 
@@ -136,8 +143,11 @@ def test_saved_folder_carries_the_pipeline(any2any, saved_folder, sd_folder):
     model, _ = any2any
     pipeline_folder = saved_folder / PIPELINE_FOLDER
     weights = sorted(p.relative_to(pipeline_folder).as_posix() for p in pipeline_folder.rglob("*.safetensors"))
-    assert weights == ["text_encoder/model.safetensors", "unet/diffusion_pytorch_model.safetensors",
-                       "vae/diffusion_pytorch_model.safetensors"]
+    assert weights == [
+        "text_encoder/model.safetensors",
+        "unet/diffusion_pytorch_model.safetensors",
+        "vae/diffusion_pytorch_model.safetensors",
+    ]
     assert not [p for p in saved_folder.rglob("*") if p.suffix in (".bin", ".pt", ".pth")]
     config = json.loads((saved_folder / "config.json").read_text())
     assert config["modality_generator"]["pretrained"] == PIPELINE_FOLDER
@@ -153,9 +163,12 @@ def test_save_pretrained_pushes_the_complete_folder(any2any, tmp_path, monkeypat
     """`save_pretrained(push_to_hub=True)` uploads after the pipeline sub-folder and the card are written."""
     model, _ = any2any
     calls = {}
-    monkeypatch.setattr("huggingface_hub.HfApi.create_repo",
-                        lambda self, repo_id, private=None, exist_ok=False: calls.update(repo=(repo_id, private))
-                        or SimpleNamespace(repo_id=repo_id))
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.create_repo",
+        lambda self, repo_id, private=None, exist_ok=False: (
+            calls.update(repo=(repo_id, private)) or SimpleNamespace(repo_id=repo_id)
+        ),
+    )
 
     def upload_folder(self, repo_id, folder_path, allow_patterns, **kwargs):
         calls["files"] = set(allow_patterns)
@@ -166,8 +179,12 @@ def test_save_pretrained_pushes_the_complete_folder(any2any, tmp_path, monkeypat
     model.save_pretrained(folder, push_to_hub=True, repo_id="me/any2any-sd", private=True)
     assert calls["repo"] == ("me/any2any-sd", True)
     assert calls["files"] == {p.relative_to(folder).as_posix() for p in folder.rglob("*") if p.is_file()}
-    assert {"README.md", "model.safetensors", f"{PIPELINE_FOLDER}/unet/diffusion_pytorch_model.safetensors",
-            f"{PIPELINE_FOLDER}/model_index.json"} <= calls["files"]
+    assert {
+        "README.md",
+        "model.safetensors",
+        f"{PIPELINE_FOLDER}/unet/diffusion_pytorch_model.safetensors",
+        f"{PIPELINE_FOLDER}/model_index.json",
+    } <= calls["files"]
     assert "Modality Generator" in calls["card"]
     (folder / "notes.txt").write_text("not part of the model")
     model.save_pretrained(folder, push_to_hub=True, repo_id="me/any2any-sd")  # the same weights, rewritten
@@ -191,8 +208,12 @@ torch.save({"images": model.generate(**inputs, generation_mode="image", **genera
 @pytest.mark.slow
 def test_fresh_process_without_the_package_generates_the_same_images(saved_folder, generated, texts, tmp_path):
     out = tmp_path / "images.pt"
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(out), json.dumps(texts),
-                             json.dumps(GENERATE)], capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(out), json.dumps(texts), json.dumps(GENERATE)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reported = torch.load(out)
     assert reported["module"].startswith("transformers_modules.")
@@ -222,8 +243,12 @@ print(json.dumps({"text_shape": list(ids.shape), "error": error}))
 
 @pytest.mark.slow
 def test_without_diffusers_text_works_and_images_name_the_install(saved_folder, texts):
-    result = subprocess.run([sys.executable, "-c", WITHOUT_DIFFUSERS, str(saved_folder), json.dumps(texts)],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", WITHOUT_DIFFUSERS, str(saved_folder), json.dumps(texts)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reported = json.loads(result.stdout.strip().splitlines()[-1])
     assert reported["text_shape"][0] == len(texts)

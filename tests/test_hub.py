@@ -10,19 +10,29 @@ import pytest
 import torch
 from transformers.dynamic_module_utils import get_imports
 
-from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.export.hub_card import hub_set_files
 
 pytestmark = pytest.mark.hub
 
-HUB_SET = {"configuration_mmllm.py", "modality_encoder.py", "input_projector.py", "modality_adaptive.py", "modeling_mmllm.py",
-           "processing_mmllm.py", "output_projector.py", "modality_generator.py"}
+PACKAGE = Path(hub_set_files()[0]).parent
+HUB_SET = {Path(path).name for path in hub_set_files()}  # the registered classes' modules and their import closure
 ALLOWED_IMPORTS = {"torch", "transformers", "numpy", "PIL", "huggingface_hub"}  # the last: a transformers dependency
 PROMPT = "<|user|>\n<image>What colour is it?<|end|>\n<|assistant|>\n"
 
 
-def test_hub_set_is_pinned_and_imports_only_the_allowed_libraries():
+def test_package_root_holds_the_hub_set_and_nothing_else(saved_folder):
+    """The layout rule: what `save_pretrained` copies into a folder is exactly the package root's modules; the
+    library side lives in sub-packages."""
+    copied = {path.name for path in saved_folder.glob("*.py")}
+    assert copied == HUB_SET
+    assert {path.name for path in PACKAGE.glob("*.py")} == copied | {"__init__.py"}
+    for folder in (path for path in PACKAGE.iterdir() if path.is_dir() and path.name != "__pycache__"):
+        assert (folder / "__init__.py").is_file() or not list(folder.glob("*.py")), folder
+
+
+def test_hub_set_imports_only_the_allowed_libraries():
     files = {Path(f).name: Path(f) for f in hub_set_files()}
-    assert set(files) == HUB_SET
+    assert {"configuration_mmllm.py", "modeling_mmllm.py", "processing_mmllm.py", "modality_adaptive.py"} <= set(files)
     for name, path in files.items():
         # transformers refuses a folder whose unguarded imports are missing: these must all be allowed.
         required = set(get_imports(str(path)))
@@ -53,11 +63,24 @@ def test_saved_folder_contents(saved_folder):
 def test_model_card(saved_folder):
     card = (saved_folder / "README.md").read_text()
     header = card.split("---")[1]
-    for line in ("library_name: transformers", "pipeline_tag: image-text-to-text", "license: apache-2.0",
-                 "- mmllm", "- custom_code"):
+    for line in (
+        "library_name: transformers",
+        "pipeline_tag: image-text-to-text",
+        "license: apache-2.0",
+        "- mmllm",
+        "- custom_code",
+    ):
         assert line in header
-    for text in ("Modality Encoder", "Input Projector", "LLM Backbone", "Output Projector", "Modality Generator",
-                 "trust_remote_code=True", "`modeling_mmllm.py`", "16 tokens per image"):
+    for text in (
+        "Modality Encoder",
+        "Input Projector",
+        "LLM Backbone",
+        "Output Projector",
+        "Modality Generator",
+        "trust_remote_code=True",
+        "`modeling_mmllm.py`",
+        "16 tokens per image",
+    ):
         assert text in card
 
 
@@ -89,8 +112,12 @@ def test_fresh_process_without_the_package_generates_the_same(saved_folder, tiny
 
     inputs = processor(images=[Image.open(image_path)], text=[PROMPT], return_tensors="pt")
     expected = tiny_model.generate(**inputs, max_new_tokens=8, do_sample=False, eos_token_id=None)[0].tolist()
-    result = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(image_path), PROMPT],
-                            capture_output=True, text=True, timeout=300)
+    result = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(saved_folder), str(image_path), PROMPT],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     reported = json.loads(result.stdout.strip().splitlines()[-1])
     assert reported["module"].startswith("transformers_modules.")

@@ -7,11 +7,11 @@ import jinja2
 import numpy as np
 import pytest
 import torch
-from conftest import make_images, seeded_model
 from transformers import GenerationMixin, LogitsProcessor, LogitsProcessorList
 
+from helpers import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.hub_card import _component_rows, render_model_card
+from modeling_mmllm.export.hub_card import _component_rows, render_model_card
 from modeling_mmllm.output_projector import OUTPUT_PROJECTORS, build_output_projector
 from modeling_mmllm.saving import save_model_folder
 
@@ -33,8 +33,9 @@ def a2a_processor():
 
 def _prompt(processor, question: str, image: bool = False, history: list | None = None) -> str:
     content = ([{"type": "image"}] if image else []) + [{"type": "text", "text": question}]
-    return processor.apply_chat_template([*(history or []), {"role": "user", "content": content}],
-                                         add_generation_prompt=True)
+    return processor.apply_chat_template(
+        [*(history or []), {"role": "user", "content": content}], add_generation_prompt=True
+    )
 
 
 class ForceTokens(LogitsProcessor):
@@ -62,10 +63,11 @@ def _image_from(model, ids: list[int], pixel_values=None) -> torch.Tensor:
     """By hand: the hidden states at the last k tokens of `ids` -> output projector -> generator."""
     media = {} if pixel_values is None else {"pixel_values": pixel_values}
     hidden = model.model(input_ids=torch.tensor([ids]), **media).last_hidden_state
-    return model.model.modality_generator.generate(model.model.output_projector(hidden[:, -len(SIGNAL):]))
+    return model.model.modality_generator.generate(model.model.output_projector(hidden[:, -len(SIGNAL) :]))
 
 
 # Config validation.
+
 
 @pytest.mark.parametrize("missing", ["output_projector_type", "signal_token_ids", "modality_generator"])
 def test_the_three_parts_come_together(missing):
@@ -87,11 +89,14 @@ def test_signal_ids_must_be_in_the_vocabulary():
         MMLLMConfig.from_preset("any2any-tiny", signal_token_ids=[-1, 513, 514, 515])
 
 
-@pytest.mark.parametrize("generator, message", [
-    ({"type": "gan", "condition_length": 8, "condition_width": 64}, r"Unknown modality_generator type 'gan'"),
-    ({"condition_length": 8, "condition_width": 64}, r"Unknown modality_generator type None"),
-    ({"type": "builtin", "steps": 4}, r"keys \['steps'\] that the 'builtin' generator does not use"),
-])
+@pytest.mark.parametrize(
+    "generator, message",
+    [
+        ({"type": "gan", "condition_length": 8, "condition_width": 64}, r"Unknown modality_generator type 'gan'"),
+        ({"condition_length": 8, "condition_width": 64}, r"Unknown modality_generator type None"),
+        ({"type": "builtin", "steps": 4}, r"keys \['steps'\] that the 'builtin' generator does not use"),
+    ],
+)
 def test_bad_generators_are_refused(generator, message):
     with pytest.raises(ValueError, match=message):
         MMLLMConfig.from_preset("any2any-tiny", modality_generator=generator)
@@ -102,11 +107,17 @@ def test_generator_defaults_are_filled_in():
     assert config.modality_generator["condition_length"] == 8 and config.modality_generator["image_size"] == 32
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"output_projector_type": "qformer"}, r"Unknown output_projector_type 'qformer': choose one of \['mlp', "),
-    ({"output_projector_config": {"num_layer": 2}}, r"keys \['num_layer'\] that the 'transformer' output projector"),
-    ({"output_projector_type": "mlp"}, r"keys \['num_heads', 'num_layers'\] that the 'mlp' output projector"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"output_projector_type": "qformer"}, r"Unknown output_projector_type 'qformer': choose one of \['mlp', "),
+        (
+            {"output_projector_config": {"num_layer": 2}},
+            r"keys \['num_layer'\] that the 'transformer' output projector",
+        ),
+        ({"output_projector_type": "mlp"}, r"keys \['num_heads', 'num_layers'\] that the 'mlp' output projector"),
+    ],
+)
 def test_bad_output_projectors_are_refused_with_the_config(overrides, message):
     with pytest.raises(ValueError, match=message):
         MMLLMConfig.from_preset("any2any-tiny", **overrides)
@@ -126,12 +137,23 @@ def test_builtin_decoder_size_must_be_four_times_a_power_of_two():
 
 # Output projectors.
 
-@pytest.mark.parametrize("kind, settings", [("mlp", None), ("mlp", {"hidden_act": "silu"}), ("transformer", None),
-                                            ("transformer", {"num_layers": 1, "num_heads": 2})])
+
+@pytest.mark.parametrize(
+    "kind, settings",
+    [
+        ("mlp", None),
+        ("mlp", {"hidden_act": "silu"}),
+        ("transformer", None),
+        ("transformer", {"num_layers": 1, "num_heads": 2}),
+    ],
+)
 def test_output_projectors_map_signal_states_to_the_condition_shape(kind, settings):
-    config = MMLLMConfig.from_preset("any2any-tiny", output_projector_type=kind, output_projector_config=settings,
-                                     modality_generator={"type": "builtin", "condition_length": 6,
-                                                         "condition_width": 32})
+    config = MMLLMConfig.from_preset(
+        "any2any-tiny",
+        output_projector_type=kind,
+        output_projector_config=settings,
+        modality_generator={"type": "builtin", "condition_length": 6, "condition_width": 32},
+    )
     torch.manual_seed(0)
     projector = build_output_projector(config)
     assert isinstance(projector, OUTPUT_PROJECTORS[kind])
@@ -155,6 +177,7 @@ def test_no_output_projector_without_image_generation():
 
 
 # enable_image_generation: signal tokens as special tokens; nothing the model already does changes.
+
 
 def test_enable_image_generation_adds_signal_tokens_and_keeps_everything_else():
     model = seeded_model(MMLLMConfig.from_preset("llava-tiny"))
@@ -195,8 +218,9 @@ def test_enable_image_generation_adds_signal_tokens_and_keeps_everything_else():
 
 
 def test_enable_image_generation_uses_free_vocabulary_rows_without_resizing():
-    config = MMLLMConfig.from_preset("llava-tiny", text_config={**MMLLMConfig.from_preset("llava-tiny").text_config
-                                                                .to_dict(), "vocab_size": 520})
+    config = MMLLMConfig.from_preset(
+        "llava-tiny", text_config={**MMLLMConfig.from_preset("llava-tiny").text_config.to_dict(), "vocab_size": 520}
+    )
     model = seeded_model(config)
     processor = MMLLMProcessor.from_preset("llava-tiny")
     embeddings = model.get_input_embeddings().weight.detach().clone()
@@ -207,6 +231,7 @@ def test_enable_image_generation_uses_free_vocabulary_rows_without_resizing():
 
 
 # signal_states.
+
 
 def test_signal_states_picks_each_group_in_order(model):
     hidden = torch.randn(2, 12, 64)
@@ -234,6 +259,7 @@ def test_signal_states_without_signal_tokens(tiny_model):
 
 # generate(generation_mode="image").
 
+
 def test_rows_that_emit_signal_tokens_use_those_positions(model, a2a_processor):
     inputs = a2a_processor(text=[_prompt(a2a_processor, "Draw a red circle.")], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
@@ -249,7 +275,7 @@ def test_rows_that_emit_signal_tokens_use_those_positions(model, a2a_processor):
 def test_rows_without_signal_tokens_get_them_after_the_prompt(model, a2a_processor):
     inputs = a2a_processor(text=[_prompt(a2a_processor, "Draw a red circle.")], return_tensors="pt")
     prompt = inputs["input_ids"][0].tolist()
-    text_ids = model.generate(**inputs, **GREEDY)[0, len(prompt):].tolist()
+    text_ids = model.generate(**inputs, **GREEDY)[0, len(prompt) :].tolist()
     assert not set(text_ids) & set(SIGNAL)  # the untrained model answers without signal tokens
     images = _generate_images(model, inputs)
     torch.testing.assert_close(images, _image_from(model, prompt + SIGNAL), atol=1e-5, rtol=0)
@@ -260,8 +286,10 @@ def test_rows_without_signal_tokens_get_them_after_the_prompt(model, a2a_process
 
 def test_left_padded_batches_equal_single_rows(model, a2a_processor):
     pictures = make_images(2, seed=7)
-    prompts = [_prompt(a2a_processor, "Draw one like this.", image=True),
-               _prompt(a2a_processor, "Now draw the same picture again but much larger and in green.", image=True)]
+    prompts = [
+        _prompt(a2a_processor, "Draw one like this.", image=True),
+        _prompt(a2a_processor, "Now draw the same picture again but much larger and in green.", image=True),
+    ]
     plans = [[300, *SIGNAL], []]
     batch = a2a_processor(images=[[pictures[0]], [pictures[1]]], text=prompts, padding=True, return_tensors="pt")
     assert (batch["attention_mask"] == 0).any()  # the first row is left-padded
@@ -269,7 +297,7 @@ def test_left_padded_batches_equal_single_rows(model, a2a_processor):
     for row in range(2):
         single = a2a_processor(images=[pictures[row]], text=[prompts[row]], return_tensors="pt")
         alone = _generate_images(model, single, {0: plans[row]} if plans[row] else None)
-        torch.testing.assert_close(batched[row:row + 1], alone, atol=1e-5, rtol=0)
+        torch.testing.assert_close(batched[row : row + 1], alone, atol=1e-5, rtol=0)
     assert (batched[0] - batched[1]).abs().max() > 1e-3
 
 
@@ -278,8 +306,9 @@ def test_generator_kwargs_are_checked(model, a2a_processor):
     have no effect; a misspelt keyword is an error, not silently dropped."""
     inputs = a2a_processor(text=[_prompt(a2a_processor, "Draw a red circle.")], return_tensors="pt")
     plain = _generate_images(model, inputs)
-    torch.testing.assert_close(_generate_images(model, inputs, generator_kwargs={"seed": 3, "num_inference_steps": 9}),
-                               plain)
+    torch.testing.assert_close(
+        _generate_images(model, inputs, generator_kwargs={"seed": 3, "num_inference_steps": 9}), plain
+    )
     with pytest.raises(ValueError, match=r"takes no \['num_steps'\]"):
         _generate_images(model, inputs, generator_kwargs={"num_steps": 9})
 
@@ -298,16 +327,18 @@ def test_several_images_per_prompt(model, a2a_processor):
     for row, sequence in enumerate(sequences.tolist()):
         prompt = [t for t, keep in zip(sequence[:width], batch["attention_mask"][row // 3].tolist()) if keep]
         answer = sequence[width:]
-        starts = [i for i in range(len(answer)) if answer[i:i + len(SIGNAL)] == SIGNAL]
-        ids = prompt + (answer[:starts[0] + len(SIGNAL)] if starts else SIGNAL)
-        torch.testing.assert_close(images[row:row + 1], _image_from(model, ids), atol=1e-5, rtol=0)
+        starts = [i for i in range(len(answer)) if answer[i : i + len(SIGNAL)] == SIGNAL]
+        ids = prompt + (answer[: starts[0] + len(SIGNAL)] if starts else SIGNAL)
+        torch.testing.assert_close(images[row : row + 1], _image_from(model, ids), atol=1e-5, rtol=0)
     assert (images[0] - images[3]).abs().max() > 1e-3
 
 
 def test_the_input_image_conditions_the_generated_image(model, a2a_processor):
     prompt = _prompt(a2a_processor, "Draw one like this.", image=True)
-    images = [_generate_images(model, a2a_processor(images=[picture], text=[prompt], return_tensors="pt"))
-              for picture in make_images(2, seed=8)]
+    images = [
+        _generate_images(model, a2a_processor(images=[picture], text=[prompt], return_tensors="pt"))
+        for picture in make_images(2, seed=8)
+    ]
     assert (images[0] - images[1]).abs().max() > 1e-3
     inputs = a2a_processor(images=make_images(1, seed=8), text=[prompt], return_tensors="pt")
     expected = _image_from(model, inputs["input_ids"][0].tolist() + SIGNAL, inputs["pixel_values"])
@@ -324,13 +355,15 @@ def test_images_of_earlier_turns_do_not_add_images(model, a2a_processor):
     images = _generate_images(model, batch)
     assert images.shape == (2, 3, 32, 32)
     single = a2a_processor(text=prompts[:1], return_tensors="pt")
-    torch.testing.assert_close(images[:1], _image_from(model, single["input_ids"][0].tolist() + SIGNAL), atol=1e-5,
-                               rtol=0)
+    torch.testing.assert_close(
+        images[:1], _image_from(model, single["input_ids"][0].tolist() + SIGNAL), atol=1e-5, rtol=0
+    )
 
 
 def test_text_mode_is_plain_generate(model, a2a_processor):
-    inputs = a2a_processor(images=make_images(1), text=[_prompt(a2a_processor, "What is it?", image=True)],
-                       return_tensors="pt")
+    inputs = a2a_processor(
+        images=make_images(1), text=[_prompt(a2a_processor, "What is it?", image=True)], return_tensors="pt"
+    )
     expected = GenerationMixin.generate(model, **inputs, **GREEDY)
     assert torch.equal(model.generate(**inputs, **GREEDY), expected)
     assert torch.equal(model.generate(**inputs, **GREEDY, generation_mode="text"), expected)
@@ -348,12 +381,17 @@ def test_generate_errors(model, a2a_processor, tiny_model):
 
 # Chat template and a2a_processor.
 
+
 def test_an_assistant_image_renders_as_the_signal_tokens(a2a_processor):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw one like it."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Draw one like it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "Here:"}, {"type": "image"}]},
+    ]
     text = a2a_processor.apply_chat_template(messages)
-    assert text == ("<|user|>\n<image>Draw one like it.<|end|>\n"
-                    "<|assistant|>\nHere:<gen_img_0><gen_img_1><gen_img_2><gen_img_3><|end|>\n")
+    assert text == (
+        "<|user|>\n<image>Draw one like it.<|end|>\n"
+        "<|assistant|>\nHere:<gen_img_0><gen_img_1><gen_img_2><gen_img_3><|end|>\n"
+    )
     ids = a2a_processor(images=make_images(1), text=[text], return_tensors="pt")["input_ids"][0]
     assert int(torch.isin(ids, torch.tensor(SIGNAL)).sum()) == 4
 
@@ -378,16 +416,19 @@ def test_post_processing_to_pil(a2a_processor):
     assert tuple(np.asarray(images[0])[0, 0, :2]) == (255, 0)
     # PIL -> tensor -> PIL is lossless at 8 bits.
     again = torch.from_numpy(np.stack([np.asarray(image) for image in images])).permute(0, 3, 1, 2) / 255
-    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in
-               zip(a2a_processor.post_process_multimodal_output(again, generation_mode="image"), images))
+    assert all(
+        np.array_equal(np.asarray(a), np.asarray(b))
+        for a, b in zip(a2a_processor.post_process_multimodal_output(again, generation_mode="image"), images)
+    )
     # Text mode still decodes ids.
     ids = a2a_processor.tokenizer(["Hello there"], add_special_tokens=False, return_tensors="pt")["input_ids"]
     assert a2a_processor.post_process_multimodal_output(ids) == ["Hello there"]
     # One image, arrays and lists give the same pictures; anything else is a clear error.
     for form in (pixels[0], pixels.numpy(), [pixels[0], pixels[1]], list(pixels.numpy())):
         converted = a2a_processor.post_process_multimodal_output(form, generation_mode="image")
-        assert [np.asarray(image).tolist() for image in converted] == [np.asarray(image).tolist()
-                                                                      for image in images[:len(converted)]]
+        assert [np.asarray(image).tolist() for image in converted] == [
+            np.asarray(image).tolist() for image in images[: len(converted)]
+        ]
     for bad in (ids, torch.rand(2, 4, 8, 6)):
         with pytest.raises(ValueError, match=r"pixels \[B, 3, H, W\].*got"):
             a2a_processor.post_process_multimodal_output(bad, generation_mode="image")
@@ -396,6 +437,7 @@ def test_post_processing_to_pil(a2a_processor):
 
 
 # Saving, auto_map, model card.
+
 
 @pytest.fixture(scope="module")
 def saved(tmp_path_factory, model, a2a_processor):
@@ -410,10 +452,13 @@ def test_save_and_reload_give_identical_images(saved, model, a2a_processor):
     assert loaded.config.modality_generator == model.config.modality_generator
     prompt = _prompt(reprocessor, "Draw one like this.", image=True)
     inputs = reprocessor(images=make_images(1, seed=9), text=[prompt], return_tensors="pt")
-    assert torch.equal(inputs["input_ids"], a2a_processor(images=make_images(1, seed=9), text=[prompt],
-                                                      return_tensors="pt")["input_ids"])
-    assert torch.equal(_generate_images(loaded, inputs, {0: [300, *SIGNAL]}),
-                       _generate_images(model, inputs, {0: [300, *SIGNAL]}))
+    assert torch.equal(
+        inputs["input_ids"],
+        a2a_processor(images=make_images(1, seed=9), text=[prompt], return_tensors="pt")["input_ids"],
+    )
+    assert torch.equal(
+        _generate_images(loaded, inputs, {0: [300, *SIGNAL]}), _generate_images(model, inputs, {0: [300, *SIGNAL]})
+    )
 
 
 def test_auto_map_names_the_multimodal_auto_class_for_image_generation(saved, saved_folder):
@@ -427,34 +472,52 @@ def test_model_card_describes_the_output_side(saved, saved_folder):
     card = (saved / "README.md").read_text()
     header = card.split("---")[1]
     assert "pipeline_tag: any-to-any" in header and "- text-to-image" in header
-    rows = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in card.splitlines()
-            if line.startswith("| Output Projector") or line.startswith("| Modality Generator")}
+    rows = {
+        line.split("|")[1].strip(): line.split("|")[2].strip()
+        for line in card.splitlines()
+        if line.startswith("| Output Projector") or line.startswith("| Modality Generator")
+    }
     assert rows["Output Projector"] == (
         "`transformer` (num_layers 2, num_heads 4): hidden states at the 4 signal tokens `<gen_img_0>` … "
-        "`<gen_img_3>` → conditioning of 8 × 64 (condition length × width)")
+        "`<gen_img_3>` → conditioning of 8 × 64 (condition length × width)"
+    )
     assert rows["Modality Generator"] == (
-        "built-in image decoder (weights in this checkpoint): 8 × 64 conditioning → 32×32 RGB images")
+        "built-in image decoder (weights in this checkpoint): 8 × 64 conditioning → 32×32 RGB images"
+    )
     assert 'pipeline("any-to-any"' in card and 'generation_mode="image"' in card
     plain = (saved_folder / "README.md").read_text()
     assert "pipeline_tag: image-text-to-text" in plain.split("---")[1] and 'pipeline("any-to-any"' not in plain
     assert "| Output Projector | none |" in plain and "| Modality Generator | none (text output) |" in plain
 
 
-@pytest.mark.parametrize("pretrained, where", [
-    ("stabilityai/stable-diffusion-2-1-base", "the diffusers pipeline `stabilityai/stable-diffusion-2-1-base` "
-                                              "(referenced, not copied)"),
-    ("modality_generator", "the diffusers pipeline in this repository's `modality_generator/` sub-folder"),
-])
+@pytest.mark.parametrize(
+    "pretrained, where",
+    [
+        (
+            "stabilityai/stable-diffusion-2-1-base",
+            "the diffusers pipeline `stabilityai/stable-diffusion-2-1-base` (referenced, not copied)",
+        ),
+        ("modality_generator", "the diffusers pipeline in this repository's `modality_generator/` sub-folder"),
+    ],
+)
 def test_model_card_of_a_diffusers_generator(pretrained, where):
-    generator = {"type": "diffusers", "pretrained": pretrained, "condition_length": 77, "condition_width": 1024,
-                 "num_inference_steps": 25}
-    config = MMLLMConfig.from_preset("any2any-tiny", modality_generator=generator,
-                                     output_projector_type="mlp", output_projector_config=None)
+    generator = {
+        "type": "diffusers",
+        "pretrained": pretrained,
+        "condition_length": 77,
+        "condition_width": 1024,
+        "num_inference_steps": 25,
+    }
+    config = MMLLMConfig.from_preset(
+        "any2any-tiny", modality_generator=generator, output_projector_type="mlp", output_projector_config=None
+    )
     rows = _component_rows(config)
     assert rows["output_projector"].startswith("`mlp`: hidden states at the 4 signal tokens")
     assert rows["output_projector"].endswith("→ conditioning of 77 × 1024 (condition length × width)")
-    assert rows["generator"] == (f"{where}, conditioned through `prompt_embeds` of 77 × 1024, 25 denoising steps; "
-                                 "generating images needs diffusers: `pip install mmllm[generation]`")
+    assert rows["generator"] == (
+        f"{where}, conditioned through `prompt_embeds` of 77 × 1024, 25 denoising steps; "
+        "generating images needs diffusers: `pip install mmllm[generation]`"
+    )
 
 
 def test_model_card_render_for_a_repo(model):
@@ -463,17 +526,20 @@ def test_model_card_render_for_a_repo(model):
     assert "generating images through a transformer output projector and the builtin image generator" in card
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"output_projector_type": "conv"}, "Unknown output_projector_type"),
-    ({"output_projector_config": {"depth": 3}}, "does not use"),
-    ({"modality_generator": {"type": "gan"}}, "Unknown modality_generator type"),
-    ({"num_signal_tokens": 0}, "whole number"),
-    ({"num_signal_tokens": "4"}, "whole number"),
-    ({"modality_generator": "builtin"}, "pass a dict"),
-    # Checked when the modules are built: still before anything changes.
-    ({"modality_generator": {"type": "builtin", "image_size": 30}}, "4 x a power of two"),
-    ({"output_projector_config": {"num_heads": 3}}, "not divisible by output_projector_config.num_heads=3"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"output_projector_type": "conv"}, "Unknown output_projector_type"),
+        ({"output_projector_config": {"depth": 3}}, "does not use"),
+        ({"modality_generator": {"type": "gan"}}, "Unknown modality_generator type"),
+        ({"num_signal_tokens": 0}, "whole number"),
+        ({"num_signal_tokens": "4"}, "whole number"),
+        ({"modality_generator": "builtin"}, "pass a dict"),
+        # Checked when the modules are built: still before anything changes.
+        ({"modality_generator": {"type": "builtin", "image_size": 30}}, "4 x a power of two"),
+        ({"output_projector_config": {"num_heads": 3}}, "not divisible by output_projector_config.num_heads=3"),
+    ],
+)
 def test_enable_image_generation_refuses_bad_settings_before_changing_anything(kwargs, message):
     model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset("owl2-tiny"))
     processor = MMLLMProcessor.from_preset("owl2-tiny")

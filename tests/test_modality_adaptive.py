@@ -5,8 +5,8 @@ import threading
 
 import pytest
 import torch
-from conftest import make_images, perturb_branches, seeded_model, tiny_text_config, tiny_vision_config
 
+from helpers import make_images, perturb_branches, seeded_model, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 
 pytestmark = pytest.mark.hub
@@ -15,8 +15,12 @@ GREEDY = dict(max_new_tokens=6, do_sample=False, pad_token_id=0, eos_token_id=No
 
 
 def _config(kind: str, **fields) -> MMLLMConfig:
-    return MMLLMConfig(vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config(kind).to_dict(),
-                       image_token_id=5, **fields)
+    return MMLLMConfig(
+        vision_config=tiny_vision_config("clip").to_dict(),
+        text_config=tiny_text_config(kind).to_dict(),
+        image_token_id=5,
+        **fields,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -37,8 +41,12 @@ def models(request):
 def inputs(processor):
     text = processor(text=["A question with no image at all."], return_tensors="pt")
     image = processor(images=make_images(1), text=["Look: <image> what colour is it?"], return_tensors="pt")
-    padded = processor(images=make_images(2, seed=3), text=["<image> short", "A longer prompt before <image> it"],
-                       return_tensors="pt", padding=True)
+    padded = processor(
+        images=make_images(2, seed=3),
+        text=["<image> short", "A longer prompt before <image> it"],
+        return_tensors="pt",
+        padding=True,
+    )
     return text, image, padded
 
 
@@ -71,16 +79,20 @@ def test_cached_generation_equals_uncached_and_padding_keeps_rows(models, proces
     model = copy.deepcopy(adaptive)
     perturb_branches(model)
     padded = inputs[2]
-    assert torch.equal(model.generate(**padded, use_cache=True, **GREEDY), model.generate(**padded, use_cache=False, **GREEDY))
+    assert torch.equal(
+        model.generate(**padded, use_cache=True, **GREEDY), model.generate(**padded, use_cache=False, **GREEDY)
+    )
     with torch.no_grad():
         batched = model(**padded).logits
-    batched_ids = model.generate(**padded, **GREEDY)[:, -GREEDY["max_new_tokens"]:]
-    for row, (image, text) in enumerate(zip(make_images(2, seed=3), ["<image> short", "A longer prompt before <image> it"])):
+    batched_ids = model.generate(**padded, **GREEDY)[:, -GREEDY["max_new_tokens"] :]
+    for row, (image, text) in enumerate(
+        zip(make_images(2, seed=3), ["<image> short", "A longer prompt before <image> it"])
+    ):
         alone = processor(images=[image], text=[text], return_tensors="pt")
         with torch.no_grad():
             logits = model(**alone).logits[0]
-        torch.testing.assert_close(batched[row, -logits.shape[0]:], logits, atol=1e-5, rtol=1e-4)
-        assert torch.equal(model.generate(**alone, **GREEDY)[0, -GREEDY["max_new_tokens"]:], batched_ids[row])
+        torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4)
+        assert torch.equal(model.generate(**alone, **GREEDY)[0, -GREEDY["max_new_tokens"] :], batched_ids[row])
 
 
 def test_routing_derived_when_mm_token_type_ids_absent(models, inputs):
@@ -149,8 +161,9 @@ def test_new_branches_are_copies_and_listed():
     for owner in (layer.self_attn, layer):
         assert set(owner.multiway) == {"0", "1", "3"}
         for key in ("1", "3"):
-            assert all(torch.equal(a, b) for a, b in zip(owner.multiway[key].parameters(),
-                                                          owner.multiway["0"].parameters()))
+            assert all(
+                torch.equal(a, b) for a, b in zip(owner.multiway[key].parameters(), owner.multiway["0"].parameters())
+            )
     assert "multiway" not in model.model.language_model.layers[0]._modules
     names = {id(p) for p in model.modality_adaptive_parameters()}
     expected = [p for n, p in model.named_parameters() if ".multiway.1." in n or ".multiway.3." in n]

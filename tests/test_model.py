@@ -3,8 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import make_images, seeded_model
 
+from helpers import seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.modality_encoder import select_vision_features
 
@@ -55,13 +55,16 @@ def test_mixed_batch_equals_rows_one_by_one(tiny_model, processor, images, batch
     """Several images in a row, a row without images, left padding: each row as if it were alone."""
     with torch.no_grad():
         batched = tiny_model(**batch).logits
-    rows = [([images[0], images[1]], "<image>Compare with<image>, which is bigger?"),
-            (None, "Just text, no picture."), ([images[2]], "What is in <image>?")]
+    rows = [
+        ([images[0], images[1]], "<image>Compare with<image>, which is bigger?"),
+        (None, "Just text, no picture."),
+        ([images[2]], "What is in <image>?"),
+    ]
     for index, (row_images, text) in enumerate(rows):
         single = processor(images=row_images, text=[text], return_tensors="pt")
         with torch.no_grad():
             alone = tiny_model(**single).logits[0]
-        torch.testing.assert_close(batched[index, -alone.shape[0]:], alone, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched[index, -alone.shape[0] :], alone, atol=1e-5, rtol=1e-4)
 
 
 def test_eager_and_sdpa_agree(batch):

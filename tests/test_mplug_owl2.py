@@ -33,8 +33,10 @@ def data():
 
 def _expand(input_ids: torch.Tensor) -> torch.Tensor:
     """Each -200 of the original becomes image_seq_length copies of our image token."""
-    rows = [[t for token in row for t in ([VOCAB] * TOKENS_PER_IMAGE if token == -200 else [token])]
-            for row in input_ids.tolist()]
+    rows = [
+        [t for token in row for t in ([VOCAB] * TOKENS_PER_IMAGE if token == -200 else [token])]
+        for row in input_ids.tolist()
+    ]
     return torch.tensor(rows)
 
 
@@ -66,15 +68,27 @@ def test_cached_greedy_generation_matches_the_original(converted, data):
     model, _ = converted
     inputs, expected = data
     ids = _expand(inputs["input_ids"])
-    out = model.generate(input_ids=ids[:1], pixel_values=inputs["images"][:1], max_new_tokens=8, do_sample=False,
-                         use_cache=True, output_logits=True, return_dict_in_generate=True)
+    out = model.generate(
+        input_ids=ids[:1],
+        pixel_values=inputs["images"][:1],
+        max_new_tokens=8,
+        do_sample=False,
+        use_cache=True,
+        output_logits=True,
+        return_dict_in_generate=True,
+    )
     assert out.sequences[:, -8:].tolist() == expected["greedy_new_ids_row0"].tolist()
     scores = torch.stack(out.logits, dim=1)
     assert (scores[..., :VOCAB] - expected["greedy_scores_row0"]).abs().max() <= 1e-4
-    batch = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=inputs["images"],
-                           max_new_tokens=8, do_sample=False)
+    batch = model.generate(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=inputs["images"],
+        max_new_tokens=8,
+        do_sample=False,
+    )
     assert batch[:, -8:].tolist() == expected["greedy_new_ids_batch"].tolist()
-    assert not (batch[:, ids.shape[1]:] == VOCAB).any()  # the added image token is never generated
+    assert not (batch[:, ids.shape[1] :] == VOCAB).any()  # the added image token is never generated
 
 
 def test_left_padded_row_equals_the_row_alone(converted, data):
@@ -83,8 +97,12 @@ def test_left_padded_row_equals_the_row_alone(converted, data):
     inputs, _ = data
     original_ids, original_mask = inputs["padded_input_ids"], inputs["padded_attention_mask"]
     ids = _expand(original_ids)
-    mask = torch.tensor([[m for token, m in zip(row, mask_row) for m in ([m] * TOKENS_PER_IMAGE if token == -200 else [m])]
-                         for row, mask_row in zip(original_ids.tolist(), original_mask.tolist())])
+    mask = torch.tensor(
+        [
+            [m for token, m in zip(row, mask_row) for m in ([m] * TOKENS_PER_IMAGE if token == -200 else [m])]
+            for row, mask_row in zip(original_ids.tolist(), original_mask.tolist())
+        ]
+    )
     padding = int((mask[1] == 0).sum())
     assert padding == 2 and mask[1, :padding].sum() == 0
     with torch.no_grad():
@@ -94,8 +112,10 @@ def test_left_padded_row_equals_the_row_alone(converted, data):
 
 
 def test_grouped_query_attention_backbones_work():
-    config = MMLLMConfig.from_preset("owl2-tiny", text_config={**MMLLMConfig.from_preset("owl2-tiny").text_config.to_dict(),
-                                                               "num_key_value_heads": 2})
+    config = MMLLMConfig.from_preset(
+        "owl2-tiny",
+        text_config={**MMLLMConfig.from_preset("owl2-tiny").text_config.to_dict(), "num_key_value_heads": 2},
+    )
     model = MMLLMForConditionalGeneration(config).eval()
     assert model.model.language_model.layers[0].self_attn.multiway["1"].k_proj.out_features == 32
     ids = torch.tensor([[7, *[5] * 9, 8, 9]])
@@ -109,13 +129,21 @@ def test_tokenizer_in_the_folder_gives_a_processor(tmp_path):
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=VOCAB, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=VOCAB,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tokenizer.train_from_iterator([Path(__file__).read_text()] * 3, trainer)
     assert tokenizer.get_vocab_size() == VOCAB
-    PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>").save_pretrained(folder)
+    PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    ).save_pretrained(folder)
     model, processor = from_mplug_owl2(folder)
-    assert processor.image_token_id == VOCAB and processor.image_seq_length == TOKENS_PER_IMAGE and processor.pad_to_square
+    assert (
+        processor.image_token_id == VOCAB and processor.image_seq_length == TOKENS_PER_IMAGE and processor.pad_to_square
+    )
     from PIL import Image
 
     batch = processor(images=[Image.new("RGB", (40, 20), "red")], text=["<image> what is it?"], return_tensors="pt")

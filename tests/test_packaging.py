@@ -14,13 +14,35 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.slow
 def test_wheel_contains_presets_templates_and_cards(tmp_path):
-    subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w",
-                    str(tmp_path), str(ROOT)], check=True, capture_output=True, timeout=300)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(ROOT),
+        ],
+        check=True,
+        capture_output=True,
+        timeout=300,
+    )
     wheel = next(tmp_path.glob("mmllm-*.whl"))
     names = set(zipfile.ZipFile(wheel).namelist())
-    for name in ("configuration/llava-tiny.json", "configuration/llava-1.5-7b.json", "processing/chat_template.jinja",
-                 "processing/special_tokens.json", "processing/tokenizer_corpus.txt", "hub_cards/model_card.md",
-                 "modeling_mmllm.py", "cli.py"):
+    for name in (
+        "configuration/llava-tiny.json",
+        "configuration/llava-1.5-7b.json",
+        "processing/chat_template.jinja",
+        "processing/special_tokens.json",
+        "processing/tokenizer_corpus.txt",
+        "hub_cards/model_card.md",
+        "modeling_mmllm.py",
+        "cli.py",
+    ):
         assert f"modeling_mmllm/{name}" in names, name
 
 

@@ -14,7 +14,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForImageTextToText
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
 
-from conftest import make_images, perturb_branches, seeded_model
+from helpers import make_images, perturb_branches, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
@@ -22,8 +22,19 @@ pytestmark = pytest.mark.hub
 
 USUAL_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]  # LLaVA's and mPLUG-Owl2's recipes, PEFT's docs
 PROMPT = "<image>What colour is it?"
-TRAINING = dict(max_steps=2, per_device_train_batch_size=2, use_cpu=True, bf16=False, report_to=[], max_length=None,
-                learning_rate=1e-2, gradient_checkpointing=False, save_strategy="no", dataloader_num_workers=0, logging_steps=1)
+TRAINING = dict(
+    max_steps=2,
+    per_device_train_batch_size=2,
+    use_cpu=True,
+    bf16=False,
+    report_to=[],
+    max_length=None,
+    learning_rate=1e-2,
+    gradient_checkpointing=False,
+    save_strategy="no",
+    dataloader_num_workers=0,
+    logging_steps=1,
+)
 
 # A fresh process where the package cannot be imported: the merged folder's own code answers.
 LOGITS = """
@@ -72,13 +83,19 @@ def _remote_base(folder):
 
 def _adapted(model) -> set[str]:
     """Names (under the LLM) of the modules that carry a LoRA adapter."""
-    return {name.split("language_model.", 1)[1] for name, module in model.named_modules()
-            if hasattr(module, "lora_A") and "language_model." in name}
+    return {
+        name.split("language_model.", 1)[1]
+        for name, module in model.named_modules()
+        if hasattr(module, "lora_A") and "language_model." in name
+    }
 
 
 def _branch_names(config: MMLLMConfig) -> set[str]:
-    return {f"layers.{layer}.self_attn.{path}" for layer in range(config.text_config.num_hidden_layers)
-            for path in ("q_proj", "o_proj", *(f"multiway.{m}.{n}" for m in (0, 1) for n in ("k_proj", "v_proj")))}
+    return {
+        f"layers.{layer}.self_attn.{path}"
+        for layer in range(config.text_config.num_hidden_layers)
+        for path in ("q_proj", "o_proj", *(f"multiway.{m}.{n}" for m in (0, 1) for n in ("k_proj", "v_proj")))
+    }
 
 
 @pytest.mark.parametrize("targets", [USUAL_TARGETS, "all-linear"], ids=["qkvo", "all-linear"])
@@ -104,11 +121,13 @@ def test_adapter_saves_small_reloads_over_the_remote_code_base_and_merges(base_f
     merged = reloaded.merge_and_unload()
     merged.save_pretrained(tmp_path / "merged")
     MMLLMProcessor.from_pretrained(base_folder).save_pretrained(tmp_path / "merged")
-    run = subprocess.run([sys.executable, "-c", LOGITS, str(tmp_path / "merged"), PROMPT], capture_output=True,
-                         text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LOGITS, str(tmp_path / "merged"), PROMPT], capture_output=True, text=True, timeout=300
+    )
     assert run.returncode == 0, run.stderr[-3000:]
-    torch.testing.assert_close(torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), adapted[0, -4:],
-                               atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(
+        torch.tensor(json.loads(run.stdout.strip().splitlines()[-1])), adapted[0, -4:], atol=1e-4, rtol=1e-4
+    )
 
 
 def _image_branch_adapters(model) -> list[torch.Tensor]:
@@ -124,9 +143,13 @@ def _messages(question: str, answer: str | None = None) -> list[dict]:
 
 def test_sft_trainer_trains_every_branch_through_peft_config(processor):
     data = Dataset.from_list([{"images": [image], "messages": _messages("Colour?", "red")} for image in make_images(4)])
-    trainer = SFTTrainer(model=seeded_model(_config()).train(), processing_class=processor, train_dataset=data,
-                         args=SFTConfig(output_dir=tempfile.mkdtemp(), **TRAINING),
-                         peft_config=LoraConfig(r=4, target_modules=USUAL_TARGETS))
+    trainer = SFTTrainer(
+        model=seeded_model(_config()).train(),
+        processing_class=processor,
+        train_dataset=data,
+        args=SFTConfig(output_dir=tempfile.mkdtemp(), **TRAINING),
+        peft_config=LoraConfig(r=4, target_modules=USUAL_TARGETS),
+    )
     trainer.train()
     assert _branch_names(_config()) <= _adapted(trainer.model)
     adapters = _image_branch_adapters(trainer.model)
@@ -134,12 +157,24 @@ def test_sft_trainer_trains_every_branch_through_peft_config(processor):
 
 
 def test_dpo_trainer_trains_every_branch_through_peft_config(processor):
-    data = Dataset.from_list([{"images": [image], "prompt": _messages("Colour?"),
-                               "chosen": _messages("", "red")[1:], "rejected": _messages("", "blue")[1:]}
-                              for image in make_images(4)])
-    trainer = DPOTrainer(model=seeded_model(_config()).train(), processing_class=processor, train_dataset=data,
-                         args=DPOConfig(output_dir=tempfile.mkdtemp(), **TRAINING),
-                         peft_config=LoraConfig(r=4, target_modules="all-linear"))
+    data = Dataset.from_list(
+        [
+            {
+                "images": [image],
+                "prompt": _messages("Colour?"),
+                "chosen": _messages("", "red")[1:],
+                "rejected": _messages("", "blue")[1:],
+            }
+            for image in make_images(4)
+        ]
+    )
+    trainer = DPOTrainer(
+        model=seeded_model(_config()).train(),
+        processing_class=processor,
+        train_dataset=data,
+        args=DPOConfig(output_dir=tempfile.mkdtemp(), **TRAINING),
+        peft_config=LoraConfig(r=4, target_modules="all-linear"),
+    )
     trainer.train()
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     assert losses and all(torch.isfinite(torch.tensor(losses)))

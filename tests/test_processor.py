@@ -1,12 +1,12 @@
 """MMLLMProcessor: placeholder expansion, modality ids, left padding, chat template, clear errors."""
 
 import numpy as np
-import torch
 import pytest
+import torch
 from transformers import AutoProcessor
 
 from modeling_mmllm import MMLLMProcessor
-from modeling_mmllm.presets import _offline_tokenizer_json
+from modeling_mmllm.builders.presets import _offline_tokenizer_json
 
 pytestmark = pytest.mark.hub
 
@@ -35,11 +35,15 @@ def test_offline_tokenizer_is_deterministic_and_has_the_special_tokens(processor
 
 
 def test_chat_template_string_and_typed_parts_and_assistant_mask(processor):
-    parts = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
-             {"role": "assistant", "content": [{"type": "text", "text": "red"}]}]
+    parts = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Colour?"}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "red"}]},
+    ]
     plain = [{"role": "user", "content": "<image>Colour?"}, {"role": "assistant", "content": "red"}]
     text = processor.apply_chat_template(parts)
-    assert text == processor.apply_chat_template(plain) == "<|user|>\n<image>Colour?<|end|>\n<|assistant|>\nred<|end|>\n"
+    assert (
+        text == processor.apply_chat_template(plain) == "<|user|>\n<image>Colour?<|end|>\n<|assistant|>\nred<|end|>\n"
+    )
     prompt = processor.apply_chat_template(parts[:1], add_generation_prompt=True)
     assert prompt.endswith("<|assistant|>\n")
     encoded = processor.tokenizer.apply_chat_template(
@@ -63,12 +67,17 @@ def test_save_and_load_round_trip(tmp_path, processor, images):
     [
         ({"images": "images:2", "text": ["<image> only one placeholder"]}, "Got 2 image item\\(s\\) but 1 <image>"),
         ({"images": "images:1", "text": ["<image><image> two placeholders"]}, "Got 1 image item\\(s\\) but 2 <image>"),
-        ({"images": "images:1", "text": ["no placeholder at all"]}, "Got 1 image item\\(s\\) but 0 <image>.*Nothing is inserted"),
+        (
+            {"images": "images:1", "text": ["no placeholder at all"]},
+            "Got 1 image item\\(s\\) but 0 <image>.*Nothing is inserted",
+        ),
         ({"text": ["<image> but no image"]}, "Got 0 image item\\(s\\) but 1 <image>"),
         ({"images": [42], "text": ["<image>"]}, "Image 0 is a int, not an image"),
         ({"text": ["   "]}, "Empty prompt"),
-        ({"images": "images:1", "text": ["hello <image>"], "truncation": True, "max_length": 8},
-         "Please disable truncation or increase `max_length`"),
+        (
+            {"images": "images:1", "text": ["hello <image>"], "truncation": True, "max_length": 8},
+            "Please disable truncation or increase `max_length`",
+        ),
     ],
 )
 def test_bad_input_is_a_value_error_naming_the_fix(processor, images, kwargs, message):
@@ -79,8 +88,8 @@ def test_bad_input_is_a_value_error_naming_the_fix(processor, images, kwargs, me
 
 
 def test_tokenizer_without_image_token_is_refused(processor):
-    from transformers import PreTrainedTokenizerFast
     from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
 
     plain = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(_offline_tokenizer_json()))
     with pytest.raises(ValueError, match="no image token"):

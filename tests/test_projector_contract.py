@@ -7,8 +7,8 @@ import sys
 
 import pytest
 import torch
-from conftest import make_images, seeded_model
 
+from helpers import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
@@ -42,7 +42,9 @@ def test_generation_with_cache_equals_without(setup):
     name, config, processor, images, batch = setup
     model = seeded_model(config)
     kwargs = dict(max_new_tokens=5, do_sample=False, pad_token_id=0, eos_token_id=None)
-    assert torch.equal(model.generate(**batch, use_cache=True, **kwargs), model.generate(**batch, use_cache=False, **kwargs))
+    assert torch.equal(
+        model.generate(**batch, use_cache=True, **kwargs), model.generate(**batch, use_cache=False, **kwargs)
+    )
 
 
 def test_mixed_batch_equals_rows_alone(setup):
@@ -55,7 +57,7 @@ def test_mixed_batch_equals_rows_alone(setup):
         alone = processor(images=row_images[index], text=[text], return_tensors="pt")
         with torch.no_grad():
             logits = model(**alone).logits[0]
-        torch.testing.assert_close(batched[index, -logits.shape[0]:], logits, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched[index, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4)
 
 
 def test_gradient_checkpointing_gives_the_same_gradients(setup):
@@ -79,8 +81,11 @@ def test_query_based_projectors_keep_their_token_count_at_another_resolution(nam
     processor = MMLLMProcessor.from_preset(name)
     model = seeded_model(config)
     size = {"height": 48, "width": 48}
-    resize = {"size": size} if "height" in processor.image_processor.size else {
-        "size": {"shortest_edge": 48}, "crop_size": size}
+    resize = (
+        {"size": size}
+        if "height" in processor.image_processor.size
+        else {"size": {"shortest_edge": 48}, "crop_size": size}
+    )
     batch = processor(images=make_images(1), text=["<image>What?"], return_tensors="pt", **resize)
     assert batch["pixel_values"].shape[-1] == 48
     assert (batch["input_ids"] == config.image_token_id).sum() == config.image_seq_length
@@ -93,8 +98,13 @@ def test_query_based_projectors_keep_their_token_count_at_another_resolution(nam
 def test_token_wise_projector_at_another_resolution_is_a_clear_error():
     processor = MMLLMProcessor.from_preset("llava-tiny")
     model = seeded_model(MMLLMConfig.from_preset("llava-tiny"))
-    batch = processor(images=make_images(1), text=["<image>What?"], return_tensors="pt",
-                      size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    batch = processor(
+        images=make_images(1),
+        text=["<image>What?"],
+        return_tensors="pt",
+        size={"shortest_edge": 48},
+        crop_size={"height": 48, "width": 48},
+    )
     with pytest.raises(ValueError, match="Image features and image tokens do not match"):
         model(**batch)
 
@@ -124,9 +134,15 @@ def test_every_projector_loads_as_remote_code_in_a_fresh_process(tmp_path):
         model, processor = seeded_model(MMLLMConfig.from_preset(name)), MMLLMProcessor.from_preset(name)
         folder = save_model_folder(model, processor, tmp_path / name)
         inputs = processor(images=[image], text=["<image>What?"], return_tensors="pt")
-        expected[str(folder)] = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)[0].tolist()
-    run = subprocess.run([sys.executable, "-c", LOAD_ALL, str(tmp_path / "image.png"), *expected],
-                         capture_output=True, text=True, timeout=600)
+        expected[str(folder)] = model.generate(**inputs, max_new_tokens=6, do_sample=False, eos_token_id=None)[
+            0
+        ].tolist()
+    run = subprocess.run(
+        [sys.executable, "-c", LOAD_ALL, str(tmp_path / "image.png"), *expected],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     assert json.loads(run.stdout.strip().splitlines()[-1]) == expected
 
@@ -139,8 +155,10 @@ def _colour_task(processor, n: int, seed: int):
     colours = {"red": (220, 30, 30), "green": (30, 200, 40), "blue": (30, 40, 220), "yellow": (230, 220, 30)}
     rng = np.random.default_rng(seed)
     picks = [list(colours)[i % 4] for i in rng.permutation(n)]
-    images = [Image.fromarray(np.clip(np.array(colours[c]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8))
-              for c in picks]
+    images = [
+        Image.fromarray(np.clip(np.array(colours[c]) + rng.normal(0, 20, (32, 32, 3)), 0, 255).astype(np.uint8))
+        for c in picks
+    ]
     batch = processor(images=images, text=[f"<image>colour? {c}" for c in picks], return_tensors="pt", padding=True)
     labels = torch.full_like(batch["input_ids"], -100)
     labels[:, -1] = batch["input_ids"][:, -1]  # learn only the answer token

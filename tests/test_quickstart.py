@@ -1,4 +1,5 @@
-"""`./run quickstart`, the README's first command, end to end: accuracy, the folder, the fresh-process reload, the PNG."""
+"""`./run quickstart`, the README's first command, end to end: accuracy, the folder, the fresh-process reload,
+the PNG."""
 
 import json
 import re
@@ -6,8 +7,16 @@ import re
 import pytest
 from PIL import Image
 
-HUB_SET = {"configuration_mmllm.py", "modeling_mmllm.py", "processing_mmllm.py", "modality_encoder.py",
-           "input_projector.py", "modality_adaptive.py", "output_projector.py", "modality_generator.py"}
+HUB_SET = {
+    "configuration_mmllm.py",
+    "modeling_mmllm.py",
+    "processing_mmllm.py",
+    "modality_encoder.py",
+    "input_projector.py",
+    "modality_adaptive.py",
+    "output_projector.py",
+    "modality_generator.py",
+}
 
 
 @pytest.mark.slow
@@ -32,8 +41,19 @@ def test_quickstart_learns_saves_reloads_and_reports(quickstart_run):
 
     folder = quickstart_run["stage2"]
     files = {path.name for path in folder.iterdir()}
-    assert HUB_SET | {"model.safetensors", "config.json", "processor_config.json", "tokenizer.json", "README.md",
-                      "chat_template.jinja", "training_history.json"} <= files
+    assert (
+        HUB_SET
+        | {
+            "model.safetensors",
+            "config.json",
+            "processor_config.json",
+            "tokenizer.json",
+            "README.md",
+            "chat_template.jinja",
+            "training_history.json",
+        }
+        <= files
+    )
     assert not any(name.endswith((".bin", ".pt", ".pth")) for name in files)
     config = json.loads((folder / "config.json").read_text())
     assert config["modality_adaptive"] and config["projector_type"] == "abstractor"

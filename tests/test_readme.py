@@ -18,10 +18,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import soundfile
 import torch
 from PIL import Image
-from conftest import ROOT, save_tiny_stable_diffusion, tiny_text_config, tiny_vision_config
 from transformers import (
     AutoModelForCausalLM,
     Blip2Config,
@@ -34,16 +32,25 @@ from transformers import (
     SiglipVisionModel,
 )
 
+from helpers import ROOT, save_tiny_stable_diffusion, tiny_text_config, tiny_vision_config
+from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main
-from modeling_mmllm.presets import offline_tokenizer
-from modeling_mmllm.synthetic import Sound, make_dataset, synthesize
+from modeling_mmllm.data.synthetic import Sound, make_dataset, synthesize
 
 README = (ROOT / "README.md").read_text()
-ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
-       "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-CPU_RECIPE = ("--model owl2-tiny --data.synthetic joint --data.n 16 --data.image_size 32 --max_steps 2 "
-              "--per_device_train_batch_size 2 --bf16 false --gradient_checkpointing false "
-              "--dataloader_num_workers 0 --report_to none")
+ENV = {
+    **os.environ,
+    "HF_HUB_OFFLINE": "1",
+    "OMP_NUM_THREADS": "1",
+    "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
+}
+CPU_RECIPE = (
+    "--model owl2-tiny --data.synthetic joint --data.n 16 --data.image_size 32 --max_steps 2 "
+    "--per_device_train_batch_size 2 --bf16 false --gradient_checkpointing false "
+    "--dataloader_num_workers 0 --report_to none"
+)
+
+soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no"
 
 # How each README command is exercised: extra arguments appended for a CPU run, and what it must leave behind.
@@ -51,39 +58,49 @@ COMMANDS = {
     "./run quickstart": None,  # the `quickstart_run` fixture (tests/test_quickstart.py checks it)
     "./run tests": None,  # what .ci/run runs (checked below)
     # Training commands run a few steps here (the last --max_steps wins); learning is tested in test_training_runs.
-    "mmllm train quickstart-stage2 --max_steps 200 --output_dir runs/try --model runs/quickstart/stage1/model":
-        ("--max_steps 20", "runs/try/model/model.safetensors"),
+    "mmllm train quickstart-stage2 --max_steps 200 --output_dir runs/try --model runs/quickstart/stage1/model": (
+        "--max_steps 20",
+        "runs/try/model/model.safetensors",
+    ),
     "mmllm train llava-stage1-projector": (CPU_RECIPE + " --output_dir runs/llava-stage1", "runs/llava-stage1/model"),
     "accelerate launch --config_file training_recipes/accelerate/multi_gpu.yaml -m modeling_mmllm.cli train "
     "owl2-stage2-instruct": (CPU_RECIPE + " --output_dir runs/multi-gpu", "runs/multi-gpu/model"),
     "accelerate launch --config_file training_recipes/accelerate/deepspeed_zero3.yaml -m modeling_mmllm.cli train "
     "owl2-stage1-pretrain": (CPU_RECIPE + " --output_dir runs/zero3", "runs/zero3/model"),
-    "accelerate launch --config_file training_recipes/accelerate/fsdp.yaml -m modeling_mmllm.cli train llava-lora":
-        (CPU_RECIPE + " --output_dir runs/fsdp", "runs/fsdp/model/adapter_model.safetensors"),
-    "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100":
-        ("--max_steps 10", "runs/ddp/model/model.safetensors"),
+    "accelerate launch --config_file training_recipes/accelerate/fsdp.yaml -m modeling_mmllm.cli train llava-lora": (
+        CPU_RECIPE + " --output_dir runs/fsdp",
+        "runs/fsdp/model/adapter_model.safetensors",
+    ),
+    "torchrun --nproc_per_node 2 -m modeling_mmllm.cli train quickstart-stage2 --output_dir runs/ddp --max_steps 100": (
+        "--max_steps 10",
+        "runs/ddp/model/model.safetensors",
+    ),
     "mmllm train audio-tiny-sft": ("--max_steps 20 --eval.n 8 --data.n 64", "runs/audio-tiny/model/model.safetensors"),
-    "mmllm train quickstart-any2any": ("--max_steps 4 --data.n 32 --generator_pretraining.steps 10 "
-                                       "--generator_pretraining.n 64 --eval.n 8",
-                                       "runs/quickstart/any2any/model/model.safetensors"),
+    "mmllm train quickstart-any2any": (
+        "--max_steps 4 --data.n 32 --generator_pretraining.steps 10 --generator_pretraining.n 64 --eval.n 8",
+        "runs/quickstart/any2any/model/model.safetensors",
+    ),
     'mmllm generate runs/audio-tiny/model --audio beeps.wav --prompt "How many beeps are there?"': ("", None),
     'mmllm generate runs/quickstart/any2any/model --prompt "Draw one large red circle on the left." '
-    '--save-image drawn.png': ("", "drawn.png"),
+    "--save-image drawn.png": ("", "drawn.png"),
     "trl sft --model_name_or_path runs/quickstart/stage2/model --trust_remote_code --dataset_name data_dir "
-    "--assistant_only_loss True --output_dir runs/trl-sft":
-        ("--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
-         "runs/trl-sft/model.safetensors"),
+    "--assistant_only_loss True --output_dir runs/trl-sft": (
+        "--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
+        "runs/trl-sft/model.safetensors",
+    ),
     "mmllm build --preset owl2-tiny runs/owl2": ("", "runs/owl2/model.safetensors"),
     "mmllm build --vision google/siglip-base-patch16-224 --text Qwen/Qwen2.5-0.5B-Instruct --projector abstractor "
     "--modality-adaptive runs/composed": ("", "runs/composed/model.safetensors"),
-    'mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt '
+    "mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt "
     '"What colour are the shapes?"': ("", None),
     "mmllm chat runs/quickstart/stage2/model": ("", None),
     "mmllm eval runs/quickstart/stage2/model --synthetic vqa --n 300": ("", None),
     "mmllm convert llava path/to/llava-1.5-7b-hf runs/llava-1.5-7b": ("", "runs/llava-1.5-7b/model.safetensors"),
     "mmllm convert blip2 path/to/blip2-opt-2.7b runs/blip2-opt-2.7b": ("", "runs/blip2-opt-2.7b/model.safetensors"),
-    "mmllm convert mplug-owl2 path/to/mplug-owl2-llama2-7b runs/mplug-owl2-llama2-7b":
-        ("", "runs/mplug-owl2-llama2-7b/model.safetensors"),
+    "mmllm convert mplug-owl2 path/to/mplug-owl2-llama2-7b runs/mplug-owl2-llama2-7b": (
+        "",
+        "runs/mplug-owl2-llama2-7b/model.safetensors",
+    ),
     "mmllm push runs/quickstart/stage2/model me/owl2-shapes --private": ("", None),
     "mmllm upgrade runs/old-model": ("", "runs/old-model/modeling_mmllm.py"),  # a folder saved by mmllm 0.1.0
     "python benchmarks/vs_llava.py --repeats 3": ("--repeats 1", None),  # the last --repeats wins
@@ -123,22 +140,47 @@ def _save_stand_ins(root: Path) -> None:
     torch.manual_seed(0)
     CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(root / "openai/clip-vit-large-patch14-336")
     CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(
-        root / "openai/clip-vit-large-patch14-336")
+        root / "openai/clip-vit-large-patch14-336"
+    )
     SiglipVisionModel(tiny_vision_config("siglip")).save_pretrained(root / "google/siglip-base-patch16-224")
     SiglipImageProcessorPil(size={"height": 32, "width": 32}).save_pretrained(root / "google/siglip-base-patch16-224")
     _save_plain_lm("llama", root / "lmsys/vicuna-7b-v1.5")
     _save_plain_lm("qwen2", root / "Qwen/Qwen2.5-0.5B-Instruct")
-    llava = LlavaForConditionalGeneration(LlavaConfig(
-        vision_config=tiny_vision_config("clip").to_dict(), text_config=tiny_text_config("llama").to_dict(),
-        image_token_id=offline_tokenizer().image_token_id, image_seq_length=16))
+    llava = LlavaForConditionalGeneration(
+        LlavaConfig(
+            vision_config=tiny_vision_config("clip").to_dict(),
+            text_config=tiny_text_config("llama").to_dict(),
+            image_token_id=offline_tokenizer().image_token_id,
+            image_seq_length=16,
+        )
+    )
     llava.save_pretrained(root / "path/to/llava-1.5-7b-hf")
-    blip2 = Blip2ForConditionalGeneration(Blip2Config(
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                           image_size=32, patch_size=8),
-        qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
-        text_config=dict(model_type="opt", hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                         word_embed_proj_dim=64, vocab_size=512, max_position_embeddings=128, pad_token_id=0),
-        num_query_tokens=8, image_token_id=5))
+    blip2 = Blip2ForConditionalGeneration(
+        Blip2Config(
+            vision_config=dict(
+                hidden_size=32,
+                intermediate_size=64,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                image_size=32,
+                patch_size=8,
+            ),
+            qformer_config=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64),
+            text_config=dict(
+                model_type="opt",
+                hidden_size=64,
+                ffn_dim=128,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                word_embed_proj_dim=64,
+                vocab_size=512,
+                max_position_embeddings=128,
+                pad_token_id=0,
+            ),
+            num_query_tokens=8,
+            image_token_id=5,
+        )
+    )
     blip2.save_pretrained(root / "path/to/blip2-opt-2.7b")
     shutil.copytree(ROOT / "tests/fixtures/mplug-owl2-tiny", root / "path/to/mplug-owl2-llama2-7b")
     shutil.copytree(ROOT / "tests/fixtures/owl2-tiny-v0.1.0", root / "runs/old-model")
@@ -167,10 +209,12 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
     if argv[0] == "mmllm":  # in this process, so the Hub upload can be intercepted
         uploads = []
         monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
-        monkeypatch.setattr("huggingface_hub.HfApi.upload_folder",
-                            lambda self, repo_id, folder_path, **kw: uploads.append(repo_id))
-        monkeypatch.setattr("sys.stdin", io.StringIO("/image runs/quickstart/new_image.png\n"
-                                                     "What colour are the shapes?\n/quit\n"))
+        monkeypatch.setattr(
+            "huggingface_hub.HfApi.upload_folder", lambda self, repo_id, folder_path, **kw: uploads.append(repo_id)
+        )
+        monkeypatch.setattr(
+            "sys.stdin", io.StringIO("/image runs/quickstart/new_image.png\nWhat colour are the shapes?\n/quit\n")
+        )
         monkeypatch.chdir(workdir)
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
         code, output = main(argv[1:]), capsys.readouterr()
@@ -204,8 +248,9 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
 def test_readme_python_blocks_run_in_order(workdir):
     """All Python blocks, in README order, in one fresh interpreter (as a reader pasting them would)."""
     script = "\n".join(code_blocks("python"))
-    run = subprocess.run([sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True,
-                         timeout=900)
+    run = subprocess.run(
+        [sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True, timeout=900
+    )
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.split()[:1] == ["red"]  # the quickstart model's answer about the quickstart's new image
     assert (workdir / "my-model" / "model.safetensors").is_file()

@@ -5,13 +5,13 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import make_images
 from datasets import Dataset
 
+from helpers import make_images
+from modeling_mmllm.builders.presets import asset_dir
 from modeling_mmllm.cli import main
-from modeling_mmllm.data import llava_json_dataset, load_training_data
-from modeling_mmllm.presets import asset_dir
-from modeling_mmllm.training import (
+from modeling_mmllm.data.loading import llava_json_dataset, load_training_data
+from modeling_mmllm.training.runner import (
     MultimodalCollator,
     apply_freeze_policy,
     build_model,
@@ -27,14 +27,26 @@ TINY = {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100, "lo
 
 
 def test_all_recipes_ship_and_build_their_trainer_settings(tmp_path):
-    assert {"quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2", "owl2-stage1-pretrain",
-            "owl2-stage2-instruct", "llava-stage1-projector", "llava-lora"} <= set(RECIPES)
+    assert {
+        "quickstart-stage0-text",
+        "quickstart-stage1",
+        "quickstart-stage2",
+        "owl2-stage1-pretrain",
+        "owl2-stage2-instruct",
+        "llava-stage1-projector",
+        "llava-lora",
+    } <= set(RECIPES)
     for name in RECIPES:
         recipe = load_recipe(name, {"output_dir": str(tmp_path / name)})
         args = sft_config(recipe)
         assert args.assistant_only_loss and args.output_dir == str(tmp_path / name)
     owl2 = load_recipe("owl2-stage1-pretrain")
-    assert (owl2["adam_beta1"], owl2["adam_beta2"], owl2["learning_rate"], owl2["vision_lr_decay"]) == (0.9, 0.98, 1e-4, 0.9)
+    assert (owl2["adam_beta1"], owl2["adam_beta2"], owl2["learning_rate"], owl2["vision_lr_decay"]) == (
+        0.9,
+        0.98,
+        1e-4,
+        0.9,
+    )
     assert owl2["bf16"] and owl2["gradient_checkpointing"] and owl2["lr_scheduler_type"] == "cosine"
     assert load_recipe("owl2-stage2-instruct")["learning_rate"] == 2e-5
     accelerate = {p.stem for p in (asset_dir("training_recipes") / "accelerate").glob("*.yaml")}
@@ -42,8 +54,9 @@ def test_all_recipes_ship_and_build_their_trainer_settings(tmp_path):
 
 
 def test_overrides_and_clear_errors(tmp_path):
-    overrides = parse_overrides(["--max_steps", "7", "--learning_rate", "3e-3", "--model", "llava-tiny",
-                                 "--data.n", "10"])
+    overrides = parse_overrides(
+        ["--max_steps", "7", "--learning_rate", "3e-3", "--model", "llava-tiny", "--data.n", "10"]
+    )
     recipe = load_recipe("quickstart-stage1", overrides)
     assert recipe["max_steps"] == 7 and recipe["learning_rate"] == 0.003
     assert recipe["model"] == {"preset": "llava-tiny"} and recipe["data"]["n"] == 10
@@ -65,7 +78,8 @@ def test_freeze_policies_of_the_stages():
     assert any(n.startswith("model.vision_tower.") for n in trainable)
     assert any(n.startswith("model.multi_modal_projector.") for n in trainable)
     assert {n for n in trainable if n.startswith("model.language_model.")} == {
-        n for n, _ in model.named_parameters() if ".multiway.1." in n}
+        n for n, _ in model.named_parameters() if ".multiway.1." in n
+    }
     assert "lm_head.weight" not in trainable
     with pytest.raises(ValueError, match="Unknown components to freeze \\['llm'\\]"):
         apply_freeze_policy(model, {"freeze": ["llm"]})
@@ -82,9 +96,13 @@ def test_layerwise_vision_lr_decay():
 
 def test_collator_keeps_placeholders_and_prompts_out_of_the_loss():
     _, processor = build_model({"preset": "owl2-tiny"})
-    rows = [{"images": make_images(1), "messages": [{"role": "user", "content": "What colour?"},
-                                                     {"role": "assistant", "content": "red"}]},
-            {"images": [], "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "hi"}]}]
+    rows = [
+        {
+            "images": make_images(1),
+            "messages": [{"role": "user", "content": "What colour?"}, {"role": "assistant", "content": "red"}],
+        },
+        {"images": [], "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "hi"}]},
+    ]
     for assistant_only in (True, False):
         batch = MultimodalCollator(processor=processor, assistant_only_loss=assistant_only)([dict(r) for r in rows])
         labels = batch["labels"]
@@ -102,15 +120,23 @@ def _llava_folder(root: Path) -> Path:
         image.save(images / f"{index}.png")
     (images / "broken.png").write_bytes(b"not a png")
     records = [
-        {"image": "0.png", "conversations": [{"from": "human", "value": "<image>\nWhat is it?"},
-                                             {"from": "gpt", "value": "noise"}]},
+        {
+            "image": "0.png",
+            "conversations": [{"from": "human", "value": "<image>\nWhat is it?"}, {"from": "gpt", "value": "noise"}],
+        },
         {"conversations": [{"from": "human", "value": "Say hi"}, {"from": "gpt", "value": "hi"}]},
-        {"image": "missing.png", "conversations": [{"from": "human", "value": "<image>\nx"},
-                                                   {"from": "gpt", "value": "y"}]},
-        {"image": "broken.png", "conversations": [{"from": "human", "value": "What about <image> here?"},
-                                                  {"from": "gpt", "value": "z"}]},
-        {"image": "1.png", "conversations": [{"from": "human", "value": "Look: <image>"},
-                                             {"from": "gpt", "value": "more noise"}]},
+        {
+            "image": "missing.png",
+            "conversations": [{"from": "human", "value": "<image>\nx"}, {"from": "gpt", "value": "y"}],
+        },
+        {
+            "image": "broken.png",
+            "conversations": [{"from": "human", "value": "What about <image> here?"}, {"from": "gpt", "value": "z"}],
+        },
+        {
+            "image": "1.png",
+            "conversations": [{"from": "human", "value": "Look: <image>"}, {"from": "gpt", "value": "more noise"}],
+        },
     ]
     (root / "data.json").write_text(json.dumps(records))
     return root
@@ -124,14 +150,20 @@ def test_llava_json_data_with_bad_rows(tmp_path):
     assert dataset[1]["images"] == []
     assert [p["type"] for p in dataset[4]["messages"][0]["content"]] == ["text", "image"]
     spec = {"llava_json": str(root / "data.json"), "image_folder": str(root / "images")}
-    with pytest.raises(ValueError, match="2 row\\(s\\) with bad images \\(row 2: missing image file.*row 3: unreadable"):
+    with pytest.raises(
+        ValueError, match="2 row\\(s\\) with bad images \\(row 2: missing image file.*row 3: unreadable"
+    ):
         load_training_data(spec, bad_rows="stop")
     assert len(load_training_data(spec, bad_rows="skip")) == 3
 
 
 def test_datasets_from_disk_and_parquet(tmp_path):
-    rows = [{"images": make_images(1), "messages": [{"role": "user", "content": "Q"},
-                                                     {"role": "assistant", "content": "A"}]}] * 3
+    rows = [
+        {
+            "images": make_images(1),
+            "messages": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "A"}],
+        }
+    ] * 3
     dataset = Dataset.from_list(rows)
     dataset.save_to_disk(tmp_path / "disk")
     dataset.to_parquet(tmp_path / "data.parquet")
@@ -143,13 +175,24 @@ def test_datasets_from_disk_and_parquet(tmp_path):
         load_training_data({"dataset": str(tmp_path / "bad.parquet")})
 
 
-@pytest.mark.parametrize("name", ["llava-stage1-projector", "llava-lora", "owl2-stage1-pretrain", "owl2-stage2-instruct"])
+@pytest.mark.parametrize(
+    "name", ["llava-stage1-projector", "llava-lora", "owl2-stage1-pretrain", "owl2-stage2-instruct"]
+)
 def test_real_size_recipes_run_on_a_tiny_model(name, tmp_path):
     """The real recipes' freeze policies, LoRA and lr decay run end to end on a tiny model and synthetic data."""
     preset = "owl2-tiny" if name.startswith("owl2") else "llava-tiny"
-    recipe = load_recipe(name, {"model": preset, "data": {"synthetic": "joint", "n": 8, "image_size": 32},
-                                "output_dir": str(tmp_path), "bf16": False, "gradient_checkpointing": False,
-                                "dataloader_num_workers": 0, **TINY})
+    recipe = load_recipe(
+        name,
+        {
+            "model": preset,
+            "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+            "output_dir": str(tmp_path),
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "dataloader_num_workers": 0,
+            **TINY,
+        },
+    )
     folder = train(recipe, name=name)
     assert (folder / "README.md").is_file()
     history = json.loads((folder / "training_history.json").read_text())
@@ -171,24 +214,60 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
 
     monkeypatch.setattr("huggingface_hub.HfApi.create_repo", create_repo)
     monkeypatch.setattr("huggingface_hub.HfApi.upload_folder", upload_folder)
-    recipe = load_recipe("quickstart-stage2", {"model": "owl2-tiny", "data": {"synthetic": "joint", "n": 8, "image_size": 32},
-                                               "eval": {"synthetic": "vqa", "n": 4, "split": "heldout", "image_size": 32},
-                                               "output_dir": str(tmp_path), "push_to_hub": True,
-                                               "hub_model_id": "someone/owl2-demo", "hub_private_repo": True, **TINY})
+    recipe = load_recipe(
+        "quickstart-stage2",
+        {
+            "model": "owl2-tiny",
+            "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+            "eval": {"synthetic": "vqa", "n": 4, "split": "heldout", "image_size": 32},
+            "output_dir": str(tmp_path),
+            "push_to_hub": True,
+            "hub_model_id": "someone/owl2-demo",
+            "hub_private_repo": True,
+            **TINY,
+        },
+    )
     train(recipe, name="quickstart-stage2")
     assert calls["create"] == ("someone/owl2-demo", True)
-    assert calls["files"] == sorted([
-        "README.md", "chat_template.jinja", "config.json", "configuration_mmllm.py", "generation_config.json",
-        "input_projector.py", "modality_adaptive.py", "modality_encoder.py", "modality_generator.py",
-        "model.safetensors", "modeling_mmllm.py", "output_projector.py", "processing_mmllm.py", "processor_config.json", "tokenizer.json", "tokenizer_config.json",
-        "training_history.json", "eval_results.json"])
+    assert calls["files"] == sorted(
+        [
+            "README.md",
+            "chat_template.jinja",
+            "config.json",
+            "configuration_mmllm.py",
+            "generation_config.json",
+            "input_projector.py",
+            "modality_adaptive.py",
+            "modality_encoder.py",
+            "modality_generator.py",
+            "model.safetensors",
+            "modeling_mmllm.py",
+            "output_projector.py",
+            "processing_mmllm.py",
+            "processor_config.json",
+            "tokenizer.json",
+            "tokenizer_config.json",
+            "training_history.json",
+            "eval_results.json",
+        ]
+    )
     card = calls["card"]
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
     assert "modality-adaptive" in header["tags"]
-    for text in ("Modality Encoder", "Input Projector", "LLM Backbone", "Output Projector", "Modality Generator",
-                 "## Training", "quickstart-stage2", "synthetic=joint", "## Evaluation", "accuracy/overall",
-                 "trust_remote_code=True"):
+    for text in (
+        "Modality Encoder",
+        "Input Projector",
+        "LLM Backbone",
+        "Output Projector",
+        "Modality Generator",
+        "## Training",
+        "quickstart-stage2",
+        "synthetic=joint",
+        "## Evaluation",
+        "accuracy/overall",
+        "trust_remote_code=True",
+    ):
         assert text in card
 
 
@@ -205,3 +284,31 @@ def test_missing_images_column_in_messages_is_reported(tmp_path):
     (tmp_path / "x.json").write_text(json.dumps([{"messages": [{"role": "user", "content": "hi"}]}]))
     with pytest.raises(ValueError, match="needs `images` and `messages`"):
         load_training_data(spec)
+
+
+def test_save_stage_keeps_the_previous_model_until_the_new_one_is_complete(tmp_path):
+    """A re-run whose save fails (disk full, a kill) leaves the previous run's final folder as it was."""
+    from types import SimpleNamespace
+
+    from modeling_mmllm.training.runner import save_stage
+
+    previous = tmp_path / "model"
+    previous.mkdir()
+    (previous / "model.safetensors").write_text("the previous run's weights")
+
+    def fail(folder):
+        raise OSError("disk full")
+
+    trainer = SimpleNamespace(model=SimpleNamespace(config=SimpleNamespace(_name_or_path="")), save_model=fail)
+    with pytest.raises(OSError, match="disk full"):
+        save_stage(trainer, None, tmp_path, {"recipe": "x"})
+    assert (previous / "model.safetensors").read_text() == "the previous run's weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]  # no staging folder left
+
+    def write(folder):
+        (Path(folder) / "model.safetensors").write_text("the new weights")
+
+    trainer.save_model = write
+    assert save_stage(trainer, None, tmp_path, {"recipe": "x"}) == previous
+    assert (previous / "model.safetensors").read_text() == "the new weights"
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]

@@ -13,9 +13,9 @@ import torch
 from safetensors.torch import load_file
 
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
-from modeling_mmllm.evaluation import exact_match
-from modeling_mmllm.synthetic import make_dataset
-from modeling_mmllm.training import load_recipe, train
+from modeling_mmllm.data.synthetic import make_dataset
+from modeling_mmllm.evaluation.metrics import exact_match
+from modeling_mmllm.training.runner import load_recipe, train
 
 TESTS = Path(__file__).parent
 # The environment's console scripts (torchrun, trl), also when the virtual environment is not activated.
@@ -36,21 +36,31 @@ def test_learning_through_the_stages(staged_run):
     # Another held-out sample than the quickstart's own evaluation (seed 1): no image shared with either.
     images = exact_match(model, processor, make_dataset("vqa", 300, split="heldout", seed=1))
     text_after_stage2 = exact_match(model, processor, make_dataset("text-eval"))["overall"]
-    print(f"held-out image accuracy {images}, chance {CHANCE:.3f}; text facts {text_after_stage0:.3f} -> "
-          f"{text_after_stage2:.3f}")
+    print(
+        f"held-out image accuracy {images}, chance {CHANCE:.3f}; text facts {text_after_stage0:.3f} -> "
+        f"{text_after_stage2:.3f}"
+    )
     assert images["overall"] >= 0.95  # chance is 0.38
     assert min(images.values()) >= 0.85
     assert text_after_stage0 > 0.5
     assert text_after_stage2 >= text_after_stage0 - 0.05
     history = json.loads((staged_run["stage2"] / "training_history.json").read_text())
-    assert [stage["recipe"] for stage in history] == ["quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2"]
+    assert [stage["recipe"] for stage in history] == [
+        "quickstart-stage0-text",
+        "quickstart-stage1",
+        "quickstart-stage2",
+    ]
 
 
 @pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
-    run = subprocess.run(["torchrun", "--nproc_per_node", "2", "--master_port", "29577", str(TESTS / "ddp_train.py"),
-                          str(tmp_path)], capture_output=True, text=True, timeout=600,
-                         env={**ENV, "OMP_NUM_THREADS": "1"})
+    run = subprocess.run(
+        ["torchrun", "--nproc_per_node", "2", "--master_port", "29577", str(TESTS / "ddp_train.py"), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**ENV, "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
@@ -59,13 +69,37 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert (tmp_path / "model" / "model.safetensors").is_file()
 
 
-RESUME_ARGS = ["--model", "owl2-tiny", "--data.synthetic", "joint", "--data.n", "64", "--data.image_size", "32",
-               "--max_steps", "40", "--save_steps", "10", "--per_device_train_batch_size", "4", "--logging_steps", "5"]
+RESUME_ARGS = [
+    "--model",
+    "owl2-tiny",
+    "--data.synthetic",
+    "joint",
+    "--data.n",
+    "64",
+    "--data.image_size",
+    "32",
+    "--max_steps",
+    "40",
+    "--save_steps",
+    "10",
+    "--per_device_train_batch_size",
+    "4",
+    "--logging_steps",
+    "5",
+]
 
 
 def _train_command(output: Path) -> list[str]:
-    return [sys.executable, "-m", "modeling_mmllm.cli", "train", "quickstart-stage2", "--output_dir", str(output),
-            *RESUME_ARGS]
+    return [
+        sys.executable,
+        "-m",
+        "modeling_mmllm.cli",
+        "train",
+        "quickstart-stage2",
+        "--output_dir",
+        str(output),
+        *RESUME_ARGS,
+    ]
 
 
 @pytest.mark.slow
@@ -107,11 +141,20 @@ with torch.no_grad():
 
 @pytest.mark.slow
 def test_lora_adapter_is_small_reloads_over_remote_code_and_merges(staged_run, tmp_path):
-    recipe = load_recipe("llava-lora", {
-        "model": str(staged_run["stage2"]), "data": {"synthetic": "joint", "n": 32, "image_size": 64},
-        "output_dir": str(tmp_path), "max_steps": 5, "per_device_train_batch_size": 4, "bf16": False,
-        "gradient_checkpointing": False, "dataloader_num_workers": 0, "lora": {"r": 4, "lora_alpha": 8},
-    })
+    recipe = load_recipe(
+        "llava-lora",
+        {
+            "model": str(staged_run["stage2"]),
+            "data": {"synthetic": "joint", "n": 32, "image_size": 64},
+            "output_dir": str(tmp_path),
+            "max_steps": 5,
+            "per_device_train_batch_size": 4,
+            "bf16": False,
+            "gradient_checkpointing": False,
+            "dataloader_num_workers": 0,
+            "lora": {"r": 4, "lora_alpha": 8},
+        },
+    )
     adapter = train(recipe, name="llava-lora")
     adapter_size = sum(p.stat().st_size for p in adapter.glob("*.safetensors"))
     full_size = (tmp_path / "merged" / "model.safetensors").stat().st_size
@@ -119,8 +162,12 @@ def test_lora_adapter_is_small_reloads_over_remote_code_and_merges(staged_run, t
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert any("multiway.1" in target for target in config["target_modules"])  # the image branches get LoRA too
     assert "library_name: peft" in (adapter / "README.md").read_text()
-    run = subprocess.run([sys.executable, "-c", LORA_FRESH, str(staged_run["stage2"]), str(adapter),
-                          str(tmp_path / "merged")], capture_output=True, text=True, timeout=300)
+    run = subprocess.run(
+        [sys.executable, "-c", LORA_FRESH, str(staged_run["stage2"]), str(adapter), str(tmp_path / "merged")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     logits = json.loads(run.stdout.strip().splitlines()[-1])
     torch.testing.assert_close(torch.tensor(logits["merged"]), torch.tensor(logits["adapter"]), atol=1e-4, rtol=1e-4)
@@ -135,10 +182,31 @@ def test_plain_trl_sft_cli_trains_a_stage2_checkpoint(staged_run, tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     make_dataset("joint", 16, image_size=64).remove_columns(["kind", "answer"]).to_parquet(data / "train.parquet")
-    command = ["trl", "sft", "--model_name_or_path", str(staged_run["stage2"]), "--trust_remote_code",
-               "--dataset_name", str(data), "--assistant_only_loss", "True", "--max_steps", "2",
-               "--per_device_train_batch_size", "2", "--output_dir", str(tmp_path / "out"), "--use_cpu", "True",
-               "--bf16", "False", "--report_to", "none", "--gradient_checkpointing", "False"]
+    command = [
+        "trl",
+        "sft",
+        "--model_name_or_path",
+        str(staged_run["stage2"]),
+        "--trust_remote_code",
+        "--dataset_name",
+        str(data),
+        "--assistant_only_loss",
+        "True",
+        "--max_steps",
+        "2",
+        "--per_device_train_batch_size",
+        "2",
+        "--output_dir",
+        str(tmp_path / "out"),
+        "--use_cpu",
+        "True",
+        "--bf16",
+        "False",
+        "--report_to",
+        "none",
+        "--gradient_checkpointing",
+        "False",
+    ]
     run = subprocess.run(command, capture_output=True, text=True, timeout=600, env={**ENV, "OMP_NUM_THREADS": "2"})
     assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
     assert (tmp_path / "out" / "model.safetensors").is_file()

@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from conftest import make_images, seeded_model
+from helpers import make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 
 pytestmark = pytest.mark.hub
@@ -44,6 +44,7 @@ def _logits(model, **inputs) -> torch.Tensor:
 
 # --- model checks ---------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("shard", [None, "200KB"], ids=["one-file", "sharded"])
 def test_save_and_load_round_trip(model, inputs, tmp_path, shard):
     model.save_pretrained(tmp_path, **({"max_shard_size": shard} if shard else {}))
@@ -73,8 +74,11 @@ def test_attentions_and_hidden_states(model, inputs):
     layers, length = eager.config.text_config.num_hidden_layers, inputs["input_ids"].shape[1]
     assert len(out.hidden_states) == layers + 1 and len(out.attentions) == layers
     assert out.attentions[0].shape[-2:] == (length, length)
-    assert out.image_outputs.pooler_output.shape == (1, model.config.image_seq_length,
-                                                     model.config.text_config.hidden_size)
+    assert out.image_outputs.pooler_output.shape == (
+        1,
+        model.config.image_seq_length,
+        model.config.text_config.hidden_size,
+    )
 
 
 def test_return_dict_false_gives_tuples(model, inputs):
@@ -118,8 +122,13 @@ def test_gradient_checkpointing_gives_the_same_gradients(model, inputs):
 
 def test_inputs_embeds_instead_of_input_ids(model, inputs):
     embeds = model.get_input_embeddings()(inputs["input_ids"])
-    by_embeds = _logits(model, inputs_embeds=embeds, pixel_values=inputs["pixel_values"],
-                        attention_mask=inputs["attention_mask"], mm_token_type_ids=inputs["mm_token_type_ids"])
+    by_embeds = _logits(
+        model,
+        inputs_embeds=embeds,
+        pixel_values=inputs["pixel_values"],
+        attention_mask=inputs["attention_mask"],
+        mm_token_type_ids=inputs["mm_token_type_ids"],
+    )
     torch.testing.assert_close(by_embeds, _logits(model, **inputs))
 
 
@@ -130,16 +139,21 @@ def test_left_padded_batch_equals_single_rows(model, processor):
     batched = _logits(model, **batch)[:, -1]
     for row, (image, text) in enumerate(zip(make_images(2), texts)):
         single = _logits(model, **processor(images=[image], text=[text], return_tensors="pt"))[:, -1]
-        torch.testing.assert_close(batched[row:row + 1], single, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(batched[row : row + 1], single, atol=1e-5, rtol=1e-4)
 
 
 # --- generation modes -----------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("mode", [
-    {"use_cache": False},
-    {"cache_implementation": "static"},
-    {"prompt_lookup_num_tokens": 2},
-], ids=["no-cache", "static-cache", "prompt-lookup"])
+
+@pytest.mark.parametrize(
+    "mode",
+    [
+        {"use_cache": False},
+        {"cache_implementation": "static"},
+        {"prompt_lookup_num_tokens": 2},
+    ],
+    ids=["no-cache", "static-cache", "prompt-lookup"],
+)
 def test_generation_modes_that_equal_greedy(model, inputs, greedy, mode):
     assert torch.equal(model.generate(**inputs, **GREEDY, **mode), greedy)
 
@@ -159,28 +173,44 @@ def test_sampling_is_reproducible(model, inputs):
 @pytest.mark.parametrize("sample", [False, True], ids=["beam-search", "beam-sampling"])
 def test_beam_search(model, inputs, sample):
     torch.manual_seed(0)
-    out = model.generate(**inputs, max_new_tokens=5, num_beams=3, do_sample=sample, num_return_sequences=2,
-                         return_dict_in_generate=True, output_scores=True)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=5,
+        num_beams=3,
+        do_sample=sample,
+        num_return_sequences=2,
+        return_dict_in_generate=True,
+        output_scores=True,
+    )
     assert out.sequences.shape[0] == 2
     assert out.sequences_scores[0] >= out.sequences_scores[1]
-    assert torch.equal(out.sequences[:, :inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
+    assert torch.equal(out.sequences[:, : inputs["input_ids"].shape[1]], inputs["input_ids"].repeat(2, 1))
 
 
 def test_num_return_sequences_and_scores_and_logits(model, inputs, greedy):
-    out = model.generate(**inputs, max_new_tokens=5, do_sample=True, num_return_sequences=3,
-                         return_dict_in_generate=True, output_scores=True, output_logits=True)
+    out = model.generate(
+        **inputs,
+        max_new_tokens=5,
+        do_sample=True,
+        num_return_sequences=3,
+        return_dict_in_generate=True,
+        output_scores=True,
+        output_logits=True,
+    )
     assert out.sequences.shape[0] == 3
     new = out.sequences.shape[1] - inputs["input_ids"].shape[1]
     assert len(out.scores) == len(out.logits) == new
     assert out.logits[0].shape == (3, model.config.text_config.vocab_size)
     plain = model.generate(**inputs, **GREEDY, return_dict_in_generate=True, output_logits=True)
     assert torch.equal(plain.sequences, greedy)
-    assert torch.equal(torch.stack(plain.logits, 1).argmax(-1), greedy[:, inputs["input_ids"].shape[1]:])
+    assert torch.equal(torch.stack(plain.logits, 1).argmax(-1), greedy[:, inputs["input_ids"].shape[1] :])
 
 
 def test_continue_final_message(model, processor):
-    messages = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
-                {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]}]
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Describe it."}]},
+        {"role": "assistant", "content": [{"type": "text", "text": "It is a"}]},
+    ]
     prompt = processor.apply_chat_template(messages, continue_final_message=True)
     assert prompt.endswith("It is a")
     inputs = processor(images=make_images(1), text=[prompt], return_tensors="pt")

@@ -12,7 +12,7 @@ import transformers
 from packaging.version import Version
 
 from modeling_mmllm import cli
-from modeling_mmllm.hub_card import hub_set_files
+from modeling_mmllm.export.hub_card import hub_set_files
 from modeling_mmllm.saving import upgrade_folder
 
 pytestmark = pytest.mark.hub
@@ -40,8 +40,9 @@ print(json.dumps({"last": logits[0, -1, :8].tolist(), "tokens": out[0, inputs["i
 
 
 def _answer(folder: Path) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", ANSWER, str(folder), EXPECTED["prompt"]], capture_output=True,
-                          text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-c", ANSWER, str(folder), EXPECTED["prompt"]], capture_output=True, text=True, timeout=300
+    )
 
 
 @pytest.fixture

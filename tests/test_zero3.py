@@ -16,8 +16,13 @@ if importlib.util.find_spec("deepspeed") is None:
 @pytest.mark.slow
 def test_enable_modality_adaptive_under_zero3(tmp_path):
     script = Path(__file__).with_name("zero3_modality_adaptive.py")
-    run = subprocess.run([sys.executable, str(script), "29561", str(tmp_path / "run")], capture_output=True,
-                         text=True, timeout=600, cwd=tmp_path)
+    run = subprocess.run(
+        [sys.executable, str(script), "29561", str(tmp_path / "run")],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=tmp_path,
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert report["partitioned_before"]  # the text branch really was partitioned

@@ -27,8 +27,9 @@ with deepspeed.zero.GatheredParameters(text + image):
     equal = [torch.equal(a, b) for a, b in zip(text, image)]
     sizes = [b.numel() for b in image]
 report.update(copies_equal=all(equal), copies_nonempty=min(sizes) > 0, branches=len(equal))
-engine, *_ = deepspeed.initialize(model=model, config=ds_config,
-                                  optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+engine, *_ = deepspeed.initialize(
+    model=model, config=ds_config, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3)
+)
 ids = torch.tensor([[7, *[5] * 9, 8, 9, 10]])
 loss = engine(input_ids=ids, pixel_values=torch.randn(1, 3, 32, 32), labels=ids).loss
 engine.backward(loss)
@@ -36,17 +37,29 @@ engine.step()
 report["trained_step_loss"] = float(loss.detach())
 
 # The runner under ZeRO-3: the projector (and the modality-adaptive branches) are saved with their full weights.
-from modeling_mmllm.training import load_recipe, train  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
+from modeling_mmllm.training import load_recipe, train  # noqa: E402
+
 output = sys.argv[2]
-recipe = load_recipe("quickstart-stage2", {
-    "model": "owl2-tiny", "data": {"synthetic": "joint", "n": 8, "image_size": 32}, "output_dir": output,
-    "max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1,
-    "deepspeed": {"zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
-                  "train_batch_size": "auto", "train_micro_batch_size_per_gpu": "auto",
-                  "gradient_accumulation_steps": "auto"},
-})
+recipe = load_recipe(
+    "quickstart-stage2",
+    {
+        "model": "owl2-tiny",
+        "data": {"synthetic": "joint", "n": 8, "image_size": 32},
+        "output_dir": output,
+        "max_steps": 2,
+        "per_device_train_batch_size": 2,
+        "save_steps": 100,
+        "logging_steps": 1,
+        "deepspeed": {
+            "zero_optimization": {"stage": 3, "stage3_gather_16bit_weights_on_model_save": True},
+            "train_batch_size": "auto",
+            "train_micro_batch_size_per_gpu": "auto",
+            "gradient_accumulation_steps": "auto",
+        },
+    },
+)
 saved = load_file(f"{train(recipe)}/model.safetensors")
 report["saved_projector_numel"] = min(t.numel() for k, t in saved.items() if "multi_modal_projector" in k)
 report["saved_branch_numel"] = min(t.numel() for k, t in saved.items() if "multiway.1" in k)

@@ -12,10 +12,15 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoTokenizer, Blip2ForConditionalGeneration, CLIPImageProcessorPil, LlavaForConditionalGeneration
+from transformers import (
+    AutoTokenizer,
+    Blip2ForConditionalGeneration,
+    CLIPImageProcessorPil,
+    LlavaForConditionalGeneration,
+)
 
-from .configuration_mmllm import MMLLMConfig
-from .modeling_mmllm import MMLLMForConditionalGeneration
+from ..configuration_mmllm import MMLLMConfig
+from ..modeling_mmllm import MMLLMForConditionalGeneration
 
 
 def _load(model_or_path, model_class: type[nn.Module]) -> nn.Module:
@@ -99,12 +104,24 @@ def from_blip2(model_or_path) -> MMLLMForConditionalGeneration:
 
 MPLUG_OWL2_KEY_RULES = [
     (r"^model\.vision_model\.embeddings\.cls_token$", "model.vision_tower.embeddings.class_embedding"),
-    (r"^model\.vision_model\.embeddings\.position_embedding$", "model.vision_tower.embeddings.position_embedding.weight"),
+    (
+        r"^model\.vision_model\.embeddings\.position_embedding$",
+        "model.vision_tower.embeddings.position_embedding.weight",
+    ),
     (r"^model\.vision_model\.embeddings\.patch_embed\.", "model.vision_tower.embeddings.patch_embedding."),
     (r"^model\.vision_model\.embeddings\.pre_layernorm\.", "model.vision_tower.pre_layrnorm."),
-    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.input_layernorm\.", r"model.vision_tower.encoder.layers.\1.layer_norm1."),
-    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.post_attention_layernorm\.", r"model.vision_tower.encoder.layers.\1.layer_norm2."),
-    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.dense\.", r"model.vision_tower.encoder.layers.\1.self_attn.out_proj."),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.input_layernorm\.",
+        r"model.vision_tower.encoder.layers.\1.layer_norm1.",
+    ),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.post_attention_layernorm\.",
+        r"model.vision_tower.encoder.layers.\1.layer_norm2.",
+    ),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.dense\.",
+        r"model.vision_tower.encoder.layers.\1.self_attn.out_proj.",
+    ),
     (r"^model\.vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"model.vision_tower.encoder.layers.\1.mlp."),
     (r"^model\.vision_model\.post_layernorm\.", "model.vision_tower.post_layernorm."),
     (r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1."),
@@ -119,23 +136,27 @@ def _read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
     files = sorted(folder.glob("pytorch_model*.bin"))
     if not files:
         raise FileNotFoundError(f"No weights (model*.safetensors or pytorch_model*.bin) in {folder}.")
-    return {key: tensor for file in files for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items()}
+    return {
+        key: tensor for file in files for key, tensor in torch.load(file, map_location="cpu", weights_only=True).items()
+    }
 
 
 def _split_fused_qkv(state_dict: dict[str, torch.Tensor], num_heads: int) -> dict[str, torch.Tensor]:
     """The original vision attention fuses q/k/v per head (`heads, 3, head_dim`): split it into q/k/v projections."""
     converted = {}
     for key, tensor in state_dict.items():
-        match = re.match(r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.query_key_value\.(weight|bias)$", key)
+        match = re.match(
+            r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.query_key_value\.(weight|bias)$", key
+        )
         if not match:
             converted[key] = tensor
             continue
         layer, kind = match.groups()
         per_head = tensor.reshape(num_heads, 3, -1, *tensor.shape[1:])
         for index, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            converted[f"model.vision_tower.encoder.layers.{layer}.self_attn.{name}.{kind}"] = (
-                per_head[:, index].reshape(-1, *tensor.shape[1:])
-            )
+            converted[f"model.vision_tower.encoder.layers.{layer}.self_attn.{name}.{kind}"] = per_head[
+                :, index
+            ].reshape(-1, *tensor.shape[1:])
     return converted
 
 
@@ -143,8 +164,18 @@ def _mplug_owl2_config(raw: dict) -> MMLLMConfig:
     vision, abstractor = raw["visual_config"]["visual_model"], raw["visual_config"]["visual_abstractor"]
     if abstractor["hidden_size"] != vision["hidden_size"] or abstractor["encoder_hidden_size"] != vision["hidden_size"]:
         raise ValueError("The abstractor's hidden_size and encoder_hidden_size must equal the vision hidden_size.")
-    text_fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps",
-                   "max_position_embeddings", "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act")
+    text_fields = (
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "rms_norm_eps",
+        "max_position_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_act",
+    )
     text_config = {key: raw[key] for key in text_fields if key in raw}
     text_config.update(
         model_type="llama",
@@ -155,11 +186,16 @@ def _mplug_owl2_config(raw: dict) -> MMLLMConfig:
     )
     return MMLLMConfig(
         vision_config=dict(
-            model_type="clip_vision_model", hidden_size=vision["hidden_size"],
-            intermediate_size=vision["intermediate_size"], num_hidden_layers=vision["num_hidden_layers"],
-            num_attention_heads=vision["num_attention_heads"], image_size=vision["image_size"],
-            patch_size=vision["patch_size"], hidden_act=vision.get("hidden_act", "quick_gelu"),
-            layer_norm_eps=vision.get("layer_norm_eps", 1e-6), projection_dim=vision.get("projection_dim", 768),
+            model_type="clip_vision_model",
+            hidden_size=vision["hidden_size"],
+            intermediate_size=vision["intermediate_size"],
+            num_hidden_layers=vision["num_hidden_layers"],
+            num_attention_heads=vision["num_attention_heads"],
+            image_size=vision["image_size"],
+            patch_size=vision["patch_size"],
+            hidden_act=vision.get("hidden_act", "quick_gelu"),
+            layer_norm_eps=vision.get("layer_norm_eps", 1e-6),
+            projection_dim=vision.get("projection_dim", 768),
         ),
         text_config=text_config,
         vision_feature_layer=-1,
@@ -167,9 +203,12 @@ def _mplug_owl2_config(raw: dict) -> MMLLMConfig:
         vision_feature_layernorm=True,
         projector_type="abstractor",
         projector_config=dict(
-            num_queries=abstractor["num_learnable_queries"], num_layers=abstractor["num_hidden_layers"],
-            num_heads=abstractor["num_attention_heads"], intermediate_size=abstractor["intermediate_size"],
-            layer_norm_eps=abstractor.get("layer_norm_eps", 1e-6), end_token=True,
+            num_queries=abstractor["num_learnable_queries"],
+            num_layers=abstractor["num_hidden_layers"],
+            num_heads=abstractor["num_attention_heads"],
+            intermediate_size=abstractor["intermediate_size"],
+            layer_norm_eps=abstractor.get("layer_norm_eps", 1e-6),
+            end_token=True,
         ),
         image_token_id=raw["vocab_size"],
         modality_adaptive=True,
@@ -185,9 +224,9 @@ def from_mplug_owl2(path):
     modality-adaptive module (branch 0 text, 1 image). The image token is appended after the original vocabulary
     and never generated. `processor` is None when the folder has no tokenizer.
     """
-    from .modality_adaptive import module_tree_key
+    from ..modality_adaptive import module_tree_key
+    from ..processing_mmllm import MMLLMProcessor
     from .presets import chat_template
-    from .processing_mmllm import MMLLMProcessor
 
     folder = Path(path)
     raw = json.loads((folder / "config.json").read_text())
@@ -195,11 +234,19 @@ def from_mplug_owl2(path):
         raise ValueError(f"{folder} is not an original mPLUG-Owl2 checkpoint (its config.json has no visual_config).")
     config = _mplug_owl2_config(raw)
     weights = _split_fused_qkv(_read_checkpoint(folder), config.vision_config.num_attention_heads)
-    abstractor = {k[len("model.visual_abstractor."):]: v for k, v in weights.items() if k.startswith("model.visual_abstractor.")}
-    state_dict = {k: v for k, v in weights.items() if not k.startswith("model.visual_abstractor.") and "rotary_emb" not in k}
+    abstractor = {
+        k[len("model.visual_abstractor.") :]: v for k, v in weights.items() if k.startswith("model.visual_abstractor.")
+    }
+    state_dict = {
+        k: v for k, v in weights.items() if not k.startswith("model.visual_abstractor.") and "rotary_emb" not in k
+    }
     state_dict = rename_keys(state_dict, MPLUG_OWL2_KEY_RULES)
-    state_dict.update({f"model.multi_modal_projector.{k}": v for k, v in convert_abstractor_state_dict(abstractor).items()})
-    state_dict["model.vision_tower.embeddings.class_embedding"] = state_dict["model.vision_tower.embeddings.class_embedding"].reshape(-1)
+    state_dict.update(
+        {f"model.multi_modal_projector.{k}": v for k, v in convert_abstractor_state_dict(abstractor).items()}
+    )
+    state_dict["model.vision_tower.embeddings.class_embedding"] = state_dict[
+        "model.vision_tower.embeddings.class_embedding"
+    ].reshape(-1)
     position = state_dict["model.vision_tower.embeddings.position_embedding.weight"]
     state_dict["model.vision_tower.embeddings.position_embedding.weight"] = position.reshape(-1, position.shape[-1])
     embeddings = state_dict["model.language_model.embed_tokens.weight"]
@@ -214,7 +261,9 @@ def from_mplug_owl2(path):
     model.generation_config.eos_token_id = raw.get("eos_token_id")
     processor = None
     if any((folder / name).exists() for name in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-        tokenizer = AutoTokenizer.from_pretrained(folder, extra_special_tokens={"image_token": "<image>"}, padding_side="left")
+        tokenizer = AutoTokenizer.from_pretrained(
+            folder, extra_special_tokens={"image_token": "<image>"}, padding_side="left"
+        )
         if tokenizer.image_token_id != config.image_token_id:
             raise ValueError(
                 f"The tokenizer has {tokenizer.image_token_id} tokens before <image>, but the checkpoint's vocabulary "
@@ -224,8 +273,13 @@ def from_mplug_owl2(path):
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         size = config.vision_config.image_size
         image_processor = CLIPImageProcessorPil(size={"shortest_edge": size}, crop_size={"height": size, "width": size})
-        processor = MMLLMProcessor(image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template(),
-                                   image_seq_length=config.image_seq_length, pad_to_square=True)
+        processor = MMLLMProcessor(
+            image_processor=image_processor,
+            tokenizer=tokenizer,
+            chat_template=chat_template(),
+            image_seq_length=config.image_seq_length,
+            pad_to_square=True,
+        )
     return model.eval(), processor
 
 
@@ -233,8 +287,8 @@ def convert_processor(source, config: MMLLMConfig):
     """An `MMLLMProcessor` from a converted checkpoint folder's own processor (None when it has none)."""
     from transformers import AutoProcessor
 
+    from ..processing_mmllm import MMLLMProcessor
     from .presets import chat_template
-    from .processing_mmllm import MMLLMProcessor
 
     try:
         original = AutoProcessor.from_pretrained(source)
@@ -245,9 +299,12 @@ def convert_processor(source, config: MMLLMConfig):
         token = tokenizer.convert_ids_to_tokens(config.image_token_id)
         tokenizer = AutoTokenizer.from_pretrained(source, extra_special_tokens={"image_token": token})
     tokenizer.padding_side = "left"
-    return MMLLMProcessor(image_processor=original.image_processor, tokenizer=tokenizer,
-                          chat_template=getattr(original, "chat_template", None) or chat_template(),
-                          image_seq_length=config.image_seq_length)
+    return MMLLMProcessor(
+        image_processor=original.image_processor,
+        tokenizer=tokenizer,
+        chat_template=getattr(original, "chat_template", None) or chat_template(),
+        image_seq_length=config.image_seq_length,
+    )
 
 
 def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
@@ -276,4 +333,11 @@ def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
     return model.eval()
 
 
-__all__ = ["convert_abstractor_state_dict", "convert_processor", "from_blip2", "from_llava", "from_mplug_owl2", "rename_keys"]
+__all__ = [
+    "convert_abstractor_state_dict",
+    "convert_processor",
+    "from_blip2",
+    "from_llava",
+    "from_mplug_owl2",
+    "rename_keys",
+]

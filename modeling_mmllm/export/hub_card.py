@@ -6,7 +6,7 @@ from pathlib import Path
 from huggingface_hub import ModelCard, ModelCardData
 from transformers.dynamic_module_utils import get_relative_import_files
 
-from .presets import asset_dir
+from ..builders.presets import asset_dir
 
 DEFAULT_LICENSE = "apache-2.0"
 
@@ -28,7 +28,8 @@ def _component_rows(config) -> dict[str, str]:
         "modality_adaptive": (
             f"per-modality K/V and norms for modalities {config.modality_adaptive_modalities} in "
             f"{'all' if config.modality_adaptive_layers is None else config.modality_adaptive_layers} decoder layers"
-            if config.modality_adaptive else "off"
+            if config.modality_adaptive
+            else "off"
         ),
         **_output_rows(config),
     }
@@ -47,18 +48,25 @@ def _output_rows(config) -> dict[str, str]:
     )
     if generator["type"] == "builtin":
         size = generator["image_size"]
-        return {"output_projector": projector,
-                "generator": f"built-in image decoder (weights in this checkpoint): {shape} conditioning → "
-                             f"{size}×{size} RGB images"}
+        return {
+            "output_projector": projector,
+            "generator": f"built-in image decoder (weights in this checkpoint): {shape} conditioning → "
+            f"{size}×{size} RGB images",
+        }
     pretrained = str(generator.get("pretrained"))
     # A name without "/" is a sub-folder of the saved model (where save_pretrained writes a local pipeline).
-    source = (f"the diffusers pipeline in this repository's `{pretrained}/` sub-folder" if "/" not in pretrained
-              else f"the diffusers pipeline `{pretrained}` (referenced, not copied)")
+    source = (
+        f"the diffusers pipeline in this repository's `{pretrained}/` sub-folder"
+        if "/" not in pretrained
+        else f"the diffusers pipeline `{pretrained}` (referenced, not copied)"
+    )
     steps = generator.get("num_inference_steps")
-    return {"output_projector": projector,
-            "generator": f"{source}, conditioned through `prompt_embeds` of {shape}"
-                         + (f", {steps} denoising steps" if steps else "")
-                         + "; generating images needs diffusers: `pip install mmllm[generation]`"}
+    return {
+        "output_projector": projector,
+        "generator": f"{source}, conditioned through `prompt_embeds` of {shape}"
+        + (f", {steps} denoising steps" if steps else "")
+        + "; generating images needs diffusers: `pip install mmllm[generation]`",
+    }
 
 
 def _any_to_any(config) -> bool:
@@ -70,17 +78,32 @@ def _any_to_any_usage(config, repo_id: str) -> str:
     """Markdown: how to call the model through `pipeline("any-to-any")` (empty for image-text-to-text models)."""
     if not _any_to_any(config):
         return ""
-    uses = [use for use, on in (("Audio questions", config.audio_config is not None),
-                                ("generated images", config.image_generation)) if on]
-    lines = ["", f"{' and '.join(uses).capitalize()} go through `pipeline(\"any-to-any\")`:", "", "```python",
-             f'pipe = pipeline("any-to-any", model="{repo_id}", trust_remote_code=True)']
+    uses = [
+        use
+        for use, on in (
+            ("Audio questions", config.audio_config is not None),
+            ("generated images", config.image_generation),
+        )
+        if on
+    ]
+    lines = [
+        "",
+        f'{" and ".join(uses).capitalize()} go through `pipeline("any-to-any")`:',
+        "",
+        "```python",
+        f'pipe = pipeline("any-to-any", model="{repo_id}", trust_remote_code=True)',
+    ]
     if config.audio_config is not None:
-        lines += ['messages = [{"role": "user", "content": [{"type": "audio", "path": "question.wav"}, '
-                  '{"type": "text", "text": "What do you hear?"}]}]',
-                  'print(pipe(text=messages, generate_kwargs={"max_new_tokens": 32}))']
+        lines += [
+            'messages = [{"role": "user", "content": [{"type": "audio", "path": "question.wav"}, '
+            '{"type": "text", "text": "What do you hear?"}]}]',
+            'print(pipe(text=messages, generate_kwargs={"max_new_tokens": 32}))',
+        ]
     if config.image_generation:
-        lines += ['messages = [{"role": "user", "content": [{"type": "text", "text": "Draw a red circle."}]}]',
-                  'image = pipe(text=messages, generation_mode="image")[0]["generated_image"]  # a PIL image']
+        lines += [
+            'messages = [{"role": "user", "content": [{"type": "text", "text": "Draw a red circle."}]}]',
+            'image = pipe(text=messages, generation_mode="image")[0]["generated_image"]  # a PIL image',
+        ]
     return "\n".join(lines + ["```"])
 
 
@@ -89,12 +112,19 @@ def _training_section(folder: Path | None) -> str:
     lines = []
     history = folder / "training_history.json" if folder else None
     if history and history.is_file():
-        lines += ["## Training", "", "| stage | data | steps | final train loss | frozen | LoRA |", "|---|---|---|---|---|---|"]
+        lines += [
+            "## Training",
+            "",
+            "| stage | data | steps | final train loss | frozen | LoRA |",
+            "|---|---|---|---|---|---|",
+        ]
         for stage in json.loads(history.read_text()):
             data = ", ".join(f"{k}={v}" for k, v in stage["data"].items())
             frozen = ", ".join(stage["frozen"]) or "nothing"
-            lines.append(f"| {stage['recipe']} | {data} | {stage['steps']} | {stage['train_loss']:.4f} | {frozen} | "
-                         f"{'yes' if stage['lora'] else 'no'} |")
+            lines.append(
+                f"| {stage['recipe']} | {data} | {stage['steps']} | {stage['train_loss']:.4f} | {frozen} | "
+                f"{'yes' if stage['lora'] else 'no'} |"
+            )
         lines.append("")
     metrics = folder / "eval_results.json" if folder else None
     if metrics and metrics.is_file():
@@ -104,8 +134,9 @@ def _training_section(folder: Path | None) -> str:
     return "\n".join(lines)
 
 
-def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_LICENSE,
-                      folder: Path | None = None) -> ModelCard:
+def render_model_card(
+    model, repo_id: str | None = None, license: str = DEFAULT_LICENSE, folder: Path | None = None
+) -> ModelCard:
     """The card of `model` (or of a PEFT adapter over it): Hub metadata, the five components, training stages and
     metrics recorded in `folder`, how to load it, what remote code runs."""
     adapter = hasattr(model, "get_base_model")
@@ -136,13 +167,20 @@ def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_
         model_name=repo_id or ("mmllm LoRA adapter" if adapter else "mmllm model"),
         repo_id=repo_id or "path/to/this/folder",
         architecture_line=f"{config.vision_config.model_type} encoder + {config.projector_type} projector + "
-        f"{config.text_config.model_type} backbone" + (" with the modality-adaptive module" if
-                                                        config.modality_adaptive else "")
-        + (f", generating images through a {config.output_projector_type} output projector and the "
-           f"{config.modality_generator['type']} image generator" if config.image_generation else ""),
-        parameters=f"Parameters: {base.num_parameters():,}." + (" This folder holds a LoRA adapter: load the base "
-                                                                "model, then `PeftModel.from_pretrained(base, folder)`."
-                                                                if adapter else ""),
+        f"{config.text_config.model_type} backbone"
+        + (" with the modality-adaptive module" if config.modality_adaptive else "")
+        + (
+            f", generating images through a {config.output_projector_type} output projector and the "
+            f"{config.modality_generator['type']} image generator"
+            if config.image_generation
+            else ""
+        ),
+        parameters=f"Parameters: {base.num_parameters():,}."
+        + (
+            " This folder holds a LoRA adapter: load the base model, then `PeftModel.from_pretrained(base, folder)`."
+            if adapter
+            else ""
+        ),
         code_files=", ".join(f"`{name}`" for name in hub_set),
         training=_training_section(folder),
         any_to_any_usage=_any_to_any_usage(config, repo_id or "path/to/this/folder"),
@@ -152,7 +190,7 @@ def render_model_card(model, repo_id: str | None = None, license: str = DEFAULT_
 
 def hub_set_files() -> list[str]:
     """The files `save_pretrained` copies next to a checkpoint: the model and processor modules and their imports."""
-    package = Path(__file__).parent
+    package = Path(__file__).parents[1]  # the hub set sits at the package root
     entries = [str(package / "modeling_mmllm.py"), str(package / "processing_mmllm.py")]
     files = set(entries)
     for entry in entries:

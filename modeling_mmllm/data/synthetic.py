@@ -37,13 +37,23 @@ QUESTIONS = {
     "position": "Are the shapes on the left or the right?",
 }
 TEXT_FACTS = (
-    ("What is one plus one?", "two"), ("What is one plus two?", "three"), ("What is two plus one?", "three"),
-    ("What comes after one?", "two"), ("What comes after two?", "three"), ("What comes before two?", "one"),
-    ("What is the opposite of left?", "right"), ("What is the opposite of right?", "left"),
-    ("What is the opposite of small?", "large"), ("What is the opposite of large?", "small"),
-    ("What colour is grass?", "green"), ("What colour is the sky?", "blue"), ("What colour is a lemon?", "yellow"),
-    ("What colour is blood?", "red"), ("How many corners does a triangle have?", "three"),
-    ("How many corners does a circle have?", "zero"), ("Which shape is round?", "circle"),
+    ("What is one plus one?", "two"),
+    ("What is one plus two?", "three"),
+    ("What is two plus one?", "three"),
+    ("What comes after one?", "two"),
+    ("What comes after two?", "three"),
+    ("What comes before two?", "one"),
+    ("What is the opposite of left?", "right"),
+    ("What is the opposite of right?", "left"),
+    ("What is the opposite of small?", "large"),
+    ("What is the opposite of large?", "small"),
+    ("What colour is grass?", "green"),
+    ("What colour is the sky?", "blue"),
+    ("What colour is a lemon?", "yellow"),
+    ("What colour is blood?", "red"),
+    ("How many corners does a triangle have?", "three"),
+    ("How many corners does a circle have?", "zero"),
+    ("Which shape is round?", "circle"),
     ("Which shape has four equal sides?", "square"),
 )
 SPLIT_SEEDS = {"train": 0, "heldout": 1_000_003}
@@ -51,28 +61,34 @@ SPLIT_SEEDS = {"train": 0, "heldout": 1_000_003}
 CANONICAL_ROWS = {1: (1,), 2: (0, 2), 3: (0, 1, 2)}
 GENERATION_PROMPTS = ("Draw {}.", "Make a picture of {}.", "Show me {}.", "Paint {}.", "Generate an image of {}.")
 HELDOUT_SCENE_EVERY = 7  # scene `i` of `all_scenes()` is held out for generation when i % 7 == 3
-FEATURES = Features({
-    "images": Sequence(Image()),
-    "messages": [{"role": Value("string"), "content": Value("string")}],
-    "kind": Value("string"),
-    "answer": Value("string"),
-})
+FEATURES = Features(
+    {
+        "images": Sequence(Image()),
+        "messages": [{"role": Value("string"), "content": Value("string")}],
+        "kind": Value("string"),
+        "answer": Value("string"),
+    }
+)
 # Typed-part messages (`{"type", "text"}`): what rows with an assistant image part need, since a column cannot
 # mix string and list content. `generation_*` are None on rows that ask for no image.
 PART = {"type": Value("string"), "text": Value("string")}
-GENERATION_FEATURES = Features({
-    "images": Sequence(Image()),
-    "messages": [{"role": Value("string"), "content": [PART]}],
-    "kind": Value("string"),
-    "answer": Value("string"),
-    "generation_caption": Value("string"),
-    "generation_image": Image(),
-})
+GENERATION_FEATURES = Features(
+    {
+        "images": Sequence(Image()),
+        "messages": [{"role": Value("string"), "content": [PART]}],
+        "kind": Value("string"),
+        "answer": Value("string"),
+        "generation_caption": Value("string"),
+        "generation_image": Image(),
+    }
+)
 # Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
-AUDIO_FEATURES = Features({
-    **FEATURES,
-    "audio": [{"array": Sequence(Value("float32")), "sampling_rate": Value("int32")}],
-})
+AUDIO_FEATURES = Features(
+    {
+        **FEATURES,
+        "audio": [{"array": Sequence(Value("float32")), "sampling_rate": Value("int32")}],
+    }
+)
 
 
 @dataclass(frozen=True)
@@ -90,15 +106,21 @@ class Scene:
         return f"{NUMBERS[self.count]} {self.size} {self.colour} {noun} on the {self.position}"
 
     def answer(self, kind: str) -> str:
-        return {"colour": self.colour, "shape": self.shape, "count": NUMBERS[self.count], "size": self.size,
-                "position": self.position}[kind]
+        return {
+            "colour": self.colour,
+            "shape": self.shape,
+            "count": NUMBERS[self.count],
+            "size": self.size,
+            "position": self.position,
+        }[kind]
 
     @classmethod
     def from_description(cls, text: str) -> "Scene":
         """The scene `describe()` wrote ("two large red circles on the left")."""
         number, size, colour, noun, *_, position = text.split()
-        return cls(shape=noun.removesuffix("s"), colour=colour, size=size, position=position,
-                   count=NUMBERS.index(number))
+        return cls(
+            shape=noun.removesuffix("s"), colour=colour, size=size, position=position, count=NUMBERS.index(number)
+        )
 
 
 def all_scenes() -> list[Scene]:
@@ -110,14 +132,15 @@ def generation_scenes(split: str) -> list[Scene]:
     """The scenes image-generation rows of `split` ask for: the held-out ones are new combinations of attribute
     values every one of which the train split also shows (each shape-colour pair keeps most of its scenes)."""
     heldout = split == "heldout"
-    return [scene for index, scene in enumerate(all_scenes())
-            if (index % HELDOUT_SCENE_EVERY == 3) == heldout]
+    return [scene for index, scene in enumerate(all_scenes()) if (index % HELDOUT_SCENE_EVERY == 3) == heldout]
 
 
 def random_scene(rng: np.random.Generator) -> Scene:
     return Scene(
-        shape=SHAPES[rng.integers(len(SHAPES))], colour=list(COLOURS)[rng.integers(len(COLOURS))],
-        size=list(SIZES)[rng.integers(len(SIZES))], position=POSITIONS[rng.integers(len(POSITIONS))],
+        shape=SHAPES[rng.integers(len(SHAPES))],
+        colour=list(COLOURS)[rng.integers(len(COLOURS))],
+        size=list(SIZES)[rng.integers(len(SIZES))],
+        position=POSITIONS[rng.integers(len(POSITIONS))],
         count=int(rng.integers(1, 4)),
     )
 
@@ -175,15 +198,25 @@ def image_rows(n: int, split: str, task: str, image_size: int = 64, seed: int = 
 
 def text_rows(repeats: int = 1) -> list[dict]:
     """The text-only facts as conversations (no images), `repeats` times each."""
-    return [{"images": [], "messages": _conversation(q, a), "kind": "text", "answer": a}
-            for _ in range(repeats) for q, a in TEXT_FACTS]
+    return [
+        {"images": [], "messages": _conversation(q, a), "kind": "text", "answer": a}
+        for _ in range(repeats)
+        for q, a in TEXT_FACTS
+    ]
 
 
 def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
     """Text-only pre-training: scene descriptions as sentences and the facts (stage 0 has no pretrained LLM)."""
     rng = np.random.default_rng(seed + 7)
-    rows = [{"images": [], "messages": _conversation("Say something.", f"I see {random_scene(rng).describe()}."),
-             "kind": "corpus", "answer": ""} for _ in range(n)]
+    rows = [
+        {
+            "images": [],
+            "messages": _conversation("Say something.", f"I see {random_scene(rng).describe()}."),
+            "kind": "corpus",
+            "answer": "",
+        }
+        for _ in range(n)
+    ]
     return rows + text_rows(repeats=max(1, n // (4 * len(TEXT_FACTS))))
 
 
@@ -196,10 +229,19 @@ def generation_rows(n: int, split: str = "train", image_size: int = 64, seed: in
     for _ in range(n):
         scene = scenes[rng.integers(len(scenes))]
         prompt = GENERATION_PROMPTS[rng.integers(len(GENERATION_PROMPTS))].format(scene.describe())
-        rows.append({"images": [], "messages": [{"role": "user", "content": [_text(prompt)]},
-                                                {"role": "assistant", "content": [{"type": "image", "text": None}]}],
-                     "kind": "generate", "answer": scene.describe(), "generation_caption": scene.describe(),
-                     "generation_image": render(scene, rng, image_size, jitter=False)})
+        rows.append(
+            {
+                "images": [],
+                "messages": [
+                    {"role": "user", "content": [_text(prompt)]},
+                    {"role": "assistant", "content": [{"type": "image", "text": None}]},
+                ],
+                "kind": "generate",
+                "answer": scene.describe(),
+                "generation_caption": scene.describe(),
+                "generation_image": render(scene, rng, image_size, jitter=False),
+            }
+        )
     return rows
 
 
@@ -211,8 +253,10 @@ def _as_parts(row: dict) -> dict:
     """A string-content row in the typed-part form of generation datasets (image placeholders first, as TRL puts
     them), with no generation target."""
     images = [{"type": "image", "text": None}] * len(row["images"])
-    messages = [{"role": message["role"], "content": [*(images if index == 0 else []), _text(message["content"])]}
-                for index, message in enumerate(row["messages"])]
+    messages = [
+        {"role": message["role"], "content": [*(images if index == 0 else []), _text(message["content"])]}
+        for index, message in enumerate(row["messages"])
+    ]
     return {**row, "messages": messages, "generation_caption": None, "generation_image": None}
 
 
@@ -246,7 +290,7 @@ def synthesize(sound: Sound, rng: np.random.Generator) -> np.ndarray:
         start = index * slot + int(rng.integers(0, max(1, slot - duration)))
         frequency = PITCHES[sound.pitch] * rng.uniform(0.9, 1.1)
         time = np.arange(duration) / SAMPLING_RATE
-        waveform[start:start + duration] += 0.5 * np.sin(2 * np.pi * frequency * time) * np.hanning(duration)
+        waveform[start : start + duration] += 0.5 * np.sin(2 * np.pi * frequency * time) * np.hanning(duration)
     return waveform
 
 
@@ -257,9 +301,15 @@ def audio_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     for _ in range(n):
         sound = random_sound(rng)
         kind = list(AUDIO_QUESTIONS)[rng.integers(len(AUDIO_QUESTIONS))]
-        rows.append({"images": [], "audio": [{"array": synthesize(sound, rng), "sampling_rate": SAMPLING_RATE}],
-                     "messages": _conversation(AUDIO_QUESTIONS[kind], sound.answer(kind)), "kind": kind,
-                     "answer": sound.answer(kind)})
+        rows.append(
+            {
+                "images": [],
+                "audio": [{"array": synthesize(sound, rng), "sampling_rate": SAMPLING_RATE}],
+                "messages": _conversation(AUDIO_QUESTIONS[kind], sound.answer(kind)),
+                "kind": kind,
+                "answer": sound.answer(kind),
+            }
+        )
     return rows
 
 
@@ -289,11 +339,30 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     elif task == "joint":
         rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
     else:
-        raise ValueError(f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, generate "
-                         "or generate-joint.")
+        raise ValueError(
+            f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, generate "
+            "or generate-joint."
+        )
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
 
-__all__ = ["AUDIO_QUESTIONS", "COLOURS", "GENERATION_PROMPTS", "QUESTIONS", "SAMPLING_RATE", "SHAPES", "TEXT_FACTS",
-           "Scene", "Sound", "all_scenes", "audio_rows", "generation_rows", "generation_scenes", "make_dataset",
-           "random_scene", "random_sound", "render", "synthesize"]
+__all__ = [
+    "AUDIO_QUESTIONS",
+    "COLOURS",
+    "GENERATION_PROMPTS",
+    "QUESTIONS",
+    "SAMPLING_RATE",
+    "SHAPES",
+    "TEXT_FACTS",
+    "Scene",
+    "Sound",
+    "all_scenes",
+    "audio_rows",
+    "generation_rows",
+    "generation_scenes",
+    "make_dataset",
+    "random_scene",
+    "random_sound",
+    "render",
+    "synthesize",
+]

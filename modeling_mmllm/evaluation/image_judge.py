@@ -15,7 +15,7 @@ from PIL import ImageFilter
 from torch import nn
 from torch.nn import functional as F
 
-from .synthetic import COLOURS, SHAPES, SPLIT_SEEDS, random_scene, render
+from ..data.synthetic import COLOURS, SHAPES, SPLIT_SEEDS, random_scene, render
 
 JUDGE_SIZE = 32
 ATTRIBUTES = {"shape": SHAPES, "colour": tuple(COLOURS)}
@@ -67,8 +67,14 @@ def judge_data(n: int, split: str = "train", seed: int = 0) -> tuple[torch.Tenso
 
 
 @functools.lru_cache(maxsize=2)
-def train_judge(n: int = 2000, steps: int = 300, batch_size: int = 64, learning_rate: float = 5e-3,
-                seed: int = 0, heldout: int = 600) -> tuple[ShapeColourJudge, dict[str, float]]:
+def train_judge(
+    n: int = 2000,
+    steps: int = 300,
+    batch_size: int = 64,
+    learning_rate: float = 5e-3,
+    seed: int = 0,
+    heldout: int = 600,
+) -> tuple[ShapeColourJudge, dict[str, float]]:
     """Train the judge on rendered scenes; returns it and its accuracy per attribute on `heldout` real images of
     the held-out split (plus `seconds`). Training is deterministic, so a process trains each judge once: later
     calls with the same arguments return the same (judge, scores) — use the judge, don't train it further."""
@@ -97,8 +103,14 @@ def train_judge(n: int = 2000, steps: int = 300, batch_size: int = 64, learning_
 def judge_accuracy(judge: ShapeColourJudge, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> dict[str, float]:
     """Accuracy per attribute of the judge's readings against label indices."""
     readings = judge.judge(images)
-    return {name: float(np.mean([ATTRIBUTES[name].index(reading[name]) == int(label)
-                                 for reading, label in zip(readings, labels[name])])) for name in ATTRIBUTES}
+    return {
+        name: float(
+            np.mean(
+                [ATTRIBUTES[name].index(reading[name]) == int(label) for reading, label in zip(readings, labels[name])]
+            )
+        )
+        for name in ATTRIBUTES
+    }
 
 
 def pixel_colours(images: torch.Tensor, min_saturation: float = 0.25) -> list[str | None]:

@@ -41,7 +41,6 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 """
 
 import json
-import shutil
 import sys
 import time
 from contextlib import contextmanager
@@ -56,33 +55,62 @@ from torch.nn import functional as F
 from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
-from .configuration_mmllm import MMLLMConfig
-from .data import load_training_data
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .presets import load_processor_preset
-from .processing_mmllm import MMLLMProcessor
-from .saving import atomic_folder, save_model_folder, write_adapter_card
+from ..builders.presets import load_processor_preset
+from ..configuration_mmllm import MMLLMConfig
+from ..data.loading import load_training_data
+from ..export.saving import atomic_folder, save_model_folder, write_adapter_card
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..processing_mmllm import MMLLMProcessor
 
-RECIPE_KEYS = {"model", "data", "bad_rows", "freeze", "train_modality_adaptive", "vision_lr_decay", "lora",
-               "merge_lora", "chat_template", "eval", "train_signal_tokens", "generator_pretraining",
-               "alignment_loss_weight", "image_loss_weight", "signal_embedding_lr_scale",
-               "whiten_signal_states"}
+RECIPE_KEYS = {
+    "model",
+    "data",
+    "bad_rows",
+    "freeze",
+    "train_modality_adaptive",
+    "vision_lr_decay",
+    "lora",
+    "merge_lora",
+    "chat_template",
+    "eval",
+    "train_signal_tokens",
+    "generator_pretraining",
+    "alignment_loss_weight",
+    "image_loss_weight",
+    "signal_embedding_lr_scale",
+    "whiten_signal_states",
+}
 SFT_FIELDS = {f.name for f in fields(SFTConfig)}
 COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output_projector", "modality_generator")
 IMAGE_GENERATION_KEYS = ("output_projector_type", "num_signal_tokens", "modality_generator", "output_projector_config")
 # What a recipe that adds image generation freezes unless it says otherwise: all but the output projector
 # (NExT-GPT's encoding-side alignment; the signal tokens' rows train too, see `train_signal_tokens`).
 ALIGNMENT_FREEZE = ["vision_tower", "multi_modal_projector", "language_model", "modality_generator"]
-GENERATOR_PRETRAINING = {"steps": 600, "learning_rate": 2e-3, "batch_size": 32, "n": 2000, "warmup_steps": 20,
-                         "data": None, "seed": 0, "logging_steps": 100}
+GENERATOR_PRETRAINING = {
+    "steps": 600,
+    "learning_rate": 2e-3,
+    "batch_size": 32,
+    "n": 2000,
+    "warmup_steps": 20,
+    "data": None,
+    "seed": 0,
+    "logging_steps": 100,
+}
 # Learning-rate scale of the input embeddings while only their signal rows train: at the output projector's rate the
 # new rows grow far beyond the trained ones and drown the prompt in the residual stream at the signal positions.
 SIGNAL_EMBEDDING_LR_SCALE = 0.01
 # Collated keys that carry generation targets to `MMLLMTrainer.compute_loss` (never model inputs).
 GENERATION_TARGETS = ("generation_captions", "generation_pixel_values")
 # Defaults that make a recipe run on a CPU unless it says otherwise.
-SFT_DEFAULTS = {"report_to": "none", "save_strategy": "steps", "save_steps": 500, "logging_steps": 10,
-                "assistant_only_loss": True, "max_length": None, "save_only_model": False}
+SFT_DEFAULTS = {
+    "report_to": "none",
+    "save_strategy": "steps",
+    "save_steps": 500,
+    "logging_steps": 10,
+    "assistant_only_loss": True,
+    "max_length": None,
+    "save_only_model": False,
+}
 HISTORY_FILE = "training_history.json"
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
 
@@ -92,7 +120,7 @@ def recipe_path(name_or_path: str) -> Path:
     path = Path(name_or_path)
     if path.is_file():
         return path
-    from .presets import asset_dir
+    from ..builders.presets import asset_dir
 
     shipped = asset_dir("training_recipes") / f"{Path(name_or_path).stem}.yaml"
     if shipped.is_file():
@@ -155,8 +183,9 @@ def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcess
     return model, processor
 
 
-def enable_generation(model: MMLLMForConditionalGeneration, processor: MMLLMProcessor, settings: dict,
-                      seed: int = 0) -> None:
+def enable_generation(
+    model: MMLLMForConditionalGeneration, processor: MMLLMProcessor, settings: dict, seed: int = 0
+) -> None:
     """`model.enable_image_generation(processor, **settings)` with the recipe's keys checked and a fixed seed; the
     signal tokens' input embeddings start as distinct samples (`sample_signal_embeddings`)."""
     unknown = set(settings) - set(IMAGE_GENERATION_KEYS)
@@ -200,7 +229,7 @@ def load_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcesso
         model = MMLLMForConditionalGeneration.from_pretrained(folder, **load_kwargs(spec))
         return model, MMLLMProcessor.from_pretrained(folder)
     if "mplug_owl2" in spec:
-        from .conversion import from_mplug_owl2
+        from ..builders.conversion import from_mplug_owl2
 
         model, processor = from_mplug_owl2(spec["mplug_owl2"])
         if processor is None:
@@ -208,8 +237,9 @@ def load_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcesso
         return model, processor
     if "components" in spec:
         components = dict(spec["components"])
-        return MMLLMForConditionalGeneration.from_components(components.pop("vision"), components.pop("text"),
-                                                             **components)
+        return MMLLMForConditionalGeneration.from_components(
+            components.pop("vision"), components.pop("text"), **components
+        )
     raise ValueError("The recipe's model needs one of `preset`, `path` or `components`.")
 
 
@@ -219,13 +249,21 @@ def load_kwargs(spec: dict) -> dict:
     if spec.get("quantization"):
         from transformers import BitsAndBytesConfig
 
-        bits = {"4bit": {"load_in_4bit": True, "bnb_4bit_quant_type": "nf4", "bnb_4bit_compute_dtype": torch.bfloat16,
-                         "bnb_4bit_use_double_quant": True}, "8bit": {"load_in_8bit": True}}
+        bits = {
+            "4bit": {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_compute_dtype": torch.bfloat16,
+                "bnb_4bit_use_double_quant": True,
+            },
+            "8bit": {"load_in_8bit": True},
+        }
         if spec["quantization"] not in bits:
             raise ValueError(f"quantization={spec['quantization']!r}: use 4bit (QLoRA) or 8bit.")
         # The vision tower and the projector stay in full precision; only the LLM is quantized.
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            **bits[spec["quantization"]], llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+            **bits[spec["quantization"]], llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"]
+        )
     return kwargs
 
 
@@ -247,8 +285,10 @@ def apply_freeze_policy(model: nn.Module, recipe: dict) -> None:
     for name in frozen:
         component = getattr(model.model, name)
         if component is None:
-            raise ValueError(f"The recipe freezes {name!r}, which this model does not have: drop it from `freeze` "
-                             "(or add image generation with `model: {image_generation: ...}`).")
+            raise ValueError(
+                f"The recipe freezes {name!r}, which this model does not have: drop it from `freeze` "
+                "(or add image generation with `model: {image_generation: ...}`)."
+            )
         if isinstance(component, nn.Module):  # a diffusers generator is no module: it is always frozen
             component.requires_grad_(False)
         if name == "language_model":
@@ -263,12 +303,16 @@ def signal_rows_train(model: MMLLMForConditionalGeneration, recipe: dict) -> boo
     the model has signal tokens, its LM head is frozen and there is no LoRA (which uses PEFT's trainable tokens)."""
     setting = recipe.get("train_signal_tokens")
     if setting and not model.config.signal_token_ids:
-        raise ValueError("train_signal_tokens needs signal tokens: add image generation with "
-                         "`model: {image_generation: ...}` first.")
+        raise ValueError(
+            "train_signal_tokens needs signal tokens: add image generation with `model: {image_generation: ...}` first."
+        )
     if setting is not None:
         return bool(setting) and not model.get_output_embeddings().weight.requires_grad
-    return bool(model.config.signal_token_ids) and recipe.get("lora") is None and not (
-        model.get_output_embeddings().weight.requires_grad)
+    return (
+        bool(model.config.signal_token_ids)
+        and recipe.get("lora") is None
+        and not (model.get_output_embeddings().weight.requires_grad)
+    )
 
 
 def train_token_rows(model: nn.Module, token_ids: list[int]) -> set[str]:
@@ -278,8 +322,9 @@ def train_token_rows(model: nn.Module, token_ids: list[int]) -> set[str]:
     A frozen LM head cannot learn to emit new tokens; training only their rows is what teaches a frozen LLM the
     signal tokens. Returns the names of the row-masked parameters (a tied head is one parameter).
     """
-    weights = {id(weight): weight for weight in (model.get_input_embeddings().weight,
-                                                 model.get_output_embeddings().weight)}
+    weights = {
+        id(weight): weight for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    }
     for weight in weights.values():
         mask_gradient_rows(weight, token_ids)
     return {name for name, parameter in model.named_parameters() if id(parameter) in weights}
@@ -319,10 +364,18 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
     """
     from peft import LoraConfig
 
-    targets = [name for name, module in model.named_modules()
-               if isinstance(module, nn.Linear) and name.startswith("model.language_model.")]
-    defaults = {"r": 8, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": targets,
-                "modules_to_save": ["multi_modal_projector"]}
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("model.language_model.")
+    ]
+    defaults = {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "modules_to_save": ["multi_modal_projector"],
+    }
     if model.config.signal_token_ids:
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
         name = next(name for name, module in model.named_modules() if module is embeddings)
@@ -355,8 +408,10 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
             batch["generation_captions"] = [caption for caption in captions if caption]
             if self.target_images:
                 if any(image is None for image in targets):
-                    raise ValueError("image_loss_weight needs the target image of every drawing request: give those rows "
-                                     "a generation_image, or set image_loss_weight to 0.")
+                    raise ValueError(
+                        "image_loss_weight needs the target image of every drawing request: give those rows "
+                        "a generation_image, or set image_loss_weight to 0."
+                    )
                 batch["generation_pixel_values"] = pixel_tensor(targets)
         return batch
 
@@ -364,17 +419,31 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         """Assistant image parts as text parts holding the signal tokens (what the chat template renders them as):
         TRL would count them as input images to fill."""
         messages = example["messages"]
-        produced = any(isinstance(message["content"], list) and message["role"] == "assistant"
-                       and any(part["type"] == "image" for part in message["content"]) for message in messages)
+        produced = any(
+            isinstance(message["content"], list)
+            and message["role"] == "assistant"
+            and any(part["type"] == "image" for part in message["content"])
+            for message in messages
+        )
         if not produced:
             return example
         signal = "".join(self.processor.signal_tokens)
         if not signal:
-            raise ValueError("A row's assistant turn has an image part, but the processor has no signal tokens "
-                             "<gen_img_i>: add image generation to the model first (`model: {image_generation: ...}`).")
-        messages = [{**message, "content": [{"type": "text", "text": signal} if part["type"] == "image" else part
-                                            for part in message["content"]]} if message["role"] == "assistant"
-                    else message for message in messages]
+            raise ValueError(
+                "A row's assistant turn has an image part, but the processor has no signal tokens "
+                "<gen_img_i>: add image generation to the model first (`model: {image_generation: ...}`)."
+            )
+        messages = [
+            {
+                **message,
+                "content": [
+                    {"type": "text", "text": signal} if part["type"] == "image" else part for part in message["content"]
+                ],
+            }
+            if message["role"] == "assistant"
+            else message
+            for message in messages
+        ]
         return {**example, "messages": messages}
 
     def _with_audio_parts(self, example: dict) -> dict:
@@ -385,13 +454,17 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         rate = self.processor.audio_features.sampling_rate
         for clip in clips:
             if clip["sampling_rate"] != rate:
-                raise ValueError(f"An audio clip is sampled at {clip['sampling_rate']} Hz but the audio encoder "
-                                 f"expects {rate} Hz: resample the dataset first (datasets' cast_column).")
+                raise ValueError(
+                    f"An audio clip is sampled at {clip['sampling_rate']} Hz but the audio encoder "
+                    f"expects {rate} Hz: resample the dataset first (datasets' cast_column)."
+                )
         messages = [dict(message) for message in example["messages"]]
         user = next(message for message in messages if message["role"] == "user")
-        user["content"] = [*({"type": "image"} for _ in example.get("images") or []),
-                           *({"type": "audio", "audio": np.asarray(clip["array"], dtype=np.float32)} for clip in clips),
-                           {"type": "text", "text": user["content"]}]
+        user["content"] = [
+            *({"type": "image"} for _ in example.get("images") or []),
+            *({"type": "audio", "audio": np.asarray(clip["array"], dtype=np.float32)} for clip in clips),
+            {"type": "text", "text": user["content"]},
+        ]
         return {**example, "messages": messages}
 
 
@@ -437,9 +510,16 @@ class MMLLMTrainer(SFTTrainer):
     by `train_token_rows`) get no weight decay, so their frozen rows stay bit-identical.
     """
 
-    def __init__(self, *args, vision_lr_decay: float | None = None, alignment_loss_weight: float = 1.0,
-                 image_loss_weight: float = 0.0, row_masked_parameters: set[str] | None = None,
-                 lr_scales: dict[str, float] | None = None, **kwargs):
+    def __init__(
+        self,
+        *args,
+        vision_lr_decay: float | None = None,
+        alignment_loss_weight: float = 1.0,
+        image_loss_weight: float = 0.0,
+        row_masked_parameters: set[str] | None = None,
+        lr_scales: dict[str, float] | None = None,
+        **kwargs,
+    ):
         self.vision_lr_decay = vision_lr_decay
         self.alignment_loss_weight = alignment_loss_weight
         self.image_loss_weight = image_loss_weight
@@ -463,15 +543,18 @@ class MMLLMTrainer(SFTTrainer):
         loss = loss + self.generation_loss(inner, captured["hidden_states"], inputs["input_ids"], targets) / steps
         return (loss, result[1]) if return_outputs else loss
 
-    def generation_loss(self, inner: nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor,
-                        targets: dict) -> torch.Tensor:
+    def generation_loss(
+        self, inner: nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor, targets: dict
+    ) -> torch.Tensor:
         """Weighted alignment (+ image) loss of the signal groups in the batch against the rows' targets."""
         captions = targets["generation_captions"]
         states = inner.signal_states(hidden_states, input_ids)
         if states.shape[0] != len(captions):
-            raise ValueError(f"{len(captions)} row(s) of the batch have a generation_caption but {states.shape[0]} "
-                             "signal-token group(s) made it into the batch: every such row needs one assistant image "
-                             "part, and max_length must not cut the answer (raise max_length or set it to null).")
+            raise ValueError(
+                f"{len(captions)} row(s) of the batch have a generation_caption but {states.shape[0]} "
+                "signal-token group(s) made it into the batch: every such row needs one assistant image "
+                "part, and max_length must not cut the answer (raise max_length or set it to null)."
+            )
         conditioning = inner.get_generation_conditioning(states)
         generator = inner.modality_generator
         mode = "train" if self.model.training else "eval"
@@ -484,8 +567,10 @@ class MMLLMTrainer(SFTTrainer):
             loss = loss + self.alignment_loss_weight * alignment
         if self.image_loss_weight:
             if "generation_pixel_values" not in targets:
-                raise ValueError("image_loss_weight needs the target images: the rows need a generation_image column "
-                                 "and the collator target_images=True (train() sets it).")
+                raise ValueError(
+                    "image_loss_weight needs the target images: the rows need a generation_image column "
+                    "and the collator target_images=True (train() sets it)."
+                )
             image = generator.image_loss(conditioning, targets["generation_pixel_values"].to(conditioning.device))
             self._metrics[mode]["image_loss"].append(image.item())
             loss = loss + self.image_loss_weight * image
@@ -502,8 +587,10 @@ class MMLLMTrainer(SFTTrainer):
             if parameter.requires_grad:
                 key = (scales.get(name, 1.0), self.args.weight_decay if name in decay_names else 0.0)
                 groups.setdefault(key, []).append(parameter)
-        param_groups = [{"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
-                        for (scale, decay), params in groups.items()]
+        param_groups = [
+            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()
+        ]
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_class(param_groups, **optimizer_kwargs)
@@ -547,25 +634,41 @@ def check_caption_lengths(captions: list[str], tokenizer, settings: dict) -> Non
     """The built-in generator cuts captions at `condition_length` tokens: refuse captions it would cut."""
     longest = max(len(tokenizer(caption, add_special_tokens=False)["input_ids"]) for caption in set(captions))
     if longest > settings["condition_length"]:
-        raise ValueError(f"Captions run to {longest} tokens but the built-in generator reads "
-                         f"condition_length={settings['condition_length']}: raise modality_generator.condition_length "
-                         f"to at least {longest}.")
+        raise ValueError(
+            f"Captions run to {longest} tokens but the built-in generator reads "
+            f"condition_length={settings['condition_length']}: raise modality_generator.condition_length "
+            f"to at least {longest}."
+        )
 
 
 def whitened_layer(model: MMLLMForConditionalGeneration) -> nn.Linear:
     """The output projector's input layer (a Linear on the LLM's hidden states), which `whiten_signal_states`
     fits and then keeps fixed."""
     hidden_size = model.config.text_config.hidden_size
-    layer = next((module for module in inner_model(model).output_projector.modules()
-                  if isinstance(module, nn.Linear) and module.in_features == hidden_size), None)
+    layer = next(
+        (
+            module
+            for module in inner_model(model).output_projector.modules()
+            if isinstance(module, nn.Linear) and module.in_features == hidden_size
+        ),
+        None,
+    )
     if layer is None:
-        raise ValueError("whiten_signal_states needs an output projector whose first layer is a Linear on the LLM's "
-                         "hidden states (the mlp and transformer types); drop the key for this one.")
+        raise ValueError(
+            "whiten_signal_states needs an output projector whose first layer is a Linear on the LLM's "
+            "hidden states (the mlp and transformer types); drop the key for this one."
+        )
     return layer
 
 
-def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: MultimodalCollator, dataset,
-                            rows: int = 512, batch_size: int = 32, eps: float = 1e-3) -> nn.Linear:
+def whiten_output_projector(
+    model: MMLLMForConditionalGeneration,
+    collator: MultimodalCollator,
+    dataset,
+    rows: int = 512,
+    batch_size: int = 32,
+    eps: float = 1e-3,
+) -> nn.Linear:
     """Fold a whitening of the signal-token states into the output projector's input layer, then freeze that layer.
 
     A trained LLM's last hidden states are ill-conditioned for a fresh projector: what tells prompts apart lies in
@@ -577,8 +680,11 @@ def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: Mult
     """
     inner = inner_model(model)
     layer = whitened_layer(model)
-    drawing = dataset.filter(lambda caption: bool(caption), input_columns="generation_caption") \
-        if "generation_caption" in dataset.column_names else []
+    drawing = (
+        dataset.filter(lambda caption: bool(caption), input_columns="generation_caption")
+        if "generation_caption" in dataset.column_names
+        else []
+    )
     if not len(drawing):
         raise ValueError("whiten_signal_states needs rows that ask for an image (a generation_caption column).")
     drawing = drawing.select(range(min(rows, len(drawing))))
@@ -587,10 +693,14 @@ def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: Mult
     model.eval()
     with torch.no_grad():
         for start in range(0, len(drawing), batch_size):
-            batch = collator.torch_call([dict(row) for row in drawing.select(range(start, min(start + batch_size,
-                                                                                                  len(drawing))))])
-            inputs = {key: value.to(layer.weight.device) for key, value in batch.items()
-                      if key in ("input_ids", "attention_mask", "mm_token_type_ids")}
+            batch = collator.torch_call(
+                [dict(row) for row in drawing.select(range(start, min(start + batch_size, len(drawing))))]
+            )
+            inputs = {
+                key: value.to(layer.weight.device)
+                for key, value in batch.items()
+                if key in ("input_ids", "attention_mask", "mm_token_type_ids")
+            }
             hidden = inner(**inputs).last_hidden_state
             states.append(inner.signal_states(hidden, inputs["input_ids"]).flatten(0, 1).double().cpu())
     model.train(was_training)
@@ -608,8 +718,12 @@ def whiten_output_projector(model: MMLLMForConditionalGeneration, collator: Mult
     return layer
 
 
-def pretrain_generator(model: MMLLMForConditionalGeneration, processor: MMLLMProcessor, settings: dict | None = None,
-                       device: str | torch.device | None = None) -> dict:
+def pretrain_generator(
+    model: MMLLMForConditionalGeneration,
+    processor: MMLLMProcessor,
+    settings: dict | None = None,
+    device: str | torch.device | None = None,
+) -> dict:
     """Train the built-in image generator (caption encoder + decoder) on (caption, image) pairs: its own
     `image_loss` of `encode_prompt(captions)`, a plain AdamW loop with warm-up and cosine decay.
 
@@ -625,11 +739,15 @@ def pretrain_generator(model: MMLLMForConditionalGeneration, processor: MMLLMPro
         raise ValueError(f"Unknown generator_pretraining keys {sorted(unknown)}: use {sorted(GENERATOR_PRETRAINING)}.")
     generator_config = model.config.modality_generator
     if generator_config is None:
-        raise ValueError("generator_pretraining needs a model that generates images: add "
-                         "`model: {image_generation: {...}}` to the recipe (or start from an any-to-any model).")
+        raise ValueError(
+            "generator_pretraining needs a model that generates images: add "
+            "`model: {image_generation: {...}}` to the recipe (or start from an any-to-any model)."
+        )
     if generator_config["type"] != "builtin":
-        raise ValueError(f"generator_pretraining trains the built-in generator; a {generator_config['type']!r} "
-                         "generator comes pretrained: remove generator_pretraining from the recipe.")
+        raise ValueError(
+            f"generator_pretraining trains the built-in generator; a {generator_config['type']!r} "
+            "generator comes pretrained: remove generator_pretraining from the recipe."
+        )
     generator, tokenizer = model.model.modality_generator, processor.tokenizer
     captions, images = generation_pairs(options["data"], options["n"], tokenizer)
     check_caption_lengths(captions, tokenizer, generator_config)
@@ -649,7 +767,9 @@ def pretrain_generator(model: MMLLMForConditionalGeneration, processor: MMLLMPro
         optimizer.zero_grad(set_to_none=True)
         recent = [*recent[-19:], loss.item()]
         if step % options["logging_steps"] == 0 or step == options["steps"]:
-            print(f"generator pre-training: step {step}/{options['steps']}, image loss {np.mean(recent):.4f}", flush=True)
+            print(
+                f"generator pre-training: step {step}/{options['steps']}, image loss {np.mean(recent):.4f}", flush=True
+            )
     generator.to(source_device)
     return {"steps": options["steps"], "loss": float(np.mean(recent)), "seconds": round(time.time() - start, 1)}
 
@@ -667,9 +787,12 @@ def generator_pretraining_record(output_dir: Path, settings: dict, record: dict 
         return None
     saved = json.loads(path.read_text())
     if saved["settings"] != settings:
-        print(f"warning: generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
-              f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again).",
-              file=sys.stderr, flush=True)
+        print(
+            f"warning: generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
+            f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again).",
+            file=sys.stderr,
+            flush=True,
+        )
     return saved["result"]
 
 
@@ -706,48 +829,72 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
     """
     args = sft_config(recipe)
     output_dir = Path(args.output_dir)
-    resume = last_complete_checkpoint(output_dir) if args.resume_from_checkpoint is None else args.resume_from_checkpoint
+    resume = (
+        last_complete_checkpoint(output_dir) if args.resume_from_checkpoint is None else args.resume_from_checkpoint
+    )
     model, processor = build_model(recipe["model"])
     if recipe.get("chat_template"):
         processor.chat_template = Path(recipe["chat_template"]).read_text()
     pretraining = None
     if recipe.get("generator_pretraining") is not None:  # a checkpoint holds the trained generator
-        pretraining = generator_pretraining_record(output_dir, recipe["generator_pretraining"], None if resume else
-                                                   pretrain_generator(model, processor, recipe["generator_pretraining"],
-                                                                      device=args.device))
+        pretraining = generator_pretraining_record(
+            output_dir,
+            recipe["generator_pretraining"],
+            None
+            if resume
+            else pretrain_generator(model, processor, recipe["generator_pretraining"], device=args.device),
+        )
     apply_freeze_policy(model, recipe)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows_train(model, recipe) else set()
     dataset = load_training_data(recipe["data"], bad_rows=recipe.get("bad_rows", "stop"))
     image_loss_weight = float(recipe.get("image_loss_weight", 0.0))
-    collator = MultimodalCollator(processor=processor, max_length=args.max_length,
-                                  assistant_only_loss=args.assistant_only_loss, target_images=image_loss_weight > 0)
+    collator = MultimodalCollator(
+        processor=processor,
+        max_length=args.max_length,
+        assistant_only_loss=args.assistant_only_loss,
+        target_images=image_loss_weight > 0,
+    )
     if recipe.get("whiten_signal_states"):
         if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
             whitened_layer(model).requires_grad_(False)
         else:
             whiten_output_projector(model, collator, dataset, rows=int(recipe["whiten_signal_states"]))
     trainer = MMLLMTrainer(
-        model=model, args=args, train_dataset=dataset, processing_class=processor, data_collator=collator,
+        model=model,
+        args=args,
+        train_dataset=dataset,
+        processing_class=processor,
+        data_collator=collator,
         peft_config=lora_config(model, recipe["lora"]) if recipe.get("lora") is not None else None,
-        vision_lr_decay=recipe.get("vision_lr_decay"), callbacks=callbacks,
-        alignment_loss_weight=float(recipe.get("alignment_loss_weight", 1.0)), image_loss_weight=image_loss_weight,
+        vision_lr_decay=recipe.get("vision_lr_decay"),
+        callbacks=callbacks,
+        alignment_loss_weight=float(recipe.get("alignment_loss_weight", 1.0)),
+        image_loss_weight=image_loss_weight,
         row_masked_parameters=row_masked,
         lr_scales=embedding_lr_scales(model, recipe.get("signal_embedding_lr_scale", SIGNAL_EMBEDDING_LR_SCALE))
-        if row_masked else None,
+        if row_masked
+        else None,
     )
     if recipe.get("lora") is not None and model.config.signal_token_ids:
         trainer.row_masked_parameters |= mask_peft_head_rows(trainer.model, model.config.signal_token_ids)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    stage = {"recipe": name, "data": recipe["data"], "steps": result.global_step, "train_loss": result.training_loss,
-             "frozen": frozen_components(recipe), "lora": recipe.get("lora") is not None}
+    stage = {
+        "recipe": name,
+        "data": recipe["data"],
+        "steps": result.global_step,
+        "train_loss": result.training_loss,
+        "frozen": frozen_components(recipe),
+        "lora": recipe.get("lora") is not None,
+    }
     if pretraining:
         stage["generator_pretraining"] = pretraining
     if row_masked:
         stage["trained_token_rows"] = list(model.config.signal_token_ids)
     if trainer.is_world_process_zero():
         metrics = evaluate_stage(trainer.model, processor, recipe["eval"]) if recipe.get("eval") else None
-        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False),
-                           metrics=metrics)
+        final = save_stage(
+            trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False), metrics=metrics
+        )
         if recipe.get("push_to_hub"):
             push_folder(final, recipe.get("hub_model_id"), private=bool(recipe.get("hub_private_repo")))
     return output_dir / "model"
@@ -756,7 +903,7 @@ def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> 
 def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, float]:
     """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`); with
     image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well."""
-    from .evaluation import evaluate_image_generation, exact_match
+    from ..evaluation.metrics import evaluate_image_generation, exact_match
 
     dataset = load_training_data(spec)
     if "generation_caption" not in dataset.column_names:
@@ -765,8 +912,14 @@ def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, fl
     return {name if "/" in name else f"accuracy/{name}": value for name, value in results.items()}
 
 
-def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path, stage: dict,
-               merge_lora: bool = False, metrics: dict | None = None) -> Path:
+def save_stage(
+    trainer: SFTTrainer,
+    processor: MMLLMProcessor,
+    output_dir: Path,
+    stage: dict,
+    merge_lora: bool = False,
+    metrics: dict | None = None,
+) -> Path:
     """Write `<output_dir>/model` (and `/merged` for LoRA) atomically, with the training history and card.
 
     `trainer.save_model` gathers sharded weights (DeepSpeed ZeRO-3, FSDP) before writing.
@@ -774,8 +927,7 @@ def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path,
     model = trainer.model
     history = json.dumps(_history(model) + [stage], indent=2)
     target = output_dir / "model"
-    _replace(target)
-    with atomic_folder(target) as staging:
+    with atomic_folder(target, replace=True) as staging:  # a re-run's previous folder stays until this one is whole
         (staging / HISTORY_FILE).write_text(history)  # before the save, so the model card lists the stages
         if metrics:
             (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
@@ -783,15 +935,14 @@ def save_stage(trainer: SFTTrainer, processor: MMLLMProcessor, output_dir: Path,
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
         write_adapter_card(model, staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
-        _replace(output_dir / "merged")
-        save_model_folder(model.merge_and_unload(), processor, output_dir / "merged", extra_files={HISTORY_FILE: history})
+        save_model_folder(
+            model.merge_and_unload(),
+            processor,
+            output_dir / "merged",
+            extra_files={HISTORY_FILE: history},
+            replace=True,
+        )
     return target
-
-
-def _replace(folder: Path) -> None:
-    """A re-run replaces the previous run's final folder."""
-    if folder.exists():
-        shutil.rmtree(folder)
 
 
 def _history(model) -> list:
@@ -812,5 +963,15 @@ def push_folder(folder: Path, repo_id: str | None, private: bool = False) -> str
     return repo_id
 
 
-__all__ = ["MultimodalCollator", "MMLLMTrainer", "enable_generation", "load_recipe", "parse_overrides",
-           "pretrain_generator", "push_folder", "train", "train_token_rows", "whiten_output_projector"]
+__all__ = [
+    "MultimodalCollator",
+    "MMLLMTrainer",
+    "enable_generation",
+    "load_recipe",
+    "parse_overrides",
+    "pretrain_generator",
+    "push_folder",
+    "train",
+    "train_token_rows",
+    "whiten_output_projector",
+]

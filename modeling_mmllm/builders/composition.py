@@ -32,9 +32,7 @@ NO_CLS_TOKEN = ("siglip_vision_model", "siglip2_vision_model")
 def _load_tokenizer(text: str):
     """The LM's tokenizer with the package's special tokens added (named, so `tokenizer.image_token` works)."""
     tokens = special_tokens()
-    tokenizer = AutoTokenizer.from_pretrained(
-        text, extra_special_tokens=tokens["modality_tokens"], padding_side="left"
-    )
+    tokenizer = AutoTokenizer.from_pretrained(text, extra_special_tokens=tokens["modality_tokens"], padding_side="left")
     # The chat template's role and end-of-turn markers must stay single tokens.
     template_tokens = [*tokens["roles"], tokens["eos_token"]]
     tokenizer.add_special_tokens({"extra_special_tokens": template_tokens}, replace_extra_special_tokens=False)
@@ -45,7 +43,7 @@ def _load_tokenizer(text: str):
 
 def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_template: str | None = None, **overrides):
     """Build `(model, processor)` from a pretrained vision encoder and causal LM; see `from_components`."""
-    from .processing_mmllm import MMLLMProcessor
+    from ..processing_mmllm import MMLLMProcessor
 
     # The modality-adaptive module is switched on after the pretrained weights are in: its branches copy them.
     modality_adaptive = overrides.pop("modality_adaptive", False)
@@ -53,8 +51,9 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     adaptive_modalities = overrides.pop("modality_adaptive_modalities", None)
     vision_config = _vision_encoder_config(vision)
     text_config = AutoConfig.from_pretrained(text)
-    overrides.setdefault("vision_feature_select_strategy",
-                         "full" if vision_config.model_type in NO_CLS_TOKEN else "default")
+    overrides.setdefault(
+        "vision_feature_select_strategy", "full" if vision_config.model_type in NO_CLS_TOKEN else "default"
+    )
     tokenizer = _load_tokenizer(text)
     config = model_class.config_class(
         vision_config=vision_config.to_dict(),

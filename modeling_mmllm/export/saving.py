@@ -10,28 +10,41 @@ from pathlib import Path
 
 
 @contextmanager
-def atomic_folder(output: str | Path) -> Iterator[Path]:
-    """Yield a temporary sibling folder to write into; rename it to `output` only if the block succeeds."""
+def atomic_folder(output: str | Path, replace: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling folder to write into; rename it to `output` only if the block succeeds.
+
+    With `replace=True` an existing `output` stays in place until the new folder is complete, then the two are
+    swapped by renames (an interruption leaves the old folder or the new one, never a mix or none).
+    """
     output = Path(output)
-    if output.exists():
+    if output.exists() and not replace:
         raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
+    previous = staging.with_name(f"{staging.name}-previous")
     try:
         yield staging
+        if output.exists():
+            output.rename(previous)
         staging.rename(output)
     except BaseException:
+        if previous.exists() and not output.exists():
+            previous.rename(output)
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    shutil.rmtree(previous, ignore_errors=True)
 
 
-def save_model_folder(model, processor, output: str | Path, extra_files: dict[str, str] | None = None) -> Path:
+def save_model_folder(
+    model, processor, output: str | Path, extra_files: dict[str, str] | None = None, replace: bool = False
+) -> Path:
     """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind.
 
     A PEFT model saves its adapter only (small). `extra_files` (name -> text) are written first, so the model card
-    that `save_pretrained` renders can describe them (training history, metrics).
+    that `save_pretrained` renders can describe them (training history, metrics). `replace=True` swaps an existing
+    `output` for the new folder once it is complete.
     """
-    with atomic_folder(output) as staging:
+    with atomic_folder(output, replace=replace) as staging:
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         model.save_pretrained(staging)
@@ -61,27 +74,19 @@ def upgrade_folder(folder: str | Path) -> list[str]:
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
     model_type = json.loads(config.read_text()).get("model_type")
     if model_type != "mmllm":
-        raise ValueError(f"{folder} holds a {model_type!r} model, not an mmllm one: `mmllm upgrade` only rewrites "
-                         "the code of mmllm folders (`mmllm convert` imports LLaVA, BLIP-2 and mPLUG-Owl2 folders).")
+        raise ValueError(
+            f"{folder} holds a {model_type!r} model, not an mmllm one: `mmllm upgrade` only rewrites "
+            "the code of mmllm folders (`mmllm convert` imports LLaVA, BLIP-2 and mPLUG-Owl2 folders)."
+        )
     from .hub_card import hub_set_files
 
     code = [Path(path) for path in hub_set_files()]
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}-upgrade-", dir=folder.parent))
-    backup = staging.with_name(staging.name + "-old")
-    try:
+    with atomic_folder(folder, replace=True) as staging:
         for entry in folder.iterdir():  # the old code files (flat *.py) are replaced, everything else is kept
             if entry.suffix != ".py":
                 _link_or_copy(entry, staging / entry.name)
         for path in code:
             shutil.copy2(path, staging / path.name)
-        folder.rename(backup)
-        staging.rename(folder)
-    except BaseException:
-        if backup.exists() and not folder.exists():
-            backup.rename(folder)
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
-    shutil.rmtree(backup, ignore_errors=True)
     return [path.name for path in code]
 
 

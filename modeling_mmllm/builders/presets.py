@@ -11,7 +11,7 @@ from pathlib import Path
 import transformers
 from transformers import PreTrainedTokenizerFast
 
-PACKAGE_DIR = Path(__file__).resolve().parent
+PACKAGE_DIR = Path(__file__).resolve().parents[1]  # modeling_mmllm/
 TOKENIZER_VOCAB_SIZE = 512
 
 
@@ -109,15 +109,17 @@ def load_processor_preset(processor_class, name: str, config=None):
 
     `config` (the preset's config with overrides, e.g. another image size) defaults to the preset's own.
     """
-    from .configuration_mmllm import MMLLMConfig
+    from ..configuration_mmllm import MMLLMConfig
 
     config = config or MMLLMConfig.from_preset(name)
     tokenizer = offline_tokenizer()
     signal_tokens = [f"<gen_img_{index}>" for index in range(len(config.signal_token_ids or []))]
     tokenizer.add_tokens(signal_tokens, special_tokens=True)
     if tokenizer.convert_tokens_to_ids(signal_tokens) != list(config.signal_token_ids or []):
-        raise ValueError(f"Preset {name!r} has signal_token_ids={config.signal_token_ids}, but the offline tokenizer "
-                         f"gives {signal_tokens} the ids {tokenizer.convert_tokens_to_ids(signal_tokens)}.")
+        raise ValueError(
+            f"Preset {name!r} has signal_token_ids={config.signal_token_ids}, but the offline tokenizer "
+            f"gives {signal_tokens} the ids {tokenizer.convert_tokens_to_ids(signal_tokens)}."
+        )
     if tokenizer.image_token_id != config.image_token_id or len(tokenizer) > config.text_config.vocab_size:
         raise ValueError(
             f"Preset {name!r} does not fit the offline tokenizer (image token id {tokenizer.image_token_id}, "
@@ -128,7 +130,9 @@ def load_processor_preset(processor_class, name: str, config=None):
     if config.video_token_id is not None:
         options.update(video_num_frames=config.video_num_frames, video_temporal_pool=config.video_temporal_pool)
     if config.audio_config is not None:
-        options.update(audio_features=audio_features_for(config.audio_config), audio_pool_stride=config.audio_pool_stride)
+        options.update(
+            audio_features=audio_features_for(config.audio_config), audio_pool_stride=config.audio_pool_stride
+        )
     return processor_class(
         image_processor=image_processor_for(config.vision_config),
         tokenizer=tokenizer,
@@ -142,14 +146,22 @@ def load_processor_preset(processor_class, name: str, config=None):
 def audio_features_for(audio_config, sampling_rate: int = 16000, hop_length: int = 160):
     """Whisper's log-mel feature extractor sized to the encoder: its window is `2 * max_source_positions` frames."""
     if audio_config.model_type != "whisper":
-        raise ValueError(f"No feature-extractor preset for audio encoder type {audio_config.model_type!r}: pass the "
-                         "encoder's own feature extractor to MMLLMProcessor(audio_features=...).")
+        raise ValueError(
+            f"No feature-extractor preset for audio encoder type {audio_config.model_type!r}: pass the "
+            "encoder's own feature extractor to MMLLMProcessor(audio_features=...)."
+        )
     window_samples = 2 * audio_config.max_source_positions * hop_length
     if window_samples % sampling_rate:
-        raise ValueError(f"max_source_positions={audio_config.max_source_positions} gives a window of "
-                         f"{window_samples / sampling_rate} s: use a whole number of seconds.")
-    return transformers.WhisperFeatureExtractor(feature_size=audio_config.num_mel_bins, sampling_rate=sampling_rate,
-                                                hop_length=hop_length, chunk_length=window_samples // sampling_rate)
+        raise ValueError(
+            f"max_source_positions={audio_config.max_source_positions} gives a window of "
+            f"{window_samples / sampling_rate} s: use a whole number of seconds."
+        )
+    return transformers.WhisperFeatureExtractor(
+        feature_size=audio_config.num_mel_bins,
+        sampling_rate=sampling_rate,
+        hop_length=hop_length,
+        chunk_length=window_samples // sampling_rate,
+    )
 
 
 __all__ = [

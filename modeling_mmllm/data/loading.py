@@ -42,14 +42,25 @@ def llava_generation_dataset(json_file: str, image_folder: str) -> Dataset:
     records = [record for record in json.loads(Path(json_file).read_text()) if record.get("image")]
     rows = []
     for index, record in enumerate(records):
-        caption = next(turn["value"] for turn in reversed(record["conversations"]) if ROLES[turn["from"]] == "assistant")
+        caption = next(
+            turn["value"] for turn in reversed(record["conversations"]) if ROLES[turn["from"]] == "assistant"
+        )
         caption = caption.strip().rstrip(".")
         image = record["image"] if isinstance(record["image"], str) else record["image"][0]
         request = GENERATION_PROMPTS[index % len(GENERATION_PROMPTS)].format(caption)
-        rows.append({"images": [], "messages": [{"role": "user", "content": [{"type": "text", "text": request}]},
-                                                {"role": "assistant", "content": [{"type": "image", "text": None}]}],
-                     "kind": "generate", "answer": caption, "generation_caption": caption,
-                     "generation_image": str(Path(image_folder) / image)})
+        rows.append(
+            {
+                "images": [],
+                "messages": [
+                    {"role": "user", "content": [{"type": "text", "text": request}]},
+                    {"role": "assistant", "content": [{"type": "image", "text": None}]},
+                ],
+                "kind": "generate",
+                "answer": caption,
+                "generation_caption": caption,
+                "generation_image": str(Path(image_folder) / image),
+            }
+        )
     return Dataset.from_list(rows, features=GENERATION_FEATURES)
 
 
@@ -96,12 +107,19 @@ def _image_problem(image: dict) -> str | None:
 def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
     """The recipe's `data` section as a dataset, with bad rows skipped or reported (`bad_rows: skip | stop`)."""
     if "synthetic" in spec:
-        return make_dataset(spec["synthetic"], n=spec.get("n", 512), split=spec.get("split", "train"),
-                            image_size=spec.get("image_size", 64), seed=spec.get("seed", 0))
+        return make_dataset(
+            spec["synthetic"],
+            n=spec.get("n", 512),
+            split=spec.get("split", "train"),
+            image_size=spec.get("image_size", 64),
+            seed=spec.get("seed", 0),
+        )
     if "llava_json" in spec:
         task = spec.get("task", "chat")
         if task not in ("chat", "generate"):
-            raise ValueError(f"llava_json task={task!r}: use chat (the conversations) or generate (captions -> images).")
+            raise ValueError(
+                f"llava_json task={task!r}: use chat (the conversations) or generate (captions -> images)."
+            )
         source = llava_generation_dataset if task == "generate" else llava_json_dataset
         dataset = source(spec["llava_json"], spec.get("image_folder", "."))
     elif "dataset" in spec:
@@ -109,7 +127,9 @@ def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
     else:
         raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
     if "images" not in dataset.column_names or "messages" not in dataset.column_names:
-        raise ValueError(f"Training data needs `images` and `messages` columns (TRL's format); got {dataset.column_names}.")
+        raise ValueError(
+            f"Training data needs `images` and `messages` columns (TRL's format); got {dataset.column_names}."
+        )
     bad = find_bad_rows(dataset)
     if bad and bad_rows == "stop":
         listing = "; ".join(f"row {index}: {reason}" for index, reason in list(bad.items())[:10])

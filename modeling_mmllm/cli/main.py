@@ -11,8 +11,8 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError
 
 def _load_folder(folder: str):
     """A saved model folder and its processor, or a clear error when the folder is not one."""
-    from .modeling_mmllm import MMLLMForConditionalGeneration
-    from .processing_mmllm import MMLLMProcessor
+    from ..modeling_mmllm import MMLLMForConditionalGeneration
+    from ..processing_mmllm import MMLLMProcessor
 
     path = Path(folder)
     if not (path / "config.json").is_file():
@@ -33,17 +33,18 @@ def _open_image(path: str):
 
 def build(args: argparse.Namespace) -> None:
     """Build a preset (random weights) or compose pretrained components into a Hub-ready folder."""
-    from .configuration_mmllm import MMLLMConfig
-    from .modeling_mmllm import MMLLMForConditionalGeneration
-    from .processing_mmllm import MMLLMProcessor
-    from .saving import save_model_folder
+    from ..configuration_mmllm import MMLLMConfig
+    from ..export.saving import save_model_folder
+    from ..modeling_mmllm import MMLLMForConditionalGeneration
+    from ..processing_mmllm import MMLLMProcessor
 
     if args.preset:
         model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(args.preset))
         processor = MMLLMProcessor.from_preset(args.preset)
     elif args.vision and args.text:
         model, processor = MMLLMForConditionalGeneration.from_components(
-            args.vision, args.text, projector=args.projector, modality_adaptive=args.modality_adaptive)
+            args.vision, args.text, projector=args.projector, modality_adaptive=args.modality_adaptive
+        )
     else:
         raise ValueError("Give --preset NAME, or --vision and --text (folders or Hub ids).")
     save_model_folder(model, processor, args.output)
@@ -52,8 +53,8 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
-    from .training import load_recipe, parse_overrides
-    from .training import train as run_recipe
+    from ..training.runner import load_recipe, parse_overrides
+    from ..training.runner import train as run_recipe
 
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
@@ -109,13 +110,16 @@ def generate(args: argparse.Namespace) -> None:
     target = _image_target(args.save_image)
     model, processor = _load_folder(args.model)
     if target is not None and "image" not in model.output_modalities:
-        raise ValueError(f"{args.model} cannot generate images (no output projector and modality generator): train "
-                         "one with the any-to-any recipe (quickstart-any2any), or drop --save-image.")
+        raise ValueError(
+            f"{args.model} cannot generate images (no output projector and modality generator): train "
+            "one with the any-to-any recipe (quickstart-any2any), or drop --save-image."
+        )
     parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "audio"}] * len(audio)
     content = parts + [{"type": "text", "text": args.prompt}]
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
-    inputs = processor(images=images or None, videos=videos or None, audio=audio or None, text=[prompt],
-                       return_tensors="pt")
+    inputs = processor(
+        images=images or None, videos=videos or None, audio=audio or None, text=[prompt], return_tensors="pt"
+    )
     if target is not None:
         pixels = model.generate(**inputs, generation_mode="image", max_new_tokens=args.max_new_tokens, do_sample=False)
         with _staging(target) as staging:
@@ -124,7 +128,7 @@ def generate(args: argparse.Namespace) -> None:
         print(f"image saved to {target}")
         return
     output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False)
-    answer = output[0, inputs["input_ids"].shape[1]:]
+    answer = output[0, inputs["input_ids"].shape[1] :]
     print(processor.decode(answer, skip_special_tokens=True).strip())
     if set(answer.tolist()) & set(model.config.signal_token_ids or []):
         print("(the model answered with an image: add --save-image FILE to draw it)", file=sys.stderr)
@@ -155,26 +159,28 @@ def chat(args: argparse.Namespace) -> None:
             continue
         if line.startswith("/image"):
             try:
-                pending.append(_open_image(line[len("/image"):].strip()))
+                pending.append(_open_image(line[len("/image") :].strip()))
                 print(f"[image attached: {pending[-1].size[0]}x{pending[-1].size[1]}]")
             except USER_ERRORS as error:
                 print(f"error: {error}")
             continue
         if not line:
             continue
-        messages.append({"role": "user", "content": [{"type": "image"}] * len(pending) + [{"type": "text", "text": line}]})
+        messages.append(
+            {"role": "user", "content": [{"type": "image"}] * len(pending) + [{"type": "text", "text": line}]}
+        )
         images, pending = images + pending, []
         prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
         output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
-        answer = processor.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
         messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
 
 
 def evaluate(args: argparse.Namespace) -> None:
     """Exact-match accuracy of a model folder on question rows, per question kind."""
-    from .data import load_training_data
-    from .evaluation import exact_match
+    from ..data.loading import load_training_data
+    from ..evaluation.metrics import exact_match
 
     model, processor = _load_folder(args.model)
     spec = {"synthetic": args.synthetic, "n": args.n, "split": args.split, "image_size": args.image_size}
@@ -187,8 +193,8 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from .conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
-    from .saving import save_model_folder
+    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
+    from ..export.saving import save_model_folder
 
     if args.kind == "mplug-owl2":
         model, processor = from_mplug_owl2(args.source)
@@ -205,29 +211,33 @@ def convert(args: argparse.Namespace) -> None:
 
 def push(args: argparse.Namespace) -> None:
     """Upload a Hub-ready folder to a Hub repo, with its card rendered for that repo."""
-    from .hub_card import write_model_card
-    from .training import push_folder
+    from ..export.hub_card import write_model_card
+    from ..training.runner import push_folder
 
     model, _ = _load_folder(args.folder)
     write_model_card(model, args.folder, repo_id=args.repo_id)
-    print(f"pushed {args.folder} to https://huggingface.co/{push_folder(Path(args.folder), args.repo_id, args.private)}")
+    print(
+        f"pushed {args.folder} to https://huggingface.co/{push_folder(Path(args.folder), args.repo_id, args.private)}"
+    )
 
 
 def upgrade(args: argparse.Namespace) -> None:
     """Rewrite saved folders' code files with this version's hub set (weights untouched)."""
     import transformers
 
-    from .saving import upgrade_folder
+    from ..export.saving import upgrade_folder
 
     for folder in args.folders:
         written = upgrade_folder(folder)
-        print(f"upgraded {folder}: {len(written)} code files rewritten ({', '.join(written)}); weights, config and "
-              f"processor untouched; it loads on transformers {transformers.__version__}")
+        print(
+            f"upgraded {folder}: {len(written)} code files rewritten ({', '.join(written)}); weights, config and "
+            f"processor untouched; it loads on transformers {transformers.__version__}"
+        )
 
 
 def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
-    from .quickstart import run_quickstart
+    from ..quickstart.run import run_quickstart
 
     run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any)
 
@@ -239,16 +249,25 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("quickstart", help="train, evaluate, save and reload the embedded default (CPU)")
     command.add_argument("--output", default="runs/quickstart", help="where the stages and the final folder go")
     command.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, low accuracy)")
-    command.add_argument("--audio", action="store_true",
-                         help="also train audio-tiny on synthetic beeps (about a minute) and report its accuracy")
-    command.add_argument("--any2any", action="store_true",
-                         help="then teach the model to draw (output projector + image generator, a few minutes); "
-                         "the drawings, judged by an independent classifier, go into the report")
+    command.add_argument(
+        "--audio",
+        action="store_true",
+        help="also train audio-tiny on synthetic beeps (about a minute) and report its accuracy",
+    )
+    command.add_argument(
+        "--any2any",
+        action="store_true",
+        help="then teach the model to draw (output projector + image generator, a few minutes); "
+        "the drawings, judged by an independent classifier, go into the report",
+    )
     command.set_defaults(run=quickstart)
 
-    command = commands.add_parser("train", help="train with a recipe (TRL SFTTrainer)",
-                                  description="Run a recipe; any recipe key or SFTConfig field can be overridden: "
-                                  "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET")
+    command = commands.add_parser(
+        "train",
+        help="train with a recipe (TRL SFTTrainer)",
+        description="Run a recipe; any recipe key or SFTConfig field can be overridden: "
+        "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET",
+    )
     command.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
     command.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
     command.set_defaults(run=train)
@@ -267,15 +286,21 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=int, default=128)
     command.set_defaults(run=chat)
 
-    command = commands.add_parser("generate", help="answer one prompt (optionally about an image, a video and an audio "
-                                  "file), or draw an image (--save-image)")
+    command = commands.add_parser(
+        "generate",
+        help="answer one prompt (optionally about an image, a video and an audio "
+        "file), or draw an image (--save-image)",
+    )
     command.add_argument("model", help="model folder")
     command.add_argument("--prompt", required=True)
     command.add_argument("--image", help="image file")
     command.add_argument("--video", help="video file (gif; mp4 with imageio's ffmpeg plugin)")
     command.add_argument("--audio", help="audio file (wav, flac)")
-    command.add_argument("--save-image", metavar="FILE",
-                         help="generate an image instead of text and save it (models that generate images)")
+    command.add_argument(
+        "--save-image",
+        metavar="FILE",
+        help="generate an image instead of text and save it (models that generate images)",
+    )
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(run=generate)
 
@@ -294,11 +319,14 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("output", type=Path, help="folder to write (must not exist)")
     command.set_defaults(run=convert)
 
-    command = commands.add_parser("upgrade", help="rewrite saved folders' code with this version's (weights untouched)",
-                                  description="Folders carry their model code; a folder saved by an older mmllm "
-                                  "may not run on a newer transformers. This rewrites the code files of each folder "
-                                  "with the current ones, atomically, and leaves weights, config and processor as "
-                                  "they are.")
+    command = commands.add_parser(
+        "upgrade",
+        help="rewrite saved folders' code with this version's (weights untouched)",
+        description="Folders carry their model code; a folder saved by an older mmllm "
+        "may not run on a newer transformers. This rewrites the code files of each folder "
+        "with the current ones, atomically, and leaves weights, config and processor as "
+        "they are.",
+    )
     command.add_argument("folders", nargs="+", help="model folders saved by mmllm")
     command.set_defaults(run=upgrade)
 

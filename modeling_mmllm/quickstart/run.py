@@ -18,12 +18,12 @@ import numpy as np
 from PIL import Image, ImageDraw
 from transformers import TrainerCallback
 
+from ..data.synthetic import QUESTIONS, make_dataset, random_scene, render
+from ..evaluation.metrics import answer_questions, exact_match
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..processing_mmllm import MMLLMProcessor
+from ..training.runner import load_recipe, train
 from .any2any import run_any2any
-from .evaluation import answer_questions, exact_match
-from .modeling_mmllm import MMLLMForConditionalGeneration
-from .processing_mmllm import MMLLMProcessor
-from .synthetic import QUESTIONS, make_dataset, random_scene, render
-from .training import load_recipe, train
 
 STAGES = ("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")
 FAST = {"max_steps": 6, "save_steps": 100, "logging_steps": 2, "data.n": 64}
@@ -91,13 +91,22 @@ def reload_and_answer(folder: Path, output: Path) -> dict:
     image_path = output / "new_image.png"
     render(scene, rng).save(image_path)
     question = QUESTIONS["colour"]
-    run = subprocess.run([sys.executable, "-c", FRESH_PROCESS, str(folder), str(image_path), question],
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run(
+        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(image_path), question],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     if run.returncode != 0:
         raise RuntimeError(f"Reloading {folder} in a fresh process failed:\n{run.stderr[-2000:]}")
     answer = json.loads(run.stdout.strip().splitlines()[-1])["answer"]
-    return {"description": scene.describe(), "question": question, "answer": answer,
-            "expected": scene.answer("colour"), "image": str(image_path)}
+    return {
+        "description": scene.describe(),
+        "question": question,
+        "answer": answer,
+        "expected": scene.answer("colour"),
+        "image": str(image_path),
+    }
 
 
 def run_drawing(output: Path, folder: Path, fast: bool, curves: dict) -> dict[str, float]:
@@ -134,8 +143,13 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
         if len(losses) > 1:
             steps, values = zip(*losses)
             top_value = max(values)
-            points = [(left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left),
-                       bottom - v / top_value * (bottom - top)) for s, v in losses]
+            points = [
+                (
+                    left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left),
+                    bottom - v / top_value * (bottom - top),
+                )
+                for s, v in losses
+            ]
             draw.line(points, fill=colours[index % 3], width=2)
             draw.text((left + 2, top + 2), f"{top_value:.2f}", fill=(90, 90, 90))
             draw.text((right - 60, bottom - 14), f"{values[-1]:.3f}", fill=(90, 90, 90))
@@ -143,7 +157,9 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
         x, y = (index % columns) * tile, plot_height + (index // columns) * (tile + 30)
         canvas.paste(row["images"][0].resize((tile - 10, tile - 10)), (x + 5, y))
         correct = prediction.lower() == row["answer"].lower()
-        draw.text((x + 5, y + tile - 8), f"{row['kind']}: {prediction}"[:20], fill=(0, 130, 0) if correct else (200, 0, 0))
+        draw.text(
+            (x + 5, y + tile - 8), f"{row['kind']}: {prediction}"[:20], fill=(0, 130, 0) if correct else (200, 0, 0)
+        )
     canvas.save(path)
 
 
@@ -170,8 +186,12 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2an
     print(f"question:    {demo['question']}")
     print(f"answer:      {demo['answer']}")
     drawn = {name: value for name, value in drawing.items() if isinstance(value, float)}
-    summary = {**{f"image/{k}": v for k, v in image_accuracy.items()}, "text/facts": text_accuracy,
-               **{f"audio/{k}": v for k, v in audio_accuracy.items()}, **{f"any2any/{k}": v for k, v in drawn.items()}}
+    summary = {
+        **{f"image/{k}": v for k, v in image_accuracy.items()},
+        "text/facts": text_accuracy,
+        **{f"audio/{k}": v for k, v in audio_accuracy.items()},
+        **{f"any2any/{k}": v for k, v in drawn.items()},
+    }
     (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
     print("\n== summary ==")
     for kind, value in sorted(image_accuracy.items()):
@@ -188,11 +208,16 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2an
     if audio_accuracy:
         print(f"audio accuracy: {audio_accuracy['overall'] * 100:.1f}%")
     if drawing:
-        print(f"drawing accuracy: shape {drawing['image/shape'] * 100:.1f}%, colour {drawing['image/colour'] * 100:.1f}%")
+        print(
+            f"drawing accuracy: shape {drawing['image/shape'] * 100:.1f}%, colour {drawing['image/colour'] * 100:.1f}%"
+        )
     if min(image_accuracy["overall"], audio_accuracy.get("overall", 1.0)) < PASS_MARK and not fast:
         heard = f", audio {audio_accuracy['overall'] * 100:.1f}%" if audio_accuracy else ""
-        print(f"error: held-out accuracy (images {image_accuracy['overall'] * 100:.1f}%{heard}) is below "
-              f"{PASS_MARK * 100:.0f}%: the run did not learn well enough.", file=sys.stderr)
+        print(
+            f"error: held-out accuracy (images {image_accuracy['overall'] * 100:.1f}%{heard}) is below "
+            f"{PASS_MARK * 100:.0f}%: the run did not learn well enough.",
+            file=sys.stderr,
+        )
         raise SystemExit(2)
     return summary
 

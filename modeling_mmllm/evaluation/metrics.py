@@ -8,28 +8,29 @@ import torch
 from datasets import Dataset
 from tqdm.auto import tqdm
 
-from .synthetic import Scene
+from ..data.synthetic import Scene
 
 
 def _batched_inputs(model, processor, rows: list[dict], batch_size: int):
     """Processor inputs (prompt = each row's user turn, generation prompt added) per batch of rows."""
     for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", leave=False):
-        batch = rows[start:start + batch_size]
+        batch = rows[start : start + batch_size]
         prompts = [processor.apply_chat_template(_prompt_messages(row), add_generation_prompt=True) for row in batch]
         images = [image for row in batch for image in row.get("images") or []] or None
         clips = [clip for row in batch for clip in row.get("audio") or []] or None
         yield processor(images=images, audio=clips, text=prompts, padding=True, return_tensors="pt").to(model.device)
 
 
-def generated_tokens(model, processor, rows: list[dict], max_new_tokens: int = 12,
-                     batch_size: int = 32) -> list[torch.Tensor]:
+def generated_tokens(
+    model, processor, rows: list[dict], max_new_tokens: int = 12, batch_size: int = 32
+) -> list[torch.Tensor]:
     """Greedy new token ids for the user turn of each row (the assistant turn is dropped)."""
     model.eval()
     tokens = []
     for inputs in _batched_inputs(model, processor, rows, batch_size):
         with torch.no_grad():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False)
-        tokens += list(output[:, inputs["input_ids"].shape[1]:].cpu())
+        tokens += list(output[:, inputs["input_ids"].shape[1] :].cpu())
     return tokens
 
 
@@ -46,23 +47,35 @@ def generate_images(model, processor, rows: list[dict], batch_size: int = 32, **
     k = len(model.config.signal_token_ids)
     images = []
     for inputs in _batched_inputs(model, processor, rows, batch_size):
-        images.append(model.generate(**inputs, generation_mode="image", max_new_tokens=k + 1, do_sample=False,
-                                     generator_kwargs=generator_kwargs or None).float().cpu())
+        images.append(
+            model.generate(
+                **inputs,
+                generation_mode="image",
+                max_new_tokens=k + 1,
+                do_sample=False,
+                generator_kwargs=generator_kwargs or None,
+            )
+            .float()
+            .cpu()
+        )
     return torch.cat(images)
 
 
 def emits_signal(tokens: torch.Tensor, signal_token_ids: list[int]) -> bool:
     """Whether new tokens hold the full signal group `<gen_img_0> ... <gen_img_{k-1}>` in a row."""
     signal, k = torch.tensor(signal_token_ids), len(signal_token_ids)
-    return any(torch.equal(tokens[start:start + k], signal) for start in range(len(tokens) - k + 1))
+    return any(torch.equal(tokens[start : start + k], signal) for start in range(len(tokens) - k + 1))
 
 
 def _prompt_messages(row: dict) -> list[dict]:
     user = next(message for message in row["messages"] if message["role"] == "user")
     content = user["content"]
     if isinstance(content, str):
-        content = ([{"type": "image"}] * len(row.get("images") or []) + [{"type": "audio"}] * len(row.get("audio") or [])
-                   + [{"type": "text", "text": content}])
+        content = (
+            [{"type": "image"}] * len(row.get("images") or [])
+            + [{"type": "audio"}] * len(row.get("audio") or [])
+            + [{"type": "text", "text": content}]
+        )
     return [{"role": "user", "content": content}]
 
 
@@ -112,7 +125,7 @@ def reference_images(model, processor, scenes: list[Scene], batch_size: int = 64
     generator = next(module for module in model.modules() if hasattr(module, "signal_states")).modality_generator
     images = []
     for start in range(0, len(scenes), batch_size):
-        captions = [scene.describe() for scene in scenes[start:start + batch_size]]
+        captions = [scene.describe() for scene in scenes[start : start + batch_size]]
         with torch.no_grad():
             images.append(generator.generate(generator.encode_prompt(captions, processor.tokenizer)).float().cpu())
     return torch.cat(images)
@@ -123,9 +136,11 @@ def _judged(prefix: str, judge, images: torch.Tensor, scenes: list[Scene]) -> di
     from .image_judge import pixel_colours
 
     readings = judge.judge(images)
-    return {f"{prefix}/shape": float(np.mean([r["shape"] == s.shape for r, s in zip(readings, scenes)])),
-            f"{prefix}/colour": float(np.mean([r["colour"] == s.colour for r, s in zip(readings, scenes)])),
-            f"{prefix}/colour_pixels": float(np.mean([c == s.colour for c, s in zip(pixel_colours(images), scenes)]))}
+    return {
+        f"{prefix}/shape": float(np.mean([r["shape"] == s.shape for r, s in zip(readings, scenes)])),
+        f"{prefix}/colour": float(np.mean([r["colour"] == s.colour for r, s in zip(readings, scenes)])),
+        f"{prefix}/colour_pixels": float(np.mean([c == s.colour for c, s in zip(pixel_colours(images), scenes)])),
+    }
 
 
 def _accuracy(rows: list[dict], predictions: list[str]) -> dict[str, float]:
@@ -139,5 +154,12 @@ def _accuracy(rows: list[dict], predictions: list[str]) -> dict[str, float]:
     return {kind: hits[kind] / totals[kind] for kind in totals}
 
 
-__all__ = ["answer_questions", "emits_signal", "evaluate_image_generation", "exact_match", "generate_images",
-           "generated_tokens", "reference_images"]
+__all__ = [
+    "answer_questions",
+    "emits_signal",
+    "evaluate_image_generation",
+    "exact_match",
+    "generate_images",
+    "generated_tokens",
+    "reference_images",
+]

@@ -1,0 +1,1 @@
+"""Builders (library side): architecture presets, composition from pretrained parts, checkpoint conversion."""

@@ -1,0 +1,1 @@
+"""Training data (library side): dataset loading and validation, the synthetic shape and sound tasks."""

@@ -1,0 +1,1 @@
+"""Evaluation (library side): exact match, image-generation judging."""

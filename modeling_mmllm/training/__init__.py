@@ -1,0 +1,1 @@
+"""Training (library side): recipes, model set-up, the collator, the trainer and the runner."""
