@@ -12,9 +12,7 @@ from typing import Literal
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .input_projector import projector_output_length
-from .modality_generator import generator_settings
-from .output_projector import output_projector_class
+from .component_settings import generator_settings, output_projector_settings, projector_output_length
 
 # Modality ids of `mm_token_type_ids`, shared with transformers' processors.
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
@@ -33,6 +31,11 @@ def import_library_module(name: str):
             f"This feature needs the `mmllm` package (module `modeling_mmllm.{name}`), which is not importable "
             f"here ({error}). Install it with `pip install mmllm` or from a source checkout."
         ) from error
+
+
+# Run once, when the first config is made: the installed package registers its model and processor classes with
+# transformers' Auto classes there (lazily, so importing this module stays light). Empty in a folder's remote copy.
+ON_FIRST_CONFIG: list = []
 
 
 class MMLLMConfig(PreTrainedConfig):
@@ -146,6 +149,8 @@ class MMLLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
+        while ON_FIRST_CONFIG:
+            ON_FIRST_CONFIG.pop()()
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -210,7 +215,7 @@ class MMLLMConfig(PreTrainedConfig):
         if self.modality_generator:
             self.modality_generator = generator_settings(self.modality_generator)
         if self.output_projector_type:
-            output_projector_class(self)
+            output_projector_settings(self)
         vocab_size = self.text_config.vocab_size
         if self.signal_token_ids and not all(0 <= token < vocab_size for token in self.signal_token_ids):
             raise ValueError(

@@ -3,8 +3,9 @@
 Token-wise (`linear`, `mlp`: one token per patch, LLaVA) or query-based (`abstractor`: mPLUG-Owl2, `qformer`:
 BLIP-2, `resampler`: Flamingo/IDEFICS), which emit a fixed number of tokens whatever the image resolution.
 
-`PROJECTORS` is the one registry of projector types; a new type is a class with `__init__(config)`,
-`forward(features) -> tokens` and `output_length(config)`, added to the dict.
+`PROJECTORS` is the registry of projector types: a new type is a class with `__init__(config)` and
+`forward(features) -> tokens`, added to the dict, with its settings and token count in `component_settings.py`
+(which the config checks without torch).
 """
 
 import torch
@@ -14,7 +15,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, IdeficsConfig
 from transformers.activations import ACT2FN
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
-from .modality_encoder import num_vision_tokens
+from .component_settings import INPUT_PROJECTOR_DEFAULTS, input_projector_settings
 
 
 class MLPProjector(nn.Module):
@@ -36,10 +37,6 @@ class MLPProjector(nn.Module):
             self.add_module(f"linear_{index}", layer)
         self.act = ACT2FN[config.projector_hidden_act]
 
-    @staticmethod
-    def output_length(config) -> int:
-        return num_vision_tokens(config)
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         hidden_states = self.linear_1(features)
         for index in range(2, self.depth + 1):
@@ -52,24 +49,6 @@ class LinearProjector(MLPProjector):
 
     def __init__(self, config):
         super().__init__(config, depth=1)
-
-
-def checked_settings(given: dict | None, defaults: dict, field: str, owner: str) -> dict:
-    """`given` (the config's `field`) over `owner`'s defaults; unknown keys are an error, not ignored."""
-    given = dict(given or {})
-    unknown = set(given) - set(defaults)
-    if unknown:
-        raise ValueError(
-            f"{field} has keys {sorted(unknown)} that the {owner} does not use; its settings are {sorted(defaults)}."
-        )
-    return {**defaults, **given}
-
-
-def projector_settings(config, defaults: dict) -> dict:
-    """`config.projector_config` over a projector's defaults."""
-    return checked_settings(
-        config.projector_config, defaults, "projector_config", f"{config.projector_type!r} projector"
-    )
 
 
 def _feature_width(config) -> int:
@@ -151,18 +130,11 @@ class AbstractorProjector(nn.Module):
     rebuilt for the patch grid it sees.
     """
 
-    DEFAULTS = {
-        "num_queries": 64,
-        "num_layers": 6,
-        "num_heads": 16,
-        "intermediate_size": 2816,
-        "layer_norm_eps": 1e-6,
-        "end_token": True,
-    }
+    DEFAULTS = INPUT_PROJECTOR_DEFAULTS["abstractor"]
 
     def __init__(self, config):
         super().__init__()
-        settings = projector_settings(config, self.DEFAULTS)
+        settings = input_projector_settings(config)
         width, text_width = _feature_width(config), config.text_config.hidden_size
         self.query_embeds = nn.Parameter(torch.randn(1, settings["num_queries"], width))
         self.layers = nn.ModuleList(
@@ -171,11 +143,6 @@ class AbstractorProjector(nn.Module):
         )
         self.visual_fc = nn.Linear(width, text_width)
         self.end_token = nn.Parameter(torch.randn(1, 1, text_width)) if settings["end_token"] else None
-
-    @classmethod
-    def output_length(cls, config) -> int:
-        settings = projector_settings(config, cls.DEFAULTS)
-        return settings["num_queries"] + int(settings["end_token"])
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         # The fixed sin-cos tables are computed here, not stored: they follow the patch grid of the input, and a
@@ -204,10 +171,6 @@ class QFormerProjector(nn.Module):
         self.qformer = Blip2QFormerModel(qformer_config)
         self.language_projection = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
 
-    @staticmethod
-    def output_length(config) -> int:
-        return (config.projector_config or {}).get("num_query_tokens", 32)
-
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         queries = self.query_tokens.expand(features.shape[0], -1, -1)
         mask = torch.ones(features.shape[:-1], dtype=torch.long, device=features.device)
@@ -218,11 +181,11 @@ class QFormerProjector(nn.Module):
 class ResamplerProjector(nn.Module):
     """Flamingo / IDEFICS perceiver resampler (transformers' `IdeficsPerceiverResampler`), then a linear map."""
 
-    DEFAULTS = {"num_latents": 64, "depth": 6, "num_heads": 16, "head_dim": 96, "qk_layer_norms": False}
+    DEFAULTS = INPUT_PROJECTOR_DEFAULTS["resampler"]
 
     def __init__(self, config):
         super().__init__()
-        settings = projector_settings(config, self.DEFAULTS)
+        settings = input_projector_settings(config)
         width = _feature_width(config)
         idefics_config = IdeficsConfig(
             vision_config={"embed_dim": width},
@@ -237,10 +200,6 @@ class ResamplerProjector(nn.Module):
             settings["num_latents"],
         )
         self.linear = nn.Linear(width, config.text_config.hidden_size)
-
-    @classmethod
-    def output_length(cls, config) -> int:
-        return projector_settings(config, cls.DEFAULTS)["num_latents"]
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return self.linear(self.perceiver(features))
@@ -277,11 +236,6 @@ def build_audio_projector(config) -> nn.Module | None:
     return MLPProjector(config, in_size=width)
 
 
-def projector_output_length(config) -> int:
-    """Soft tokens per image that `config`'s projector emits."""
-    return _projector_class(config).output_length(config)
-
-
 __all__ = [
     "PROJECTORS",
     "AbstractorProjector",
@@ -291,6 +245,4 @@ __all__ = [
     "ResamplerProjector",
     "build_audio_projector",
     "build_input_projector",
-    "checked_settings",
-    "projector_output_length",
 ]

@@ -202,6 +202,20 @@ def apply_modality_adaptive(language_model: nn.Module, layers: Sequence[int] | N
         for owner, names in MULTIWAY_MODULES.items():
             _make_multiway(_owner(layer, owner), names, modalities, publishes_routing=not owner)
         layer.register_load_state_dict_pre_hook(_accept_checkpoint_names)
+    _extend_tensor_parallel_plan(language_model)
+
+
+def _extend_tensor_parallel_plan(language_model: nn.Module) -> None:
+    """The backbone's tensor-parallel plan names `self_attn.{k,v}_proj`: give every branch the same style, so the
+    branches split like the shared `q_proj` and `o_proj`."""
+    plan = getattr(language_model, "_tp_plan", None) or {}
+    branches = {
+        key.replace("self_attn.", "self_attn.multiway.*.", 1): style
+        for key, style in plan.items()
+        if key.endswith(tuple(f"self_attn.{name}" for name in MULTIWAY_MODULES["self_attn"]))
+    }
+    if branches:
+        language_model._tp_plan = {**plan, **branches}
 
 
 def multiway_branches(module: nn.Module, modality: int) -> Iterator[nn.Module]:

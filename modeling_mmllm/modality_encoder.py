@@ -13,6 +13,8 @@ from transformers import AutoModel, Blip2VisionModel
 from transformers.modeling_outputs import ModelOutput
 from transformers.models.whisper.modeling_whisper import WhisperEncoder
 
+from .component_settings import num_vision_tokens
+
 
 class ActiveLayers(nn.ModuleList):
     """A `ModuleList` of encoder layers of which only the first `num_active` run when iterated.
@@ -27,21 +29,6 @@ class ActiveLayers(nn.ModuleList):
 
     def __iter__(self):
         return (self[index] for index in range(self.num_active))
-
-
-# Vision encoders without a CLS token: every token they emit is a patch.
-NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
-
-
-def num_vision_tokens(config) -> int:
-    """Tokens the encoder yields per image after feature selection.
-
-    As in LLaVA, `"default"` drops the first token (the CLS token of CLIP-like encoders) and `"full"` keeps
-    every token; encoders without a CLS token (SigLIP) are normally used with `"full"`.
-    """
-    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
-    has_cls = config.vision_config.model_type not in NO_CLS_MODEL_TYPES
-    return patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
 
 
 def _encoder_layers(model: nn.Module, num_layers: int) -> tuple[nn.Module, str] | None:

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import cached_file
 
-from .input_projector import checked_settings
+from .component_settings import GENERATOR_DEFAULTS
+from .component_settings import generator_settings as checked_generator_settings
 
 # Sub-folder of a saved model that holds a local diffusers pipeline (`pretrained` is then this relative name).
 PIPELINE_FOLDER = "modality_generator"
@@ -41,14 +42,7 @@ class BuiltinImageGenerator(nn.Module):
     while the LLM side learns to produce its conditioning.
     """
 
-    DEFAULTS = {
-        "condition_length": 8,
-        "condition_width": 64,
-        "image_size": 32,
-        "channels": 64,
-        "num_heads": 4,
-        "vocab_size": None,
-    }
+    DEFAULTS = GENERATOR_DEFAULTS["builtin"]
 
     def __init__(self, settings: dict, vocab_size: int):
         super().__init__()
@@ -193,14 +187,7 @@ class DiffusersImageGenerator:
     in the `modality_generator/` sub-folder.
     """
 
-    DEFAULTS = {
-        "pretrained": None,
-        "condition_length": None,
-        "condition_width": None,
-        "num_inference_steps": 50,
-        "guidance_scale": 7.5,
-        "image_size": None,
-    }
+    DEFAULTS = GENERATOR_DEFAULTS["diffusers"]
 
     def __init__(self, settings: dict, model_folder: str | None = None):
         self.settings = {**self.DEFAULTS, **settings}
@@ -423,21 +410,16 @@ GENERATORS = {"builtin": BuiltinImageGenerator, "diffusers": DiffusersImageGener
 
 
 def generator_settings(settings: dict) -> dict:
-    """A `modality_generator` dict with the type's defaults filled in; unknown types and keys are errors."""
-    kind = settings.get("type")
-    if kind not in GENERATORS:
-        raise ValueError(f"Unknown modality_generator type {kind!r}: choose one of {sorted(GENERATORS)}.")
-    defaults = GENERATORS[kind].DEFAULTS
-    checked_settings(
-        {k: v for k, v in settings.items() if k != "type"}, defaults, "modality_generator", f"{kind!r} generator"
-    )
-    complete = getattr(GENERATORS[kind], "complete_settings", None)
-    if complete is not None:  # e.g. a pipeline's conditioning shape, read from its configs
-        settings = complete(settings)
-    missing = [key for key in ("condition_length", "condition_width") if {**defaults, **settings}.get(key) is None]
+    """The settings of a generator being attached: checked (`component_settings.generator_settings`), and a
+    diffusers pipeline's missing conditioning shape read from its configs (the only step that reads files)."""
+    settings = checked_generator_settings(settings)
+    complete = getattr(GENERATORS[settings["type"]], "complete_settings", None)
+    if complete is not None:
+        settings = {**settings, **complete(settings)}
+    missing = [key for key in ("condition_length", "condition_width") if settings.get(key) is None]
     if missing:
         raise ValueError(f"modality_generator needs {missing} (the shape of the generator's conditioning).")
-    return {"type": kind, **defaults, **settings}
+    return settings
 
 
 def build_modality_generator(config) -> nn.Module | DiffusersImageGenerator | None:

@@ -4,7 +4,6 @@ Structured like transformers' LLaVA: `MMLLMModel` returns the backbone's full-se
 LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, the loss and generation.
 """
 
-import copy
 import math
 import os
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
+from .image_generation import ImageGenerationMixin
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
@@ -36,8 +36,6 @@ from .modality_generator import build_modality_generator, generator_settings, sa
 from .output_projector import build_output_projector
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
-# Model inputs that carry media (kept for the image-generation pass after text generation).
-MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
 
 
 class _ModalityOutputs:
@@ -88,7 +86,6 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _skip_keys_device_placement = ["cache", "past_key_values"]  # the cache's name from transformers 5.24 on, and before
-    _can_compile_fullgraph = True
     _supports_flash_attn = True
     _supports_sdpa = True
     _supports_flex_attn = True
@@ -103,6 +100,19 @@ class MMLLMPreTrainedModel(PreTrainedModel):
         if self.config.audio_config is not None:
             modalities.append("audio")
         return (*modalities, "text")
+
+    @property
+    def _can_compile_fullgraph(self) -> bool:
+        """`torch.compile(fullgraph=True)` traces the plain model; the modality-adaptive module's routing context
+        variable is still a graph break (issue #20)."""
+        return not self.config.modality_adaptive
+
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Initialise like transformers' own models: our `_init_weights` goes through `transformers.initialization`,
+        so weights that `from_pretrained` fills in get each sub-model's own init (CLIP's attention included), not the
+        flat init transformers keeps for remote code that writes weights in place."""
+        return False
 
     def _init_weights(self, module: nn.Module) -> None:
         """Input-projector layers start from PyTorch's fan-in init, not transformers' std 0.02.
@@ -140,6 +150,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
             apply_modality_adaptive(
                 self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
             )
+        if config.modality_generator:  # attaching the generator fixes its conditioning shape (saved with the config)
+            config.modality_generator = generator_settings(config.modality_generator)
         self.output_projector = build_output_projector(config)
         self.modality_generator = build_modality_generator(config)
         self.post_init()
@@ -358,7 +370,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
         )
 
 
-class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
+class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, GenerationMixin):
     """[`MMLLMModel`] with the LM head: training loss, `logits_to_keep` and KV-cached generation."""
 
     _tp_plan = {"lm_head": "colwise_gather_output"}
@@ -401,147 +413,6 @@ class MMLLMForConditionalGeneration(MMLLMPreTrainedModel, GenerationMixin):
     def modality_adaptive_parameters(self):
         """Parameters of the modality-specific (non-text) branches: for freeze policies and LoRA targets."""
         return self.model.modality_adaptive_parameters()
-
-    @property
-    def output_modalities(self) -> tuple[str, ...]:
-        """`("image", "text")` with an output projector and a generator (any-to-any pipelines read it)."""
-        return ("image", "text") if self.config.image_generation else ("text",)
-
-    def enable_image_generation(
-        self,
-        processor,
-        modality_generator: dict | None = None,
-        output_projector_type: str = "transformer",
-        num_signal_tokens: int = 4,
-        output_projector_config: dict | None = None,
-    ) -> None:
-        """Add NExT-GPT's output side to this model: signal tokens `<gen_img_0..k-1>` in `processor`'s tokenizer
-        (embeddings and LM head resized), an output projector and a modality generator (default: the built-in
-        image decoder). New modules start untrained; train them with an any-to-any recipe."""
-        if self.config.image_generation:
-            raise ValueError("Image generation is already on for this model.")
-        if not hasattr(processor, "tokenizer"):
-            raise ValueError(
-                f"enable_image_generation needs the model's MMLLMProcessor (its tokenizer gets the signal "
-                f"tokens), not {type(processor).__name__}."
-            )
-        if isinstance(num_signal_tokens, bool) or not isinstance(num_signal_tokens, int) or num_signal_tokens < 1:
-            raise ValueError(
-                f"num_signal_tokens={num_signal_tokens!r}: an image needs a whole number (>= 1) of signal "
-                "tokens; NExT-GPT uses 4."
-            )
-        if modality_generator is not None and not isinstance(modality_generator, dict):
-            raise ValueError(
-                f"modality_generator={modality_generator!r}: pass a dict such as {{'type': 'builtin'}} or "
-                "{'type': 'diffusers', 'pretrained': ID_OR_FOLDER}."
-            )
-        # Check every setting (building the new modules on the meta device, without touching the random state)
-        # before the tokenizer, the embeddings or the config change.
-        trial = copy.deepcopy(self.config)
-        trial.signal_token_ids = list(range(num_signal_tokens))  # stand-ins for the ids the tokens will get
-        trial.output_projector_type, trial.output_projector_config = output_projector_type, output_projector_config
-        trial.modality_generator = generator_settings(modality_generator or {"type": "builtin"})
-        trial._check_image_generation()
-        with torch.random.fork_rng(devices=[]), torch.device("meta"):
-            build_output_projector(trial), build_modality_generator(trial)
-        tokens = [f"<gen_img_{index}>" for index in range(num_signal_tokens)]
-        processor.tokenizer.add_tokens(tokens, special_tokens=True)
-        if len(processor.tokenizer) > self.config.text_config.vocab_size:
-            self.resize_token_embeddings(len(processor.tokenizer), mean_resizing=True)
-        self.config.signal_token_ids = processor.tokenizer.convert_tokens_to_ids(tokens)
-        self.config.output_projector_type = output_projector_type
-        self.config.output_projector_config = output_projector_config
-        self.config.modality_generator = trial.modality_generator
-        self.config._check_image_generation()
-        parameter = self.lm_head.weight
-        self.model.output_projector = build_output_projector(self.config).to(parameter.device, parameter.dtype)
-        self.model.modality_generator = build_modality_generator(self.config).to(parameter.device, parameter.dtype)
-
-    def decode_image_tokens(self, images: torch.Tensor) -> torch.Tensor:
-        """`generate(generation_mode="image")` already returns pixels `[B, 3, H, W]` in `[0, 1]`: passed through."""
-        return images
-
-    @torch.no_grad()
-    def generate(self, *args, generation_mode: str | None = None, generator_kwargs: dict | None = None, **kwargs):
-        """`GenerationMixin.generate`, plus `generation_mode="image"`: images `[B, 3, H, W]` in `[0, 1]`.
-
-        In image mode the LLM first answers as text; the hidden states at the signal tokens it emitted (appended
-        after the prompt when it emitted none) go through the output projector to the modality generator
-        (`generator_kwargs` go to the generator, e.g. `num_inference_steps` for diffusers).
-        """
-        if kwargs.get("cache_implementation") == "offloaded" and self.device.type == "cpu":
-            raise ValueError(
-                "cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
-                "the CPU, and this model is on the CPU. Use the default cache or 'static' here."
-            )
-        if generation_mode in (None, "text"):
-            return super().generate(*args, **kwargs)
-        if generation_mode != "image":
-            raise ValueError(f"generation_mode={generation_mode!r}: use 'text' or 'image'.")
-        if not self.config.image_generation:
-            raise ValueError(
-                "This model cannot generate images: it has no output projector and modality generator "
-                "(see enable_image_generation and the any-to-any recipes)."
-            )
-        if kwargs.get("return_dict_in_generate"):
-            raise ValueError(
-                "generation_mode='image' returns images, not a generation dict: drop return_dict_in_generate."
-            )
-        input_ids = args[0] if args else kwargs["input_ids"]
-        sequences = super().generate(*args, **kwargs)
-        media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
-        per_prompt = len(sequences) // len(input_ids)  # num_return_sequences: consecutive rows share a prompt
-        images = [
-            self._draw(
-                sequences[draw::per_prompt],
-                input_ids.shape[1],
-                kwargs.get("attention_mask"),
-                media,
-                generator_kwargs or {},
-            )
-            for draw in range(per_prompt)
-        ]
-        return torch.stack(images, dim=1).flatten(0, 1)
-
-    def _draw(
-        self,
-        sequences: torch.LongTensor,
-        prompt_length: int,
-        attention_mask: torch.Tensor | None,
-        media: dict,
-        generator_kwargs: dict,
-    ) -> torch.Tensor:
-        """One image per prompt row from its generated `sequences` (one row each, in prompt order)."""
-        ids, mask = self._image_sequences(sequences, prompt_length, attention_mask)
-        hidden_states = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0), **media
-        ).last_hidden_state
-        # Each row ends with the signal group of its new image; groups earlier in the prompt (images of previous
-        # turns) only condition the text.
-        k = len(self.config.signal_token_ids)
-        conditioning = self.model.get_generation_conditioning(hidden_states[:, -k:])
-        return self.model.modality_generator.generate(conditioning, **generator_kwargs)
-
-    def _image_sequences(
-        self, sequences: torch.LongTensor, prompt_length: int, attention_mask: torch.Tensor | None
-    ) -> tuple[torch.LongTensor, torch.LongTensor]:
-        """Each row's prompt and answer up to its first complete signal group (or the prompt + the signal tokens
-        when the answer has none), left-padded: every row then ends with its k signal tokens."""
-        signal = torch.tensor(self.config.signal_token_ids, device=sequences.device)
-        k, rows = len(signal), []
-        for index, sequence in enumerate(sequences):
-            prompt, answer = sequence[:prompt_length], sequence[prompt_length:]
-            if attention_mask is not None:
-                prompt = prompt[attention_mask[index].bool()]
-            starts = [start for start in range(len(answer) - k + 1) if torch.equal(answer[start : start + k], signal)]
-            rows.append(torch.cat([prompt, answer[: starts[0] + k] if starts else signal]))
-        width = max(len(row) for row in rows)
-        pad = self.config.text_config.pad_token_id or 0
-        ids = sequences.new_full((len(rows), width), pad)
-        mask = torch.zeros_like(ids)
-        for index, row in enumerate(rows):
-            ids[index, width - len(row) :], mask[index, width - len(row) :] = row, 1
-        return ids, mask
 
     @can_return_tuple
     def forward(

@@ -9,17 +9,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 
-from .input_projector import checked_settings
-
-
-def _settings(config, defaults: dict) -> dict:
-    """`config.output_projector_config` over a type's defaults."""
-    return checked_settings(
-        config.output_projector_config,
-        defaults,
-        "output_projector_config",
-        f"{config.output_projector_type!r} output projector",
-    )
+from .component_settings import OUTPUT_PROJECTOR_DEFAULTS, output_projector_settings
 
 
 def _condition_shape(config) -> tuple[int, int]:
@@ -31,11 +21,11 @@ class MLPOutputProjector(nn.Module):
     """A two-layer MLP per signal token (LLM width -> condition width), then a linear map over the token axis
     (k signal tokens -> condition_length positions)."""
 
-    DEFAULTS = {"hidden_act": "gelu"}
+    DEFAULTS = OUTPUT_PROJECTOR_DEFAULTS["mlp"]
 
     def __init__(self, config):
         super().__init__()
-        settings = _settings(config, self.DEFAULTS)
+        settings = output_projector_settings(config)
         length, width = _condition_shape(config)
         self.linear_1 = nn.Linear(config.text_config.hidden_size, width)
         self.act = ACT2FN[settings["hidden_act"]]
@@ -51,11 +41,11 @@ class TransformerOutputProjector(nn.Module):
     """NExT-GPT's output projector: `condition_length` learnable queries attend to the (projected) signal-token
     states through a small transformer decoder; the result is the generator's conditioning sequence."""
 
-    DEFAULTS = {"num_layers": 2, "num_heads": 4, "intermediate_size": None, "dropout": 0.0}
+    DEFAULTS = OUTPUT_PROJECTOR_DEFAULTS["transformer"]
 
     def __init__(self, config):
         super().__init__()
-        settings = _settings(config, self.DEFAULTS)
+        settings = output_projector_settings(config)
         length, width = _condition_shape(config)
         if width % settings["num_heads"]:
             raise ValueError(
@@ -90,17 +80,9 @@ OUTPUT_PROJECTORS: dict[str, type[nn.Module]] = {
 
 
 def output_projector_class(config) -> type[nn.Module]:
-    """The class of `config.output_projector_type`, with `output_projector_config` checked against its settings
-    (unknown types and keys are errors when the config is made, not when the model is built)."""
-    try:
-        projector_class = OUTPUT_PROJECTORS[config.output_projector_type]
-    except KeyError:
-        raise ValueError(
-            f"Unknown output_projector_type {config.output_projector_type!r}: choose one of "
-            f"{sorted(OUTPUT_PROJECTORS)}."
-        ) from None
-    _settings(config, projector_class.DEFAULTS)
-    return projector_class
+    """The class of `config.output_projector_type` (its settings are checked by `output_projector_settings`)."""
+    output_projector_settings(config)
+    return OUTPUT_PROJECTORS[config.output_projector_type]
 
 
 def build_output_projector(config) -> nn.Module | None:

@@ -8,7 +8,7 @@ import sys
 import torch
 from transformers import TrainerCallback
 
-from modeling_mmllm.training.runner import load_recipe, train
+from modeling_mmllm.training import load_recipe, train
 
 output = sys.argv[1]
 

@@ -16,18 +16,12 @@ from helpers import save_tiny_stable_diffusion
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.data.synthetic import COLOURS, SHAPES, all_scenes, generation_scenes, make_dataset
 from modeling_mmllm.evaluation.image_judge import CHANCE, train_judge
-from modeling_mmllm.training.runner import (
-    ALIGNMENT_FREEZE,
-    MMLLMTrainer,
-    MultimodalCollator,
-    apply_freeze_policy,
-    build_model,
-    frozen_components,
-    load_recipe,
-    pretrain_generator,
-    sft_config,
-    train,
-)
+from modeling_mmllm.training import load_recipe, train
+from modeling_mmllm.training.collator import MultimodalCollator
+from modeling_mmllm.training.generator_pretraining import pretrain_generator
+from modeling_mmllm.training.model_setup import ALIGNMENT_FREEZE, apply_freeze_policy, build_model, frozen_components
+from modeling_mmllm.training.recipes import sft_config
+from modeling_mmllm.training.trainer import MMLLMTrainer
 
 RECIPE = "quickstart-any2any"
 GENERATION = load_recipe(RECIPE, {"output_dir": "unused"})["model"]["image_generation"]

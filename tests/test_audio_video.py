@@ -18,7 +18,7 @@ from modeling_mmllm.configuration_mmllm import AUDIO, IMAGE, VIDEO
 from modeling_mmllm.data.synthetic import make_dataset
 from modeling_mmllm.evaluation.metrics import exact_match
 from modeling_mmllm.saving import save_model_folder
-from modeling_mmllm.training.runner import load_recipe, train
+from modeling_mmllm.training import load_recipe, train
 
 soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 

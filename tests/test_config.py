@@ -1,6 +1,9 @@
 """MMLLMConfig: presets, sub-configs of any encoder/backbone, validation, published parameter counts."""
 
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -98,3 +101,28 @@ def test_whisper_llava_7b_is_llava_1_5_plus_a_whisper_large_v3_branch():
     projector = 1280 * 4096 + 4096 + 4096 * 4096 + 4096
     assert model.num_parameters() == 7_063_427_072 + encoder + projector + 2 * 2 * 4096 == 7_722_440_704
     assert config.video_seq_length == 4 * 576 and config.audio_config.max_source_positions == 1500
+
+
+LIGHT_IMPORT = """
+import json, sys
+import modeling_mmllm.configuration_mmllm
+imported = {"modeling_utils": "transformers.modeling_utils" in sys.modules,
+            "ours": sorted(name for name in sys.modules if name.startswith("modeling_mmllm."))}
+from modeling_mmllm import MMLLMConfig
+config = MMLLMConfig.from_preset("any2any-tiny", modality_generator={"type": "diffusers", "pretrained": "someone/sd"})
+shape = [config.modality_generator[key] for key in ("condition_length", "condition_width")]
+print(json.dumps({**imported, "shape": shape}))
+"""
+
+
+def test_the_config_is_light_and_offline():
+    """Importing the config loads no modeling code, and building one whose generator is a Hub pipeline reads
+    nothing (offline here): the pipeline's conditioning shape is read when the generator is attached to a model."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=300, env=env)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(run.stdout.strip().splitlines()[-1])
+    assert not report["modeling_utils"] and report["shape"] == [None, None]
+    assert (
+        "modeling_mmllm.modeling_mmllm" not in report["ours"] and "modeling_mmllm.input_projector" not in report["ours"]
+    )

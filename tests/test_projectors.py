@@ -39,3 +39,18 @@ def test_multiple_feature_layers_widen_the_input():
 
 def test_registry_lists_the_types():
     assert {"linear", "mlp"} <= set(PROJECTORS)
+
+
+def test_every_component_type_has_its_settings_entry():
+    """The torch-free settings layer (what the config checks) and the component registries name the same types."""
+    from modeling_mmllm.component_settings import (
+        GENERATOR_DEFAULTS,
+        INPUT_PROJECTOR_DEFAULTS,
+        OUTPUT_PROJECTOR_DEFAULTS,
+    )
+    from modeling_mmllm.modality_generator import GENERATORS
+    from modeling_mmllm.output_projector import OUTPUT_PROJECTORS
+
+    assert set(PROJECTORS) == set(INPUT_PROJECTOR_DEFAULTS)
+    assert set(OUTPUT_PROJECTORS) == set(OUTPUT_PROJECTOR_DEFAULTS)
+    assert set(GENERATORS) == set(GENERATOR_DEFAULTS)

@@ -11,16 +11,11 @@ from helpers import make_images
 from modeling_mmllm.builders.presets import asset_dir
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.loading import llava_json_dataset, load_training_data
-from modeling_mmllm.training.runner import (
-    MultimodalCollator,
-    apply_freeze_policy,
-    build_model,
-    load_recipe,
-    parse_overrides,
-    sft_config,
-    train,
-    vision_lr_scales,
-)
+from modeling_mmllm.export.hub_card import hub_set_files
+from modeling_mmllm.training import load_recipe, parse_overrides, train
+from modeling_mmllm.training.collator import MultimodalCollator
+from modeling_mmllm.training.model_setup import apply_freeze_policy, build_model, vision_lr_scales
+from modeling_mmllm.training.recipes import sft_config
 
 RECIPES = sorted(p.stem for p in asset_dir("training_recipes").glob("*.yaml"))
 TINY = {"max_steps": 2, "per_device_train_batch_size": 2, "save_steps": 100, "logging_steps": 1}
@@ -231,19 +226,12 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
     assert calls["create"] == ("someone/owl2-demo", True)
     assert calls["files"] == sorted(
         [
+            *(Path(path).name for path in hub_set_files()),  # the code files, derived as save_pretrained copies them
             "README.md",
             "chat_template.jinja",
             "config.json",
-            "configuration_mmllm.py",
             "generation_config.json",
-            "input_projector.py",
-            "modality_adaptive.py",
-            "modality_encoder.py",
-            "modality_generator.py",
             "model.safetensors",
-            "modeling_mmllm.py",
-            "output_projector.py",
-            "processing_mmllm.py",
             "processor_config.json",
             "tokenizer.json",
             "tokenizer_config.json",

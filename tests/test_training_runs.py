@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.data.synthetic import make_dataset
 from modeling_mmllm.evaluation.metrics import exact_match
-from modeling_mmllm.training.runner import load_recipe, train
+from modeling_mmllm.training import load_recipe, train
 
 TESTS = Path(__file__).parent
 # The environment's console scripts (torchrun, trl), also when the virtual environment is not activated.

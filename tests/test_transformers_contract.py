@@ -227,3 +227,35 @@ def test_contrastive_search_names_its_limitation(model, inputs):
 def test_offloaded_cache_without_a_gpu_is_a_clear_error(model, inputs):
     with pytest.raises(ValueError, match="offloaded cache moves layers between a GPU and the CPU"):
         model.generate(**inputs, **GREEDY, cache_implementation="offloaded")
+
+
+def test_weights_missing_from_a_folder_get_each_sub_models_own_init(model, tmp_path):
+    """transformers fills missing weights with each sub-model's init (CLIP's attention has its own), as for LLaVA."""
+    from safetensors.torch import load_file, save_file
+
+    model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if ".vision_tower." not in k},
+        tmp_path / "model.safetensors",
+        metadata={"format": "pt"},
+    )
+    reloaded = AutoModelForImageTextToText.from_pretrained(tmp_path)
+    built = MMLLMForConditionalGeneration(model.config)
+    for module in (reloaded, built):
+        module.std = module.model.vision_tower.encoder.layers[0].self_attn.q_proj.weight.std().item()
+    assert 0.8 < reloaded.std / built.std < 1.25 and abs(reloaded.std - 0.02) > 0.02
+
+
+def test_tensor_parallel_plan_covers_every_branch(model):
+    import re
+
+    plan = model.model.language_model._tp_plan
+    patterns = [re.compile(key.replace(".", r"\.").replace("*", r"\d+") + "$") for key in plan]
+    for name, _ in model.model.language_model.named_modules():
+        if name.endswith(("k_proj", "v_proj", "q_proj", "o_proj")):
+            assert any(pattern.match(name) for pattern in patterns), name
+
+
+def test_compile_fullgraph_is_declared_honestly(model):
+    assert model._can_compile_fullgraph is not model.config.modality_adaptive

@@ -53,8 +53,8 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
-    from ..training.runner import load_recipe, parse_overrides
-    from ..training.runner import train as run_recipe
+    from ..training import load_recipe, parse_overrides
+    from ..training import train as run_recipe
 
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
@@ -212,7 +212,7 @@ def convert(args: argparse.Namespace) -> None:
 def push(args: argparse.Namespace) -> None:
     """Upload a Hub-ready folder to a Hub repo, with its card rendered for that repo."""
     from ..export.hub_card import write_model_card
-    from ..training.runner import push_folder
+    from ..training import push_folder
 
     model, _ = _load_folder(args.folder)
     write_model_card(model, args.folder, repo_id=args.repo_id)

@@ -17,7 +17,7 @@ from ..evaluation.image_judge import CHANCE
 from ..evaluation.metrics import generate_images
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
-from ..training.runner import load_recipe, train
+from ..training import load_recipe, train
 
 RECIPE = "quickstart-any2any"
 FAST = {

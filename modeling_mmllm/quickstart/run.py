@@ -22,7 +22,7 @@ from ..data.synthetic import QUESTIONS, make_dataset, random_scene, render
 from ..evaluation.metrics import answer_questions, exact_match
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
-from ..training.runner import load_recipe, train
+from ..training import load_recipe, train
 from .any2any import run_any2any
 
 STAGES = ("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")

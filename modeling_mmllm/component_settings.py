@@ -1,0 +1,142 @@
+"""The settings of every component type, checked without torch or the network: `MMLLMConfig` validates with
+these when it is made (so importing and building a config stays light), and the components build from them.
+
+One entry per type: its default settings (the keys its `*_config` field may set) and, for input projectors, the
+number of soft tokens it emits per image.
+"""
+
+# Vision encoders without a CLS token: every token they emit is a patch.
+NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
+
+INPUT_PROJECTOR_DEFAULTS: dict[str, dict | None] = {
+    "linear": {},
+    "mlp": {},
+    "abstractor": {  # mPLUG-Owl2's visual abstractor
+        "num_queries": 64,
+        "num_layers": 6,
+        "num_heads": 16,
+        "intermediate_size": 2816,
+        "layer_norm_eps": 1e-6,
+        "end_token": True,
+    },
+    "qformer": None,  # BLIP-2: Blip2QFormerConfig's own fields, plus num_query_tokens
+    "resampler": {"num_latents": 64, "depth": 6, "num_heads": 16, "head_dim": 96, "qk_layer_norms": False},
+}
+OUTPUT_PROJECTOR_DEFAULTS = {
+    "mlp": {"hidden_act": "gelu"},
+    "transformer": {"num_layers": 2, "num_heads": 4, "intermediate_size": None, "dropout": 0.0},
+}
+GENERATOR_DEFAULTS = {
+    "builtin": {
+        "condition_length": 8,
+        "condition_width": 64,
+        "image_size": 32,
+        "channels": 64,
+        "num_heads": 4,
+        "vocab_size": None,
+    },
+    "diffusers": {  # the conditioning shape is read from the pipeline when the generator is attached
+        "pretrained": None,
+        "condition_length": None,
+        "condition_width": None,
+        "num_inference_steps": 50,
+        "guidance_scale": 7.5,
+        "image_size": None,
+    },
+}
+
+
+def checked_settings(given: dict | None, defaults: dict, field: str, owner: str) -> dict:
+    """`given` (the config's `field`) over `owner`'s defaults; unknown keys are an error, not ignored."""
+    given = dict(given or {})
+    unknown = set(given) - set(defaults)
+    if unknown:
+        raise ValueError(
+            f"{field} has keys {sorted(unknown)} that the {owner} does not use; its settings are {sorted(defaults)}."
+        )
+    return {**defaults, **given}
+
+
+def _known(kind: str | None, registry: dict, field: str) -> None:
+    if kind not in registry:
+        raise ValueError(f"Unknown {field} {kind!r}: choose one of {sorted(registry)}.")
+
+
+def input_projector_settings(config) -> dict:
+    """`config.projector_config` over its projector type's defaults (the Q-Former's are free-form)."""
+    _known(config.projector_type, INPUT_PROJECTOR_DEFAULTS, "projector_type")
+    defaults = INPUT_PROJECTOR_DEFAULTS[config.projector_type]
+    if defaults is None:
+        return dict(config.projector_config or {})
+    return checked_settings(
+        config.projector_config, defaults, "projector_config", f"{config.projector_type!r} projector"
+    )
+
+
+def num_vision_tokens(config) -> int:
+    """Tokens the encoder yields per image after feature selection.
+
+    As in LLaVA, `"default"` drops the first token (the CLS token of CLIP-like encoders) and `"full"` keeps
+    every token; encoders without a CLS token (SigLIP) are normally used with `"full"`.
+    """
+    patches = (config.vision_config.image_size // config.vision_config.patch_size) ** 2
+    has_cls = config.vision_config.model_type not in NO_CLS_MODEL_TYPES
+    return patches + int(has_cls) - int(config.vision_feature_select_strategy == "default")
+
+
+def projector_output_length(config) -> int:
+    """Soft tokens per image that `config`'s input projector emits."""
+    settings = input_projector_settings(config)
+    counts = {
+        "linear": lambda: num_vision_tokens(config),
+        "mlp": lambda: num_vision_tokens(config),
+        "abstractor": lambda: settings["num_queries"] + int(settings["end_token"]),
+        "qformer": lambda: settings.get("num_query_tokens", 32),
+        "resampler": lambda: settings["num_latents"],
+    }
+    return counts[config.projector_type]()
+
+
+def output_projector_settings(config) -> dict:
+    """`config.output_projector_config` over its output projector type's defaults."""
+    kind = config.output_projector_type
+    _known(kind, OUTPUT_PROJECTOR_DEFAULTS, "output_projector_type")
+    return checked_settings(
+        config.output_projector_config,
+        OUTPUT_PROJECTOR_DEFAULTS[kind],
+        "output_projector_config",
+        f"{kind!r} output projector",
+    )
+
+
+def generator_settings(settings: dict) -> dict:
+    """A `modality_generator` dict with its type's defaults filled in; unknown types and keys are errors. A
+    diffusers pipeline's conditioning shape may stay unset here: it is read when the generator is attached."""
+    kind = settings.get("type")
+    _known(kind, GENERATOR_DEFAULTS, "modality_generator type")
+    defaults = GENERATOR_DEFAULTS[kind]
+    complete = checked_settings(
+        {k: v for k, v in settings.items() if k != "type"}, defaults, "modality_generator", f"{kind!r} generator"
+    )
+    if kind == "diffusers" and not complete["pretrained"]:
+        raise ValueError(
+            "modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
+            "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline)."
+        )
+    missing = [key for key in ("condition_length", "condition_width") if complete[key] is None]
+    if missing and kind != "diffusers":
+        raise ValueError(f"modality_generator needs {missing} (the shape of the generator's conditioning).")
+    return {"type": kind, **complete}
+
+
+__all__ = [
+    "GENERATOR_DEFAULTS",
+    "INPUT_PROJECTOR_DEFAULTS",
+    "OUTPUT_PROJECTOR_DEFAULTS",
+    "checked_settings",
+    "generator_settings",
+    "input_projector_settings",
+    "num_vision_tokens",
+    "output_projector_settings",
+    "projector_output_length",
+]

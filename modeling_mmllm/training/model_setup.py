@@ -1,0 +1,277 @@
+"""The model a recipe trains: building or loading it, image generation, freeze policies, LoRA, learning-rate scales
+(library side)."""
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from ..builders.presets import load_processor_preset
+from ..configuration_mmllm import MMLLMConfig
+from ..modeling_mmllm import MMLLMForConditionalGeneration
+from ..processing_mmllm import MMLLMProcessor
+
+COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output_projector", "modality_generator")
+
+
+IMAGE_GENERATION_KEYS = ("output_projector_type", "num_signal_tokens", "modality_generator", "output_projector_config")
+
+
+# What a recipe that adds image generation freezes unless it says otherwise: all but the output projector
+# (NExT-GPT's encoding-side alignment; the signal tokens' rows train too, see `train_signal_tokens`).
+ALIGNMENT_FREEZE = ["vision_tower", "multi_modal_projector", "language_model", "modality_generator"]
+
+
+# Learning-rate scale of the input embeddings while only their signal rows train: at the output projector's rate the
+# new rows grow far beyond the trained ones and drown the prompt in the residual stream at the signal positions.
+SIGNAL_EMBEDDING_LR_SCALE = 0.01
+
+
+def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
+    """The recipe's model and processor: a preset, a saved folder (a previous stage), or pretrained components;
+    with `image_generation`, NExT-GPT's output side is added (signal tokens, output projector, generator)."""
+    model, processor = load_model(spec)
+    if spec.get("image_generation") is not None:
+        enable_generation(model, processor, spec["image_generation"], seed=spec.get("seed", 0))
+    return model, processor
+
+
+def enable_generation(
+    model: MMLLMForConditionalGeneration, processor: MMLLMProcessor, settings: dict, seed: int = 0
+) -> None:
+    """`model.enable_image_generation(processor, **settings)` with the recipe's keys checked and a fixed seed; the
+    signal tokens' input embeddings start as distinct samples (`sample_signal_embeddings`)."""
+    unknown = set(settings) - set(IMAGE_GENERATION_KEYS)
+    if unknown:
+        raise ValueError(f"Unknown image_generation keys {sorted(unknown)}: use {list(IMAGE_GENERATION_KEYS)}.")
+    torch.manual_seed(seed)
+    model.enable_image_generation(processor, **settings)
+    sample_signal_embeddings(model, model.config.signal_token_ids)
+
+
+def sample_signal_embeddings(model: nn.Module, token_ids: list[int]) -> None:
+    """Input embeddings of new tokens drawn from the distribution of the existing rows (their mean and covariance).
+
+    Mean resizing starts every new row at (nearly) the mean embedding, so the k signal tokens begin identical: a
+    frozen LLM then cannot tell `<gen_img_0>` from `<gen_img_1>` and emits the group only once their rows have moved
+    far, which shifts the states the output projector reads. Distinct rows of the usual size avoid both.
+    """
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        keep = torch.ones(weight.shape[0], dtype=torch.bool)
+        keep[token_ids] = False
+        rows = weight[keep.to(weight.device)].double().cpu()
+        mean = rows.mean(0)
+        covariance = torch.cov((rows - mean).T)
+        covariance += 1e-6 * covariance.diagonal().mean() * torch.eye(len(mean), dtype=covariance.dtype)
+        samples = torch.distributions.MultivariateNormal(mean, covariance_matrix=covariance).sample((len(token_ids),))
+        weight[token_ids] = samples.to(weight)
+
+
+def load_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
+    """The model and processor a recipe's `model` names, as they are stored (no components added)."""
+    if "preset" in spec:
+        config = MMLLMConfig.from_preset(spec["preset"], **spec.get("overrides", {}))
+        processor = load_processor_preset(MMLLMProcessor, spec["preset"], config)
+        torch.manual_seed(spec.get("seed", 0))
+        return MMLLMForConditionalGeneration(config), processor
+    if "path" in spec:
+        folder = Path(spec["path"])
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a model folder (no config.json): train the previous stage first.")
+        model = MMLLMForConditionalGeneration.from_pretrained(folder, **load_kwargs(spec))
+        return model, MMLLMProcessor.from_pretrained(folder)
+    if "mplug_owl2" in spec:
+        from ..builders.conversion import from_mplug_owl2
+
+        model, processor = from_mplug_owl2(spec["mplug_owl2"])
+        if processor is None:
+            raise ValueError(f"{spec['mplug_owl2']} has no tokenizer: training needs one.")
+        return model, processor
+    if "components" in spec:
+        components = dict(spec["components"])
+        return MMLLMForConditionalGeneration.from_components(
+            components.pop("vision"), components.pop("text"), **components
+        )
+    raise ValueError("The recipe's model needs one of `preset`, `path` or `components`.")
+
+
+def load_kwargs(spec: dict) -> dict:
+    """`from_pretrained` options of a model spec: attention backend, dtype, device map, 4/8-bit quantization."""
+    kwargs = {key: spec[key] for key in ("attn_implementation", "dtype", "device_map") if key in spec}
+    if spec.get("quantization"):
+        from transformers import BitsAndBytesConfig
+
+        bits = {
+            "4bit": {
+                "load_in_4bit": True,
+                "bnb_4bit_quant_type": "nf4",
+                "bnb_4bit_compute_dtype": torch.bfloat16,
+                "bnb_4bit_use_double_quant": True,
+            },
+            "8bit": {"load_in_8bit": True},
+        }
+        if spec["quantization"] not in bits:
+            raise ValueError(f"quantization={spec['quantization']!r}: use 4bit (QLoRA) or 8bit.")
+        # The vision tower and the projector stay in full precision; only the LLM is quantized.
+        kwargs["quantization_config"] = BitsAndBytesConfig(
+            **bits[spec["quantization"]], llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"]
+        )
+    return kwargs
+
+
+def frozen_components(recipe: dict) -> list[str]:
+    """The recipe's `freeze` list; a recipe that adds image generation and names none trains the output projector
+    alone (`ALIGNMENT_FREEZE`)."""
+    if "freeze" in recipe:
+        return list(recipe["freeze"] or [])
+    model = recipe.get("model")
+    return list(ALIGNMENT_FREEZE) if isinstance(model, dict) and model.get("image_generation") is not None else []
+
+
+def apply_freeze_policy(model: nn.Module, recipe: dict) -> None:
+    """Freeze the named components; optionally keep the modality-adaptive branches trainable."""
+    frozen = frozen_components(recipe)
+    unknown = set(frozen) - set(COMPONENTS)
+    if unknown:
+        raise ValueError(f"Unknown components to freeze {sorted(unknown)}: choose from {list(COMPONENTS)}.")
+    for name in frozen:
+        component = getattr(model.model, name)
+        if component is None:
+            raise ValueError(
+                f"The recipe freezes {name!r}, which this model does not have: drop it from `freeze` "
+                "(or add image generation with `model: {image_generation: ...}`)."
+            )
+        if isinstance(component, nn.Module):  # a diffusers generator is no module: it is always frozen
+            component.requires_grad_(False)
+        if name == "language_model":
+            model.lm_head.requires_grad_(False)
+    if recipe.get("train_modality_adaptive"):
+        for parameter in model.modality_adaptive_parameters():
+            parameter.requires_grad_(True)
+
+
+def signal_rows_train(model: MMLLMForConditionalGeneration, recipe: dict) -> bool:
+    """Whether the signal tokens' embedding and LM-head rows train alone (`train_signal_tokens`): by default when
+    the model has signal tokens, its LM head is frozen and there is no LoRA (which uses PEFT's trainable tokens)."""
+    setting = recipe.get("train_signal_tokens")
+    if setting and not model.config.signal_token_ids:
+        raise ValueError(
+            "train_signal_tokens needs signal tokens: add image generation with `model: {image_generation: ...}` first."
+        )
+    if setting is not None:
+        return bool(setting) and not model.get_output_embeddings().weight.requires_grad
+    return (
+        bool(model.config.signal_token_ids)
+        and recipe.get("lora") is None
+        and not (model.get_output_embeddings().weight.requires_grad)
+    )
+
+
+def train_token_rows(model: nn.Module, token_ids: list[int]) -> set[str]:
+    """Make rows `token_ids` of the input embeddings and of the LM head trainable while every other row stays
+    bit-identical: the weights get gradients, masked to those rows by a hook (keep them out of weight decay).
+
+    A frozen LM head cannot learn to emit new tokens; training only their rows is what teaches a frozen LLM the
+    signal tokens. Returns the names of the row-masked parameters (a tied head is one parameter).
+    """
+    weights = {
+        id(weight): weight for weight in (model.get_input_embeddings().weight, model.get_output_embeddings().weight)
+    }
+    for weight in weights.values():
+        mask_gradient_rows(weight, token_ids)
+    return {name for name, parameter in model.named_parameters() if id(parameter) in weights}
+
+
+def mask_gradient_rows(weight: nn.Parameter, token_ids: list[int]) -> None:
+    """Let `weight` train, with its gradient zeroed outside rows `token_ids` (a hook)."""
+    rows = torch.zeros(weight.shape[0], 1, dtype=torch.bool, device=weight.device)
+    rows[token_ids] = True
+    weight.requires_grad_(True)
+    weight.register_hook(lambda grad: grad.masked_fill(~rows.to(grad.device), 0))
+
+
+def mask_peft_head_rows(model: nn.Module, token_ids: list[int]) -> set[str]:
+    """Under LoRA, the trainable copy of an untied LM head (`modules_to_save`) trains its signal rows only; PEFT's
+    trainable tokens cannot wrap it (TRL's fused LM head reads the head's `weight` and `bias`). Returns their names."""
+    names = set()
+    for name, parameter in model.named_parameters():
+        if ".lm_head.modules_to_save." in f".{name}" and name.endswith(".weight") and parameter.requires_grad:
+            mask_gradient_rows(parameter, token_ids)
+            names.add(name)
+    return names
+
+
+def embedding_lr_scales(model: nn.Module, scale: float) -> dict[str, float]:
+    """`{name of the input embeddings' weight: scale}` (with a tied LM head, the scale covers its rows too)."""
+    weight = model.get_input_embeddings().weight
+    return {name: scale for name, parameter in model.named_parameters() if parameter is weight}
+
+
+def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
+    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included); projector trained.
+
+    With image generation, the output projector trains fully too, the signal tokens' input embeddings through PEFT's
+    trainable tokens, and an untied LM head as a trainable copy whose other rows `mask_peft_head_rows` keeps fixed
+    (both saved with the adapter, merged by `merge_and_unload`).
+    """
+    from peft import LoraConfig
+
+    targets = [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, nn.Linear) and name.startswith("model.language_model.")
+    ]
+    defaults = {
+        "r": 8,
+        "lora_alpha": 16,
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "modules_to_save": ["multi_modal_projector"],
+    }
+    if model.config.signal_token_ids:
+        embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
+        name = next(name for name, module in model.named_modules() if module is embeddings)
+        defaults["trainable_token_indices"] = {name: list(model.config.signal_token_ids)}
+        untied_head = ["lm_head"] if head.weight is not embeddings.weight else []
+        defaults["modules_to_save"] = ["multi_modal_projector", "output_projector", *untied_head]
+    return LoraConfig(**{**defaults, **settings})
+
+
+def vision_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
+    """Learning-rate scale per vision parameter: `decay ** (depth from the top)`; embeddings get the smallest."""
+    vision_config = model.config.vision_config
+    num_layers = vision_config.num_hidden_layers
+    scales = {}
+    for name, _ in model.named_parameters():
+        if ".vision_tower." not in f".{name}":
+            continue
+        marker = ".layers."
+        if marker in name:
+            layer = int(name.split(marker)[1].split(".")[0])
+            scales[name] = decay ** (num_layers - layer)
+        elif "embeddings" in name or "pre_layrnorm" in name:
+            scales[name] = decay ** (num_layers + 1)
+    return scales
+
+
+__all__ = [
+    "ALIGNMENT_FREEZE",
+    "COMPONENTS",
+    "IMAGE_GENERATION_KEYS",
+    "SIGNAL_EMBEDDING_LR_SCALE",
+    "apply_freeze_policy",
+    "build_model",
+    "embedding_lr_scales",
+    "enable_generation",
+    "frozen_components",
+    "load_kwargs",
+    "load_model",
+    "lora_config",
+    "mask_gradient_rows",
+    "mask_peft_head_rows",
+    "sample_signal_embeddings",
+    "signal_rows_train",
+    "train_token_rows",
+    "vision_lr_scales",
+]

@@ -1,0 +1,142 @@
+"""`MMLLMTrainer`: TRL's SFTTrainer plus the losses the model owns (NExT-GPT's alignment loss) and per-group learning
+rates (library side)."""
+
+from contextlib import contextmanager
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from trl import SFTTrainer
+
+from .collator import GENERATION_TARGETS
+from .model_setup import vision_lr_scales
+
+
+def inner_model(model: nn.Module) -> nn.Module:
+    """The `MMLLMModel` inside `model`, wherever wrappers put it (PEFT, DDP): the module TRL's fused LM head runs."""
+    for module in model.modules():
+        if hasattr(module, "signal_states") and hasattr(module, "language_model"):
+            return module
+    raise ValueError(f"No MMLLMModel inside {type(model).__name__}: the alignment loss needs an mmllm model.")
+
+
+@contextmanager
+def captured_hidden_states(module: nn.Module):
+    """Record `last_hidden_state` of the first forward of `module` inside the block (the one with gradients)."""
+    captured: dict[str, torch.Tensor] = {}
+
+    def hook(_module, _args, output):
+        captured.setdefault("hidden_states", output.last_hidden_state)
+
+    handle = module.register_forward_hook(hook)
+    try:
+        yield captured
+    finally:
+        handle.remove()
+
+
+class MMLLMTrainer(SFTTrainer):
+    """`SFTTrainer` with layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2, BEiT-style) and
+    NExT-GPT's output-side losses.
+
+    TRL's fused LM head runs the inner `MMLLMModel` and never the model's `forward`, so the losses the model owns
+    are added here: a forward hook keeps the inner model's last hidden states, the signal tokens' states go through
+    the output projector, and the conditioning is compared with the generator's encoding of the captions
+    (`alignment_loss_weight`, MSE) and, optionally, scored by the generator against the target images
+    (`image_loss_weight`). Both are logged (`alignment_loss`, `image_loss`). `row_masked_parameters` (rows trained
+    by `train_token_rows`) get no weight decay, so their frozen rows stay bit-identical.
+    """
+
+    def __init__(
+        self,
+        *args,
+        vision_lr_decay: float | None = None,
+        alignment_loss_weight: float = 1.0,
+        image_loss_weight: float = 0.0,
+        row_masked_parameters: set[str] | None = None,
+        lr_scales: dict[str, float] | None = None,
+        **kwargs,
+    ):
+        self.vision_lr_decay = vision_lr_decay
+        self.alignment_loss_weight = alignment_loss_weight
+        self.image_loss_weight = image_loss_weight
+        self.row_masked_parameters = set(row_masked_parameters or ())
+        self.lr_scales = dict(lr_scales or {})
+        super().__init__(*args, **kwargs)
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model) if name not in self.row_masked_parameters]
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        targets = {key: inputs.pop(key) for key in GENERATION_TARGETS if key in inputs}
+        if "generation_captions" not in targets or not (self.alignment_loss_weight or self.image_loss_weight):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inner = inner_model(model)
+        with captured_hidden_states(inner) as captured:
+            result = super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        # Like TRL's MoE aux loss: a per-micro-batch mean, averaged over gradient accumulation steps.
+        steps = self.current_gradient_accumulation_steps if num_items_in_batch is not None else 1
+        loss = loss + self.generation_loss(inner, captured["hidden_states"], inputs["input_ids"], targets) / steps
+        return (loss, result[1]) if return_outputs else loss
+
+    def generation_loss(
+        self, inner: nn.Module, hidden_states: torch.Tensor, input_ids: torch.Tensor, targets: dict
+    ) -> torch.Tensor:
+        """Weighted alignment (+ image) loss of the signal groups in the batch against the rows' targets."""
+        captions = targets["generation_captions"]
+        states = inner.signal_states(hidden_states, input_ids)
+        if states.shape[0] != len(captions):
+            raise ValueError(
+                f"{len(captions)} row(s) of the batch have a generation_caption but {states.shape[0]} "
+                "signal-token group(s) made it into the batch: every such row needs one assistant image "
+                "part, and max_length must not cut the answer (raise max_length or set it to null)."
+            )
+        conditioning = inner.get_generation_conditioning(states)
+        generator = inner.modality_generator
+        mode = "train" if self.model.training else "eval"
+        loss = conditioning.new_zeros(())
+        if self.alignment_loss_weight:
+            with torch.no_grad():
+                target = generator.encode_prompt(captions, self.processing_class.tokenizer)
+            alignment = F.mse_loss(conditioning.float(), target.to(conditioning.device).float())
+            self._metrics[mode]["alignment_loss"].append(alignment.item())
+            loss = loss + self.alignment_loss_weight * alignment
+        if self.image_loss_weight:
+            if "generation_pixel_values" not in targets:
+                raise ValueError(
+                    "image_loss_weight needs the target images: the rows need a generation_image column "
+                    "and the collator target_images=True (train() sets it)."
+                )
+            image = generator.image_loss(conditioning, targets["generation_pixel_values"].to(conditioning.device))
+            self._metrics[mode]["image_loss"].append(image.item())
+            loss = loss + self.image_loss_weight * image
+        return loss
+
+    def create_optimizer(self, model=None):
+        model = self.model if model is None else model
+        scales = self.learning_rate_scales(model)
+        if not scales or self.optimizer is not None:
+            return super().create_optimizer(model)
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                key = (scales.get(name, 1.0), self.args.weight_decay if name in decay_names else 0.0)
+                groups.setdefault(key, []).append(parameter)
+        param_groups = [
+            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()
+        ]
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_class(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def learning_rate_scales(self, model: nn.Module) -> dict[str, float]:
+        """Learning-rate scale per parameter name: the vision encoder's layer-wise decay and `lr_scales`."""
+        scales = vision_lr_scales(model, self.vision_lr_decay) if self.vision_lr_decay is not None else {}
+        return {**scales, **self.lr_scales}
+
+
+__all__ = ["MMLLMTrainer", "captured_hidden_states", "inner_model"]
