@@ -21,6 +21,7 @@ On disk the names are mPLUG-Owl2's (`self_attn.k_proj.multiway.{0,1}.weight`, as
 
 import contextlib
 import copy
+import re
 from collections.abc import Iterator, Sequence
 from contextvars import ContextVar
 
@@ -206,16 +207,23 @@ def apply_modality_adaptive(language_model: nn.Module, layers: Sequence[int] | N
 
 
 def _extend_tensor_parallel_plan(language_model: nn.Module) -> None:
-    """The backbone's tensor-parallel plan names `self_attn.{k,v}_proj`: give every branch the same style, so the
-    branches split like the shared `q_proj` and `o_proj`."""
+    """The backbone's tensor-parallel plan names `self_attn.{k,v}_proj`: give every branch the same style (the
+    branches split like the shared `q_proj` and `o_proj`), and keep the plain entry only where a layer still has
+    the plain module (the plan's entries must each name modules)."""
     plan = getattr(language_model, "_tp_plan", None) or {}
-    branches = {
-        key.replace("self_attn.", "self_attn.multiway.*.", 1): style
-        for key, style in plan.items()
-        if key.endswith(tuple(f"self_attn.{name}" for name in MULTIWAY_MODULES["self_attn"]))
-    }
-    if branches:
-        language_model._tp_plan = {**plan, **branches}
+    names = [name for name, _ in language_model.named_modules()]
+    projections = tuple(f"self_attn.{name}" for name in MULTIWAY_MODULES["self_attn"])
+    extended = {}
+    for key, style in plan.items():
+        if not key.endswith(projections):
+            extended[key] = style
+            continue
+        for candidate in (key, key.replace("self_attn.", "self_attn.multiway.*.", 1)):
+            pattern = re.compile(re.escape(candidate).replace(r"\*", r"\d+") + "$")
+            if any(pattern.match(name) for name in names):
+                extended[candidate] = style
+    if plan:
+        language_model._tp_plan = extended
 
 
 def multiway_branches(module: nn.Module, modality: int) -> Iterator[nn.Module]:

@@ -194,11 +194,23 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     @can_return_tuple
     def get_audio_features(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         """Audio windows `[windows, mel_bins, frames]` + their masks: the audio encoder's outputs, with the soft
         tokens of all clips in order `[1, tokens, hidden]` in `pooler_output`."""
         self._check_modality(AUDIO)
+        if input_features_mask is None:
+            raise ValueError("input_features need input_features_mask (which frames are real audio).")
+        if input_features.shape[0] != input_features_mask.shape[0]:
+            raise ValueError(
+                f"input_features hold {input_features.shape[0]} audio window(s) but input_features_mask "
+                f"{input_features_mask.shape[0]}: windows were lost on the way. transformers' pipeline batching "
+                "keeps only the first window of each item, so clips longer than one encoder window need "
+                "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window)."
+            )
         outputs, tokens = encode_audio(
             self.audio_tower, input_features, input_features_mask, self.config.audio_pool_stride, **kwargs
         )
@@ -303,15 +315,6 @@ class MMLLMModel(MMLLMPreTrainedModel):
         if pixel_values_videos is not None:
             outputs[VIDEO] = self.get_video_features(pixel_values_videos, return_dict=True)
         if input_features is not None:
-            if input_features_mask is None:
-                raise ValueError("input_features need input_features_mask (which frames are real audio).")
-            if input_features.shape[0] != input_features_mask.shape[0]:
-                raise ValueError(
-                    f"input_features hold {input_features.shape[0]} audio window(s) but input_features_mask "
-                    f"{input_features_mask.shape[0]}: windows were lost on the way. transformers' pipeline batching "
-                    "keeps only the first window of each item, so clips longer than one encoder window need "
-                    "batch_size=1 in pipelines (or MMLLMProcessor's batched output, which keeps every window)."
-                )
             outputs[AUDIO] = self.get_audio_features(input_features, input_features_mask, return_dict=True)
         return outputs
 
@@ -402,7 +405,10 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         return self.model.get_video_features(pixel_values_videos, **kwargs)
 
     def get_audio_features(
-        self, input_features: torch.Tensor, input_features_mask: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        input_features: torch.Tensor,
+        input_features_mask: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
         return self.model.get_audio_features(input_features, input_features_mask, **kwargs)
 
