@@ -41,7 +41,11 @@ def test_wheel_contains_presets_templates_and_cards(tmp_path):
         "processing/tokenizer_corpus.txt",
         "hub_cards/model_card.md",
         "modeling_mmllm.py",
-        "cli.py",
+        "component_settings.py",
+        "cli/__main__.py",
+        "cli/main.py",
+        "training/runner.py",
+        "export/saving.py",
     ):
         assert f"modeling_mmllm/{name}" in names, name
 

@@ -160,7 +160,9 @@ def test_lora_adapter_is_small_reloads_over_remote_code_and_merges(staged_run, t
     full_size = (tmp_path / "merged" / "model.safetensors").stat().st_size
     assert adapter_size < full_size / 2
     config = json.loads((adapter / "adapter_config.json").read_text())
-    assert any("multiway.1" in target for target in config["target_modules"])  # the image branches get LoRA too
+    assert {"k_proj", "v_proj"} <= {target.rsplit(".", 1)[-1] for target in config["target_modules"]}
+    adapter_keys = load_file(next(adapter.glob("*.safetensors"))).keys()
+    assert any(".multiway.1." in key and "lora_A" in key for key in adapter_keys)  # the image branches get LoRA too
     assert "library_name: peft" in (adapter / "README.md").read_text()
     run = subprocess.run(
         [sys.executable, "-c", LORA_FRESH, str(staged_run["stage2"]), str(adapter), str(tmp_path / "merged")],
