@@ -10,8 +10,7 @@ import importlib
 
 from transformers import AutoConfig
 
-from . import configuration_mmllm
-from .configuration_mmllm import MMLLMConfig
+from .configuration_mmllm import ON_FIRST_CONFIG, MMLLMConfig
 
 __version__ = "0.2.0"  # the one place the version is written (pyproject.toml reads it)
 
@@ -45,7 +44,7 @@ def __getattr__(name: str):
 
 
 AutoConfig.register("mmllm", MMLLMConfig, exist_ok=True)
-configuration_mmllm.ON_FIRST_CONFIG.append(register_auto_classes)
+ON_FIRST_CONFIG.append(register_auto_classes)
 
 __all__ = [
     "MMLLMConfig",
