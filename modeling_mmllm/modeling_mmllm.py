@@ -18,7 +18,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs
+from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
 
 try:  # transformers >= 5.24: multimodal outputs, which carry each encoder's output
@@ -28,12 +28,15 @@ except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
+from .hub_upload import file_times, upload_folder_to_hub
 from .image_generation import ImageGenerationMixin
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
 from .output_projector import build_output_projector
+
+logger = logging.get_logger(__name__)
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
 
@@ -475,17 +478,18 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         return import_library_module("builders.composition").compose(cls, vision, text, projector, **overrides)
 
     def save_pretrained(self, save_directory, *args, push_to_hub: bool = False, **kwargs):
-        """Save weights (safetensors), config and code, and render the model card when `mmllm` is installed.
+        """Save weights (safetensors), config and code: the same files wherever this runs, as transformers does.
 
         `auto_map` names every Auto class that loads this folder with `trust_remote_code=True`. A local diffusers
         pipeline (the modality generator) is written into the `modality_generator/` sub-folder, which the saved
         config then names. With `push_to_hub=True` (and transformers' `repo_id`, `commit_message`, `create_pr`,
-        `private`, `token`) the upload runs once the folder is complete, sub-folder and card included: every
-        file this call wrote or changed is uploaded.
+        `private`, `token`) the upload runs once the folder is complete, sub-folder included, with the model card
+        that the `mmllm` package renders (without the package the folder's own README.md goes up, and a warning
+        says so): every file this call wrote or changed is uploaded.
         """
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
         os.makedirs(save_directory, exist_ok=True)
-        before = _file_times(save_directory)
+        before = file_times(save_directory)
         any_to_any = self.config.audio_config is not None or self.config.image_generation
         auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
@@ -495,56 +499,24 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         )
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
-            _write_model_card(self, save_directory)
         finally:  # the saved config names the copy; this model keeps using its source
             self.config.modality_generator = generator_settings
         if push_to_hub and kwargs.get("is_main_process", True):
-            _upload_saved_entries(save_directory, before, token=kwargs.get("token"), **hub)
+            _write_model_card(self, save_directory, hub.get("repo_id"))
+            upload_folder_to_hub(save_directory, changed_since=before, token=kwargs.get("token"), **hub)
 
 
-def _write_model_card(model: MMLLMForConditionalGeneration, folder) -> None:
-    """The package's model card; a bare remote-code environment keeps whatever card the folder has."""
+def _write_model_card(model: MMLLMForConditionalGeneration, folder, repo_id: str | None) -> None:
+    """The package's model card for a push; a bare remote-code environment uploads the folder's own card."""
     try:
         cards = import_library_module("export.hub_card")
     except ImportError:
+        logger.warning(
+            "Uploading without a rendered model card (the `mmllm` package is not installed here): the folder's "
+            "own README.md, if any, goes up. `pip install mmllm` renders one, or `mmllm push FOLDER REPO` later."
+        )
         return
-    cards.write_model_card(model, folder)
-
-
-def _file_times(folder) -> dict[str, float]:
-    """`{path relative to folder: modification time}` of every file under `folder`."""
-    return {
-        os.path.relpath(os.path.join(root, name), folder): os.path.getmtime(os.path.join(root, name))
-        for root, _, names in os.walk(folder)
-        for name in names
-    }
-
-
-def _upload_saved_entries(
-    folder,
-    before: dict[str, float],
-    repo_id: str | None = None,
-    commit_message: str | None = None,
-    create_pr: bool = False,
-    token=None,
-    private: bool | None = None,
-) -> None:
-    """Upload the files under `folder` written or changed since `before` (`_file_times`), sub-folders included
-    (transformers' own upload takes one level, which a diffusers pipeline exceeds)."""
-    from huggingface_hub import HfApi
-
-    changed = [path for path, time in _file_times(folder).items() if path not in before or time > before[path]]
-    api = HfApi(token=token)
-    repo_id = api.create_repo(
-        repo_id or os.path.basename(os.path.abspath(folder)), private=private, exist_ok=True
-    ).repo_id
-    api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        commit_message=commit_message or "Upload model",
-        create_pr=create_pr,
-        allow_patterns=[path.replace(os.sep, "/") for path in changed],
-    )
+    cards.write_model_card(model, folder, repo_id=repo_id)
 
 
 # Auto classes a saved folder answers to (written into config.json's `auto_map`).

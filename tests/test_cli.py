@@ -4,6 +4,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -183,7 +184,9 @@ def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
 
 def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
     uploads = []
-    monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+    monkeypatch.setattr(
+        "huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id)
+    )
     monkeypatch.setattr(
         "huggingface_hub.HfApi.upload_folder",
         lambda self, repo_id, folder_path, **kw: uploads.append((repo_id, folder_path)),

@@ -46,7 +46,7 @@ ENV = {
 }
 CPU_RECIPE = (
     "--model owl2-tiny --data.synthetic joint --data.n 16 --data.image_size 32 --max_steps 2 "
-    "--per_device_train_batch_size 2 --bf16 false --gradient_checkpointing false "
+    "--per_device_train_batch_size 2 --bf16 false --activation_checkpointing false "
     "--dataloader_num_workers 0 --report_to none"
 )
 

@@ -150,7 +150,7 @@ def test_lora_adapter_is_small_reloads_over_remote_code_and_merges(staged_run, t
             "max_steps": 5,
             "per_device_train_batch_size": 4,
             "bf16": False,
-            "gradient_checkpointing": False,
+            "activation_checkpointing": False,
             "dataloader_num_workers": 0,
             "lora": {"r": 4, "lora_alpha": 8},
         },

@@ -53,9 +53,12 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
-    from ..training import load_recipe, parse_overrides
+    from ..training import load_recipe, parse_overrides, recipe_help
     from ..training import train as run_recipe
 
+    if {"-h", "--help"} & set(args.overrides):
+        print(recipe_help())
+        return
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
     results = folder / "eval_results.json"
@@ -201,18 +204,17 @@ def convert(args: argparse.Namespace) -> None:
     else:
         model = {"llava": from_llava, "blip2": from_blip2}[args.kind](args.source)
         processor = convert_processor(args.source, model.config)
+    save_model_folder(model, processor, args.output)
     if processor is None:
-        model.save_pretrained(args.output)
         print(f"saved the model to {args.output} (the source has no tokenizer: no processor was written)")
         return
-    save_model_folder(model, processor, args.output)
     print(f"saved {args.kind} as mmllm to {args.output}")
 
 
 def push(args: argparse.Namespace) -> None:
     """Upload a Hub-ready folder to a Hub repo, with its card rendered for that repo."""
     from ..export.hub_card import write_model_card
-    from ..training import push_folder
+    from ..export.saving import push_folder
 
     model, _ = _load_folder(args.folder)
     write_model_card(model, args.folder, repo_id=args.repo_id)
@@ -266,7 +268,8 @@ def parser() -> argparse.ArgumentParser:
         "train",
         help="train with a recipe (TRL SFTTrainer)",
         description="Run a recipe; any recipe key or SFTConfig field can be overridden: "
-        "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET",
+        "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET. `mmllm train RECIPE --help` lists every key "
+        "with its help text and default.",
     )
     command.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
     command.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")

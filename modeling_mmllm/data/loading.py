@@ -12,7 +12,10 @@ from pathlib import Path
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
+from ..utils.logging import get_logger
 from .synthetic import GENERATION_FEATURES, GENERATION_PROMPTS, make_dataset
+
+logger = get_logger(__name__)
 
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PART = {"type": Value("string"), "text": Value("string")}
@@ -135,7 +138,7 @@ def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
         listing = "; ".join(f"row {index}: {reason}" for index, reason in list(bad.items())[:10])
         raise ValueError(f"{len(bad)} row(s) with bad images ({listing}). Fix them, or set `bad_rows: skip`.")
     if bad:
-        print(f"Skipping {len(bad)} row(s) with bad images: rows {sorted(bad)[:20]}")
+        logger.warning(f"Skipping {len(bad)} row(s) with bad images: rows {sorted(bad)[:20]}")
         dataset = dataset.select([index for index in range(len(dataset)) if index not in bad])
     return dataset
 

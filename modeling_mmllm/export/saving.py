@@ -1,4 +1,5 @@
-"""Write a model folder atomically: save into a temporary sibling folder, then rename (library side)."""
+"""Writing model folders: atomically (a temporary sibling folder, then renames), with their model card; the push
+of a finished folder; `mmllm upgrade` (library side)."""
 
 import json
 import os
@@ -7,6 +8,9 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+from ..hub_upload import upload_folder_to_hub
+from .hub_card import hub_set_files, write_model_card
 
 
 @contextmanager
@@ -38,27 +42,28 @@ def atomic_folder(output: str | Path, replace: bool = False) -> Iterator[Path]:
 def save_model_folder(
     model, processor, output: str | Path, extra_files: dict[str, str] | None = None, replace: bool = False
 ) -> Path:
-    """Save `model` and `processor` into `output` as one Hub-ready folder; nothing half-written is left behind.
+    """Save `model` and `processor` (`None`: a model without one) into `output` as one Hub-ready folder, with its
+    model card; nothing half-written is left behind.
 
     A PEFT model saves its adapter only (small). `extra_files` (name -> text) are written first, so the model card
-    that `save_pretrained` renders can describe them (training history, metrics). `replace=True` swaps an existing
-    `output` for the new folder once it is complete.
+    can describe them (training history, metrics). `replace=True` swaps an existing `output` for the new folder
+    once it is complete.
     """
     with atomic_folder(output, replace=replace) as staging:
         for name, text in (extra_files or {}).items():
             (staging / name).write_text(text)
         model.save_pretrained(staging)
-        processor.save_pretrained(staging)
-        write_adapter_card(model, staging)
+        if processor is not None:
+            processor.save_pretrained(staging)
+        write_model_card(model, staging)
     return Path(output)
 
 
-def write_adapter_card(model, folder: Path) -> None:
-    """Our models render their card in `save_pretrained`; a PEFT adapter over one gets it here."""
-    from .hub_card import write_model_card
-
-    if hasattr(model, "get_base_model"):
-        write_model_card(model, folder)
+def push_folder(folder: str | Path, repo_id: str | None, private: bool = False) -> str:
+    """Upload a Hub-ready folder (weights, code, processor, card) to `repo_id`, sub-folders included."""
+    if not repo_id:
+        raise ValueError("push_to_hub needs hub_model_id (the Hub repo to create or update).")
+    return upload_folder_to_hub(folder, repo_id, private=private, commit_message="Upload mmllm model")
 
 
 def upgrade_folder(folder: str | Path) -> list[str]:
@@ -78,8 +83,6 @@ def upgrade_folder(folder: str | Path) -> list[str]:
             f"{folder} holds a {model_type!r} model, not an mmllm one: `mmllm upgrade` only rewrites "
             "the code of mmllm folders (`mmllm convert` imports LLaVA, BLIP-2 and mPLUG-Owl2 folders)."
         )
-    from .hub_card import hub_set_files
-
     code = [Path(path) for path in hub_set_files()]
     with atomic_folder(folder, replace=True) as staging:
         for entry in folder.iterdir():  # the old code files (flat *.py) are replaced, everything else is kept
@@ -101,4 +104,4 @@ def _link_or_copy(source: Path, target: Path) -> None:
         shutil.copy2(source, target)
 
 
-__all__ = ["atomic_folder", "save_model_folder", "upgrade_folder", "write_adapter_card"]
+__all__ = ["atomic_folder", "push_folder", "save_model_folder", "upgrade_folder"]

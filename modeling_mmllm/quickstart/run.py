@@ -59,8 +59,8 @@ def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path
     if model is not None:
         overrides["model"] = str(model)
     recipe = load_recipe(name, overrides)
-    if fast and "eval" in recipe:
-        recipe["eval"]["n"] = 16
+    if fast and recipe.eval:
+        recipe.eval["n"] = 16
     recorder = LossRecorder()
     folder = train(recipe, name=name, callbacks=[recorder])
     curves[name] = recorder.losses

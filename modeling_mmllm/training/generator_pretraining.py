@@ -2,19 +2,25 @@
 layer (library side)."""
 
 import json
-import sys
+import os
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate import Accelerator
 from torch import nn
+from transformers import TrainingArguments
 
 from ..data.loading import load_training_data
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
+from ..utils.logging import get_logger
 from .collator import MultimodalCollator, pixel_tensor
+from .recipes import check_keys
 from .trainer import inner_model
+
+logger = get_logger(__name__)
 
 GENERATOR_PRETRAINING = {
     "steps": 600,
@@ -127,25 +133,40 @@ def whiten_output_projector(
     return layer
 
 
+class GeneratorLoss(nn.Module):
+    """The built-in generator's `image_loss` of `encode_prompt(captions)` as one forward, so accelerate's wrappers
+    (DDP's gradient all-reduce, mixed precision) see the whole step."""
+
+    def __init__(self, generator: nn.Module, tokenizer):
+        super().__init__()
+        self.generator, self.tokenizer = generator, tokenizer
+
+    def forward(self, captions: list[str], images: torch.Tensor) -> torch.Tensor:
+        conditioning = self.generator.encode_prompt(captions, self.tokenizer)
+        return self.generator.image_loss(conditioning, images.to(conditioning.device))
+
+
 def pretrain_generator(
     model: MMLLMForConditionalGeneration,
     processor: MMLLMProcessor,
     settings: dict | None = None,
-    device: str | torch.device | None = None,
+    args: TrainingArguments | None = None,
 ) -> dict:
     """Train the built-in image generator (caption encoder + decoder) on (caption, image) pairs: its own
-    `image_loss` of `encode_prompt(captions)`, a plain AdamW loop with warm-up and cosine decay.
+    `image_loss` of `encode_prompt(captions)`, AdamW with warm-up and cosine decay, on accelerate's set-up for `args`
+    (the recipe's: device, processes, mixed precision); each process draws its own batches.
 
     Stable Diffusion comes pretrained; the built-in generator stands in for it and must learn to draw first. Keys of
     `settings` (defaults in `GENERATOR_PRETRAINING`): steps, learning_rate, batch_size, n (synthetic pairs), data (a
     recipe data section instead), warmup_steps, seed, logging_steps. Returns {steps, loss, seconds}.
+
+    DeepSpeed and FSDP shard the whole model, which the Trainer sets up afterwards; this small stage cannot run under
+    them (pre-train the generator in a run of its own, then start the sharded run from that folder).
     """
     from transformers import get_cosine_schedule_with_warmup
 
     options = {**GENERATOR_PRETRAINING, **(settings or {})}
-    unknown = set(options) - set(GENERATOR_PRETRAINING)
-    if unknown:
-        raise ValueError(f"Unknown generator_pretraining keys {sorted(unknown)}: use {sorted(GENERATOR_PRETRAINING)}.")
+    check_keys("generator_pretraining", options, GENERATOR_PRETRAINING)
     generator_config = model.config.modality_generator
     if generator_config is None:
         raise ValueError(
@@ -157,30 +178,43 @@ def pretrain_generator(
             f"generator_pretraining trains the built-in generator; a {generator_config['type']!r} "
             "generator comes pretrained: remove generator_pretraining from the recipe."
         )
+    accelerator = _accelerator(args)
     generator, tokenizer = model.model.modality_generator, processor.tokenizer
     captions, images = generation_pairs(options["data"], options["n"], tokenizer)
     check_caption_lengths(captions, tokenizer, generator_config)
     source_device = next(generator.parameters()).device
-    generator.to(device or source_device).train().requires_grad_(True)
+    generator.train().requires_grad_(True)
     optimizer = torch.optim.AdamW(generator.parameters(), lr=options["learning_rate"], weight_decay=0.0)
     schedule = get_cosine_schedule_with_warmup(optimizer, options["warmup_steps"], options["steps"])
-    random = torch.Generator().manual_seed(options["seed"])
+    step_loss, optimizer = accelerator.prepare(GeneratorLoss(generator, tokenizer), optimizer)
+    random = torch.Generator().manual_seed(options["seed"] + accelerator.process_index)
     start, recent = time.time(), []
     for step in range(1, options["steps"] + 1):
         batch = torch.randint(len(captions), (options["batch_size"],), generator=random).tolist()
-        conditioning = generator.encode_prompt([captions[index] for index in batch], tokenizer)
-        loss = generator.image_loss(conditioning, images[batch].to(conditioning.device))
-        loss.backward()
+        loss = step_loss([captions[index] for index in batch], images[batch].to(accelerator.device))
+        accelerator.backward(loss)
         optimizer.step()
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         recent = [*recent[-19:], loss.item()]
         if step % options["logging_steps"] == 0 or step == options["steps"]:
-            print(
-                f"generator pre-training: step {step}/{options['steps']}, image loss {np.mean(recent):.4f}", flush=True
-            )
+            logger.info(f"generator pre-training: step {step}/{options['steps']}, image loss {np.mean(recent):.4f}")
     generator.to(source_device)
     return {"steps": options["steps"], "loss": float(np.mean(recent)), "seconds": round(time.time() - start, 1)}
+
+
+def _accelerator(args: TrainingArguments | None) -> Accelerator:
+    """accelerate's set-up for the recipe's arguments (the one its Trainer makes: device, processes, precision)."""
+    sharded = os.environ.get("ACCELERATE_USE_DEEPSPEED") == "true" or os.environ.get("ACCELERATE_USE_FSDP") == "true"
+    if sharded or (args is not None and (args.deepspeed or args.fsdp)):
+        raise ValueError(
+            "generator_pretraining cannot run under DeepSpeed or FSDP (they shard the whole model, which the "
+            "Trainer sets up afterwards): pre-train the generator in a run of its own on one device or DDP "
+            "(no accelerate config, or multi_gpu), then start this recipe from that run's folder (model: {path: ...})."
+        )
+    if args is None:
+        return Accelerator()
+    return Accelerator(cpu=args.use_cpu, mixed_precision="bf16" if args.bf16 else "fp16" if args.fp16 else "no")
 
 
 def generator_pretraining_record(output_dir: Path, settings: dict, record: dict | None) -> dict | None:
@@ -196,17 +230,16 @@ def generator_pretraining_record(output_dir: Path, settings: dict, record: dict 
         return None
     saved = json.loads(path.read_text())
     if saved["settings"] != settings:
-        print(
-            f"warning: generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
-            f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again).",
-            file=sys.stderr,
-            flush=True,
+        logger.warning(
+            f"generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
+            f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again)."
         )
     return saved["result"]
 
 
 __all__ = [
     "GENERATOR_PRETRAINING",
+    "GeneratorLoss",
     "check_caption_lengths",
     "generation_pairs",
     "generator_pretraining_record",

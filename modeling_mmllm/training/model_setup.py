@@ -10,6 +10,7 @@ from ..builders.presets import load_processor_preset
 from ..configuration_mmllm import MMLLMConfig
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
+from .recipes import check_keys
 
 COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output_projector", "modality_generator")
 
@@ -20,11 +21,6 @@ IMAGE_GENERATION_KEYS = ("output_projector_type", "num_signal_tokens", "modality
 # What a recipe that adds image generation freezes unless it says otherwise: all but the output projector
 # (NExT-GPT's encoding-side alignment; the signal tokens' rows train too, see `train_signal_tokens`).
 ALIGNMENT_FREEZE = ["vision_tower", "multi_modal_projector", "language_model", "modality_generator"]
-
-
-# Learning-rate scale of the input embeddings while only their signal rows train: at the output projector's rate the
-# new rows grow far beyond the trained ones and drown the prompt in the residual stream at the signal positions.
-SIGNAL_EMBEDDING_LR_SCALE = 0.01
 
 
 def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
@@ -41,9 +37,7 @@ def enable_generation(
 ) -> None:
     """`model.enable_image_generation(processor, **settings)` with the recipe's keys checked and a fixed seed; the
     signal tokens' input embeddings start as distinct samples (`sample_signal_embeddings`)."""
-    unknown = set(settings) - set(IMAGE_GENERATION_KEYS)
-    if unknown:
-        raise ValueError(f"Unknown image_generation keys {sorted(unknown)}: use {list(IMAGE_GENERATION_KEYS)}.")
+    check_keys("image_generation", settings, IMAGE_GENERATION_KEYS)
     torch.manual_seed(seed)
     model.enable_image_generation(processor, **settings)
     sample_signal_embeddings(model, model.config.signal_token_ids)
@@ -120,18 +114,17 @@ def load_kwargs(spec: dict) -> dict:
     return kwargs
 
 
-def frozen_components(recipe: dict) -> list[str]:
+def frozen_components(freeze: list[str] | None, model_spec: dict | None) -> list[str]:
     """The recipe's `freeze` list; a recipe that adds image generation and names none trains the output projector
     alone (`ALIGNMENT_FREEZE`)."""
-    if "freeze" in recipe:
-        return list(recipe["freeze"] or [])
-    model = recipe.get("model")
-    return list(ALIGNMENT_FREEZE) if isinstance(model, dict) and model.get("image_generation") is not None else []
+    if freeze is not None:
+        return list(freeze)
+    adds_generation = isinstance(model_spec, dict) and model_spec.get("image_generation") is not None
+    return list(ALIGNMENT_FREEZE) if adds_generation else []
 
 
-def apply_freeze_policy(model: nn.Module, recipe: dict) -> None:
+def apply_freeze_policy(model: nn.Module, frozen: list[str], train_modality_adaptive: bool = False) -> None:
     """Freeze the named components; optionally keep the modality-adaptive branches trainable."""
-    frozen = frozen_components(recipe)
     unknown = set(frozen) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"Unknown components to freeze {sorted(unknown)}: choose from {list(COMPONENTS)}.")
@@ -146,26 +139,22 @@ def apply_freeze_policy(model: nn.Module, recipe: dict) -> None:
             component.requires_grad_(False)
         if name == "language_model":
             model.lm_head.requires_grad_(False)
-    if recipe.get("train_modality_adaptive"):
+    if train_modality_adaptive:
         for parameter in model.modality_adaptive_parameters():
             parameter.requires_grad_(True)
 
 
-def signal_rows_train(model: MMLLMForConditionalGeneration, recipe: dict) -> bool:
+def signal_rows_train(model: MMLLMForConditionalGeneration, setting: bool | None, lora: bool = False) -> bool:
     """Whether the signal tokens' embedding and LM-head rows train alone (`train_signal_tokens`): by default when
     the model has signal tokens, its LM head is frozen and there is no LoRA (which uses PEFT's trainable tokens)."""
-    setting = recipe.get("train_signal_tokens")
     if setting and not model.config.signal_token_ids:
         raise ValueError(
             "train_signal_tokens needs signal tokens: add image generation with `model: {image_generation: ...}` first."
         )
+    head_frozen = not model.get_output_embeddings().weight.requires_grad
     if setting is not None:
-        return bool(setting) and not model.get_output_embeddings().weight.requires_grad
-    return (
-        bool(model.config.signal_token_ids)
-        and recipe.get("lora") is None
-        and not (model.get_output_embeddings().weight.requires_grad)
-    )
+        return bool(setting) and head_frozen
+    return bool(model.config.signal_token_ids) and not lora and head_frozen
 
 
 def train_token_rows(model: nn.Module, token_ids: list[int]) -> set[str]:
@@ -259,7 +248,6 @@ __all__ = [
     "ALIGNMENT_FREEZE",
     "COMPONENTS",
     "IMAGE_GENERATION_KEYS",
-    "SIGNAL_EMBEDDING_LR_SCALE",
     "apply_freeze_policy",
     "build_model",
     "embedding_lr_scales",

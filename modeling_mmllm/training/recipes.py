@@ -1,38 +1,9 @@
-"""Training recipes: one YAML file describes a stage; TRL's `SFTTrainer` runs it (library side).
+"""Training recipes: one YAML file describes a stage, typed as `RecipeConfig` (library side).
 
-A recipe is flat YAML: the keys below, and any `trl.SFTConfig` field (`output_dir`, `max_steps`, `learning_rate`,
-`push_to_hub`, `hub_model_id`, ...), which go to TRL unchanged.
-
-    model:   {preset: NAME, overrides: {...}} | {path: FOLDER} | {components: {vision, text, projector, ...}}
-             | {mplug_owl2: ORIGINAL_FOLDER}; with `path`: attn_implementation, dtype, device_map,
-             quantization (4bit = QLoRA with `lora`, 8bit); any of them with
-             image_generation: {output_projector_type, num_signal_tokens, modality_generator, output_projector_config}
-             (NExT-GPT's output side added to the loaded model: `enable_image_generation`)
-    data:    {synthetic: TASK, n: N, image_size: S} | {dataset: NAME_OR_PATH, split: train}
-             | {llava_json: FILE, image_folder: DIR, task: chat | generate (captions -> images)}
-    bad_rows: stop | skip            rows whose image is missing or corrupt (default stop)
-    freeze:  [vision_tower, multi_modal_projector, language_model, output_projector, modality_generator]
-             (a recipe that enables image generation and names no `freeze` trains the output projector alone)
-    train_modality_adaptive: true    keep the modality-adaptive branches trainable inside a frozen LLM
-    train_signal_tokens: true        with `language_model` frozen, the signal tokens' rows of the input embeddings
-                                     and the LM head still train, every other row stays bit-identical (the default
-                                     for models that generate images; LoRA runs use PEFT's trainable tokens)
-    signal_embedding_lr_scale: 0.01  learning-rate scale of those input-embedding rows (new rows trained at full rate
-                                     outgrow the trained ones and drown the prompt at the signal positions)
-    whiten_signal_states: 512        the output projector's input layer starts as a whitening of the frozen LLM's
-                                     signal-token states (estimated on that many training rows) and stays fixed
-    generator_pretraining: {steps, learning_rate, batch_size, n, data}   train the built-in image generator on
-                                     (caption, image) pairs first (a diffusers generator comes pretrained)
-    alignment_loss_weight: 1.0       MSE between the output projector's conditioning at the signal tokens and the
-                                     generator's encoding of the row's `generation_caption` (NExT-GPT)
-    image_loss_weight: 0.0           the generator's own loss against the row's `generation_image`
-    vision_lr_decay: 0.9             layer-wise learning-rate decay on the vision encoder
-    lora:    {r: 8, lora_alpha: 16, ...}   PEFT LoRA on the LLM (and its modality-adaptive branches)
-    merge_lora: true                 also write the merged full model
-    eval:    {synthetic: vqa, n: 200, split: heldout}   exact-match accuracy per question kind after training,
-             written to the folder (`eval_results.json`) and its model card; rows that ask for an image
-             (`synthetic: generate-joint`) are judged by an independent classifier (`image_judge`) instead
-    chat_template: FILE              instead of the model's template
+`RecipeConfig` is TRL's `SFTConfig` with mmllm's keys added (the pattern of TRL's own configs): every key has a
+help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key that is neither an mmllm key nor
+an `SFTConfig` field is an error that names the nearest valid key. Sections (`model`, `data`, `eval`, `lora`, ...)
+are checked the same way (`check_keys`).
 
 The final Hub-ready folder is `<output_dir>/model` (written to a temporary folder, then renamed); checkpoints are
 `<output_dir>/checkpoint-N`, and a re-run resumes from the newest complete one. With `push_to_hub: true` the final
@@ -40,49 +11,193 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 `all_checkpoints` also lets the Trainer push checkpoints while it trains.
 """
 
-from dataclasses import fields
+import difflib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
+from transformers import HfArgumentParser
 from trl import SFTConfig
 
-RECIPE_KEYS = {
-    "model",
-    "data",
-    "bad_rows",
-    "freeze",
-    "train_modality_adaptive",
-    "vision_lr_decay",
-    "lora",
-    "merge_lora",
-    "chat_template",
-    "eval",
-    "train_signal_tokens",
-    "generator_pretraining",
-    "alignment_loss_weight",
-    "image_loss_weight",
-    "signal_embedding_lr_scale",
-    "whiten_signal_states",
+CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
+
+MODEL_KEYS = {
+    "preset": "a preset name (configuration/<name>.json), built with random weights",
+    "overrides": "MMLLMConfig fields over the preset's",
+    "path": "a saved model folder (a previous stage)",
+    "components": "{vision, text, projector, ...}: pretrained encoder and LLM composed (`from_components`)",
+    "mplug_owl2": "an original mPLUG-Owl2 folder, converted",
+    "attn_implementation": "attention backend of a loaded folder (eager, sdpa, flash_attention_2)",
+    "dtype": "dtype of a loaded folder (float32, bfloat16, ...)",
+    "device_map": "device map of a loaded folder",
+    "quantization": "4bit (QLoRA, with `lora`) or 8bit",
+    "image_generation": "{output_projector_type, num_signal_tokens, modality_generator, output_projector_config}",
+    "seed": "seed of the new weights (default 0)",
+}
+DATA_KEYS = {
+    "synthetic": "a synthetic task: text, caption, vqa, joint, text-eval, audio, generate, generate-joint",
+    "n": "number of synthetic rows (default 512)",
+    "split": "dataset split, or train / heldout for synthetic data (default train)",
+    "image_size": "synthetic image size (default 64)",
+    "seed": "synthetic data seed (default 0)",
+    "dataset": "a datasets name, a saved dataset folder or a json/jsonl/parquet file",
+    "llava_json": "a LLaVA-style conversation file",
+    "image_folder": "the folder its image names are relative to",
+    "task": "llava_json: chat (the conversations) or generate (captions -> images)",
 }
 
 
+@dataclass
+class MMLLMRecipeKeys:
+    """mmllm's recipe keys; `RecipeConfig` adds them to `SFTConfig` (listed first in `--help`)."""
+
+    model: dict | None = field(
+        default=None,
+        metadata={
+            "help": "The model: {preset: NAME} | {path: FOLDER} | {components: {vision, text, ...}} | "
+            "{mplug_owl2: FOLDER}; keys: " + ", ".join(MODEL_KEYS)
+        },
+    )
+    data: dict | None = field(
+        default=None,
+        metadata={
+            "help": "The training data: {synthetic: TASK, n: N} | {dataset: NAME_OR_PATH, split: S} | "
+            "{llava_json: FILE, image_folder: DIR, task: chat | generate}; keys: " + ", ".join(DATA_KEYS)
+        },
+    )
+    bad_rows: str = field(
+        default="stop",
+        metadata={
+            "help": "Rows whose image is missing or corrupt: stop (report them) or skip.",
+            "choices": ["stop", "skip"],
+        },
+    )
+    freeze: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "Components to freeze: vision_tower, multi_modal_projector, language_model, "
+            "output_projector, modality_generator (default: none; a recipe that adds image generation trains the "
+            "output projector alone)."
+        },
+    )
+    train_modality_adaptive: bool = field(
+        default=False, metadata={"help": "Keep the modality-adaptive branches trainable inside a frozen LLM."}
+    )
+    train_signal_tokens: bool | None = field(
+        default=None,
+        metadata={
+            "help": "With the LLM frozen, train the signal tokens' rows of the input embeddings and LM head "
+            "(every other row stays bit-identical); default: on for models that generate images, without LoRA."
+        },
+    )
+    signal_embedding_lr_scale: float = field(
+        default=0.01,
+        metadata={
+            "help": "Learning-rate scale of those input-embedding rows (new rows at full rate outgrow the "
+            "trained ones and drown the prompt)."
+        },
+    )
+    whiten_signal_states: int | None = field(
+        default=None,
+        metadata={
+            "help": "Start the output projector's input layer as a whitening of the frozen LLM's signal "
+            "states, estimated on this many training rows, and keep it fixed."
+        },
+    )
+    generator_pretraining: dict | None = field(
+        default=None,
+        metadata={
+            "help": "{steps, learning_rate, batch_size, n, data, warmup_steps, seed, logging_steps}: train "
+            "the built-in image generator on (caption, image) pairs first (a diffusers generator comes pretrained)."
+        },
+    )
+    alignment_loss_weight: float = field(
+        default=1.0,
+        metadata={
+            "help": "MSE between the output projector's conditioning and the generator's encoding of the "
+            "row's generation_caption (NExT-GPT)."
+        },
+    )
+    image_loss_weight: float = field(
+        default=0.0, metadata={"help": "The generator's own loss against the row's generation_image."}
+    )
+    vision_lr_decay: float | None = field(
+        default=None, metadata={"help": "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9)."}
+    )
+    lora: dict | None = field(
+        default=None,
+        metadata={
+            "help": "PEFT LoRA on the LLM and its modality-adaptive branches: {r: 8, lora_alpha: 16, ...} "
+            "(any peft.LoraConfig field)."
+        },
+    )
+    merge_lora: bool = field(
+        default=False, metadata={"help": "Also write the merged full model (<output_dir>/merged)."}
+    )
+    eval: dict | None = field(
+        default=None,
+        metadata={
+            "help": "Held-out data (a `data` section) scored after training: exact match per question kind, "
+            "judged images for generation rows; written to eval_results.json and the model card."
+        },
+    )
+    chat_template: str | None = field(
+        default=None, metadata={"help": "A Jinja chat template file used instead of the model's template."}
+    )
+
+
+@dataclass
+class RecipeConfig(SFTConfig, MMLLMRecipeKeys):
+    """A training recipe: `SFTConfig` plus mmllm's keys, with defaults that run on a CPU.
+
+    Without a CUDA device the run trains on the CPU in float32 (`bf16`/`fp16` of a GPU recipe are switched off),
+    so every shipped recipe also runs on a laptop. `push_to_hub` uploads the final folder once; the Trainer pushes
+    checkpoints only with `hub_strategy: checkpoint | all_checkpoints`.
+    """
+
+    assistant_only_loss: bool = field(
+        default=True, metadata={"help": "Compute the loss on the assistant's answers only."}
+    )
+    max_length: int | None = field(default=None, metadata={"help": "Truncate rows to this many tokens (no limit)."})
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (off unless asked for)."}
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Kept False: the collator reads the image and generation columns."}
+    )
+
+    def __post_init__(self):
+        if self.bad_rows not in ("stop", "skip"):
+            raise ValueError(f"bad_rows={self.bad_rows!r}: use stop (report the rows) or skip (leave them out).")
+        if not torch.cuda.is_available():
+            self.use_cpu, self.bf16, self.fp16 = True, False, False
+        self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}  # the collator does it
+        super().__post_init__()
+
+    def trainer_args(self) -> "RecipeConfig":
+        """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final
+        folder itself)."""
+        from dataclasses import replace
+
+        return replace(self, push_to_hub=self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES)
+
+
+RECIPE_KEYS = {f.name for f in fields(MMLLMRecipeKeys)}
 SFT_FIELDS = {f.name for f in fields(SFTConfig)}
 
 
-# Defaults that make a recipe run on a CPU unless it says otherwise.
-SFT_DEFAULTS = {
-    "report_to": "none",
-    "save_strategy": "steps",
-    "save_steps": 500,
-    "logging_steps": 10,
-    "assistant_only_loss": True,
-    "max_length": None,
-    "save_only_model": False,
-}
-
-
-CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
+def check_keys(section: str, given, valid, listing: str | None = None) -> None:
+    """A clear error for keys of `given` that are not in `valid`, with the nearest valid key as the fix (and
+    `listing`, or every valid key, as the menu)."""
+    unknown = sorted(set(given) - set(valid))
+    if not unknown:
+        return
+    hints = []
+    for key in unknown:
+        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+        hints.append(f"{key!r} -> did you mean {close[0]!r}?" if close else f"{key!r} is no {section} key")
+    raise ValueError(f"Unknown {section} keys {unknown}: {'; '.join(hints)} Valid keys: {', '.join(sorted(valid))}.")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -99,8 +214,9 @@ def recipe_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"No recipe {name_or_path!r}: give a YAML file or one of {', '.join(names)}.")
 
 
-def load_recipe(name_or_path: str, overrides: dict | None = None) -> dict:
-    """Read a recipe and apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting)."""
+def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig:
+    """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
+    it as a `RecipeConfig` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
     recipe = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
     for key, value in (overrides or {}).items():
         if key == "model" and isinstance(value, str):
@@ -113,13 +229,34 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> dict:
             node[rest[-1]] = value
         else:
             recipe[key] = value
-    unknown = set(recipe) - RECIPE_KEYS - SFT_FIELDS
-    if unknown:
-        raise ValueError(f"Unknown recipe keys {sorted(unknown)}: use {sorted(RECIPE_KEYS)} or SFTConfig fields.")
+    listing = (
+        f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any SFTConfig field too (see `mmllm train R --help`)."
+    )
+    check_keys("recipe", recipe, RECIPE_KEYS | SFT_FIELDS, listing)
     for required in ("model", "data", "output_dir"):
         if required not in recipe:
             raise ValueError(f"The recipe has no {required!r}: add it to the YAML or pass --{required}.")
-    return recipe
+    check_keys("model", recipe["model"], MODEL_KEYS)
+    for section in ("data", "eval"):
+        if recipe.get(section) is not None:
+            check_keys(section, recipe[section], DATA_KEYS)
+    if recipe.get("lora") is not None:
+        from peft import LoraConfig
+
+        check_keys("lora", recipe["lora"], {f.name for f in fields(LoraConfig)})
+    (config,) = HfArgumentParser(RecipeConfig).parse_dict(recipe)
+    return config
+
+
+def recipe_help() -> str:
+    """The `--help` of `mmllm train RECIPE`: every recipe key with its help text and default (mmllm's first)."""
+    parser = HfArgumentParser(
+        RecipeConfig,
+        prog="mmllm train RECIPE",
+        description="Recipe keys (in the YAML file, or as `--key value` overrides; `--section.key value` inside a "
+        "section). mmllm's keys come first, then TRL's SFTConfig fields.",
+    )
+    return parser.format_help()
 
 
 def parse_overrides(arguments: list[str]) -> dict:
@@ -144,26 +281,16 @@ def _parse_value(text: str):
     return yaml.safe_load(text)
 
 
-def sft_config(recipe: dict) -> SFTConfig:
-    settings = {**SFT_DEFAULTS, **{k: v for k, v in recipe.items() if k in SFT_FIELDS}}
-    if not torch.cuda.is_available():
-        settings.update(use_cpu=True, bf16=False, fp16=False)
-    if "gradient_checkpointing" not in settings:
-        settings.setdefault("activation_checkpointing", False)  # SFTConfig turns it on by default; recipes opt in
-    settings["dataset_kwargs"] = {**(settings.get("dataset_kwargs") or {}), "skip_prepare_dataset": True}
-    settings["remove_unused_columns"] = False
-    # The runner pushes the final Hub-ready folder itself; the Trainer pushes only checkpoints, when asked to.
-    settings["push_to_hub"] = bool(settings.get("push_to_hub")) and settings.get("hub_strategy") in CHECKPOINT_PUSHES
-    return SFTConfig(**settings)
-
-
 __all__ = [
     "CHECKPOINT_PUSHES",
+    "DATA_KEYS",
+    "MODEL_KEYS",
     "RECIPE_KEYS",
-    "SFT_DEFAULTS",
-    "SFT_FIELDS",
+    "MMLLMRecipeKeys",
+    "RecipeConfig",
+    "check_keys",
     "load_recipe",
     "parse_overrides",
+    "recipe_help",
     "recipe_path",
-    "sft_config",
 ]

@@ -7,8 +7,10 @@ from pathlib import Path
 from trl import SFTTrainer
 
 from ..data.loading import load_training_data
-from ..export.saving import atomic_folder, save_model_folder, write_adapter_card
+from ..export.hub_card import write_model_card
+from ..export.saving import atomic_folder, push_folder, save_model_folder
 from ..processing_mmllm import MMLLMProcessor
+from ..utils.logging import get_logger
 from .collator import MultimodalCollator
 from .generator_pretraining import (
     generator_pretraining_record,
@@ -17,7 +19,6 @@ from .generator_pretraining import (
     whitened_layer,
 )
 from .model_setup import (
-    SIGNAL_EMBEDDING_LR_SCALE,
     apply_freeze_policy,
     build_model,
     embedding_lr_scales,
@@ -27,10 +28,11 @@ from .model_setup import (
     signal_rows_train,
     train_token_rows,
 )
-from .recipes import sft_config
+from .recipes import RecipeConfig
 from .trainer import MMLLMTrainer
 
 HISTORY_FILE = "training_history.json"
+logger = get_logger(__name__)
 
 
 def last_complete_checkpoint(output_dir: Path) -> Path | None:
@@ -40,87 +42,81 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     for checkpoint in checkpoints:
         has_weights = any(checkpoint.glob("*.safetensors"))
         if has_weights and all((checkpoint / name).is_file() for name in needed):
-            print(f"resuming from {checkpoint} (use a new output_dir to start over)", flush=True)
+            logger.info(f"resuming from {checkpoint} (use a new output_dir to start over)")
             return checkpoint
-        print(f"skipping {checkpoint}: incomplete (the run was stopped while writing it)", flush=True)
+        logger.warning(f"skipping {checkpoint}: incomplete (the run was stopped while writing it)")
     return None
 
 
-def train(recipe: dict, name: str = "recipe", callbacks: list | None = None) -> Path:
+def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = None) -> Path:
     """Run one training stage; returns the Hub-ready output folder (`<output_dir>/model`).
 
     `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
     """
-    args = sft_config(recipe)
-    output_dir = Path(args.output_dir)
+    output_dir = Path(recipe.output_dir)
     resume = (
-        last_complete_checkpoint(output_dir) if args.resume_from_checkpoint is None else args.resume_from_checkpoint
+        last_complete_checkpoint(output_dir) if recipe.resume_from_checkpoint is None else recipe.resume_from_checkpoint
     )
-    model, processor = build_model(recipe["model"])
-    if recipe.get("chat_template"):
-        processor.chat_template = Path(recipe["chat_template"]).read_text()
+    model, processor = build_model(recipe.model)
+    if recipe.chat_template:
+        processor.chat_template = Path(recipe.chat_template).read_text()
     pretraining = None
-    if recipe.get("generator_pretraining") is not None:  # a checkpoint holds the trained generator
+    if recipe.generator_pretraining is not None:  # a checkpoint holds the trained generator
         pretraining = generator_pretraining_record(
             output_dir,
-            recipe["generator_pretraining"],
-            None
-            if resume
-            else pretrain_generator(model, processor, recipe["generator_pretraining"], device=args.device),
+            recipe.generator_pretraining,
+            None if resume else pretrain_generator(model, processor, recipe.generator_pretraining, args=recipe),
         )
-    apply_freeze_policy(model, recipe)
-    row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows_train(model, recipe) else set()
-    dataset = load_training_data(recipe["data"], bad_rows=recipe.get("bad_rows", "stop"))
-    image_loss_weight = float(recipe.get("image_loss_weight", 0.0))
+    frozen = frozen_components(recipe.freeze, recipe.model)
+    apply_freeze_policy(model, frozen, train_modality_adaptive=recipe.train_modality_adaptive)
+    signal_rows = signal_rows_train(model, recipe.train_signal_tokens, lora=recipe.lora is not None)
+    row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows else set()
+    dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows)
     collator = MultimodalCollator(
         processor=processor,
-        max_length=args.max_length,
-        assistant_only_loss=args.assistant_only_loss,
-        target_images=image_loss_weight > 0,
+        max_length=recipe.max_length,
+        assistant_only_loss=recipe.assistant_only_loss,
+        target_images=recipe.image_loss_weight > 0,
     )
-    if recipe.get("whiten_signal_states"):
+    if recipe.whiten_signal_states:
         if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
             whitened_layer(model).requires_grad_(False)
         else:
-            whiten_output_projector(model, collator, dataset, rows=int(recipe["whiten_signal_states"]))
+            whiten_output_projector(model, collator, dataset, rows=recipe.whiten_signal_states)
     trainer = MMLLMTrainer(
         model=model,
-        args=args,
+        args=recipe.trainer_args(),
         train_dataset=dataset,
         processing_class=processor,
         data_collator=collator,
-        peft_config=lora_config(model, recipe["lora"]) if recipe.get("lora") is not None else None,
-        vision_lr_decay=recipe.get("vision_lr_decay"),
+        peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
+        vision_lr_decay=recipe.vision_lr_decay,
         callbacks=callbacks,
-        alignment_loss_weight=float(recipe.get("alignment_loss_weight", 1.0)),
-        image_loss_weight=image_loss_weight,
+        alignment_loss_weight=recipe.alignment_loss_weight,
+        image_loss_weight=recipe.image_loss_weight,
         row_masked_parameters=row_masked,
-        lr_scales=embedding_lr_scales(model, recipe.get("signal_embedding_lr_scale", SIGNAL_EMBEDDING_LR_SCALE))
-        if row_masked
-        else None,
+        lr_scales=embedding_lr_scales(model, recipe.signal_embedding_lr_scale) if row_masked else None,
     )
-    if recipe.get("lora") is not None and model.config.signal_token_ids:
+    if recipe.lora is not None and model.config.signal_token_ids:
         trainer.row_masked_parameters |= mask_peft_head_rows(trainer.model, model.config.signal_token_ids)
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stage = {
         "recipe": name,
-        "data": recipe["data"],
+        "data": recipe.data,
         "steps": result.global_step,
         "train_loss": result.training_loss,
-        "frozen": frozen_components(recipe),
-        "lora": recipe.get("lora") is not None,
+        "frozen": frozen,
+        "lora": recipe.lora is not None,
     }
     if pretraining:
         stage["generator_pretraining"] = pretraining
     if row_masked:
         stage["trained_token_rows"] = list(model.config.signal_token_ids)
     if trainer.is_world_process_zero():
-        metrics = evaluate_stage(trainer.model, processor, recipe["eval"]) if recipe.get("eval") else None
-        final = save_stage(
-            trainer, processor, output_dir, stage, merge_lora=recipe.get("merge_lora", False), metrics=metrics
-        )
-        if recipe.get("push_to_hub"):
-            push_folder(final, recipe.get("hub_model_id"), private=bool(recipe.get("hub_private_repo")))
+        metrics = evaluate_stage(trainer.model, processor, recipe.eval) if recipe.eval else None
+        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.merge_lora, metrics=metrics)
+        if recipe.push_to_hub:
+            push_folder(final, recipe.hub_model_id, private=bool(recipe.hub_private_repo))
     return output_dir / "model"
 
 
@@ -155,9 +151,9 @@ def save_stage(
         (staging / HISTORY_FILE).write_text(history)  # before the save, so the model card lists the stages
         if metrics:
             (staging / "eval_results.json").write_text(json.dumps(metrics, indent=2))
-        trainer.save_model(str(staging))  # weights, code and card; the processor too (the trainer's processing_class)
+        trainer.save_model(str(staging))  # weights and code; the processor too (the trainer's processing_class)
         (staging / "training_args.bin").unlink(missing_ok=True)  # a pickle: not part of a Hub-ready folder
-        write_adapter_card(model, staging)
+        write_model_card(model, staging)
     if merge_lora and hasattr(model, "merge_and_unload"):
         save_model_folder(
             model.merge_and_unload(),
@@ -175,16 +171,4 @@ def _history(model) -> list:
     return json.loads(path.read_text()) if source and path.is_file() else []
 
 
-def push_folder(folder: Path, repo_id: str | None, private: bool = False) -> str:
-    """Upload a Hub-ready folder (weights, code, processor, card) to `repo_id`."""
-    from huggingface_hub import HfApi
-
-    if not repo_id:
-        raise ValueError("push_to_hub needs hub_model_id (the Hub repo to create or update).")
-    api = HfApi()
-    api.create_repo(repo_id, private=private, exist_ok=True)
-    api.upload_folder(repo_id=repo_id, folder_path=str(folder), commit_message="Upload mmllm model")
-    return repo_id
-
-
-__all__ = ["HISTORY_FILE", "evaluate_stage", "last_complete_checkpoint", "push_folder", "save_stage", "train"]
+__all__ = ["HISTORY_FILE", "evaluate_stage", "last_complete_checkpoint", "save_stage", "train"]
