@@ -24,7 +24,9 @@ from modeling_mmllm.export.hub_card import hub_set_files
 
 VOCAB = 512
 CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32  # the tiny Stable Diffusion stand-in's conditioning
-ROOT = Path(__file__).parent.parent
+TESTS = Path(__file__).parent  # the tests' root: helpers, fixtures, conftest
+ROOT = TESTS.parent
+FIXTURES = TESTS / "fixtures"
 
 
 HUB_FILES = {Path(path).name for path in hub_set_files()}

@@ -1,18 +1,17 @@
 """The visual abstractor equals mPLUG-Owl2's original (fixture computed by the original code)."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from safetensors.torch import load_file
 
+from helpers import FIXTURES
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.conversion import convert_abstractor_state_dict
 from modeling_mmllm.input_projector import sincos_1d, sincos_2d
 
 pytestmark = pytest.mark.hub
 
-FIXTURE = Path(__file__).parent / "fixtures" / "mplug-owl2-tiny"
+FIXTURE = FIXTURES / "mplug-owl2-tiny"
 PREFIX = "model.visual_abstractor."
 
 

@@ -8,7 +8,6 @@ nothing is patched and these tests run against the real pipeline.
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -17,7 +16,7 @@ from PIL import Image
 from pipeline_gate import lift_torchvision_gate, torchvision_importable, without_torchvision
 from transformers import pipeline
 
-from helpers import make_images, seeded_model
+from helpers import TESTS, make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
@@ -27,7 +26,6 @@ pytestmark = pytest.mark.hub
 
 RATE = 16000
 GREEDY = {"max_new_tokens": 6, "do_sample": False}
-TESTS = Path(__file__).parent
 
 
 def _greedy():

@@ -126,6 +126,30 @@ def test_fresh_process_without_the_package_generates_the_same(saved_folder, tiny
     assert len(set(expected[-8:])) > 1  # a real sequence, not one repeated token
 
 
+SAVE_WITHOUT_THE_PACKAGE = """
+import sys
+sys.modules["modeling_mmllm"] = None
+from transformers import AutoModelForImageTextToText
+AutoModelForImageTextToText.from_pretrained(sys.argv[1], trust_remote_code=True).save_pretrained(sys.argv[2])
+"""
+
+
+@pytest.mark.slow
+def test_save_pretrained_writes_the_same_files_with_or_without_the_package(saved_folder, tiny_model, tmp_path):
+    """The card is the library's (`save_model_folder`, `mmllm push`): `save_pretrained` writes what it writes
+    wherever it runs."""
+    tiny_model.save_pretrained(tmp_path / "with")
+    result = subprocess.run(
+        [sys.executable, "-c", SAVE_WITHOUT_THE_PACKAGE, str(saved_folder), str(tmp_path / "without")],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    names = [sorted(path.name for path in (tmp_path / side).iterdir()) for side in ("with", "without")]
+    assert names[0] == names[1] and "model.safetensors" in names[0] and "README.md" not in names[0]
+
+
 def test_reloaded_model_has_the_same_weights(saved_folder, tiny_model):
     from transformers import AutoModelForImageTextToText
 

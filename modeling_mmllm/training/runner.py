@@ -72,6 +72,7 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
     signal_rows = signal_rows_train(model, recipe.train_signal_tokens, lora=recipe.lora is not None)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows else set()
     dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows)
+    logger.info(f"training {name}: {len(dataset)} rows, frozen: {', '.join(frozen) or 'nothing'}; into {output_dir}")
     collator = MultimodalCollator(
         processor=processor,
         max_length=recipe.max_length,

@@ -3,7 +3,6 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -11,14 +10,14 @@ import torch
 from PIL import Image
 from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
 
-from helpers import make_images, seeded_model, tiny_text_config, tiny_vision_config
+from helpers import FIXTURES, make_images, seeded_model, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main, parser
 from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
-FIXTURE = Path(__file__).parent / "fixtures" / "mplug-owl2-tiny"
+FIXTURE = FIXTURES / "mplug-owl2-tiny"
 
 
 def test_help_lists_every_command_and_each_has_help(capsys):

@@ -74,6 +74,16 @@ def test_overrides_and_clear_errors(tmp_path):
         build_model({"path": str(tmp_path)})
 
 
+def test_train_help_lists_every_key_with_its_help_and_default(capsys):
+    assert main(["train", "quickstart-stage1", "--help"]) == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for key in ("--vision_lr_decay", "--bad_rows {stop,skip}", "--generator_pretraining", "--learning_rate"):
+        assert key in text
+    assert "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9). (default: None)" in text
+    assert "Rows whose image is missing or corrupt: stop (report them) or skip. (default: stop)" in text
+    assert text.index("--vision_lr_decay") < text.index("--learning_rate")  # mmllm's keys first
+
+
 def test_freeze_policies_of_the_stages():
     model, _ = build_model({"preset": "owl2-tiny"})
     apply_freeze_policy(model, ["language_model"], train_modality_adaptive=True)

@@ -17,7 +17,6 @@ from modeling_mmllm.data.synthetic import make_dataset
 from modeling_mmllm.evaluation.metrics import exact_match
 from modeling_mmllm.training import load_recipe, train
 
-TESTS = Path(__file__).parent
 # The environment's console scripts (torchrun, trl), also when the virtual environment is not activated.
 ENV = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
 # Chance level of the held-out image questions: 4 colours, 3 shapes, 3 counts, 2 sizes, 2 positions.
@@ -52,10 +51,21 @@ def test_learning_through_the_stages(staged_run):
     ]
 
 
+DDP_SCRIPT = Path(__file__).with_name("ddp_train.py")
+
+
 @pytest.mark.slow
 def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     run = subprocess.run(
-        ["torchrun", "--nproc_per_node", "2", "--master_port", "29577", str(TESTS / "ddp_train.py"), str(tmp_path)],
+        [
+            "torchrun",
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29577",
+            str(Path(__file__).with_name("ddp_train.py")),
+            str(tmp_path),
+        ],
         capture_output=True,
         text=True,
         timeout=600,
@@ -67,6 +77,7 @@ def test_ddp_two_processes_end_with_identical_weights(tmp_path):
     assert ranks[0]["steps"] == ranks[1]["steps"] == 4
     assert ranks[0]["sha"] == ranks[1]["sha"]
     assert (tmp_path / "model" / "model.safetensors").is_file()
+    assert (run.stdout + run.stderr).count("training ddp: ") == 1  # the main process logs, once
 
 
 RESUME_ARGS = [

@@ -10,13 +10,14 @@ from safetensors.torch import load_file
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from helpers import FIXTURES
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.conversion import from_mplug_owl2
 from modeling_mmllm.modality_encoder import select_vision_features
 
 pytestmark = pytest.mark.hub
 
-FIXTURE = Path(__file__).parent / "fixtures" / "mplug-owl2-tiny"
+FIXTURE = FIXTURES / "mplug-owl2-tiny"
 VOCAB, TOKENS_PER_IMAGE = 320, 9
 
 

@@ -11,13 +11,14 @@ import pytest
 import transformers
 from packaging.version import Version
 
+from helpers import FIXTURES
 from modeling_mmllm import cli
 from modeling_mmllm.export.hub_card import hub_set_files
 from modeling_mmllm.saving import upgrade_folder
 
 pytestmark = pytest.mark.hub
 
-FIXTURE = Path(__file__).parent / "fixtures" / "owl2-tiny-v0.1.0"
+FIXTURE = FIXTURES / "owl2-tiny-v0.1.0"
 EXPECTED = json.loads((FIXTURE.parent / "owl2-tiny-v0.1.0.json").read_text())
 
 # Runs in a fresh process where the package cannot be imported: only the folder's own code serves.

@@ -109,7 +109,7 @@ def test_collator_writes_signal_tokens_and_passes_targets_not_inputs(any2any):
         MultimodalCollator(processor=plain)([dict(drawing[0])])
 
 
-def test_recipe_keys_and_clear_errors(tmp_path):
+def test_recipe_keys_and_clear_errors(tmp_path, monkeypatch):
     recipe = load_recipe(RECIPE, {"output_dir": str(tmp_path)})
     assert recipe.freeze == ALIGNMENT_FREEZE and recipe.model["path"] == "runs/quickstart/stage2/model"
     assert frozen_components(None, {"path": "x", "image_generation": {}}) == ALIGNMENT_FREEZE
@@ -133,6 +133,9 @@ def test_recipe_keys_and_clear_errors(tmp_path):
         pretrain_generator(model, processor, {"steps": 1, "n": 8})
     with pytest.raises(ValueError, match="Unknown generator_pretraining keys \\['step'\\]"):
         pretrain_generator(model, processor, {"step": 1})
+    monkeypatch.setenv("ACCELERATE_USE_DEEPSPEED", "true")
+    with pytest.raises(ValueError, match="cannot run under DeepSpeed or FSDP.*run of its own"):
+        pretrain_generator(model, processor, {"steps": 1, "n": 8})
 
 
 @pytest.mark.parametrize("image_loss_weight", [0.0, 0.5])
