@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -208,7 +209,9 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
     argv = shlex.split(command) + shlex.split(extra)
     if argv[0] == "mmllm":  # in this process, so the Hub upload can be intercepted
         uploads = []
-        monkeypatch.setattr("huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: None)
+        monkeypatch.setattr(
+            "huggingface_hub.HfApi.create_repo", lambda self, repo_id, **kw: SimpleNamespace(repo_id=repo_id)
+        )
         monkeypatch.setattr(
             "huggingface_hub.HfApi.upload_folder", lambda self, repo_id, folder_path, **kw: uploads.append(repo_id)
         )
