@@ -196,13 +196,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
+    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_llava_next, from_mplug_owl2
     from ..export.saving import save_model_folder
 
     if args.kind == "mplug-owl2":
         model, processor = from_mplug_owl2(args.source)
     else:
-        model = {"llava": from_llava, "blip2": from_blip2}[args.kind](args.source)
+        model = {"llava": from_llava, "llava-next": from_llava_next, "blip2": from_blip2}[args.kind](args.source)
         processor = convert_processor(args.source, model.config)
     save_model_folder(model, processor, args.output)
     if processor is None:
@@ -317,7 +317,7 @@ def parser() -> argparse.ArgumentParser:
     command.set_defaults(run=evaluate)
 
     command = commands.add_parser("convert", help="convert a LLaVA, BLIP-2 or mPLUG-Owl2 checkpoint folder")
-    command.add_argument("kind", choices=["llava", "blip2", "mplug-owl2"])
+    command.add_argument("kind", choices=["llava", "llava-next", "blip2", "mplug-owl2"])
     command.add_argument("source", help="checkpoint folder")
     command.add_argument("output", type=Path, help="folder to write (must not exist)")
     command.set_defaults(run=convert)
