@@ -18,7 +18,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-
 from .component_settings import GRID_PROJECTORS
 
 

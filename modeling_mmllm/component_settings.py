@@ -110,7 +110,8 @@ def check_image_grid_pinpoints(config) -> None:
     if not pairs or any(side <= 0 or side % size for pair in pinpoints for side in pair):
         raise ValueError(
             f"image_grid_pinpoints={pinpoints}: give [height, width] pairs that are multiples of the vision "
-            f"encoder's image size {size} (e.g. [[{size}, {2 * size}], [{2 * size}, {size}], [{2 * size}, {2 * size}]])."
+            f"encoder's image size {size} (e.g. [[{size}, {2 * size}], [{2 * size}, {size}], "
+            f"[{2 * size}, {2 * size}]])."
         )
     patches = config.vision_config.image_size // config.vision_config.patch_size
     if config.projector_type in GRID_PROJECTORS and config.image_seq_length != patches**2:
