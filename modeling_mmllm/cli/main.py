@@ -241,7 +241,7 @@ def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from ..quickstart.run import run_quickstart
 
-    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any)
+    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,6 +261,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then teach the model to draw (output projector + image generator, a few minutes); "
         "the drawings, judged by an independent classifier, go into the report",
+    )
+    command.add_argument(
+        "--anyres",
+        action="store_true",
+        help="also train llava-next-tiny (AnyRes tiles) and llava-tiny (one view) on a task that needs resolution "
+        "(about two minutes) and report both",
     )
     command.set_defaults(run=quickstart)
 
