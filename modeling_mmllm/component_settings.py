@@ -5,6 +5,9 @@ One entry per type: its default settings (the keys its `*_config` field may set)
 number of soft tokens it emits per image.
 """
 
+# Input projectors that emit one token per encoder patch: AnyRes packs their tiles as a grid (LLaVA-NeXT).
+GRID_PROJECTORS = ("linear", "mlp")
+
 # Vision encoders without a CLS token: every token they emit is a patch.
 NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 
@@ -95,6 +98,28 @@ def projector_output_length(config) -> int:
         "resampler": lambda: settings["num_latents"],
     }
     return counts[config.projector_type]()
+
+
+def check_image_grid_pinpoints(config) -> None:
+    """AnyRes grids (`image_grid_pinpoints`): `[height, width]` pairs, multiples of the encoder's image size; a grid
+    projector needs a square patch grid per view (no CLS token among its tokens)."""
+    pinpoints, size = config.image_grid_pinpoints, config.vision_config.image_size
+    if pinpoints is None:
+        return
+    pairs = isinstance(pinpoints, (list, tuple)) and pinpoints and all(len(pair) == 2 for pair in pinpoints)
+    if not pairs or any(side <= 0 or side % size for pair in pinpoints for side in pair):
+        raise ValueError(
+            f"image_grid_pinpoints={pinpoints}: give [height, width] pairs that are multiples of the vision "
+            f"encoder's image size {size} (e.g. [[{size}, {2 * size}], [{2 * size}, {size}], "
+            f"[{2 * size}, {2 * size}]])."
+        )
+    patches = config.vision_config.image_size // config.vision_config.patch_size
+    if config.projector_type in GRID_PROJECTORS and config.image_seq_length != patches**2:
+        raise ValueError(
+            f"AnyRes with the {config.projector_type!r} projector packs each view as a {patches}x{patches} patch "
+            f"grid, but a view has {config.image_seq_length} tokens: use vision_feature_select_strategy='default' "
+            "to drop the CLS token (or 'full' on an encoder without one)."
+        )
 
 
 def output_projector_settings(config) -> dict:

@@ -12,7 +12,12 @@ from typing import Literal
 from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
-from .component_settings import generator_settings, output_projector_settings, projector_output_length
+from .component_settings import (
+    check_image_grid_pinpoints,
+    generator_settings,
+    output_projector_settings,
+    projector_output_length,
+)
 
 # Modality ids of `mm_token_type_ids`, shared with transformers' processors.
 TEXT, IMAGE, VIDEO, AUDIO = 0, 1, 2, 3
@@ -73,6 +78,11 @@ class MMLLMConfig(PreTrainedConfig):
         image_seq_length (`int`, *optional*):
             Soft tokens one image becomes. Derived from the encoder's patch grid and the select strategy when
             left unset; a different value is an error, because the processor expands `<image>` to this count.
+        image_grid_pinpoints (`list[list[int]]`, *optional*):
+            AnyRes (LLaVA-NeXT): the `[height, width]` grids an image may be tiled into, multiples of the encoder's
+            image size. Each image becomes a global view plus the tiles of its best grid; `linear`/`mlp` projectors
+            pack the tiles as LLaVA-NeXT does (unpadded, a learned `image_newline` after each row), the others keep
+            every view's `image_seq_length` tokens. `None`: one square view per image.
         tie_word_embeddings (`bool`, *optional*, defaults to `False`):
             Whether the LM head shares the backbone's input embeddings (taken from `text_config` when it ties).
         modality_adaptive (`bool`, *optional*, defaults to `False`):
@@ -131,6 +141,7 @@ class MMLLMConfig(PreTrainedConfig):
     multimodal_projector_bias: bool = True
     image_token_id: int = 32000
     image_seq_length: int | None = None
+    image_grid_pinpoints: list[list[int]] | None = None
     tie_word_embeddings: bool = False
     modality_adaptive: bool = False
     modality_adaptive_layers: list[int] | None = None
@@ -195,6 +206,7 @@ class MMLLMConfig(PreTrainedConfig):
                 f"image_seq_length={self.image_seq_length}, but the {self.projector_type!r} projector turns one "
                 f"image into {expected} tokens: leave image_seq_length unset or set it to {expected}."
             )
+        check_image_grid_pinpoints(self)
 
     def _check_image_generation(self) -> None:
         """Output projector, signal tokens and generator come together (or not at all)."""

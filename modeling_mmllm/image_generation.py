@@ -10,7 +10,7 @@ from .modality_generator import build_modality_generator, generator_settings
 from .output_projector import build_output_projector
 
 # Model inputs that carry media (kept for the image-generation pass after text generation).
-MEDIA_INPUTS = ("pixel_values", "pixel_values_videos", "input_features", "input_features_mask")
+MEDIA_INPUTS = ("pixel_values", "image_sizes", "pixel_values_videos", "input_features", "input_features_mask")
 
 
 class ImageGenerationMixin:

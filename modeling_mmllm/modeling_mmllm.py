@@ -27,6 +27,7 @@ try:  # transformers >= 5.24: multimodal outputs, which carry each encoder's out
 except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
+from .anyres import GRID_PROJECTORS, num_views, pack_grid_features
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .hub_upload import file_times, upload_folder_to_hub
 from .image_generation import ImageGenerationMixin
@@ -124,6 +125,8 @@ class MMLLMPreTrainedModel(PreTrainedModel):
         (and the LM head, which keeps the LM's init). With std 0.02 a fresh abstractor's output barely depends on
         the image (its residual carries the normalised queries), and learning through the LLM stalls.
         """
+        if isinstance(module, MMLLMModel) and module.image_newline is not None:  # as LLaVA-NeXT initialises it
+            init.normal_(module.image_newline, std=1 / math.sqrt(self.config.text_config.hidden_size))
         if isinstance(module, nn.Linear) and module is not getattr(self, "lm_head", None):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -146,6 +149,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
         super().__init__(config)
         self.vision_tower = build_vision_tower(config)
         self.multi_modal_projector = build_input_projector(config)
+        # AnyRes with a grid projector: LLaVA-NeXT's learned token after each row of tile patches.
+        grid = config.image_grid_pinpoints is not None and config.projector_type in GRID_PROJECTORS
+        self.image_newline = nn.Parameter(torch.empty(config.text_config.hidden_size)) if grid else None
         self.audio_tower = build_audio_tower(config)
         self.audio_projector = build_audio_projector(config)
         self.language_model = AutoModel.from_config(config.text_config)
@@ -167,13 +173,53 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     @can_return_tuple
     def get_image_features(
-        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        """Encode and project images `[num_images, 3, H, W]`: the vision tower's outputs, with the projected
-        features `[num_images, image_seq_length, hidden]` in `pooler_output` (transformers' contract)."""
+        """Encode and project images: the vision tower's outputs, with the projected features in `pooler_output`
+        (transformers' contract).
+
+        One view per image: `pixel_values` `[num_images, 3, H, W]` -> `[num_images, image_seq_length, hidden]`.
+        AnyRes (`image_grid_pinpoints`): `pixel_values` `[num_images, views, 3, H, W]` (rows zero-padded to the
+        largest view count, as LLaVA-NeXT's image processor pads) with `image_sizes` `[num_images, 2]` as
+        `(height, width)` -> a tuple of `[tokens_i, hidden]`, one per image (see `anyres.py`).
+        """
+        tiled = pixel_values.dim() == 5
+        if tiled:
+            views = self._image_views(image_sizes, len(pixel_values))
+            pixel_values = torch.cat([image[:count] for image, count in zip(pixel_values, views)])
         pixel_values = pixel_values.to(self.vision_tower.dtype)
         outputs, features = select_vision_features(self.vision_tower, pixel_values, self.config, **kwargs)
-        return _pooled(outputs, self.multi_modal_projector(features))
+        features = self.multi_modal_projector(features)
+        if tiled:
+            features = tuple(
+                self._pack_views(image, size) for image, size in zip(torch.split(features, views), image_sizes)
+            )
+        return _pooled(outputs, features)
+
+    def _image_views(self, image_sizes: torch.Tensor | None, num_images: int) -> list[int]:
+        """Views (global + tiles) of each tiled image, from its size; clear errors for inputs that cannot be tiled."""
+        pinpoints = self.config.image_grid_pinpoints
+        if pinpoints is None:
+            raise ValueError(
+                "pixel_values are tiled ([images, views, 3, H, W]) but this model has no image_grid_pinpoints: "
+                "use its own processor, or a model configured for AnyRes."
+            )
+        if image_sizes is None or len(image_sizes) != num_images:
+            raise ValueError(
+                f"Tiled pixel_values of {num_images} image(s) need image_sizes [{num_images}, 2] as (height, width), "
+                "as the processor returns them."
+            )
+        return [num_views(size, pinpoints, self.config.vision_config.image_size) for size in image_sizes]
+
+    def _pack_views(self, features: torch.Tensor, image_size) -> torch.Tensor:
+        """One tiled image's projected views `[views, tokens, hidden]` as its soft tokens `[tokens_i, hidden]`."""
+        if self.image_newline is None:  # a fixed-count projector: every view's tokens, global view first
+            return features.flatten(0, 1)
+        pinpoints, tile = self.config.image_grid_pinpoints, self.config.vision_config.image_size
+        return pack_grid_features(features, image_size, pinpoints, tile, self.image_newline)
 
     @can_return_tuple
     def get_video_features(
@@ -296,17 +342,19 @@ class MMLLMModel(MMLLMPreTrainedModel):
             mask = (inputs_embeds == embedding).all(-1)
         else:
             mask = input_ids == token_id
-        n_tokens, n_features = int(mask.sum()), features.shape[0] * features.shape[1]
+        n_tokens, n_features = int(mask.sum()), features.numel() // features.shape[-1]
         if n_tokens != n_features:
+            items = f" ({features.shape[0]} {name} item(s) x {features.shape[1]})" if features.dim() == 3 else ""
             raise ValueError(
                 f"{name.capitalize()} features and {name} tokens do not match: {n_tokens} {name} tokens in the input, "
-                f"{features.shape[0]} {name} item(s) x {features.shape[1]} features = {n_features}. Build inputs with "
-                f"MMLLMProcessor (it expands each <{name}> to the right count) and make sure truncation does not cut "
-                f"a {name} span."
+                f"{n_features} {name} features{items}. Build inputs with MMLLMProcessor (it expands each <{name}> to "
+                f"the right count) and make sure truncation does not cut a {name} span."
             )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
-    def _encoder_outputs(self, pixel_values, pixel_values_videos, input_features, input_features_mask) -> dict:
+    def _encoder_outputs(
+        self, pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes=None
+    ) -> dict:
         """`{modality id: encoder outputs (projected features in pooler_output)}` for the modalities given."""
         given = {IMAGE: pixel_values, VIDEO: pixel_values_videos, AUDIO: input_features}
         for modality, value in given.items():
@@ -314,7 +362,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
                 self._check_modality(modality)
         outputs = {}
         if pixel_values is not None:
-            outputs[IMAGE] = self.get_image_features(pixel_values, return_dict=True)
+            outputs[IMAGE] = self.get_image_features(pixel_values, image_sizes, return_dict=True)
         if pixel_values_videos is not None:
             outputs[VIDEO] = self.get_video_features(pixel_values_videos, return_dict=True)
         if input_features is not None:
@@ -333,6 +381,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MMLLMModelOutputWithPast:
         r"""
@@ -349,16 +398,23 @@ class MMLLMModel(MMLLMPreTrainedModel):
             Audio features, one row per encoder window (long clips span several windows).
         input_features_mask (`torch.Tensor` of shape `(windows, frames)`, *optional*):
             1 for frames of real audio, 0 for the padding of the last window of each clip.
+        image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
+            AnyRes: each image's `(height, width)` before tiling, with `pixel_values` `[images, views, 3, H, W]`.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
-        encoder_outputs = self._encoder_outputs(pixel_values, pixel_values_videos, input_features, input_features_mask)
+        encoder_outputs = self._encoder_outputs(
+            pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
+        )
         placeholder_ids = self.placeholder_ids()
         for modality, modality_outputs in encoder_outputs.items():
-            features = modality_outputs.pooler_output.to(inputs_embeds.device, inputs_embeds.dtype)
+            features = modality_outputs.pooler_output
+            if isinstance(features, (tuple, list)):  # tiled images: each its own token count
+                features = torch.cat(list(features))
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
             mask = self.get_placeholder_mask(
                 input_ids, inputs_embeds, features, placeholder_ids[modality], MODALITY_NAMES[modality]
             )
@@ -398,9 +454,12 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         self.lm_head = new_embeddings
 
     def get_image_features(
-        self, pixel_values: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
+        self,
+        pixel_values: torch.Tensor,
+        image_sizes: torch.Tensor | None = None,
+        **kwargs: Unpack[TransformersKwargs],
     ) -> BaseModelOutputWithPooling:
-        return self.model.get_image_features(pixel_values, **kwargs)
+        return self.model.get_image_features(pixel_values, image_sizes, **kwargs)
 
     def get_video_features(
         self, pixel_values_videos: torch.Tensor, **kwargs: Unpack[TransformersKwargs]
@@ -435,6 +494,7 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         pixel_values_videos: torch.Tensor | None = None,
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
+        image_sizes: torch.LongTensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
@@ -455,6 +515,7 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             pixel_values_videos=pixel_values_videos,
             input_features=input_features,
             input_features_mask=input_features_mask,
+            image_sizes=image_sizes,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)

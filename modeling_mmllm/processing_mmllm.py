@@ -1,7 +1,8 @@
 """MMLLMProcessor: tokenizer + image processor (+ audio feature extractor) + chat template, one call from prompts,
 images, video clips and audio clips to model inputs.
 
-Each `<image>` becomes exactly `image_seq_length` placeholder tokens (what the input projector emits), each
+Each `<image>` becomes exactly `image_seq_length` placeholder tokens (what the input projector emits; with AnyRes
+tiling, the count of the image's grid: `anyres.num_image_tokens`), each
 `<video>` the clip's `video_seq_length`, each `<audio>` the count for the clip's real length; `mm_token_type_ids`
 marks every token's modality (0 text, 1 image, 2 video, 3 audio). Bad input is a `ValueError` that names the item
 and says how to fix it; nothing is inserted, dropped or misread silently.
@@ -18,6 +19,7 @@ from transformers.image_transforms import to_pil_image
 from transformers.image_utils import is_valid_image
 from transformers.processing_utils import ProcessorMixin
 
+from .anyres import num_image_tokens
 from .configuration_mmllm import import_library_module
 from .modality_encoder import num_audio_tokens
 
@@ -78,6 +80,11 @@ class MMLLMProcessor(ProcessorMixin):
             Jinja chat template (the package's template carries `{% generation %}` markers for assistant-only loss).
         image_seq_length (`int`, *optional*, defaults to 1):
             Placeholder tokens per image; must equal the model config's `image_seq_length`.
+        grid_packing (`bool`, *optional*, defaults to `False`):
+            With an AnyRes image processor (one that has `image_grid_pinpoints`, e.g. `LlavaNextImageProcessorPil`):
+            `True` counts tokens as LLaVA-NeXT packs a grid projector's tiles (unpadded, a newline per row),
+            `False` as a fixed-count projector keeps them (`views x image_seq_length`). Video frames stay single
+            views (the global view).
         pad_to_square (`bool`, *optional*, defaults to `False`):
             Pad each image to a square with the normalisation mean colour before resizing, so nothing is cropped
             away (mPLUG-Owl2's and LLaVA-1.5's preprocessing).
@@ -102,6 +109,7 @@ class MMLLMProcessor(ProcessorMixin):
         tokenizer=None,
         chat_template=None,
         image_seq_length: int = 1,
+        grid_packing: bool = False,
         pad_to_square: bool = False,
         video_num_frames: int | None = None,
         video_temporal_pool: int = 1,
@@ -119,7 +127,7 @@ class MMLLMProcessor(ProcessorMixin):
             )
         self.image_token = tokenizer.image_token
         self.image_token_id = tokenizer.convert_tokens_to_ids(self.image_token)
-        self.image_seq_length = image_seq_length
+        self.image_seq_length, self.grid_packing = image_seq_length, grid_packing
         self.pad_to_square = pad_to_square
         self.video_num_frames, self.video_temporal_pool = video_num_frames, video_temporal_pool
         self.audio_pool_stride, self.context_length = audio_pool_stride, context_length
@@ -220,10 +228,10 @@ class MMLLMProcessor(ProcessorMixin):
     def _process_videos(self, videos, **kwargs):
         """Sample `video_num_frames` frames per clip and run them through the image processor."""
         frames = [frame for index, clip in enumerate(videos) for frame in self._sample_frames(clip, index)]
-        pixel_values = self._process_images(frames, **kwargs)[0]["pixel_values"]
-        pixel_values = torch.as_tensor(np.asarray(pixel_values)).view(
-            len(videos), self.video_num_frames, *np.shape(pixel_values)[1:]
-        )
+        pixel_values = torch.as_tensor(np.asarray(self._process_images(frames, **kwargs)[0]["pixel_values"]))
+        if self.tiled:
+            pixel_values = pixel_values[:, 0]  # frames stay single views: the global view of each
+        pixel_values = pixel_values.view(len(videos), self.video_num_frames, *np.shape(pixel_values)[1:])
         for index in range(len(videos)):
             self._check_context("video", index, self.video_seq_length)
         return {"pixel_values_videos": pixel_values}, [self.video_token * self.video_seq_length] * len(videos)
@@ -378,8 +386,20 @@ class MMLLMProcessor(ProcessorMixin):
         pixels = pixels.float().clamp(0, 1).mul(255).round().to(torch.uint8)
         return [Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels]
 
+    @property
+    def tiled(self) -> bool:
+        """Whether images are tiled (AnyRes): the image processor has `image_grid_pinpoints`."""
+        return getattr(self.image_processor, "image_grid_pinpoints", None) is not None
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
-        return self.image_token * self.image_seq_length
+        """`<image>` -> its soft tokens' placeholders: `image_seq_length`, or the count of its AnyRes grid."""
+        if not self.tiled:
+            return self.image_token * self.image_seq_length
+        size = image_inputs["image_sizes"][image_idx]
+        size = size.tolist() if hasattr(size, "tolist") else list(size)
+        tile = np.shape(image_inputs["pixel_values"][0])[-1]
+        pinpoints = self.image_processor.image_grid_pinpoints
+        return self.image_token * num_image_tokens(size, pinpoints, tile, self.image_seq_length, self.grid_packing)
 
 
 MMLLMProcessor.register_for_auto_class()

@@ -29,6 +29,8 @@ from transformers import (
     CLIPVisionModel,
     LlavaConfig,
     LlavaForConditionalGeneration,
+    LlavaNextConfig,
+    LlavaNextForConditionalGeneration,
     SiglipImageProcessorPil,
     SiglipVisionModel,
 )
@@ -107,6 +109,16 @@ COMMANDS = {
     "python benchmarks/vs_llava.py --repeats 3": ("--repeats 1", None),  # the last --repeats wins
     "python benchmarks/projector_ttft.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/modality_adaptive_cost.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/anyres_cost.py --repeats 3": ("--repeats 1", None),
+    "mmllm train anyres-detail": ("--max_steps 4 --data.n 32 --eval.n 8", "runs/anyres-detail/model/model.safetensors"),
+    "mmllm train anyres-detail --model llava-tiny --output_dir runs/anyres-single": (
+        "--max_steps 4 --data.n 32 --eval.n 8",
+        "runs/anyres-single/model/model.safetensors",
+    ),
+    "mmllm convert llava-next path/to/llava-v1.6-vicuna-7b-hf runs/llava-next-7b": (
+        "",
+        "runs/llava-next-7b/model.safetensors",
+    ),
 }
 
 
@@ -156,6 +168,14 @@ def _save_stand_ins(root: Path) -> None:
         )
     )
     llava.save_pretrained(root / "path/to/llava-1.5-7b-hf")
+    LlavaNextForConditionalGeneration(
+        LlavaNextConfig(
+            vision_config=tiny_vision_config("clip").to_dict(),
+            text_config=tiny_text_config("llama").to_dict(),
+            image_token_id=offline_tokenizer().image_token_id,
+            image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
+        )
+    ).save_pretrained(root / "path/to/llava-v1.6-vicuna-7b-hf")
     blip2 = Blip2ForConditionalGeneration(
         Blip2Config(
             vision_config=dict(

@@ -1,7 +1,8 @@
 """Import existing checkpoints into the mmllm family (library side).
 
 Each converter translates the config and renames the state dict, then loads it strictly: any unmatched key is
-an error, never a silently random weight. `from_llava` needs no renaming (LLaVA's names are ours); `from_blip2`
+an error, never a silently random weight. `from_llava` and `from_llava_next` need no renaming (LLaVA's names are
+ours); `from_blip2`
 moves the Q-Former, its queries and the language projection into our `qformer` projector.
 """
 
@@ -17,8 +18,10 @@ from transformers import (
     Blip2ForConditionalGeneration,
     CLIPImageProcessorPil,
     LlavaForConditionalGeneration,
+    LlavaNextForConditionalGeneration,
 )
 
+from ..component_settings import GRID_PROJECTORS
 from ..configuration_mmllm import MMLLMConfig
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 
@@ -304,6 +307,7 @@ def convert_processor(source, config: MMLLMConfig):
         tokenizer=tokenizer,
         chat_template=getattr(original, "chat_template", None) or chat_template(),
         image_seq_length=config.image_seq_length,
+        grid_packing=config.image_grid_pinpoints is not None and config.projector_type in GRID_PROJECTORS,
     )
 
 
@@ -312,7 +316,18 @@ def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
 
     Logits are equal on the same inputs (the LLaVA projector is our `mlp` projector of depth 2).
     """
-    llava = _load(model_or_path, LlavaForConditionalGeneration)
+    return _from_llava_family(_load(model_or_path, LlavaForConditionalGeneration))
+
+
+def from_llava_next(model_or_path) -> MMLLMForConditionalGeneration:
+    """Convert a LLaVA-NeXT model (transformers' `LlavaNextForConditionalGeneration`): LLaVA plus AnyRes tiling
+    (`image_grid_pinpoints`) and the learned `image_newline`. Logits are equal on `LlavaNextProcessor`'s outputs."""
+    llava_next = _load(model_or_path, LlavaNextForConditionalGeneration)
+    return _from_llava_family(llava_next, image_grid_pinpoints=llava_next.config.image_grid_pinpoints)
+
+
+def _from_llava_family(llava: nn.Module, **fields) -> MMLLMForConditionalGeneration:
+    """LLaVA's names are ours: translate the config, then load the state dict strictly."""
     source = llava.config
     config = MMLLMConfig(
         vision_config=source.vision_config.to_dict(),
@@ -326,6 +341,7 @@ def from_llava(model_or_path) -> MMLLMForConditionalGeneration:
         image_token_id=source.image_token_id,
         tie_word_embeddings=source.tie_word_embeddings,
         base_models=[source._name_or_path] if source._name_or_path else None,
+        **fields,
     )
     model = MMLLMForConditionalGeneration(config).to(llava.dtype)
     model.load_state_dict(llava.state_dict(), strict=True)
@@ -338,6 +354,7 @@ __all__ = [
     "convert_processor",
     "from_blip2",
     "from_llava",
+    "from_llava_next",
     "from_mplug_owl2",
     "rename_keys",
 ]

@@ -11,6 +11,8 @@ from pathlib import Path
 import transformers
 from transformers import PreTrainedTokenizerFast
 
+from ..component_settings import GRID_PROJECTORS
+
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # modeling_mmllm/
 TOKENIZER_VOCAB_SIZE = 512
 
@@ -51,8 +53,9 @@ def special_tokens() -> dict:
     return json.loads((asset_dir("processing") / "special_tokens.json").read_text())
 
 
-def image_processor_for(vision_config, **kwargs):
-    """The image processor that matches a vision encoder type, resized to the encoder's input size."""
+def image_processor_for(vision_config, image_grid_pinpoints: list[list[int]] | None = None, **kwargs):
+    """The image processor that matches a vision encoder type, resized to the encoder's input size; with
+    `image_grid_pinpoints`, transformers' AnyRes processor (LLaVA-NeXT's) with that encoder's normalisation."""
     names = json.loads((asset_dir("processing") / "image_processors.json").read_text())
     if vision_config.model_type not in names:
         raise ValueError(
@@ -65,7 +68,16 @@ def image_processor_for(vision_config, **kwargs):
         kwargs = {"size": {"shortest_edge": size}, "crop_size": {"height": size, "width": size}, **kwargs}
     else:
         kwargs = {"size": {"height": size, "width": size}, **kwargs}
-    return image_processor_class(**kwargs)
+    if image_grid_pinpoints is None:
+        return image_processor_class(**kwargs)
+    plain = image_processor_class(**kwargs)
+    return transformers.LlavaNextImageProcessorPil(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_grid_pinpoints=[list(pair) for pair in image_grid_pinpoints],
+        image_mean=plain.image_mean,
+        image_std=plain.image_std,
+    )
 
 
 @lru_cache(maxsize=1)
@@ -127,6 +139,8 @@ def load_processor_preset(processor_class, name: str, config=None):
             f"least {len(tokenizer)}. Use from_components for presets of pretrained models."
         )
     options = json.loads((asset_dir("processing") / "processor_presets.json").read_text()).get(name, {})
+    if config.image_grid_pinpoints is not None:
+        options["grid_packing"] = config.projector_type in GRID_PROJECTORS
     if config.video_token_id is not None:
         options.update(video_num_frames=config.video_num_frames, video_temporal_pool=config.video_temporal_pool)
     if config.audio_config is not None:
@@ -134,7 +148,7 @@ def load_processor_preset(processor_class, name: str, config=None):
             audio_features=audio_features_for(config.audio_config), audio_pool_stride=config.audio_pool_stride
         )
     return processor_class(
-        image_processor=image_processor_for(config.vision_config),
+        image_processor=image_processor_for(config.vision_config, config.image_grid_pinpoints),
         tokenizer=tokenizer,
         chat_template=chat_template(),
         image_seq_length=config.image_seq_length,

@@ -196,13 +196,13 @@ def evaluate(args: argparse.Namespace) -> None:
 
 def convert(args: argparse.Namespace) -> None:
     """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_mplug_owl2
+    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_llava_next, from_mplug_owl2
     from ..export.saving import save_model_folder
 
     if args.kind == "mplug-owl2":
         model, processor = from_mplug_owl2(args.source)
     else:
-        model = {"llava": from_llava, "blip2": from_blip2}[args.kind](args.source)
+        model = {"llava": from_llava, "llava-next": from_llava_next, "blip2": from_blip2}[args.kind](args.source)
         processor = convert_processor(args.source, model.config)
     save_model_folder(model, processor, args.output)
     if processor is None:
@@ -241,7 +241,7 @@ def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from ..quickstart.run import run_quickstart
 
-    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any)
+    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres)
 
 
 def parser() -> argparse.ArgumentParser:
@@ -261,6 +261,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="then teach the model to draw (output projector + image generator, a few minutes); "
         "the drawings, judged by an independent classifier, go into the report",
+    )
+    command.add_argument(
+        "--anyres",
+        action="store_true",
+        help="also train llava-next-tiny (AnyRes tiles) and llava-tiny (one view) on a task that needs resolution "
+        "(about two minutes) and report both",
     )
     command.set_defaults(run=quickstart)
 
@@ -317,7 +323,7 @@ def parser() -> argparse.ArgumentParser:
     command.set_defaults(run=evaluate)
 
     command = commands.add_parser("convert", help="convert a LLaVA, BLIP-2 or mPLUG-Owl2 checkpoint folder")
-    command.add_argument("kind", choices=["llava", "blip2", "mplug-owl2"])
+    command.add_argument("kind", choices=["llava", "llava-next", "blip2", "mplug-owl2"])
     command.add_argument("source", help="checkpoint folder")
     command.add_argument("output", type=Path, help="folder to write (must not exist)")
     command.set_defaults(run=convert)

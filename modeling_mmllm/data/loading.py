@@ -133,12 +133,16 @@ def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
         raise ValueError(
             f"Training data needs `images` and `messages` columns (TRL's format); got {dataset.column_names}."
         )
-    bad = find_bad_rows(dataset)
+    return drop_bad_rows(dataset, find_bad_rows(dataset), bad_rows, "bad images")
+
+
+def drop_bad_rows(dataset: Dataset, bad: dict[int, str], bad_rows: str, what: str) -> Dataset:
+    """Stop with the bad rows' indices and reasons (`bad_rows: stop`), or leave them out with a count (`skip`)."""
     if bad and bad_rows == "stop":
         listing = "; ".join(f"row {index}: {reason}" for index, reason in list(bad.items())[:10])
-        raise ValueError(f"{len(bad)} row(s) with bad images ({listing}). Fix them, or set `bad_rows: skip`.")
+        raise ValueError(f"{len(bad)} row(s) with {what} ({listing}). Fix them, or set `bad_rows: skip`.")
     if bad:
-        logger.warning(f"Skipping {len(bad)} row(s) with bad images: rows {sorted(bad)[:20]}")
+        logger.warning(f"Skipping {len(bad)} row(s) with {what}: rows {sorted(bad)[:20]}")
         dataset = dataset.select([index for index in range(len(dataset)) if index not in bad])
     return dataset
 
@@ -154,4 +158,4 @@ def _load_dataset(name_or_path: str, split: str) -> Dataset:
     return load_dataset(name_or_path, split=split)
 
 
-__all__ = ["find_bad_rows", "llava_generation_dataset", "llava_json_dataset", "load_training_data"]
+__all__ = ["drop_bad_rows", "find_bad_rows", "llava_generation_dataset", "llava_json_dataset", "load_training_data"]

@@ -313,6 +313,37 @@ def audio_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     return rows
 
 
+DETAIL_QUESTION = "What colour is the small square?"
+
+
+def detail_image(colour: str, rng: np.random.Generator, size: int = 32) -> PILImage.Image:
+    """A wide `3 size x size` image of grey noise with one small square (`size / 4` px) of `colour` in its left or
+    right third: one encoder-sized view (centre-cropped, or shrunk to a third) loses it, AnyRes tiles keep it."""
+    pixels = np.repeat(rng.integers(70, 186, (size, 3 * size, 1)), 3, axis=2).astype(np.uint8)
+    side = max(2, size // 4)
+    left = int(rng.integers(0, size - side)) + (0 if rng.integers(2) else 2 * size)
+    top = int(rng.integers(0, size - side))
+    pixels[top : top + side, left : left + side] = COLOURS[colour]
+    return PILImage.fromarray(pixels)
+
+
+def detail_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
+    """`n` rows asking the colour of a small square in a wide image (kind `detail`): a task that needs resolution."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 31)
+    rows = []
+    for _ in range(n):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        rows.append(
+            {
+                "images": [detail_image(colour, rng, image_size)],
+                "messages": _conversation(DETAIL_QUESTION, colour),
+                "kind": "detail",
+                "answer": colour,
+            }
+        )
+    return rows
+
+
 def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
     """A synthetic dataset in TRL's `images` + `messages` format.
 
@@ -321,6 +352,7 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     synthetic beeps, with an `audio` column), `generate` (requests for a picture of a scene, answered with an
     image) and `generate-joint` (`n // 2` of those mixed with image questions and the facts, so the model keeps
     answering questions as text); the generation tasks have `generation_caption` and `generation_image` columns.
+    `detail`: the colour of a small square in a wide image (`3 image_size x image_size`), which needs resolution.
     """
     if task == "audio":
         return Dataset.from_list(audio_rows(n, split, seed), features=AUDIO_FEATURES).shuffle(seed=seed)
@@ -334,13 +366,15 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
         rows = text_corpus_rows(n, seed)
     elif task == "text-eval":
         rows = text_rows()
+    elif task == "detail":
+        rows = detail_rows(n, split, image_size, seed)
     elif task in ("caption", "vqa"):
         rows = image_rows(n, split, task, image_size, seed)
     elif task == "joint":
         rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
     else:
         raise ValueError(
-            f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, generate "
+            f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, detail, generate "
             "or generate-joint."
         )
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
@@ -349,6 +383,7 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
 __all__ = [
     "AUDIO_QUESTIONS",
     "COLOURS",
+    "DETAIL_QUESTION",
     "GENERATION_PROMPTS",
     "QUESTIONS",
     "SAMPLING_RATE",
@@ -358,6 +393,8 @@ __all__ = [
     "Sound",
     "all_scenes",
     "audio_rows",
+    "detail_image",
+    "detail_rows",
     "generation_rows",
     "generation_scenes",
     "make_dataset",

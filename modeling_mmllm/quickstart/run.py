@@ -53,7 +53,7 @@ class LossRecorder(TrainerCallback):
             self.losses.append((state.global_step, float(logs["loss"])))
 
 
-def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path | None = None) -> Path:
+def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path | str | None = None) -> Path:
     """Train one shipped recipe into `output_dir`; records its loss curve in `curves`."""
     overrides = {"output_dir": str(output_dir), **(FAST if fast else {})}
     if model is not None:
@@ -82,6 +82,17 @@ def run_audio(output: Path, fast: bool, curves: dict) -> dict[str, float]:
     folder = run_stage("audio-tiny-sft", output / "audio", fast, curves)
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     return exact_match(model, processor, make_dataset("audio", 40 if fast else 200, split="heldout"))
+
+
+def run_anyres(output: Path, fast: bool) -> dict[str, float]:
+    """The `anyres-detail` recipe twice on the same budget: llava-next-tiny (AnyRes tiles) and llava-tiny (one
+    view); held-out accuracy on the colour of a small square in a wide image, for each."""
+    accuracy = {}
+    for label, preset in (("anyres", "llava-next-tiny"), ("single_view", "llava-tiny")):
+        print(f"\n== resolution: anyres-detail on {preset} ==", flush=True)
+        folder = run_stage("anyres-detail", output / "anyres" / label, fast, {}, model=preset)
+        accuracy[label] = json.loads((folder / "eval_results.json").read_text())["accuracy/detail"]
+    return accuracy
 
 
 def reload_and_answer(folder: Path, output: Path) -> dict:
@@ -163,7 +174,9 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
     canvas.save(path)
 
 
-def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2any: bool = False) -> dict:
+def run_quickstart(
+    output: Path, fast: bool = False, audio: bool = False, any2any: bool = False, anyres: bool = False
+) -> dict:
     """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
     mark."""
     start = time.time()
@@ -171,6 +184,7 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2an
     folder, curves = run_stages(output, fast)
     audio_accuracy = run_audio(output, fast, curves) if audio else {}
     drawing = run_drawing(output, folder, fast, curves) if any2any else {}
+    resolution = run_anyres(output, fast) if anyres else {}
     print("\n== evaluation on held-out data (no image shared with training) ==", flush=True)
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     heldout = make_dataset("vqa", 40 if fast else 300, split="heldout")
@@ -191,6 +205,7 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2an
         "text/facts": text_accuracy,
         **{f"audio/{k}": v for k, v in audio_accuracy.items()},
         **{f"any2any/{k}": v for k, v in drawn.items()},
+        **{f"detail/{k}": v for k, v in resolution.items()},
     }
     (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
     print("\n== summary ==")
@@ -201,6 +216,8 @@ def run_quickstart(output: Path, fast: bool = False, audio: bool = False, any2an
         print(f"  audio questions, {kind:<9} {value * 100:6.1f}%")
     for name, value in sorted(drawn.items()):
         print(f"  any-to-any, {name:<14} {value * 100:6.1f}%")
+    for name, value in resolution.items():
+        print(f"  small detail, {name:<12} {value * 100:6.1f}%")
     print(f"  model folder              {folder}")
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")

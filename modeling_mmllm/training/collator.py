@@ -94,6 +94,23 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         return {**example, "messages": messages}
 
 
+def rows_beyond_max_length(collator: MultimodalCollator, dataset) -> dict[int, str]:
+    """Row index -> reason, for rows whose image (video, audio) tokens reach past `collator.max_length`: truncation
+    there would cut a span of soft tokens (AnyRes images grow with their size), so such rows are found first."""
+    limit, collator.max_length = collator.max_length, None
+    bad = {}
+    try:
+        for index, row in enumerate(dataset):
+            types = collator.torch_call([dict(row)])["mm_token_type_ids"][0]
+            positions = types.nonzero()
+            end = int(positions[-1]) + 1 if len(positions) else 0
+            if end > limit:
+                bad[index] = f"its image/video/audio tokens end at position {end}, past max_length={limit}"
+    finally:
+        collator.max_length = limit
+    return bad
+
+
 def pixel_tensor(images: list) -> torch.Tensor:
     """PIL images -> `[n, 3, H, W]` in `[0, 1]` (all at the first image's size)."""
     size = images[0].size
@@ -101,4 +118,4 @@ def pixel_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["GENERATION_TARGETS", "MultimodalCollator", "pixel_tensor"]
+__all__ = ["GENERATION_TARGETS", "MultimodalCollator", "pixel_tensor", "rows_beyond_max_length"]

@@ -36,7 +36,7 @@ MODEL_KEYS = {
     "seed": "seed of the new weights (default 0)",
 }
 DATA_KEYS = {
-    "synthetic": "a synthetic task: text, caption, vqa, joint, text-eval, audio, generate, generate-joint",
+    "synthetic": "a synthetic task: text, caption, vqa, joint, text-eval, audio, detail, generate, generate-joint",
     "n": "number of synthetic rows (default 512)",
     "split": "dataset split, or train / heldout for synthetic data (default train)",
     "image_size": "synthetic image size (default 64)",

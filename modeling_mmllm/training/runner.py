@@ -6,12 +6,12 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from ..data.loading import load_training_data
+from ..data.loading import drop_bad_rows, load_training_data
 from ..export.hub_card import write_model_card
 from ..export.saving import atomic_folder, push_folder, save_model_folder
 from ..processing_mmllm import MMLLMProcessor
 from ..utils.logging import get_logger
-from .collator import MultimodalCollator
+from .collator import MultimodalCollator, rows_beyond_max_length
 from .generator_pretraining import (
     generator_pretraining_record,
     pretrain_generator,
@@ -79,6 +79,8 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
         assistant_only_loss=recipe.assistant_only_loss,
         target_images=recipe.image_loss_weight > 0,
     )
+    if recipe.max_length is not None:  # truncation must never cut a span of soft tokens
+        dataset = drop_bad_rows(dataset, rows_beyond_max_length(collator, dataset), recipe.bad_rows, "too many tokens")
     if recipe.whiten_signal_states:
         if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
             whitened_layer(model).requires_grad_(False)
