@@ -115,12 +115,15 @@ def test_batched_generation_equals_one_by_one(preset):
     model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(preset)).eval()
     processor = MMLLMProcessor.from_preset(preset)
     images = _images()
-    batch = processor(images=images, text=[PROMPT] * 3, return_tensors="pt", padding=True)
+    text_only = "<|user|>\nWhat comes after one?<|end|>\n<|assistant|>\n"  # an untiled row in the same batch
+    batch = processor(images=images, text=[PROMPT] * 3 + [text_only], return_tensors="pt", padding=True)
     kwargs = dict(max_new_tokens=5, do_sample=False, eos_token_id=None)
     batched = model.generate(**batch, **kwargs)[:, -5:]
     for index, image in enumerate(images):
         single = processor(images=[image], text=[PROMPT], return_tensors="pt")
         assert model.generate(**single, **kwargs)[0, -5:].tolist() == batched[index].tolist()
+    alone = model.generate(**processor(text=[text_only], return_tensors="pt"), **kwargs)
+    assert alone[0, -5:].tolist() == batched[3].tolist()
 
 
 def test_token_counts_follow_the_grid():
@@ -282,3 +285,14 @@ def test_anyres_learns_a_detail_that_one_view_cannot_see(tmp_path):
         accuracy[preset] = json.loads((folder / "eval_results.json").read_text())["accuracy/detail"]
     print(accuracy)
     assert accuracy["llava-next-tiny"] >= 0.8 and accuracy["llava-tiny"] <= 0.45, accuracy
+
+
+def test_chat_template_tiles_as_the_processor_does():
+    processor = MMLLMProcessor.from_preset("llava-next-tiny")
+    image = _images()[1]
+    messages = [{"role": "user", "content": [{"type": "image", "image": image}, {"type": "text", "text": "Colour?"}]}]
+    chat = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    direct = processor(images=[image], text=[prompt], return_tensors="pt")
+    assert torch.equal(torch.as_tensor(chat["input_ids"]).view(1, -1), direct["input_ids"])
+    assert torch.equal(torch.as_tensor(chat["image_sizes"]), direct["image_sizes"])

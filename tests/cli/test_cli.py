@@ -210,6 +210,7 @@ def test_quickstart_fast_smoke(tmp_path):
             "--fast",
             "--audio",
             "--any2any",
+            "--anyres",
             "--output",
             str(tmp_path),
         ],
@@ -226,5 +227,7 @@ def test_quickstart_fast_smoke(tmp_path):
     assert (tmp_path / "audio" / "model" / "model.safetensors").is_file()
     assert 0 <= summary["any2any/image/shape"] <= 1 and "drawing accuracy: " in run.stdout  # --any2any: it draws
     assert (tmp_path / "any2any" / "model" / "model.safetensors").is_file()
+    assert {"detail/anyres", "detail/single_view"} <= set(summary) and "small detail, anyres" in run.stdout
+    assert (tmp_path / "anyres" / "anyres" / "model" / "model.safetensors").is_file()  # --anyres: both models
     with Image.open(tmp_path / "quickstart.png") as report, Image.open(tmp_path / "any2any" / "any2any.png") as drawn:
         assert report.height > drawn.height  # the drawings are part of the report
