@@ -65,6 +65,7 @@ COMMANDS = {
         "--max_steps 20",
         "runs/try/model/model.safetensors",
     ),
+    "mmllm train quickstart-stage2 --help": ("", None),
     "mmllm train llava-stage1-projector": (CPU_RECIPE + " --output_dir runs/llava-stage1", "runs/llava-stage1/model"),
     "accelerate launch --config_file training_recipes/accelerate/multi_gpu.yaml -m modeling_mmllm.cli train "
     "owl2-stage2-instruct": (CPU_RECIPE + " --output_dir runs/multi-gpu", "runs/multi-gpu/model"),
