@@ -18,8 +18,6 @@ from transformers.models.llava_next.modeling_llava_next import (
     unpad_image,
 )
 
-from .component_settings import GRID_PROJECTORS
-
 
 def num_views(image_size, pinpoints: list[list[int]], tile_size: int) -> int:
     """Views of one image `(height, width)`: the global view and the tiles of its best grid."""
@@ -67,4 +65,4 @@ def pack_grid_features(
     return torch.cat((base, grid))
 
 
-__all__ = ["GRID_PROJECTORS", "num_image_tokens", "num_views", "pack_grid_features", "unpadded_grid"]
+__all__ = ["num_image_tokens", "num_views", "pack_grid_features", "unpadded_grid"]

@@ -27,7 +27,8 @@ try:  # transformers >= 5.24: multimodal outputs, which carry each encoder's out
 except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
-from .anyres import GRID_PROJECTORS, num_views, pack_grid_features
+from .anyres import num_views, pack_grid_features
+from .component_settings import GRID_PROJECTORS
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .hub_upload import file_times, upload_folder_to_hub
 from .image_generation import ImageGenerationMixin

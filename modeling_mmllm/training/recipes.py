@@ -12,7 +12,7 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 """
 
 import difflib
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -56,14 +56,15 @@ class MMLLMRecipeKeys:
         default=None,
         metadata={
             "help": "The model: {preset: NAME} | {path: FOLDER} | {components: {vision, text, ...}} | "
-            "{mplug_owl2: FOLDER}; keys: " + ", ".join(MODEL_KEYS)
+            "{mplug_owl2: FOLDER}. Keys: " + "; ".join(f"{key}: {text}" for key, text in MODEL_KEYS.items())
         },
     )
     data: dict | None = field(
         default=None,
         metadata={
             "help": "The training data: {synthetic: TASK, n: N} | {dataset: NAME_OR_PATH, split: S} | "
-            "{llava_json: FILE, image_folder: DIR, task: chat | generate}; keys: " + ", ".join(DATA_KEYS)
+            "{llava_json: FILE, image_folder: DIR, task: chat | generate}. Keys: "
+            + "; ".join(f"{key}: {text}" for key, text in DATA_KEYS.items())
         },
     )
     bad_rows: str = field(
@@ -178,8 +179,6 @@ class RecipeConfig(SFTConfig, MMLLMRecipeKeys):
     def trainer_args(self) -> "RecipeConfig":
         """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final
         folder itself)."""
-        from dataclasses import replace
-
         return replace(self, push_to_hub=self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES)
 
 
