@@ -29,6 +29,12 @@ OUTPUT_PROJECTOR_DEFAULTS = {
     "mlp": {"hidden_act": "gelu"},
     "transformer": {"num_layers": 2, "num_heads": 4, "intermediate_size": None, "dropout": 0.0},
 }
+# How the projected image features reach the LLM: as soft tokens in its input (LLaVA, BLIP-2, mPLUG-Owl2), or through
+# gated cross-attention blocks before every `cross_layer_interval`-th decoder layer (Flamingo, IDEFICS).
+FUSION_DEFAULTS = {
+    "tokens": {},
+    "cross_attention": {"cross_layer_interval": 1, "qk_layer_norms": False, "alpha_type": "float"},
+}
 GENERATOR_DEFAULTS = {
     "builtin": {
         "condition_length": 8,
@@ -74,6 +80,57 @@ def input_projector_settings(config) -> dict:
     return checked_settings(
         config.projector_config, defaults, "projector_config", f"{config.projector_type!r} projector"
     )
+
+
+def fusion_settings(config) -> dict:
+    """`config.fusion_config` over its fusion mode's defaults."""
+    _known(config.fusion, FUSION_DEFAULTS, "fusion")
+    return checked_settings(config.fusion_config, FUSION_DEFAULTS[config.fusion], "fusion_config", f"{config.fusion!r} fusion")
+
+
+def check_fusion(config) -> None:
+    """Cross-attention fusion: a valid layer interval and float/vector gates, and only the features it combines with."""
+    settings = fusion_settings(config)
+    if config.fusion != "cross_attention":
+        return
+    interval, layers = settings["cross_layer_interval"], config.text_config.num_hidden_layers
+    if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= layers:
+        raise ValueError(
+            f"fusion_config.cross_layer_interval={interval!r}: a gated cross-attention block goes before every "
+            f"n-th decoder layer, so use a whole number from 1 to the backbone's {layers} layers."
+        )
+    if settings["alpha_type"] not in ("float", "vector"):
+        raise ValueError(
+            f"fusion_config.alpha_type={settings['alpha_type']!r}: the tanh gates are one 'float' per block "
+            "(IDEFICS, Flamingo) or a 'vector' of the LLM's width."
+        )
+    others = {
+        "modality_adaptive": config.modality_adaptive,
+        "image_grid_pinpoints": config.image_grid_pinpoints is not None,
+        "video_token_id": config.video_token_id is not None,
+        "audio_config": config.audio_config is not None,
+    }
+    given = [name for name, value in others.items() if value]
+    if given:
+        raise ValueError(
+            f"fusion='cross_attention' does not combine with {', '.join(given)}: cross-attention fusion takes "
+            "single-view images (Flamingo, IDEFICS). Use fusion='tokens' (the default) for the modality-adaptive "
+            "module, AnyRes tiling, video and audio."
+        )
+
+
+def projector_output_width(config) -> int:
+    """Width of the projected features. With cross-attention fusion the `resampler` keeps the encoder's width, as
+    IDEFICS's perceiver does (the blocks' K/V projections map it); every other projector emits the LLM's width."""
+    if config.fusion == "cross_attention" and config.projector_type == "resampler":
+        return config.vision_config.hidden_size * len(config.feature_layers)
+    return config.text_config.hidden_size
+
+
+def image_text_length(config) -> int:
+    """Tokens one `<image>` stands for in the text: the projector's soft tokens, or the one `<image>` token that
+    cross-attention fusion keeps (the latents reach the LLM through the blocks)."""
+    return 1 if config.fusion == "cross_attention" else projector_output_length(config)
 
 
 def num_vision_tokens(config) -> int:
@@ -155,13 +212,18 @@ def generator_settings(settings: dict) -> dict:
 
 
 __all__ = [
+    "FUSION_DEFAULTS",
     "GENERATOR_DEFAULTS",
     "INPUT_PROJECTOR_DEFAULTS",
     "OUTPUT_PROJECTOR_DEFAULTS",
+    "check_fusion",
     "checked_settings",
+    "fusion_settings",
     "generator_settings",
+    "image_text_length",
     "input_projector_settings",
     "num_vision_tokens",
     "output_projector_settings",
     "projector_output_length",
+    "projector_output_width",
 ]

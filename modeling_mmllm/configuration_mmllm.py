@@ -13,8 +13,10 @@ from transformers import AutoConfig
 from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 
 from .component_settings import (
+    check_fusion,
     check_image_grid_pinpoints,
     generator_settings,
+    image_text_length,
     output_projector_settings,
     projector_output_length,
 )
@@ -76,8 +78,19 @@ class MMLLMConfig(PreTrainedConfig):
         image_token_id (`int`, *optional*, defaults to 32000):
             Id of the `<image>` placeholder token in the tokenizer.
         image_seq_length (`int`, *optional*):
-            Soft tokens one image becomes. Derived from the encoder's patch grid and the select strategy when
-            left unset; a different value is an error, because the processor expands `<image>` to this count.
+            Tokens one `<image>` becomes in the text: the projector's soft tokens (derived from the encoder's patch
+            grid and the select strategy when left unset), or 1 with cross-attention fusion. A different value is an
+            error, because the processor expands `<image>` to this count.
+        fusion (`str`, *optional*, defaults to `"tokens"`):
+            How image features reach the LLM. `"tokens"`: the projector's soft tokens replace the `<image>`
+            placeholders (LLaVA, BLIP-2, mPLUG-Owl2). `"cross_attention"`: Flamingo / IDEFICS; `<image>` stays one
+            token and gated cross-attention blocks (`tanh` gates starting at 0, so the model starts as the plain
+            LLM) before every `cross_layer_interval`-th decoder layer let text tokens attend to the latents of the
+            latest image at or before them (Llama-family backbones; see `gated_cross_attention.py`).
+        fusion_config (`dict`, *optional*):
+            Settings of the fusion mode; for `"cross_attention"`: `cross_layer_interval` (1), `qk_layer_norms`
+            (`False`: RMS norms on the cross-attention's queries and keys) and `alpha_type` (`"float"` gate per
+            block, or `"vector"` of the LLM's width).
         image_grid_pinpoints (`list[list[int]]`, *optional*):
             AnyRes (LLaVA-NeXT): the `[height, width]` grids an image may be tiled into, multiples of the encoder's
             image size. Each image becomes a global view plus the tiles of its best grid; `linear`/`mlp` projectors
@@ -142,6 +155,8 @@ class MMLLMConfig(PreTrainedConfig):
     image_token_id: int = 32000
     image_seq_length: int | None = None
     image_grid_pinpoints: list[list[int]] | None = None
+    fusion: Literal["tokens", "cross_attention"] = "tokens"
+    fusion_config: dict | None = None
     tie_word_embeddings: bool = False
     modality_adaptive: bool = False
     modality_adaptive_layers: list[int] | None = None
@@ -198,13 +213,15 @@ class MMLLMConfig(PreTrainedConfig):
                 f"{self.video_temporal_pool}: pooling averages groups of that many consecutive frames."
             )
         self._check_image_generation()
-        expected = self.projected_seq_length()
+        check_fusion(self)
+        expected = image_text_length(self)
         if self.image_seq_length is None:
             self.image_seq_length = expected
         elif self.image_seq_length != expected:
             raise ValueError(
-                f"image_seq_length={self.image_seq_length}, but the {self.projector_type!r} projector turns one "
-                f"image into {expected} tokens: leave image_seq_length unset or set it to {expected}."
+                f"image_seq_length={self.image_seq_length}, but with the {self.projector_type!r} projector and "
+                f"fusion={self.fusion!r} one image takes {expected} token(s) in the text: leave image_seq_length "
+                f"unset or set it to {expected}."
             )
         check_image_grid_pinpoints(self)
 
@@ -248,7 +265,8 @@ class MMLLMConfig(PreTrainedConfig):
         return [layer % (self.vision_config.num_hidden_layers + 1) for layer in layers]
 
     def projected_seq_length(self) -> int:
-        """Tokens the input projector emits per image (the projector registry knows each type's count)."""
+        """Tokens (latents, with cross-attention fusion) the input projector emits per image (the projector
+        registry knows each type's count)."""
         return projector_output_length(self)
 
     @property

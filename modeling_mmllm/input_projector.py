@@ -179,7 +179,8 @@ class QFormerProjector(nn.Module):
 
 
 class ResamplerProjector(nn.Module):
-    """Flamingo / IDEFICS perceiver resampler (transformers' `IdeficsPerceiverResampler`), then a linear map."""
+    """Flamingo / IDEFICS perceiver resampler (transformers' `IdeficsPerceiverResampler`), then a linear map to the
+    LLM's width (token fusion only)."""
 
     DEFAULTS = INPUT_PROJECTOR_DEFAULTS["resampler"]
 
@@ -199,10 +200,13 @@ class ResamplerProjector(nn.Module):
             settings["head_dim"],
             settings["num_latents"],
         )
-        self.linear = nn.Linear(width, config.text_config.hidden_size)
+        # Cross-attention fusion keeps IDEFICS's latents of the encoder's width (the blocks' K/V map them).
+        fusion = config.fusion == "cross_attention"
+        self.linear = None if fusion else nn.Linear(width, config.text_config.hidden_size)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
-        return self.linear(self.perceiver(features))
+        latents = self.perceiver(features)
+        return latents if self.linear is None else self.linear(latents)
 
 
 PROJECTORS: dict[str, type[nn.Module]] = {

@@ -145,17 +145,22 @@ def _gathered(module: nn.Module):
     return deepspeed.zero.GatheredParameters(partitioned, modifier_rank=None)
 
 
-def decoder_layers(language_model: nn.Module) -> nn.ModuleList:
-    """The decoder layers of a Llama-family backbone, or a clear error naming the backbone."""
+def decoder_layers(
+    language_model: nn.Module,
+    feature: str = "The modality-adaptive module",
+    alternative: str = "modality_adaptive=False",
+) -> nn.ModuleList:
+    """The decoder layers of a Llama-family backbone, or a clear error naming the backbone, the `feature` that
+    needs them and the `alternative` setting."""
     layers = getattr(language_model, "layers", None)
     model_type = getattr(language_model.config, "model_type", type(language_model).__name__)
     if not isinstance(layers, nn.ModuleList) or not all(_has_modules(layer) for layer in layers):
         paths = [f"{owner}.{name}" if owner else name for owner, names in MULTIWAY_MODULES.items() for name in names]
         raise ValueError(
-            f"The modality-adaptive module needs a Llama-style backbone (decoder layers at `.layers` with "
+            f"{feature} needs a Llama-style backbone (decoder layers at `.layers` with "
             f"{', '.join(paths)}); the {model_type!r} backbone ({type(language_model).__name__}) does "
             "not have them (GPT-2, for one, fuses q/k/v in `c_attn`). Use a Llama, Mistral, Qwen2/3 or Gemma "
-            "backbone, or set modality_adaptive=False."
+            f"backbone, or set {alternative}."
         )
     return layers
 

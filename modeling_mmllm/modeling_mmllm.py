@@ -28,9 +28,10 @@ except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .anyres import num_views, pack_grid_features
-from .component_settings import GRID_PROJECTORS
+from .component_settings import GRID_PROJECTORS, fusion_settings, projector_output_width
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .hub_upload import file_times, upload_folder_to_hub
+from .gated_cross_attention import apply_cross_attention_fusion, cross_attention_inputs, latest_image_mask
 from .image_generation import ImageGenerationMixin
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, modality_adaptive_parameters
@@ -56,20 +57,27 @@ class _ModalityOutputs:
 
 @dataclass
 class MMLLMModelOutputWithPast(_ModalityOutputs, _ModelOutput):
-    """Backbone outputs plus each modality encoder's output."""
+    """Backbone outputs plus each modality encoder's output; with cross-attention fusion also the image latents
+    `[batch, images, latents, width]` and the `image_attention_mask` `[batch, seq, images]` this pass used
+    (generation carries both to the next steps)."""
 
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
     audio_outputs: BaseModelOutputWithPooling | None = None
+    cross_attention_states: torch.Tensor | None = None
+    image_attention_mask: torch.Tensor | None = None
 
 
 @dataclass
 class MMLLMCausalLMOutputWithPast(_ModalityOutputs, _CausalLMOutput):
-    """Language-modeling outputs of [`MMLLMForConditionalGeneration`], with each modality encoder's output."""
+    """Language-modeling outputs of [`MMLLMForConditionalGeneration`], with each modality encoder's output (and,
+    with cross-attention fusion, the image latents and attention mask, as in [`MMLLMModelOutputWithPast`])."""
 
     image_outputs: BaseModelOutputWithPooling | None = None
     video_outputs: BaseModelOutputWithPooling | None = None
     audio_outputs: BaseModelOutputWithPooling | None = None
+    cross_attention_states: torch.Tensor | None = None
+    image_attention_mask: torch.Tensor | None = None
 
 
 def _pooled(encoder_outputs, features: torch.Tensor) -> BaseModelOutputWithPooling:
@@ -141,7 +149,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
     """Modality encoders + input projectors + language model, without an LM head.
 
     Images and video frames share the vision tower and `multi_modal_projector`; audio (when configured) has its own
-    `audio_tower` and `audio_projector`. Every modality's soft tokens replace its placeholder tokens the same way.
+    `audio_tower` and `audio_projector`. Every modality's soft tokens replace its placeholder tokens the same way,
+    unless `fusion="cross_attention"`: then the image latents reach the LLM through gated cross-attention blocks
+    (Flamingo, IDEFICS; `gated_cross_attention.py`) and each `<image>` stays one token.
     With image generation configured, `output_projector` maps the hidden states at the signal tokens to the
     conditioning of `modality_generator` (NExT-GPT's output side).
     """
@@ -160,6 +170,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
             apply_modality_adaptive(
                 self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
             )
+        if config.fusion == "cross_attention":
+            apply_cross_attention_fusion(self.language_model, projector_output_width(config), fusion_settings(config))
         if config.modality_generator:  # attaching the generator fixes its conditioning shape (saved with the config)
             config.modality_generator = generator_settings(config.modality_generator)
         self.output_projector = build_output_projector(config)
@@ -383,6 +395,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
+        image_attention_mask: torch.LongTensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
         **kwargs: Unpack[TransformersKwargs],
     ) -> MMLLMModelOutputWithPast:
         r"""
@@ -401,17 +415,39 @@ class MMLLMModel(MMLLMPreTrainedModel):
             1 for frames of real audio, 0 for the padding of the last window of each clip.
         image_sizes (`torch.LongTensor` of shape `(num_images, 2)`, *optional*):
             AnyRes: each image's `(height, width)` before tiling, with `pixel_values` `[images, views, 3, H, W]`.
+        image_attention_mask (`torch.LongTensor` of shape `(batch_size, sequence_length, images)`, *optional*):
+            Cross-attention fusion: 1 where a token attends to the row's image (IDEFICS's input; the last
+            `sequence_length` rows are used, so generation may pass the whole history). Default: each token attends
+            to the latest image whose `<image>` token is at or before it.
+        cross_attention_states (`torch.Tensor` of shape `(batch_size, images, latents, width)`, *optional*):
+            Cross-attention fusion: image latents of an earlier pass (generation reuses the prompt's); `pixel_values`
+            are then not encoded again.
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
+        fusion = self.config.fusion == "cross_attention"
+        if fusion and cross_attention_states is not None:
+            pixel_values = None  # the latents of this prompt's images are already computed
+        if fusion and pixel_values is not None:
+            pixel_values, counts = self._fusion_images(input_ids, pixel_values)
         encoder_outputs = self._encoder_outputs(
             pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
         )
+        if fusion and pixel_values is not None:
+            cross_attention_states = self._arrange_latents(encoder_outputs[IMAGE].pooler_output, counts)
+        if cross_attention_states is not None:
+            image_attention_mask = self._image_attention_mask(
+                input_ids, inputs_embeds.shape[:2], cross_attention_states.shape[1], image_attention_mask
+            )
+            kwargs["image_cross_attention"] = cross_attention_inputs(
+                cross_attention_states.to(inputs_embeds.dtype), image_attention_mask
+            )
         placeholder_ids = self.placeholder_ids()
-        for modality, modality_outputs in encoder_outputs.items():
+        injected = {} if fusion else encoder_outputs  # soft tokens in the input (token fusion)
+        for modality, modality_outputs in injected.items():
             features = modality_outputs.pooler_output
             if isinstance(features, (tuple, list)):  # tiled images: each its own token count
                 features = torch.cat(list(features))
@@ -428,9 +464,71 @@ class MMLLMModel(MMLLMPreTrainedModel):
         outputs = self.language_model(
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
+        fused = {"cross_attention_states": cross_attention_states, "image_attention_mask": image_attention_mask}
         return MMLLMModelOutputWithPast(
-            **outputs, **{f"{MODALITY_NAMES[modality]}_outputs": value for modality, value in encoder_outputs.items()}
+            **outputs,
+            **{f"{MODALITY_NAMES[modality]}_outputs": value for modality, value in encoder_outputs.items()},
+            **(fused if cross_attention_states is not None else {}),
         )
+
+    def _image_counts(self, input_ids: torch.LongTensor | None, rows: int, slots: int) -> torch.LongTensor:
+        """Images of each row: its `<image>` tokens (every slot of `[batch, images, ...]` without input_ids)."""
+        if input_ids is None:
+            return torch.full((rows,), slots, dtype=torch.long)
+        return (input_ids == self.config.image_token_id).sum(-1).cpu()
+
+    def _fusion_images(self, input_ids, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
+        """Cross-attention fusion: the real images as `[num_images, 3, H, W]` and the count of each row.
+
+        `pixel_values` come flattened (the processor's form: one per `<image>` token, in order) or as IDEFICS's
+        `[batch, images, 3, H, W]`, where a row's first `<image>`-count images are real and the rest padding.
+        """
+        if pixel_values.dim() == 5:
+            counts = self._image_counts(input_ids, *pixel_values.shape[:2])
+            if len(counts) != len(pixel_values) or bool((counts > pixel_values.shape[1]).any()):
+                raise ValueError(
+                    f"pixel_values [batch, images, 3, H, W] of shape {tuple(pixel_values.shape)} do not fit the "
+                    f"<image> tokens of each row ({counts.tolist()}): give each row at least as many images as "
+                    "its <image> tokens, in a batch of the same size."
+                )
+            real = torch.arange(pixel_values.shape[1]) < counts[:, None]
+            return pixel_values[real.to(pixel_values.device)], counts
+        if input_ids is None:
+            raise ValueError(
+                "Flattened pixel_values need input_ids to tell which row each image belongs to; with "
+                "inputs_embeds, pass pixel_values as [batch, images, 3, H, W]."
+            )
+        counts = self._image_counts(input_ids, len(input_ids), 0)
+        if int(counts.sum()) != len(pixel_values):
+            raise ValueError(
+                f"Got {len(pixel_values)} image(s) but {int(counts.sum())} <image> token(s) in the text: cross-"
+                "attention fusion keeps one <image> token per image. Build inputs with this model's MMLLMProcessor."
+            )
+        return pixel_values, counts
+
+    def _arrange_latents(self, features: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
+        """Projected latents of the real images `[num_images, latents, width]` -> `[batch, images, latents, width]`,
+        zeros in the slots of rows with fewer images."""
+        slots = torch.arange(max(int(counts.max()), 1)) < counts[:, None]
+        latents = features.new_zeros(*slots.shape, *features.shape[1:])
+        latents[slots.to(features.device)] = features
+        return latents
+
+    def _image_attention_mask(self, input_ids, shape, num_images: int, image_attention_mask) -> torch.Tensor:
+        """The given mask's rows for this pass's tokens (checked), or the latest-image default from input_ids."""
+        batch, length = shape
+        if image_attention_mask is None:
+            if input_ids is None:
+                raise ValueError("With inputs_embeds and images, pass image_attention_mask [batch, seq, images].")
+            return latest_image_mask(input_ids, self.config.image_token_id, num_images)
+        if image_attention_mask.dim() != 3 or image_attention_mask.shape[0] != batch or (
+            image_attention_mask.shape[1] < length or image_attention_mask.shape[2] != num_images
+        ):
+            raise ValueError(
+                f"image_attention_mask has shape {tuple(image_attention_mask.shape)}; this batch needs "
+                f"[{batch}, >= {length} tokens, {num_images} images] (1 where a token attends to an image)."
+            )
+        return image_attention_mask[:, -length:]
 
 
 class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, GenerationMixin):
@@ -496,6 +594,8 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         input_features: torch.Tensor | None = None,
         input_features_mask: torch.Tensor | None = None,
         image_sizes: torch.LongTensor | None = None,
+        image_attention_mask: torch.LongTensor | None = None,
+        cross_attention_states: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs: Unpack[TransformersKwargs],
@@ -517,6 +617,8 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             input_features=input_features,
             input_features_mask=input_features_mask,
             image_sizes=image_sizes,
+            image_attention_mask=image_attention_mask,
+            cross_attention_states=cross_attention_states,
             **kwargs,
         )
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
@@ -528,6 +630,17 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             )
         backbone = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         return MMLLMCausalLMOutputWithPast(loss=loss, logits=logits, **backbone)
+
+    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+        """Cross-attention fusion, as IDEFICS: the next steps reuse the prompt's image latents, and the image
+        attention mask grows by the prompt's last row for each new token."""
+        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        if outputs.get("cross_attention_states") is not None:
+            model_kwargs["cross_attention_states"] = outputs.cross_attention_states
+            mask = model_kwargs.get("image_attention_mask")
+            mask = outputs.image_attention_mask if mask is None else mask
+            model_kwargs["image_attention_mask"] = torch.cat([mask, mask[:, -1:]], dim=1)
+        return model_kwargs
 
     @classmethod
     def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
