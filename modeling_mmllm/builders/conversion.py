@@ -2,8 +2,8 @@
 
 Each converter translates the config and renames the state dict, then loads it strictly: any unmatched key is
 an error, never a silently random weight. `from_llava` and `from_llava_next` need no renaming (LLaVA's names are
-ours); `from_blip2`
-moves the Q-Former, its queries and the language projection into our `qformer` projector.
+ours); `from_blip2` moves the Q-Former, its queries and the language projection into our `qformer` projector;
+`from_idefics` moves IDEFICS's gated cross-attention layers into the decoder layers they precede.
 """
 
 import json
@@ -17,6 +17,7 @@ from transformers import (
     AutoTokenizer,
     Blip2ForConditionalGeneration,
     CLIPImageProcessorPil,
+    IdeficsForVisionText2Text,
     LlavaForConditionalGeneration,
     LlavaNextForConditionalGeneration,
 )
@@ -129,6 +130,113 @@ MPLUG_OWL2_KEY_RULES = [
     (r"^model\.vision_model\.post_layernorm\.", "model.vision_tower.post_layernorm."),
     (r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1."),
 ]
+
+
+IDEFICS_KEY_RULES = [
+    (r"^model\.vision_model\.", "model.vision_tower."),
+    (r"^model\.perceiver_resampler\.", "model.multi_modal_projector.perceiver."),
+    (r"^model\.(layers|embed_tokens|norm)\.", r"model.language_model.\1."),
+]
+
+
+def _idefics_config(source, image_token_id: int | None) -> MMLLMConfig:
+    """IDEFICS's config in our terms: a CLIP-style encoder (last layer, CLS kept), the perceiver as the `resampler`
+    projector, LLaMA with the additional vocabulary appended, cross-attention fusion with IDEFICS's settings."""
+    if not source.use_resampler:
+        raise ValueError(
+            "from_idefics converts IDEFICS models with the perceiver resampler (use_resampler=True, as IDEFICS-9B and "
+            "-80B); without it the cross-attention reads the raw vision features, which mmllm has no projector for."
+        )
+    vocab_size = source.vocab_size + source.additional_vocab_size
+    if image_token_id is None:
+        if source.additional_vocab_size < 2:
+            raise ValueError(
+                "IDEFICS's tokenizer puts <fake_token_around_image> and <image> after the vocabulary "
+                f"(additional_vocab_size=2); this model has {source.additional_vocab_size}: pass image_token_id."
+            )
+        image_token_id = source.vocab_size + 1
+    vision, perceiver = source.vision_config, source.perceiver_config
+    text_fields = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "rms_norm_eps")
+    text_fields += ("max_position_embeddings", "hidden_act", "pad_token_id", "bos_token_id", "eos_token_id")
+    return MMLLMConfig(
+        vision_config=dict(
+            model_type="clip_vision_model",
+            hidden_size=vision.embed_dim,
+            intermediate_size=vision.intermediate_size,
+            num_hidden_layers=vision.num_hidden_layers,
+            num_attention_heads=vision.num_attention_heads,
+            image_size=vision.image_size,
+            patch_size=vision.patch_size,
+            num_channels=vision.num_channels,
+            hidden_act=vision.hidden_act,
+            layer_norm_eps=vision.layer_norm_eps,
+        ),
+        text_config=dict(
+            model_type="llama",
+            vocab_size=vocab_size,
+            num_key_value_heads=source.num_attention_heads,
+            rope_parameters=dict(source.rope_parameters),
+            tie_word_embeddings=False,
+            **{key: getattr(source, key) for key in text_fields},
+        ),
+        vision_feature_layer=-1,
+        vision_feature_select_strategy="full",
+        projector_type="resampler",
+        projector_config=dict(
+            num_latents=perceiver.resampler_n_latents,
+            depth=perceiver.resampler_depth,
+            num_heads=perceiver.resampler_n_heads,
+            head_dim=perceiver.resampler_head_dim,
+            qk_layer_norms=perceiver.qk_layer_norms_perceiver,
+        ),
+        fusion="cross_attention",
+        fusion_config=dict(
+            cross_layer_interval=source.cross_layer_interval,
+            qk_layer_norms=source.qk_layer_norms,
+            alpha_type=source.alpha_type,
+        ),
+        image_token_id=image_token_id,
+        base_models=[source._name_or_path] if source._name_or_path else None,
+    )
+
+
+def _idefics_state_dict(idefics: nn.Module, interval: int) -> dict[str, torch.Tensor]:
+    """IDEFICS's weights in our names: decoupled embeddings and LM head merged into one table each (the additional
+    tokens last), each gated cross-attention layer moved into the decoder layer it runs before."""
+    weights = {key: tensor for key, tensor in idefics.state_dict().items() if "rotary_emb" not in key}
+    for merged, extra in (
+        ("model.embed_tokens.weight", "model.embed_tokens.additional_embedding.weight"),
+        ("lm_head.weight", "lm_head.additional_fc.weight"),
+    ):
+        if extra in weights:
+            weights[merged] = torch.cat([weights[merged], weights.pop(extra)])
+    state_dict = rename_keys(weights, IDEFICS_KEY_RULES)
+    for key in [key for key in state_dict if key.startswith("model.gated_cross_attn_layers.")]:
+        index, rest = key[len("model.gated_cross_attn_layers.") :].split(".", 1)
+        state_dict[f"model.language_model.layers.{int(index) * interval}.gated_cross_attn.{rest}"] = state_dict.pop(key)
+    return state_dict
+
+
+def from_idefics(model_or_path, image_token_id: int | None = None) -> MMLLMForConditionalGeneration:
+    """Convert an IDEFICS model (transformers' `IdeficsForVisionText2Text`, the open Flamingo) into ours.
+
+    Logits are equal on the same inputs (`input_ids`, `pixel_values` as `[batch, images, 3, H, W]` or flattened,
+    `image_attention_mask` or the latest-image default). `image_token_id` defaults to IDEFICS's tokenizer's
+    `<image>`: the vocabulary size + 1, after `<fake_token_around_image>`.
+    """
+    idefics = _load(model_or_path, IdeficsForVisionText2Text)
+    source = idefics.config
+    if source.num_hidden_layers % source.cross_layer_interval:
+        raise ValueError(
+            f"IDEFICS with {source.num_hidden_layers} layers and cross_layer_interval={source.cross_layer_interval} "
+            "has fewer cross-attention layers than the layers it applies them to: it cannot run as it is."
+        )
+    config = _idefics_config(source, image_token_id)
+    config._attn_implementation = source._attn_implementation
+    model = MMLLMForConditionalGeneration(config).to(idefics.dtype)
+    model.load_state_dict(_idefics_state_dict(idefics, source.cross_layer_interval), strict=True)
+    model.generation_config = idefics.generation_config
+    return model.eval()
 
 
 def _read_checkpoint(folder: Path) -> dict[str, torch.Tensor]:
@@ -353,6 +461,7 @@ __all__ = [
     "convert_abstractor_state_dict",
     "convert_processor",
     "from_blip2",
+    "from_idefics",
     "from_llava",
     "from_llava_next",
     "from_mplug_owl2",
