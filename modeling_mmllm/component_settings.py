@@ -31,10 +31,8 @@ OUTPUT_PROJECTOR_DEFAULTS = {
 }
 # How the projected image features reach the LLM: as soft tokens in its input (LLaVA, BLIP-2, mPLUG-Owl2), or through
 # gated cross-attention blocks before every `cross_layer_interval`-th decoder layer (Flamingo, IDEFICS).
-FUSION_DEFAULTS = {
-    "tokens": {},
-    "cross_attention": {"cross_layer_interval": 1, "qk_layer_norms": False, "alpha_type": "float"},
-}
+FUSIONS = ("tokens", "cross_attention")
+CROSS_ATTENTION_DEFAULTS = {"cross_layer_interval": 1, "qk_layer_norms": False, "alpha_type": "float"}
 GENERATOR_DEFAULTS = {
     "builtin": {
         "condition_length": 8,
@@ -82,26 +80,29 @@ def input_projector_settings(config) -> dict:
     )
 
 
-def fusion_settings(config) -> dict:
-    """`config.fusion_config` over its fusion mode's defaults."""
-    _known(config.fusion, FUSION_DEFAULTS, "fusion")
-    return checked_settings(config.fusion_config, FUSION_DEFAULTS[config.fusion], "fusion_config", f"{config.fusion!r} fusion")
+def cross_attention_settings(config) -> dict:
+    """`config.cross_attention_config` over the gated cross-attention's defaults."""
+    return checked_settings(
+        config.cross_attention_config, CROSS_ATTENTION_DEFAULTS, "cross_attention_config", "gated cross-attention"
+    )
 
 
 def check_fusion(config) -> None:
     """Cross-attention fusion: a valid layer interval and float/vector gates, and only the features it combines with."""
-    settings = fusion_settings(config)
+    if config.fusion not in FUSIONS:
+        raise ValueError(f"Unknown fusion {config.fusion!r}: choose one of {list(FUSIONS)}.")
+    settings = cross_attention_settings(config)
     if config.fusion != "cross_attention":
         return
     interval, layers = settings["cross_layer_interval"], config.text_config.num_hidden_layers
     if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= layers:
         raise ValueError(
-            f"fusion_config.cross_layer_interval={interval!r}: a gated cross-attention block goes before every "
-            f"n-th decoder layer, so use a whole number from 1 to the backbone's {layers} layers."
+            f"cross_attention_config.cross_layer_interval={interval!r}: a gated cross-attention block goes before "
+            f"every n-th decoder layer, so use a whole number from 1 to the backbone's {layers} layers."
         )
     if settings["alpha_type"] not in ("float", "vector"):
         raise ValueError(
-            f"fusion_config.alpha_type={settings['alpha_type']!r}: the tanh gates are one 'float' per block "
+            f"cross_attention_config.alpha_type={settings['alpha_type']!r}: the tanh gates are one 'float' per block "
             "(IDEFICS, Flamingo) or a 'vector' of the LLM's width."
         )
     others = {
@@ -212,13 +213,14 @@ def generator_settings(settings: dict) -> dict:
 
 
 __all__ = [
-    "FUSION_DEFAULTS",
+    "CROSS_ATTENTION_DEFAULTS",
+    "FUSIONS",
     "GENERATOR_DEFAULTS",
     "INPUT_PROJECTOR_DEFAULTS",
     "OUTPUT_PROJECTOR_DEFAULTS",
     "check_fusion",
     "checked_settings",
-    "fusion_settings",
+    "cross_attention_settings",
     "generator_settings",
     "image_text_length",
     "input_projector_settings",

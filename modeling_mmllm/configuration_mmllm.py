@@ -87,10 +87,11 @@ class MMLLMConfig(PreTrainedConfig):
             token and gated cross-attention blocks (`tanh` gates starting at 0, so the model starts as the plain
             LLM) before every `cross_layer_interval`-th decoder layer let text tokens attend to the latents of the
             latest image at or before them (Llama-family backbones; see `gated_cross_attention.py`).
-        fusion_config (`dict`, *optional*):
-            Settings of the fusion mode; for `"cross_attention"`: `cross_layer_interval` (1), `qk_layer_norms`
-            (`False`: RMS norms on the cross-attention's queries and keys) and `alpha_type` (`"float"` gate per
-            block, or `"vector"` of the LLM's width).
+        cross_attention_config (`dict`, *optional*):
+            Settings of the gated cross-attention (`fusion="cross_attention"`): `cross_layer_interval` (1),
+            `qk_layer_norms` (`False`: RMS norms on its queries and keys) and `alpha_type` (a `"float"` gate per
+            block, or a `"vector"` of the LLM's width). Not named `fusion_config`: transformers reads that name
+            as its own module-fusion setting when loading.
         image_grid_pinpoints (`list[list[int]]`, *optional*):
             AnyRes (LLaVA-NeXT): the `[height, width]` grids an image may be tiled into, multiples of the encoder's
             image size. Each image becomes a global view plus the tiles of its best grid; `linear`/`mlp` projectors
@@ -156,7 +157,7 @@ class MMLLMConfig(PreTrainedConfig):
     image_seq_length: int | None = None
     image_grid_pinpoints: list[list[int]] | None = None
     fusion: Literal["tokens", "cross_attention"] = "tokens"
-    fusion_config: dict | None = None
+    cross_attention_config: dict | None = None
     tie_word_embeddings: bool = False
     modality_adaptive: bool = False
     modality_adaptive_layers: list[int] | None = None

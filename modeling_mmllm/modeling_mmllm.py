@@ -28,10 +28,10 @@ except ImportError:  # transformers 5.23
     _ModelOutput, _CausalLMOutput = BaseModelOutputWithPast, CausalLMOutputWithPast
 
 from .anyres import num_views, pack_grid_features
-from .component_settings import GRID_PROJECTORS, fusion_settings, projector_output_width
+from .component_settings import GRID_PROJECTORS, cross_attention_settings, projector_output_width
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
-from .hub_upload import file_times, upload_folder_to_hub
 from .gated_cross_attention import apply_cross_attention_fusion, cross_attention_inputs, latest_image_mask
+from .hub_upload import file_times, upload_folder_to_hub
 from .image_generation import ImageGenerationMixin
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, modality_adaptive_parameters
@@ -171,7 +171,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
                 self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
             )
         if config.fusion == "cross_attention":
-            apply_cross_attention_fusion(self.language_model, projector_output_width(config), fusion_settings(config))
+            apply_cross_attention_fusion(
+                self.language_model, projector_output_width(config), cross_attention_settings(config)
+            )
         if config.modality_generator:  # attaching the generator fixes its conditioning shape (saved with the config)
             config.modality_generator = generator_settings(config.modality_generator)
         self.output_projector = build_output_projector(config)
@@ -521,8 +523,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
             if input_ids is None:
                 raise ValueError("With inputs_embeds and images, pass image_attention_mask [batch, seq, images].")
             return latest_image_mask(input_ids, self.config.image_token_id, num_images)
-        if image_attention_mask.dim() != 3 or image_attention_mask.shape[0] != batch or (
-            image_attention_mask.shape[1] < length or image_attention_mask.shape[2] != num_images
+        if (
+            image_attention_mask.dim() != 3
+            or image_attention_mask.shape[0] != batch
+            or (image_attention_mask.shape[1] < length or image_attention_mask.shape[2] != num_images)
         ):
             raise ValueError(
                 f"image_attention_mask has shape {tuple(image_attention_mask.shape)}; this batch needs "

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from helpers import ROOT, DeprecatedFromHubSet, hub_code_on_stack, make_images, seeded_model
+from helpers import ROOT, DeprecatedFromHubSet, hub_code_on_stack, make_images, open_gates, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
@@ -55,6 +55,23 @@ def tiny_model() -> MMLLMForConditionalGeneration:
 def saved_folder(tmp_path_factory, tiny_model, processor):
     """The tiny preset model and its processor saved as a Hub-ready folder."""
     return save_model_folder(tiny_model, processor, tmp_path_factory.mktemp("saved") / "llava-tiny")
+
+
+@pytest.fixture(scope="session")
+def fusion_processor() -> MMLLMProcessor:
+    return MMLLMProcessor.from_preset("flamingo-tiny")
+
+
+@pytest.fixture(scope="session")
+def fusion_model() -> MMLLMForConditionalGeneration:
+    """flamingo-tiny (gated cross-attention fusion) with open gates, so its answers depend on the images."""
+    return open_gates(seeded_model(MMLLMConfig.from_preset("flamingo-tiny")))
+
+
+@pytest.fixture(scope="session")
+def fusion_folder(tmp_path_factory, fusion_model, fusion_processor):
+    """flamingo-tiny and its processor saved as a Hub-ready folder."""
+    return save_model_folder(fusion_model, fusion_processor, tmp_path_factory.mktemp("saved") / "flamingo-tiny")
 
 
 @pytest.fixture(scope="session")

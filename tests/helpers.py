@@ -117,6 +117,18 @@ def seeded_model(config: MMLLMConfig, seed: int = 0) -> MMLLMForConditionalGener
     return model
 
 
+def open_gates(model, seed: int = 0):
+    """Give every gated cross-attention block non-zero gates (fresh blocks are closed: tanh(0) = 0)."""
+    from modeling_mmllm.gated_cross_attention import cross_attention_blocks
+
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for block in cross_attention_blocks(model):
+            for alpha in (block.alpha_cross_attn, block.alpha_dense):
+                alpha.copy_(torch.rand(alpha.shape, generator=generator) + 0.5)
+    return model
+
+
 def perturb_branches(model, modality: int = 1, seed: int = 0) -> None:
     """Move one modality's modality-adaptive branches away from the text branch (so routing shows in outputs)."""
     from modeling_mmllm.modality_adaptive import multiway_branches

@@ -190,7 +190,7 @@ def _idefics_config(source, image_token_id: int | None) -> MMLLMConfig:
             qk_layer_norms=perceiver.qk_layer_norms_perceiver,
         ),
         fusion="cross_attention",
-        fusion_config=dict(
+        cross_attention_config=dict(
             cross_layer_interval=source.cross_layer_interval,
             qk_layer_norms=source.qk_layer_norms,
             alpha_type=source.alpha_type,

@@ -195,15 +195,15 @@ def evaluate(args: argparse.Namespace) -> None:
 
 
 def convert(args: argparse.Namespace) -> None:
-    """Convert a LLaVA, BLIP-2 or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
-    from ..builders.conversion import convert_processor, from_blip2, from_llava, from_llava_next, from_mplug_owl2
+    """Convert a LLaVA, LLaVA-NeXT, BLIP-2, IDEFICS or original mPLUG-Owl2 checkpoint folder into an mmllm folder."""
+    from ..builders import conversion
     from ..export.saving import save_model_folder
 
     if args.kind == "mplug-owl2":
-        model, processor = from_mplug_owl2(args.source)
+        model, processor = conversion.from_mplug_owl2(args.source)
     else:
-        model = {"llava": from_llava, "llava-next": from_llava_next, "blip2": from_blip2}[args.kind](args.source)
-        processor = convert_processor(args.source, model.config)
+        model = getattr(conversion, f"from_{args.kind.replace('-', '_')}")(args.source)
+        processor = conversion.convert_processor(args.source, model.config)
     save_model_folder(model, processor, args.output)
     if processor is None:
         print(f"saved the model to {args.output} (the source has no tokenizer: no processor was written)")
@@ -322,8 +322,10 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--dataset", help="a dataset (folder or file) with images, messages, answer, kind")
     command.set_defaults(run=evaluate)
 
-    command = commands.add_parser("convert", help="convert a LLaVA, BLIP-2 or mPLUG-Owl2 checkpoint folder")
-    command.add_argument("kind", choices=["llava", "llava-next", "blip2", "mplug-owl2"])
+    command = commands.add_parser(
+        "convert", help="convert a LLaVA, LLaVA-NeXT, BLIP-2, IDEFICS or mPLUG-Owl2 checkpoint folder"
+    )
+    command.add_argument("kind", choices=["llava", "llava-next", "blip2", "idefics", "mplug-owl2"])
     command.add_argument("source", help="checkpoint folder")
     command.add_argument("output", type=Path, help="folder to write (must not exist)")
     command.set_defaults(run=convert)

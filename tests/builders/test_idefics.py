@@ -1,0 +1,121 @@
+"""`from_idefics`: transformers' IDEFICS (the open Flamingo) converted into cross-attention fusion, with equal logits
+and greedy tokens; `mmllm convert idefics` writes a folder that loads back."""
+
+import pytest
+import torch
+from transformers import IdeficsConfig, IdeficsForVisionText2Text
+
+from modeling_mmllm import MMLLMForConditionalGeneration
+from modeling_mmllm.cli.main import main
+from modeling_mmllm.conversion import from_idefics
+from modeling_mmllm.gated_cross_attention import latest_image_mask
+
+pytestmark = pytest.mark.hub
+
+VOCAB = 100
+FAKE, IMAGE = VOCAB, VOCAB + 1  # IDEFICS-9B's tokenizer: <fake_token_around_image>, <image> after the vocabulary
+# Left-padded: row 0 has two images, row 1 one (and a padding image slot).
+IDS = torch.tensor(
+    [
+        [1, 7, FAKE, IMAGE, FAKE, 8, 9, FAKE, IMAGE, FAKE, 10, 11],
+        [0, 0, 0, 0, 1, 7, FAKE, IMAGE, FAKE, 12, 13, 14],
+    ]
+)
+MASK = (torch.arange(12) >= torch.tensor([[0], [4]])).long()
+
+
+def idefics(interval: int, qk_layer_norms: bool) -> IdeficsForVisionText2Text:
+    config = IdeficsConfig(
+        vocab_size=VOCAB,
+        additional_vocab_size=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        cross_layer_interval=interval,
+        qk_layer_norms=qk_layer_norms,
+        use_resampler=True,
+        max_position_embeddings=128,
+        vision_config=dict(
+            embed_dim=24, image_size=16, intermediate_size=48, patch_size=8, num_attention_heads=4, num_hidden_layers=2
+        ),
+        perceiver_config=dict(
+            use_resampler=True,
+            resampler_n_latents=4,
+            resampler_depth=2,
+            resampler_n_heads=2,
+            resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_layer_norms,
+        ),
+    )
+    torch.manual_seed(0)
+    model = IdeficsForVisionText2Text(config).eval()
+    with torch.no_grad():  # open gates, so the images matter; a larger head, so greedy choices are well apart
+        model.lm_head.weight.mul_(20)
+        model.lm_head.additional_fc.weight.mul_(20)
+        for layer in model.model.gated_cross_attn_layers:
+            layer.alpha_cross_attn.normal_()
+            layer.alpha_dense.normal_()
+    return model
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    pixel_values = torch.randn(2, 2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    pixel_values[1, 1] = 0  # IDEFICS pads a row's missing images with zeros
+    return pixel_values
+
+
+@pytest.mark.parametrize(("interval", "qk_layer_norms"), [(1, False), (2, True)])
+def test_logits_and_greedy_tokens_equal_idefics(interval, qk_layer_norms, pixels):
+    reference = idefics(interval, qk_layer_norms)
+    ours = from_idefics(reference)
+    image_mask = latest_image_mask(IDS, IMAGE, 2)
+    inputs = {"input_ids": IDS, "attention_mask": MASK}
+    with torch.no_grad():
+        expected = reference(**inputs, pixel_values=pixels, image_attention_mask=image_mask).logits
+        given_mask = ours(**inputs, pixel_values=pixels, image_attention_mask=image_mask).logits
+        derived = ours(**inputs, pixel_values=pixels).logits
+        flattened = ours(**inputs, pixel_values=torch.cat([pixels[0], pixels[1, :1]])).logits
+        other_images = ours(**inputs, pixel_values=pixels.flip(0)).logits
+    real = MASK.bool()
+    for output in (given_mask, derived, flattened):
+        torch.testing.assert_close(output[real], expected[real], atol=1e-4, rtol=0)
+    assert (other_images[real] - expected[real]).abs().max() > 1e-2  # the images matter
+    generate = {"max_new_tokens": 6, "do_sample": False}
+    expected_ids = reference.generate(**inputs, pixel_values=pixels, image_attention_mask=image_mask, **generate)
+    assert torch.equal(ours.generate(**inputs, pixel_values=pixels, **generate), expected_ids)
+
+
+def test_converted_config_keeps_idefics_ids_and_settings():
+    reference = idefics(2, True)
+    config = from_idefics(reference).config
+    assert (config.text_config.bos_token_id, config.text_config.eos_token_id, config.text_config.pad_token_id) == (
+        1,
+        2,
+        0,
+    )
+    assert config.text_config.vocab_size == VOCAB + 2 and config.image_token_id == IMAGE
+    assert config.fusion == "cross_attention"
+    assert config.cross_attention_config == {"cross_layer_interval": 2, "qk_layer_norms": True, "alpha_type": "float"}
+
+
+def test_idefics_without_the_perceiver_is_refused():
+    reference = idefics(1, False)
+    reference.config.use_resampler = False
+    with pytest.raises(ValueError, match="use_resampler=True"):
+        from_idefics(reference)
+
+
+def test_mmllm_convert_idefics_writes_a_folder_that_loads(tmp_path, pixels, capsys):
+    reference = idefics(2, False)
+    reference.save_pretrained(tmp_path / "idefics")
+    assert main(["convert", "idefics", str(tmp_path / "idefics"), str(tmp_path / "ours")]) == 0
+    assert "saved the model" in capsys.readouterr().out
+    loaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        image_mask = latest_image_mask(IDS, IMAGE, 2)
+        expected = reference(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, image_attention_mask=image_mask)
+        expected = expected.logits
+        got = loaded(input_ids=IDS, attention_mask=MASK, pixel_values=pixels).logits
+    torch.testing.assert_close(got[MASK.bool()], expected[MASK.bool()], atol=1e-4, rtol=0)

@@ -1,0 +1,194 @@
+"""Cross-attention fusion (Flamingo, IDEFICS): gated blocks that start closed, attention to the latest image only,
+both pixel_values layouts, KV-cached generation with latents computed once, gradient checkpointing, clear errors."""
+
+import pytest
+import torch
+
+from helpers import open_gates, seeded_model
+from modeling_mmllm import MMLLMConfig
+from modeling_mmllm.gated_cross_attention import cross_attention_blocks, latest_image_mask
+
+pytestmark = pytest.mark.hub
+
+IMAGE = 5  # flamingo-tiny's <image> id
+# Row 0: two images (text before the first); row 1 left-padded, one image.
+IDS = torch.tensor([[7, 8, IMAGE, 9, 10, 11, IMAGE, 12, 13], [0, 0, 0, 7, IMAGE, 9, 10, 11, 12]])
+MASK = (IDS != 0).long()
+GENERATE = {"max_new_tokens": 6, "do_sample": False, "eos_token_id": None}
+
+
+@pytest.fixture(scope="module")
+def closed():
+    """A fresh flamingo-tiny: every gate at tanh(0) = 0."""
+    return seeded_model(MMLLMConfig.from_preset("flamingo-tiny"))
+
+
+@pytest.fixture(scope="module")
+def pixels():
+    return torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+
+
+def plain_logits(model, input_ids, attention_mask=None):
+    """The backbone alone (no blocks run without images) with the LM head."""
+    with torch.no_grad():
+        hidden = model.model.language_model(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return model.lm_head(hidden)
+
+
+def logits(model, **inputs):
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+def test_a_block_before_every_nth_layer_and_one_token_per_image():
+    config = MMLLMConfig.from_preset(
+        "flamingo-tiny", text_config={"num_hidden_layers": 4}, cross_attention_config={"cross_layer_interval": 2}
+    )
+    model = seeded_model(config)
+    fused = [i for i, layer in enumerate(model.model.language_model.layers) if "gated_cross_attn" in layer._modules]
+    assert fused == [0, 2]
+    assert config.image_seq_length == 1 and config.projected_seq_length() == 8
+    # IDEFICS's latents keep the encoder's width; the blocks' keys and values map it to the LLM's.
+    assert model.model.multi_modal_projector.linear is None
+    assert cross_attention_blocks(model)[0].cross_attn.k_proj.in_features == config.vision_config.hidden_size
+
+
+def test_closed_gates_give_the_plain_llm_with_images(closed, pixels):
+    assert torch.equal(
+        logits(closed, input_ids=IDS, attention_mask=MASK, pixel_values=pixels), plain_logits(closed, IDS, MASK)
+    )
+
+
+def test_text_without_images_is_the_plain_llm_with_open_gates(closed, fusion_model):
+    text = torch.tensor([[7, 8, 9, 10, 11]])
+    assert torch.equal(logits(fusion_model, input_ids=text), plain_logits(fusion_model, text))
+
+
+def test_images_matter_and_each_token_sees_only_the_latest_image(fusion_model, pixels):
+    base = logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+    assert (base - plain_logits(fusion_model, IDS, MASK)).abs().max() > 1e-2
+    attended = []
+    hook = cross_attention_blocks(fusion_model)[0].cross_attn.register_forward_hook(
+        lambda module, args, output: attended.append(output)
+    )
+    try:
+        logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+        changed = pixels.clone()
+        changed[0] = -changed[0]  # row 0's first image
+        logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=changed)
+    finally:
+        hook.remove()
+    first, second = attended
+    assert not torch.allclose(first[0, 2:6], second[0, 2:6])  # from the first <image> on: its image
+    assert torch.equal(first[0, 6:], second[0, 6:])  # from the second <image> on: only the second image
+    assert torch.equal(first[1], second[1])  # another row's image
+
+
+def test_tokens_before_any_image_get_no_cross_attention_output(fusion_model, pixels):
+    """With the dense gate closed, only cross-attention adds to the residual: positions before a row's first
+    <image> then equal the plain LLM exactly (IDEFICS's cross_attention_gate)."""
+    saved = [block.alpha_dense.detach().clone() for block in cross_attention_blocks(fusion_model)]
+    try:
+        for block in cross_attention_blocks(fusion_model):
+            block.alpha_dense.data.zero_()
+        fused = logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+    finally:
+        for block, alpha in zip(cross_attention_blocks(fusion_model), saved):
+            block.alpha_dense.data.copy_(alpha)
+    plain = plain_logits(fusion_model, IDS, MASK)
+    assert torch.equal(fused[0, :2], plain[0, :2]) and torch.equal(fused[1, 3:4], plain[1, 3:4])
+    assert not torch.allclose(fused[0, 2:], plain[0, 2:])
+
+
+def test_idefics_layout_explicit_mask_and_default_agree(fusion_model, pixels):
+    flat = logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+    padded = torch.zeros(2, 2, 3, 32, 32)
+    padded[0], padded[1, 0] = pixels[:2], pixels[2]
+    padded[1, 1] = 7.0  # a padding slot: never attended to
+    assert torch.equal(logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=padded), flat)
+    mask = latest_image_mask(IDS, IMAGE, 2)
+    assert mask[0, :2].sum() == 0 and mask[0, 2:6, 0].all() and mask[0, 6:, 1].all() and mask[1, 4:, 0].all()
+    explicit = logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels, image_attention_mask=mask)
+    assert torch.equal(explicit, flat)
+    both = mask.clone()
+    both[0, 6:, 0] = 1  # the caller's mask: after the second image, attend to both
+    assert not torch.allclose(
+        logits(fusion_model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels, image_attention_mask=both), flat
+    )
+
+
+def test_cached_generation_equals_uncached_and_encodes_images_once(fusion_model, pixels):
+    calls = []
+    hook = fusion_model.model.multi_modal_projector.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        cached = fusion_model.generate(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, **GENERATE)
+    finally:
+        hook.remove()
+    assert len(calls) == 1  # the prompt's latents serve every decoding step
+    uncached = fusion_model.generate(
+        input_ids=IDS, attention_mask=MASK, pixel_values=pixels, use_cache=False, **GENERATE
+    )
+    assert torch.equal(cached, uncached)
+    # Greedy decoding by hand, full sequence every step, agrees too.
+    sequence, mask = IDS, MASK
+    for _ in range(GENERATE["max_new_tokens"]):
+        step = logits(fusion_model, input_ids=sequence, attention_mask=mask, pixel_values=pixels)[:, -1].argmax(-1)
+        sequence, mask = torch.cat([sequence, step[:, None]], 1), torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+    assert torch.equal(cached, sequence)
+    # A caller's image_attention_mask grows by its last row, as in IDEFICS.
+    mask = latest_image_mask(IDS, IMAGE, 2)
+    given = fusion_model.generate(
+        input_ids=IDS, attention_mask=MASK, pixel_values=pixels, image_attention_mask=mask, **GENERATE
+    )
+    assert torch.equal(given, cached)
+
+
+def test_gradient_checkpointing_trains_the_resampler_and_the_gates(pixels):
+    def gradients(checkpointing: bool) -> dict:
+        model = open_gates(seeded_model(MMLLMConfig.from_preset("flamingo-tiny"))).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, labels=IDS).loss.backward()
+        return {
+            name: p.grad for name, p in model.named_parameters() if "gated_cross_attn" in name or "projector" in name
+        }
+
+    plain, checkpointed = gradients(False), gradients(True)
+    assert plain.keys() == checkpointed.keys() and all(grad is not None for grad in checkpointed.values())
+    for name, grad in plain.items():
+        torch.testing.assert_close(checkpointed[name], grad, msg=name)
+    assert checkpointed["model.language_model.layers.0.gated_cross_attn.alpha_cross_attn"].abs() > 0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"modality_adaptive": True}, "does not combine with modality_adaptive"),
+        ({"image_grid_pinpoints": [[32, 64]]}, "does not combine with image_grid_pinpoints"),
+        ({"cross_attention_config": {"cross_layer_interval": 3}}, "cross_layer_interval=3"),
+        ({"cross_attention_config": {"alpha_type": "matrix"}}, "alpha_type='matrix'"),
+        ({"cross_attention_config": {"interval": 2}}, "does not use"),
+        ({"fusion": "concat"}, "Unknown fusion"),
+        ({"image_seq_length": 8}, "1 token(s) in the text"),
+    ],
+)
+def test_config_errors_name_the_setting(overrides, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        MMLLMConfig.from_preset("flamingo-tiny", **overrides)
+
+
+def test_backbones_without_llama_layers_are_refused():
+    config = MMLLMConfig.from_preset(
+        "flamingo-tiny", text_config={"model_type": "gpt2", "n_embd": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512}
+    )
+    with pytest.raises(ValueError, match="Cross-attention fusion needs a Llama-style backbone.*fusion='tokens'"):
+        seeded_model(config)
+
+
+def test_inputs_that_do_not_fit_are_refused(fusion_model, pixels):
+    with pytest.raises(ValueError, match="3 image\\(s\\) but 2 <image> token"):
+        fusion_model(input_ids=IDS[:1], pixel_values=pixels)
+    with pytest.raises(ValueError, match="image_attention_mask has shape"):
+        fusion_model(input_ids=IDS, pixel_values=pixels, image_attention_mask=torch.ones(2, 9, 3))
+    with pytest.raises(ValueError, match="do not fit the <image> tokens"):
+        fusion_model(input_ids=IDS, pixel_values=torch.zeros(2, 1, 3, 32, 32))
