@@ -192,3 +192,29 @@ def test_inputs_that_do_not_fit_are_refused(fusion_model, pixels):
         fusion_model(input_ids=IDS, pixel_values=pixels, image_attention_mask=torch.ones(2, 9, 3))
     with pytest.raises(ValueError, match="do not fit the <image> tokens"):
         fusion_model(input_ids=IDS, pixel_values=torch.zeros(2, 1, 3, 32, 32))
+
+
+def test_interleaved_few_shot_prompts(fusion_model, fusion_processor, images):
+    """Several image/answer pairs, then a query image: one <image> token each, each answer after its own image."""
+    question = {"type": "text", "text": "What colour?"}
+    conversation = []
+    for answer in ("red", "blue"):
+        conversation += [{"role": "user", "content": [{"type": "image"}, question]}]
+        conversation += [{"role": "assistant", "content": [{"type": "text", "text": answer}]}]
+    conversation += [{"role": "user", "content": [{"type": "image"}, question]}]
+    prompt = fusion_processor.apply_chat_template(conversation, add_generation_prompt=True)
+    plain = "<image>A red one.<image>A blue one.<image>A"
+    inputs = fusion_processor(images=[images[:3], images[:3]], text=[prompt, plain], padding=True, return_tensors="pt")
+    ids = inputs["input_ids"]
+    assert (ids == IMAGE).sum(-1).tolist() == [3, 3] and len(inputs["pixel_values"]) == 6
+    latest = latest_image_mask(ids, IMAGE, 3).argmax(-1)
+    red = fusion_processor.tokenizer("red", add_special_tokens=False)["input_ids"]
+    positions = [i for i in range(ids.shape[1] - len(red)) if ids[0, i : i + len(red)].tolist() == red]
+    assert positions and all(latest[0, i] == 0 for i in positions)  # the first answer follows the first image
+    assert latest[:, -1].tolist() == [2, 2]  # the prompt's end: the query image
+    query = logits(fusion_model, **inputs)[:, -1]
+    other = dict(inputs, pixel_values=inputs["pixel_values"].clone())
+    other["pixel_values"][[2, 5]] = -other["pixel_values"][[2, 5]]  # another query image in both rows
+    assert (logits(fusion_model, **other)[:, -1] - query).abs().amax(-1).min() > 1e-3
+    generated = fusion_model.generate(**inputs, **GENERATE)
+    assert generated.shape == (2, ids.shape[1] + GENERATE["max_new_tokens"])

@@ -105,7 +105,14 @@ print(json.dumps({
 
 
 @pytest.mark.slow
-def test_fresh_process_without_the_package_generates_the_same(saved_folder, tiny_model, processor, images, tmp_path):
+@pytest.mark.parametrize("kind", ["tokens", "cross_attention"])
+def test_fresh_process_without_the_package_generates_the_same(kind, request, images, tmp_path):
+    names = (
+        ("saved_folder", "tiny_model", "processor")
+        if kind == "tokens"
+        else ("fusion_folder", "fusion_model", "fusion_processor")
+    )
+    saved_folder, tiny_model, processor = (request.getfixturevalue(name) for name in names)
     image_path = tmp_path / "image.png"
     images[0].save(image_path)
     from PIL import Image
@@ -156,3 +163,8 @@ def test_reloaded_model_has_the_same_weights(saved_folder, tiny_model):
     reloaded = AutoModelForImageTextToText.from_pretrained(saved_folder, trust_remote_code=True)
     ours = tiny_model.state_dict()
     assert all(torch.equal(tensor, ours[name]) for name, tensor in reloaded.state_dict().items())
+
+
+def test_model_card_of_a_fusion_model(fusion_folder):
+    card = (fusion_folder / "README.md").read_text()
+    assert "`resampler` → 8 latents per image, read by gated cross-attention every 1 decoder layer(s)" in card

@@ -1,4 +1,5 @@
-"""pipeline("image-text-to-text") on a saved folder: chat messages and plain prompts, single and batched."""
+"""pipeline("image-text-to-text") on saved folders (token fusion, and Flamingo's cross-attention fusion): chat
+messages and plain prompts, single and batched."""
 
 import pytest
 from transformers import pipeline
@@ -8,9 +9,10 @@ pytestmark = pytest.mark.hub
 GENERATE = {"max_new_tokens": 6, "do_sample": False}
 
 
-@pytest.fixture(scope="module")
-def pipe(saved_folder):
-    return pipeline("image-text-to-text", model=str(saved_folder), trust_remote_code=True)
+@pytest.fixture(scope="module", params=["saved_folder", "fusion_folder"])
+def pipe(request):
+    folder = request.getfixturevalue(request.param)
+    return pipeline("image-text-to-text", model=str(folder), trust_remote_code=True)
 
 
 def _messages(image, question):

@@ -7,8 +7,20 @@ from huggingface_hub import ModelCard, ModelCardData
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..builders.presets import asset_dir
+from ..component_settings import cross_attention_settings
 
 DEFAULT_LICENSE = "apache-2.0"
+
+
+def _projector_line(config) -> str:
+    """The input projector's row: its soft tokens, or with cross-attention fusion its latents and the blocks."""
+    if config.fusion != "cross_attention":
+        return f"`{config.projector_type}` → {config.image_seq_length} tokens per image"
+    interval = cross_attention_settings(config)["cross_layer_interval"]
+    return (
+        f"`{config.projector_type}` → {config.projected_seq_length()} latents per image, read by gated "
+        f"cross-attention every {interval} decoder layer(s) (Flamingo fusion; `<image>` stays one token)"
+    )
 
 
 def _component_rows(config) -> dict[str, str]:
@@ -20,7 +32,7 @@ def _component_rows(config) -> dict[str, str]:
             f"{vision.image_size} px, patch {vision.patch_size}; features of layer {layers} "
             f"(`{config.vision_feature_select_strategy}` selection)"
         ),
-        "projector": f"`{config.projector_type}` → {config.image_seq_length} tokens per image",
+        "projector": _projector_line(config),
         "backbone": (
             f"`{text.model_type}`: {text.num_hidden_layers} layers, width {text.hidden_size}, "
             f"vocabulary {text.vocab_size}"

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import IdeficsConfig, IdeficsForVisionText2Text
 
-from modeling_mmllm import MMLLMForConditionalGeneration
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.cli.main import main
 from modeling_mmllm.conversion import from_idefics
 from modeling_mmllm.gated_cross_attention import latest_image_mask
@@ -119,3 +119,33 @@ def test_mmllm_convert_idefics_writes_a_folder_that_loads(tmp_path, pixels, caps
         expected = expected.logits
         got = loaded(input_ids=IDS, attention_mask=MASK, pixel_values=pixels).logits
     torch.testing.assert_close(got[MASK.bool()], expected[MASK.bool()], atol=1e-4, rtol=0)
+
+
+def test_idefics_9b_has_transformers_parameter_count():
+    config = MMLLMConfig.from_preset("idefics-9b")
+    vision, resampler = config.vision_config, config.projector_config
+    with torch.device("meta"):
+        ours = MMLLMForConditionalGeneration(config)
+        reference = IdeficsForVisionText2Text(
+            IdeficsConfig(
+                additional_vocab_size=2,
+                cross_layer_interval=4,
+                use_resampler=True,
+                vision_config=dict(
+                    embed_dim=vision.hidden_size,
+                    image_size=vision.image_size,
+                    intermediate_size=vision.intermediate_size,
+                    patch_size=vision.patch_size,
+                    num_attention_heads=vision.num_attention_heads,
+                    num_hidden_layers=vision.num_hidden_layers,
+                ),
+                perceiver_config=dict(
+                    use_resampler=True,
+                    resampler_n_latents=resampler["num_latents"],
+                    resampler_depth=resampler["depth"],
+                    resampler_n_heads=resampler["num_heads"],
+                    resampler_head_dim=resampler["head_dim"],
+                ),
+            )
+        )
+    assert ours.num_parameters() == reference.num_parameters() == 8_929_675_280
