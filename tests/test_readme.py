@@ -27,6 +27,8 @@ from transformers import (
     Blip2ForConditionalGeneration,
     CLIPImageProcessorPil,
     CLIPVisionModel,
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
     LlavaConfig,
     LlavaForConditionalGeneration,
     LlavaNextConfig,
@@ -120,6 +122,7 @@ COMMANDS = {
         "",
         "runs/llava-next-7b/model.safetensors",
     ),
+    "mmllm convert idefics path/to/idefics-9b runs/idefics-9b": ("", "runs/idefics-9b/model.safetensors"),
 }
 
 
@@ -177,6 +180,19 @@ def _save_stand_ins(root: Path) -> None:
             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
         )
     ).save_pretrained(root / "path/to/llava-v1.6-vicuna-7b-hf")
+    IdeficsForVisionText2Text(
+        IdeficsConfig(
+            vocab_size=100,
+            additional_vocab_size=2,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            use_resampler=True,
+            vision_config=dict(embed_dim=32, image_size=32, intermediate_size=64, patch_size=8, num_hidden_layers=2),
+            perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1, resampler_head_dim=8),
+        )
+    ).save_pretrained(root / "path/to/idefics-9b")
     blip2 = Blip2ForConditionalGeneration(
         Blip2Config(
             vision_config=dict(
