@@ -394,6 +394,20 @@ def from_mplug_owl2(path):
     return model.eval(), processor
 
 
+def _dict_image_processor(image_processor):
+    """IDEFICS's image processor returns a bare tensor; the same steps (a square resize, rescale, normalise) as a CLIP
+    processor, which returns `pixel_values` as processors do. Others are kept."""
+    if type(image_processor).__name__ not in ("IdeficsImageProcessor", "IdeficsImageProcessorPil"):
+        return image_processor
+    return CLIPImageProcessorPil(
+        size=dict(image_processor.size),
+        do_center_crop=False,
+        resample=image_processor.resample,
+        image_mean=image_processor.image_mean,
+        image_std=image_processor.image_std,
+    )
+
+
 def convert_processor(source, config: MMLLMConfig):
     """An `MMLLMProcessor` from a converted checkpoint folder's own processor (None when it has none)."""
     from transformers import AutoProcessor
@@ -411,7 +425,7 @@ def convert_processor(source, config: MMLLMConfig):
         tokenizer = AutoTokenizer.from_pretrained(source, extra_special_tokens={"image_token": token})
     tokenizer.padding_side = "left"
     return MMLLMProcessor(
-        image_processor=original.image_processor,
+        image_processor=_dict_image_processor(original.image_processor),
         tokenizer=tokenizer,
         chat_template=getattr(original, "chat_template", None) or chat_template(),
         image_seq_length=config.image_seq_length,

@@ -3,8 +3,18 @@ and greedy tokens; `mmllm convert idefics` writes a folder that loads back."""
 
 import pytest
 import torch
-from transformers import IdeficsConfig, IdeficsForVisionText2Text
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import (
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    IdeficsConfig,
+    IdeficsForVisionText2Text,
+    IdeficsImageProcessorPil,
+    IdeficsProcessor,
+    PreTrainedTokenizerFast,
+)
 
+from helpers import make_images
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.cli.main import main
 from modeling_mmllm.conversion import from_idefics
@@ -24,9 +34,9 @@ IDS = torch.tensor(
 MASK = (torch.arange(12) >= torch.tensor([[0], [4]])).long()
 
 
-def idefics(interval: int, qk_layer_norms: bool) -> IdeficsForVisionText2Text:
+def idefics(interval: int, qk_layer_norms: bool, vocab_size: int = VOCAB) -> IdeficsForVisionText2Text:
     config = IdeficsConfig(
-        vocab_size=VOCAB,
+        vocab_size=vocab_size,
         additional_vocab_size=2,
         hidden_size=32,
         intermediate_size=64,
@@ -107,18 +117,49 @@ def test_idefics_without_the_perceiver_is_refused():
         from_idefics(reference)
 
 
-def test_mmllm_convert_idefics_writes_a_folder_that_loads(tmp_path, pixels, capsys):
-    reference = idefics(2, False)
+def idefics_processor() -> IdeficsProcessor:
+    """A tiny IdeficsProcessor: a byte-level BPE whose last two tokens are <fake_token_around_image> and <image>,
+    as in IDEFICS-9B's tokenizer."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=300,
+        special_tokens=["<unk>", "<s>", "</s>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    bpe.train_from_iterator(["User: what is in the image? Assistant: a red circle."] * 4, trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, unk_token="<unk>", bos_token="<s>", eos_token="</s>", pad_token="<unk>"
+    )
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<fake_token_around_image>", "<image>"]})
+    return IdeficsProcessor(image_processor=IdeficsImageProcessorPil(image_size=16), tokenizer=tokenizer)
+
+
+def test_mmllm_convert_idefics_writes_a_folder_that_answers_like_idefics(tmp_path, capsys):
+    """The converted folder's processor (IDEFICS's tokenizer and image processor, one <image> token per image) and
+    model give IDEFICS's input ids and logits for a prompt written with IDEFICS's image tokens."""
+    source = idefics_processor()
+    reference = idefics(2, False, vocab_size=len(source.tokenizer) - 2)
     reference.save_pretrained(tmp_path / "idefics")
+    source.save_pretrained(tmp_path / "idefics")
     assert main(["convert", "idefics", str(tmp_path / "idefics"), str(tmp_path / "ours")]) == 0
-    assert "saved the model" in capsys.readouterr().out
-    loaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path / "ours").eval()
+    assert "saved idefics as mmllm" in capsys.readouterr().out
+    model = AutoModelForImageTextToText.from_pretrained(tmp_path / "ours", trust_remote_code=True).eval()
+    processor = AutoProcessor.from_pretrained(tmp_path / "ours", trust_remote_code=True)
+    image = make_images(1)[0]
+    expected = source(text=[["User:", image, "what is in the image? Assistant:"]], return_tensors="pt")
+    image_tokens = "<fake_token_around_image><image><fake_token_around_image>"
+    ours = processor(
+        images=[image], text=[f"<s>User:{image_tokens}what is in the image? Assistant:"], return_tensors="pt"
+    )
+    assert torch.equal(ours["input_ids"], expected["input_ids"])
+    torch.testing.assert_close(ours["pixel_values"], expected["pixel_values"].flatten(0, 1))
     with torch.no_grad():
-        image_mask = latest_image_mask(IDS, IMAGE, 2)
-        expected = reference(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, image_attention_mask=image_mask)
-        expected = expected.logits
-        got = loaded(input_ids=IDS, attention_mask=MASK, pixel_values=pixels).logits
-    torch.testing.assert_close(got[MASK.bool()], expected[MASK.bool()], atol=1e-4, rtol=0)
+        expected_logits = reference(**expected).logits
+        logits = model(input_ids=ours["input_ids"], pixel_values=ours["pixel_values"]).logits
+    torch.testing.assert_close(logits, expected_logits, atol=1e-4, rtol=0)
 
 
 def test_idefics_9b_has_transformers_parameter_count():
