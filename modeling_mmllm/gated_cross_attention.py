@@ -20,7 +20,7 @@ from torch import nn
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.llama.modeling_llama import eager_attention_forward
 
-from .modality_adaptive import decoder_layers
+from .modality_adaptive import decoder_layers, keep_layers_together
 
 
 class CrossAttentionInputs(NamedTuple):
@@ -135,6 +135,7 @@ def apply_cross_attention_fusion(language_model: nn.Module, kv_width: int, setti
     for layer in layers[:: settings["cross_layer_interval"]]:
         layer.gated_cross_attn = GatedCrossAttentionBlock(language_model.config, kv_width, settings, layer)
         layer.__class__ = _fused_class(type(layer))
+    keep_layers_together(language_model)
 
 
 def cross_attention_blocks(module: nn.Module) -> list[GatedCrossAttentionBlock]:

@@ -165,6 +165,13 @@ def decoder_layers(
     return layers
 
 
+def keep_layers_together(language_model: nn.Module) -> None:
+    """`device_map` splitting keeps each extended decoder layer on one device, as the backbone's own layers
+    (transformers matches `_no_split_modules` by class name, and the extended classes have their own)."""
+    names = {type(layer).__name__ for layer in language_model.layers}
+    language_model._no_split_modules = {*(language_model._no_split_modules or ()), *names}
+
+
 def _owner(layer: nn.Module, path: str) -> nn.Module | None:
     return getattr(layer, path, None) if path else layer
 
@@ -208,6 +215,7 @@ def apply_modality_adaptive(language_model: nn.Module, layers: Sequence[int] | N
         for owner, names in MULTIWAY_MODULES.items():
             _make_multiway(_owner(layer, owner), names, modalities, publishes_routing=not owner)
         layer.register_load_state_dict_pre_hook(_accept_checkpoint_names)
+    keep_layers_together(language_model)
     _extend_tensor_parallel_plan(language_model)
 
 
@@ -251,6 +259,7 @@ __all__ = [
     "MultiwayRouter",
     "apply_modality_adaptive",
     "decoder_layers",
+    "keep_layers_together",
     "modality_adaptive_parameters",
     "module_tree_key",
     "multiway_branches",

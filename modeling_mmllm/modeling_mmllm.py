@@ -117,8 +117,8 @@ class MMLLMPreTrainedModel(PreTrainedModel):
     @property
     def _can_compile_fullgraph(self) -> bool:
         """`torch.compile(fullgraph=True)` traces the plain model; the modality-adaptive module's routing context
-        variable is still a graph break (issue #20)."""
-        return not self.config.modality_adaptive
+        variable and cross-attention fusion's per-row image counts are still graph breaks (issue #20)."""
+        return not (self.config.modality_adaptive or self.config.fusion == "cross_attention")
 
     @classmethod
     def is_custom_code(cls) -> bool:

@@ -47,6 +47,7 @@ def test_a_block_before_every_nth_layer_and_one_token_per_image():
     model = seeded_model(config)
     fused = [i for i, layer in enumerate(model.model.language_model.layers) if "gated_cross_attn" in layer._modules]
     assert fused == [0, 2]
+    assert {"CrossAttentionLlamaDecoderLayer", "LlamaDecoderLayer"} <= model._no_split_modules  # device_map="auto"
     assert config.image_seq_length == 1 and config.projected_seq_length() == 8
     # IDEFICS's latents keep the encoder's width; the blocks' keys and values map it to the LLM's.
     assert model.model.multi_modal_projector.linear is None
