@@ -219,3 +219,12 @@ def test_interleaved_few_shot_prompts(fusion_model, fusion_processor, images):
     assert (logits(fusion_model, **other)[:, -1] - query).abs().amax(-1).min() > 1e-3
     generated = fusion_model.generate(**inputs, **GENERATE)
     assert generated.shape == (2, ids.shape[1] + GENERATE["max_new_tokens"])
+
+
+def test_eager_and_sdpa_attention_agree(pixels):
+    model = open_gates(seeded_model(MMLLMConfig.from_preset("flamingo-tiny")))
+    sdpa = logits(model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+    model.set_attn_implementation("eager")
+    assert cross_attention_blocks(model)[0].cross_attn.config._attn_implementation == "eager"
+    eager = logits(model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
+    torch.testing.assert_close(eager[MASK.bool()], sdpa[MASK.bool()], atol=1e-4, rtol=0)
