@@ -8,6 +8,7 @@ from torch import nn
 
 from ..builders.presets import load_processor_preset
 from ..configuration_mmllm import MMLLMConfig
+from ..gated_cross_attention import cross_attention_blocks
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
 from .recipes import check_keys
@@ -123,11 +124,20 @@ def frozen_components(freeze: list[str] | None, model_spec: dict | None) -> list
     return list(ALIGNMENT_FREEZE) if adds_generation else []
 
 
-def apply_freeze_policy(model: nn.Module, frozen: list[str], train_modality_adaptive: bool = False) -> None:
-    """Freeze the named components; optionally keep the modality-adaptive branches trainable."""
+def apply_freeze_policy(
+    model: nn.Module,
+    frozen: list[str],
+    train_modality_adaptive: bool = False,
+    train_cross_attention: bool | None = None,
+) -> None:
+    """Freeze the named components. Freezing `language_model` also freezes the modules added inside the LLM; the
+    recipe keeps them trainable with `train_modality_adaptive` (the modality-adaptive branches) and
+    `train_cross_attention` (the gated cross-attention blocks, gates included; by default when the model has them:
+    Flamingo trains them, and only them, inside its frozen LLM)."""
     unknown = set(frozen) - set(COMPONENTS)
     if unknown:
         raise ValueError(f"Unknown components to freeze {sorted(unknown)}: choose from {list(COMPONENTS)}.")
+    kept = llm_extension_parameters(model, train_modality_adaptive, train_cross_attention)  # checked first
     for name in frozen:
         component = getattr(model.model, name)
         if component is None:
@@ -139,9 +149,25 @@ def apply_freeze_policy(model: nn.Module, frozen: list[str], train_modality_adap
             component.requires_grad_(False)
         if name == "language_model":
             model.lm_head.requires_grad_(False)
-    if train_modality_adaptive:
-        for parameter in model.modality_adaptive_parameters():
-            parameter.requires_grad_(True)
+    for parameter in kept:
+        parameter.requires_grad_(True)
+
+
+def llm_extension_parameters(
+    model: nn.Module, modality_adaptive: bool, cross_attention: bool | None
+) -> list[nn.Parameter]:
+    """The parameters of the modules added inside the LLM that the recipe trains: the modality-adaptive branches
+    (`modality_adaptive`) and the gated cross-attention blocks (`cross_attention`; None: when the model has any)."""
+    blocks = cross_attention_blocks(model)
+    if cross_attention and not blocks:
+        raise ValueError(
+            "train_cross_attention needs gated cross-attention blocks: use a model with fusion='cross_attention' "
+            "(e.g. `model: {preset: flamingo-tiny}`), or drop the key."
+        )
+    kept = list(model.modality_adaptive_parameters()) if modality_adaptive else []
+    if cross_attention is not False:
+        kept += [parameter for block in blocks for parameter in block.parameters()]
+    return kept
 
 
 def signal_rows_train(model: MMLLMForConditionalGeneration, setting: bool | None, lora: bool = False) -> bool:
@@ -253,6 +279,7 @@ __all__ = [
     "embedding_lr_scales",
     "enable_generation",
     "frozen_components",
+    "llm_extension_parameters",
     "load_kwargs",
     "load_model",
     "lora_config",

@@ -85,6 +85,13 @@ class MMLLMRecipeKeys:
     train_modality_adaptive: bool = field(
         default=False, metadata={"help": "Keep the modality-adaptive branches trainable inside a frozen LLM."}
     )
+    train_cross_attention: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Keep the gated cross-attention blocks (gates included) trainable inside a frozen LLM; "
+            "default: on for models with fusion='cross_attention' (Flamingo trains the blocks and the resampler)."
+        },
+    )
     train_signal_tokens: bool | None = field(
         default=None,
         metadata={

@@ -68,7 +68,12 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
             None if resume else pretrain_generator(model, processor, recipe.generator_pretraining, args=recipe),
         )
     frozen = frozen_components(recipe.freeze, recipe.model)
-    apply_freeze_policy(model, frozen, train_modality_adaptive=recipe.train_modality_adaptive)
+    apply_freeze_policy(
+        model,
+        frozen,
+        train_modality_adaptive=recipe.train_modality_adaptive,
+        train_cross_attention=recipe.train_cross_attention,
+    )
     signal_rows = signal_rows_train(model, recipe.train_signal_tokens, lora=recipe.lora is not None)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows else set()
     dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows)

@@ -77,7 +77,13 @@ def test_overrides_and_clear_errors(tmp_path):
 def test_train_help_lists_every_key_with_its_help_and_default(capsys):
     assert main(["train", "quickstart-stage1", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
-    for key in ("--vision_lr_decay", "--bad_rows {stop,skip}", "--generator_pretraining", "--learning_rate"):
+    for key in (
+        "--vision_lr_decay",
+        "--bad_rows {stop,skip}",
+        "--generator_pretraining",
+        "--train_cross_attention",
+        "--learning_rate",
+    ):
         assert key in text
     assert "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9). (default: None)" in text
     assert "Rows whose image is missing or corrupt: stop (report them) or skip. (default: stop)" in text
@@ -96,6 +102,24 @@ def test_freeze_policies_of_the_stages():
     assert "lm_head.weight" not in trainable
     with pytest.raises(ValueError, match="Unknown components to freeze \\['llm'\\]"):
         apply_freeze_policy(model, ["llm"])
+
+
+def test_freezing_the_llm_keeps_the_cross_attention_blocks_trainable():
+    """Flamingo's freeze: the gated cross-attention blocks (gates included) live inside the LLM but train by default;
+    `train_cross_attention: false` freezes them with it; a model without blocks cannot train any."""
+    model, _ = build_model({"preset": "flamingo-tiny"})
+    blocks = {n for n, _ in model.named_parameters() if ".gated_cross_attn." in n}
+    assert {n for n in blocks if n.endswith(("alpha_cross_attn", "alpha_dense"))}
+    apply_freeze_policy(model, ["vision_tower", "language_model"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    resampler = {n for n, _ in model.named_parameters() if n.startswith("model.multi_modal_projector.")}
+    assert trainable == blocks | resampler
+    apply_freeze_policy(model, ["language_model"], train_cross_attention=False)
+    assert not blocks & {n for n, p in model.named_parameters() if p.requires_grad}
+    owl2, _ = build_model({"preset": "owl2-tiny"})
+    with pytest.raises(ValueError, match="train_cross_attention needs gated cross-attention blocks"):
+        apply_freeze_policy(owl2, ["language_model"], train_cross_attention=True)
+    assert all(p.requires_grad for p in owl2.parameters())  # checked before anything was frozen
 
 
 def test_layerwise_vision_lr_decay():
