@@ -123,6 +123,11 @@ COMMANDS = {
         "runs/llava-next-7b/model.safetensors",
     ),
     "mmllm convert idefics path/to/idefics-9b runs/idefics-9b": ("", "runs/idefics-9b/model.safetensors"),
+    "mmllm train quickstart-stage0-text --model flamingo-tiny --output_dir runs/flamingo-tiny/stage0": (
+        "--max_steps 4",
+        "runs/flamingo-tiny/stage0/model/model.safetensors",
+    ),
+    "mmllm train flamingo-tiny-sft": ("--max_steps 4 --data.n 32 --eval.n 8", "runs/flamingo-tiny/sft/model"),
 }
 
 

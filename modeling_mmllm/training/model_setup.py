@@ -224,7 +224,9 @@ def embedding_lr_scales(model: nn.Module, scale: float) -> dict[str, float]:
 
 
 def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
-    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included); projector trained.
+    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included); the projector and the
+    gated cross-attention blocks (new modules, gates included: LoRA on a block behind a closed gate would get no
+    gradient) train fully.
 
     With image generation, the output projector trains fully too, the signal tokens' input embeddings through PEFT's
     trainable tokens, and an untied LM head as a trainable copy whose other rows `mask_peft_head_rows` keeps fixed
@@ -232,24 +234,26 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
     """
     from peft import LoraConfig
 
+    blocks = {id(module) for block in cross_attention_blocks(model) for module in block.modules()}
     targets = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith("model.language_model.")
+        if isinstance(module, nn.Linear) and name.startswith("model.language_model.") and id(module) not in blocks
     ]
+    new_modules = ["multi_modal_projector", *(["gated_cross_attn"] if blocks else [])]
     defaults = {
         "r": 8,
         "lora_alpha": 16,
         "lora_dropout": 0.0,
         "target_modules": targets,
-        "modules_to_save": ["multi_modal_projector"],
+        "modules_to_save": new_modules,
     }
     if model.config.signal_token_ids:
         embeddings, head = model.get_input_embeddings(), model.get_output_embeddings()
         name = next(name for name, module in model.named_modules() if module is embeddings)
         defaults["trainable_token_indices"] = {name: list(model.config.signal_token_ids)}
         untied_head = ["lm_head"] if head.weight is not embeddings.weight else []
-        defaults["modules_to_save"] = ["multi_modal_projector", "output_projector", *untied_head]
+        defaults["modules_to_save"] = [*new_modules, "output_projector", *untied_head]
     return LoraConfig(**{**defaults, **settings})
 
 

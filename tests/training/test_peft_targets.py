@@ -180,3 +180,23 @@ def test_dpo_trainer_trains_every_branch_through_peft_config(processor):
     assert losses and all(torch.isfinite(torch.tensor(losses)))
     assert _branch_names(_config()) <= _adapted(trainer.model)
     assert all(p.abs().sum() > 0 for p in _image_branch_adapters(trainer.model))
+
+
+def test_lora_on_a_cross_attention_model_trains_the_blocks_and_their_gates():
+    """The recipes' LoRA: adapters on the LLM's own linear layers; the gated cross-attention blocks (new, behind
+    gates at 0) train fully, so a step opens the gates."""
+    from modeling_mmllm.gated_cross_attention import cross_attention_blocks
+    from modeling_mmllm.training.model_setup import lora_config
+
+    model = seeded_model(MMLLMConfig.from_preset("flamingo-tiny")).train()
+    peft_model = get_peft_model(model, lora_config(model, {}))
+    trainable = {name for name, parameter in peft_model.named_parameters() if parameter.requires_grad}
+    assert any("gated_cross_attn" in name and name.endswith("alpha_cross_attn") for name in trainable)
+    assert not any("gated_cross_attn" in name and "lora_" in name for name in trainable)
+    assert any("self_attn.q_proj.lora_A" in name for name in trainable)
+    ids = torch.tensor([[7, 5, 8, 9, 10]])
+    pixels = torch.randn(1, 3, 32, 32)
+    peft_model(input_ids=ids, pixel_values=pixels, labels=ids).loss.backward()
+    torch.optim.SGD([p for p in peft_model.parameters() if p.requires_grad], lr=0.1).step()
+    trained = [block for block in cross_attention_blocks(peft_model) if block.alpha_cross_attn.requires_grad]
+    assert len(trained) == 2 and all(block.alpha_cross_attn.item() != 0 for block in trained)  # PEFT's copies
