@@ -13,6 +13,7 @@ from PIL import Image
 from transformers import (
     CLIPVisionConfig,
     GPT2Config,
+    IdeficsConfig,
     LlamaConfig,
     MistralConfig,
     Qwen2Config,
@@ -115,6 +116,34 @@ def seeded_model(config: MMLLMConfig, seed: int = 0) -> MMLLMForConditionalGener
     with torch.no_grad():
         model.lm_head.weight.mul_(20)
     return model
+
+
+def tiny_idefics_config(vocab_size: int = 100, interval: int = 1, qk_layer_norms: bool = False) -> IdeficsConfig:
+    """A tiny IDEFICS (transformers' Flamingo): perceiver resampler, 4 LLaMA layers, IDEFICS-9B's two extra tokens
+    (<fake_token_around_image>, <image>) after the vocabulary."""
+    return IdeficsConfig(
+        vocab_size=vocab_size,
+        additional_vocab_size=2,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        cross_layer_interval=interval,
+        qk_layer_norms=qk_layer_norms,
+        use_resampler=True,
+        max_position_embeddings=128,
+        vision_config=dict(
+            embed_dim=24, image_size=16, intermediate_size=48, patch_size=8, num_attention_heads=4, num_hidden_layers=2
+        ),
+        perceiver_config=dict(
+            use_resampler=True,
+            resampler_n_latents=4,
+            resampler_depth=2,
+            resampler_n_heads=2,
+            resampler_head_dim=8,
+            qk_layer_norms_perceiver=qk_layer_norms,
+        ),
+    )
 
 
 def open_gates(model, seed: int = 0):

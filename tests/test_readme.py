@@ -27,7 +27,6 @@ from transformers import (
     Blip2ForConditionalGeneration,
     CLIPImageProcessorPil,
     CLIPVisionModel,
-    IdeficsConfig,
     IdeficsForVisionText2Text,
     LlavaConfig,
     LlavaForConditionalGeneration,
@@ -37,7 +36,7 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from helpers import ROOT, save_tiny_stable_diffusion, tiny_text_config, tiny_vision_config
+from helpers import ROOT, save_tiny_stable_diffusion, tiny_idefics_config, tiny_text_config, tiny_vision_config
 from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.synthetic import Sound, make_dataset, synthesize
@@ -185,19 +184,7 @@ def _save_stand_ins(root: Path) -> None:
             image_grid_pinpoints=[[32, 64], [64, 32], [64, 64]],
         )
     ).save_pretrained(root / "path/to/llava-v1.6-vicuna-7b-hf")
-    IdeficsForVisionText2Text(
-        IdeficsConfig(
-            vocab_size=100,
-            additional_vocab_size=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            use_resampler=True,
-            vision_config=dict(embed_dim=32, image_size=32, intermediate_size=64, patch_size=8, num_hidden_layers=2),
-            perceiver_config=dict(use_resampler=True, resampler_n_latents=4, resampler_depth=1, resampler_head_dim=8),
-        )
-    ).save_pretrained(root / "path/to/idefics-9b")
+    IdeficsForVisionText2Text(tiny_idefics_config()).save_pretrained(root / "path/to/idefics-9b")
     blip2 = Blip2ForConditionalGeneration(
         Blip2Config(
             vision_config=dict(

@@ -14,7 +14,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from helpers import make_images
+from helpers import make_images, tiny_idefics_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.cli.main import main
 from modeling_mmllm.conversion import from_idefics
@@ -35,29 +35,7 @@ MASK = (torch.arange(12) >= torch.tensor([[0], [4]])).long()
 
 
 def idefics(interval: int, qk_layer_norms: bool, vocab_size: int = VOCAB) -> IdeficsForVisionText2Text:
-    config = IdeficsConfig(
-        vocab_size=vocab_size,
-        additional_vocab_size=2,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        cross_layer_interval=interval,
-        qk_layer_norms=qk_layer_norms,
-        use_resampler=True,
-        max_position_embeddings=128,
-        vision_config=dict(
-            embed_dim=24, image_size=16, intermediate_size=48, patch_size=8, num_attention_heads=4, num_hidden_layers=2
-        ),
-        perceiver_config=dict(
-            use_resampler=True,
-            resampler_n_latents=4,
-            resampler_depth=2,
-            resampler_n_heads=2,
-            resampler_head_dim=8,
-            qk_layer_norms_perceiver=qk_layer_norms,
-        ),
-    )
+    config = tiny_idefics_config(vocab_size, interval, qk_layer_norms)
     torch.manual_seed(0)
     model = IdeficsForVisionText2Text(config).eval()
     with torch.no_grad():  # open gates, so the images matter; a larger head, so greedy choices are well apart
