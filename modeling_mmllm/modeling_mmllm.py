@@ -91,6 +91,14 @@ def _pooled(encoder_outputs, features: torch.Tensor) -> BaseModelOutputWithPooli
     )
 
 
+def per_row(items: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
+    """Items of all rows in order `[num_items, ...]` -> `[batch, max count, ...]`, zeros where a row has fewer."""
+    slots = torch.arange(max(int(counts.max()), 1)) < counts[:, None]
+    arranged = items.new_zeros(*slots.shape, *items.shape[1:])
+    arranged[slots.to(items.device)] = items
+    return arranged
+
+
 class MMLLMPreTrainedModel(PreTrainedModel):
     """Shared settings: attention backends, gradient checkpointing, device-map splitting (from the sub-models)."""
 
@@ -439,7 +447,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
             pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
         )
         if fusion and pixel_values is not None:
-            cross_attention_states = self._arrange_latents(encoder_outputs[IMAGE].pooler_output, counts)
+            cross_attention_states = per_row(encoder_outputs[IMAGE].pooler_output, counts)
         if cross_attention_states is not None:
             image_attention_mask = self._image_attention_mask(
                 input_ids, inputs_embeds.shape[:2], cross_attention_states.shape[1], image_attention_mask
@@ -508,13 +516,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
             )
         return pixel_values, counts
 
-    def _arrange_latents(self, features: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
-        """Projected latents of the real images `[num_images, latents, width]` -> `[batch, images, latents, width]`,
-        zeros in the slots of rows with fewer images."""
-        slots = torch.arange(max(int(counts.max()), 1)) < counts[:, None]
-        latents = features.new_zeros(*slots.shape, *features.shape[1:])
-        latents[slots.to(features.device)] = features
-        return latents
+    def images_per_row(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Cross-attention fusion: flattened `pixel_values` laid out as IDEFICS's `[batch, images, 3, H, W]`."""
+        return per_row(*self._fusion_images(input_ids, pixel_values))
 
     def _image_attention_mask(self, input_ids, shape, num_images: int, image_attention_mask) -> torch.Tensor:
         """The given mask's rows for this pass's tokens (checked), or the latest-image default from input_ids."""
@@ -634,6 +638,15 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             )
         backbone = {key: value for key, value in outputs.items() if key != "last_hidden_state"}
         return MMLLMCausalLMOutputWithPast(loss=loss, logits=logits, **backbone)
+
+    def _expand_inputs_for_generation(self, expand_size=1, is_encoder_decoder=False, input_ids=None, **model_kwargs):
+        """Beam search and `num_return_sequences` repeat each row; with cross-attention fusion, flattened images are
+        first laid out per row (`[batch, images, 3, H, W]`), so that every copy of a row keeps its own images."""
+        pixel_values = model_kwargs.get("pixel_values")
+        fusion = self.config.fusion == "cross_attention" and input_ids is not None
+        if expand_size > 1 and fusion and pixel_values is not None and pixel_values.dim() == 4:
+            model_kwargs["pixel_values"] = self.model.images_per_row(input_ids, pixel_values)
+        return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
         """Cross-attention fusion, as IDEFICS: the next steps reuse the prompt's image latents, and the image

@@ -144,6 +144,15 @@ def test_cached_generation_equals_uncached_and_encodes_images_once(fusion_model,
     assert torch.equal(given, cached)
 
 
+def test_beams_and_return_sequences_keep_each_rows_images(fusion_model, pixels):
+    """Generation repeats each row: flattened images must follow their row (a row with two images included)."""
+    beams = {"num_beams": 2, "num_return_sequences": 2, **GENERATE}
+    padded = torch.zeros(2, 2, 3, 32, 32)
+    padded[0], padded[1, 0] = pixels[:2], pixels[2]
+    flat = fusion_model.generate(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, **beams)
+    assert torch.equal(flat, fusion_model.generate(input_ids=IDS, attention_mask=MASK, pixel_values=padded, **beams))
+
+
 def test_gradient_checkpointing_trains_the_resampler_and_the_gates(pixels):
     def gradients(checkpointing: bool) -> dict:
         model = open_gates(seeded_model(MMLLMConfig.from_preset("flamingo-tiny"))).train()
