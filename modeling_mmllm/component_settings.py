@@ -93,7 +93,14 @@ def check_fusion(config) -> None:
         raise ValueError(f"Unknown fusion {config.fusion!r}: choose one of {list(FUSIONS)}.")
     settings = cross_attention_settings(config)
     if config.fusion != "cross_attention":
+        if config.cross_attention_config:
+            raise ValueError(
+                "cross_attention_config is set but fusion='tokens': set fusion='cross_attention' for the gated "
+                "cross-attention blocks, or drop cross_attention_config."
+            )
         return
+    if not isinstance(settings["qk_layer_norms"], bool):
+        raise ValueError(f"cross_attention_config.qk_layer_norms={settings['qk_layer_norms']!r}: use true or false.")
     interval, layers = settings["cross_layer_interval"], config.text_config.num_hidden_layers
     if isinstance(interval, bool) or not isinstance(interval, int) or not 1 <= interval <= layers:
         raise ValueError(

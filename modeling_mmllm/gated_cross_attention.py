@@ -9,8 +9,8 @@ at 0, so a fresh model is exactly its LLM. The block is `gated_cross_attn` insid
 The inputs travel as the `image_cross_attention` keyword argument (a `CrossAttentionInputs`) into each decoder
 layer's `forward`, which transformers' decoder models pass through; the layer's class is extended with a `forward`
 that runs the block first. So gradient checkpointing and the backbone's KV cache work unchanged (the cross-attention
-keys and values come from the latents, computed once per prompt). Without images the argument is absent and every
-layer is the backbone's own: text-only input is bit-identical to the plain LLM.
+keys and values are projected from the latents, which are computed once per prompt). Without images the argument is
+absent and every layer is the backbone's own: text-only input is bit-identical to the plain LLM.
 """
 
 from typing import NamedTuple
@@ -27,13 +27,15 @@ class CrossAttentionInputs(NamedTuple):
     """What the blocks of one forward pass read.
 
     states: image latents `[batch, images * latents, width]` (zeros where a row has fewer images).
-    mask: additive attention mask `[batch, 1, seq, images * latents]` (0 where a token may attend, dtype min else).
+    allowed: `[batch, 1, seq, images * latents]`, True where a token may attend (the additive mask is built in the
+        attention's own dtype, so reduced precision never turns it into -inf).
     gate: `[batch, seq]`, True for tokens that attend to at least one image (others get no cross-attention output).
-    rows: `[batch]`, True for rows with an image; the other rows skip the blocks (as they would alone).
+    rows: `[batch]`, True for rows with an image. As in IDEFICS, such a row runs the blocks on all its tokens (the
+        dense half also before its first image); a row without images skips them, exactly as it would alone.
     """
 
     states: torch.Tensor
-    mask: torch.Tensor
+    allowed: torch.Tensor
     gate: torch.Tensor
     rows: torch.Tensor
 
@@ -44,10 +46,9 @@ def cross_attention_inputs(latents: torch.Tensor, image_attention_mask: torch.Te
     batch, images, num_latents, width = latents.shape
     allowed = image_attention_mask.bool().to(latents.device)
     gate = allowed.any(-1)
-    expanded = allowed.repeat_interleave(num_latents, dim=-1)[:, None]
-    mask = torch.zeros(expanded.shape, dtype=latents.dtype, device=latents.device)
-    mask = mask.masked_fill(~expanded, torch.finfo(latents.dtype).min)
-    return CrossAttentionInputs(latents.reshape(batch, images * num_latents, width), mask, gate, gate.any(-1))
+    # Tokens that attend to no image see every latent (their output is zeroed): no all-masked softmax row.
+    allowed = (allowed | ~gate[..., None]).repeat_interleave(num_latents, dim=-1)[:, None]
+    return CrossAttentionInputs(latents.reshape(batch, images * num_latents, width), allowed, gate, gate.any(-1))
 
 
 def latest_image_mask(input_ids: torch.LongTensor, image_token_id: int, num_images: int) -> torch.LongTensor:
@@ -77,7 +78,7 @@ class CrossAttention(nn.Module):
     def _heads(self, states: torch.Tensor) -> torch.Tensor:
         return states.unflatten(-1, (self.num_heads, self.head_dim)).transpose(1, 2)
 
-    def forward(self, hidden_states: torch.Tensor, states: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden_states: torch.Tensor, states: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         query = self._heads(self.q_proj(hidden_states))
         key, value = self._heads(self.k_proj(states)), self._heads(self.v_proj(states))
         if self.qk_layer_norms:
@@ -85,7 +86,9 @@ class CrossAttention(nn.Module):
         # Eager or SDPA: the mask is a dense additive one (flash kernels take none), as in IDEFICS.
         eager = self.config._attn_implementation == "eager"
         attention = eager_attention_forward if eager else ALL_ATTENTION_FUNCTIONS["sdpa"]
-        output, _ = attention(self, query, key, value, mask.to(query.dtype), dropout=0.0, scaling=self.scaling)
+        mask = torch.zeros(allowed.shape, dtype=query.dtype, device=query.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(query.dtype).min)
+        output, _ = attention(self, query, key, value, mask, dropout=0.0, scaling=self.scaling)
         return self.o_proj(output.reshape(*hidden_states.shape[:-1], -1))
 
 
@@ -105,7 +108,7 @@ class GatedCrossAttentionBlock(nn.Module):
         self.alpha_dense = nn.Parameter(torch.zeros(shape))
 
     def forward(self, hidden_states: torch.Tensor, inputs: CrossAttentionInputs) -> torch.Tensor:
-        attended = self.cross_attn(self.input_layernorm(hidden_states), inputs.states, inputs.mask)
+        attended = self.cross_attn(self.input_layernorm(hidden_states), inputs.states, inputs.allowed)
         attended = attended.masked_fill(~inputs.gate[..., None], 0.0)  # tokens that attend to no image
         fused = hidden_states + torch.tanh(self.alpha_cross_attn) * attended
         fused = fused + torch.tanh(self.alpha_dense) * self.mlp(self.post_attention_layernorm(fused))

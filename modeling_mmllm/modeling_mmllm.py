@@ -30,7 +30,12 @@ except ImportError:  # transformers 5.23
 from .anyres import num_views, pack_grid_features
 from .component_settings import GRID_PROJECTORS, cross_attention_settings, projector_output_width
 from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
-from .gated_cross_attention import apply_cross_attention_fusion, cross_attention_inputs, latest_image_mask
+from .gated_cross_attention import (
+    apply_cross_attention_fusion,
+    cross_attention_blocks,
+    cross_attention_inputs,
+    latest_image_mask,
+)
 from .hub_upload import file_times, upload_folder_to_hub
 from .image_generation import ImageGenerationMixin
 from .input_projector import build_audio_projector, build_input_projector
@@ -141,9 +146,16 @@ class MMLLMPreTrainedModel(PreTrainedModel):
         The encoder and the LLM are sub-models with their own init; the linear layers left here are the projector's
         (and the LM head, which keeps the LM's init). With std 0.02 a fresh abstractor's output barely depends on
         the image (its residual carries the normalised queries), and learning through the LLM stalls.
+
+        The gated cross-attention blocks sit inside the LLM (whose own init covers their layers); their gates start
+        closed here, so a fresh model, or one loaded from a folder without them, is exactly its LLM.
         """
         if isinstance(module, MMLLMModel) and module.image_newline is not None:  # as LLaVA-NeXT initialises it
             init.normal_(module.image_newline, std=1 / math.sqrt(self.config.text_config.hidden_size))
+        if isinstance(module, MMLLMModel):
+            for block in cross_attention_blocks(module.language_model):
+                init.zeros_(block.alpha_cross_attn)
+                init.zeros_(block.alpha_dense)
         if isinstance(module, nn.Linear) and module is not getattr(self, "lm_head", None):
             init.kaiming_uniform_(module.weight, a=math.sqrt(5))
             if module.bias is not None:
@@ -300,6 +312,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
         """Switch the modality-adaptive module on for this (loaded) model; new branches copy the text branch."""
+        if self.config.fusion == "cross_attention":
+            raise ValueError("The modality-adaptive module does not combine with cross-attention fusion (yet).")
         if self.config.modality_adaptive:
             raise ValueError("The modality-adaptive module is already on for this model.")
         modalities = [IMAGE] if modalities is None else list(modalities)
@@ -439,6 +453,17 @@ class MMLLMModel(MMLLMPreTrainedModel):
             inputs_embeds = self.get_input_embeddings()(input_ids)
 
         fusion = self.config.fusion == "cross_attention"
+        if not fusion and (cross_attention_states is not None or image_attention_mask is not None):
+            raise ValueError(
+                "cross_attention_states and image_attention_mask are inputs of cross-attention fusion; this model "
+                "has fusion='tokens' (its images become soft tokens): pass pixel_values only."
+            )
+        if fusion and cross_attention_states is not None and pixel_values is None and image_attention_mask is None:
+            raise ValueError(
+                "cross_attention_states (latents of an earlier pass) need image_attention_mask for these tokens: "
+                "pass the earlier output's image_attention_mask grown by its last row per new token (generate() "
+                "does this)."
+            )
         if fusion and cross_attention_states is not None:
             pixel_values = None  # the latents of this prompt's images are already computed
         if fusion and pixel_values is not None:
@@ -648,15 +673,19 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             model_kwargs["pixel_values"] = self.model.images_per_row(input_ids, pixel_values)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
-    def _update_model_kwargs_for_generation(self, outputs, model_kwargs: dict, *args, **kwargs) -> dict:
+    def _update_model_kwargs_for_generation(
+        self, outputs, model_kwargs: dict, is_encoder_decoder: bool = False, num_new_tokens: int = 1
+    ) -> dict:
         """Cross-attention fusion, as IDEFICS: the next steps reuse the prompt's image latents, and the image
         attention mask grows by the prompt's last row for each new token."""
-        model_kwargs = super()._update_model_kwargs_for_generation(outputs, model_kwargs, *args, **kwargs)
+        model_kwargs = super()._update_model_kwargs_for_generation(
+            outputs, model_kwargs, is_encoder_decoder, num_new_tokens
+        )
         if outputs.get("cross_attention_states") is not None:
             model_kwargs["cross_attention_states"] = outputs.cross_attention_states
             mask = model_kwargs.get("image_attention_mask")
             mask = outputs.image_attention_mask if mask is None else mask
-            model_kwargs["image_attention_mask"] = torch.cat([mask, mask[:, -1:]], dim=1)
+            model_kwargs["image_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, num_new_tokens, -1)], 1)
         return model_kwargs
 
     @classmethod

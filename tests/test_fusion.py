@@ -237,3 +237,43 @@ def test_eager_and_sdpa_attention_agree(pixels):
     assert cross_attention_blocks(model)[0].cross_attn.config._attn_implementation == "eager"
     eager = logits(model, input_ids=IDS, attention_mask=MASK, pixel_values=pixels)
     torch.testing.assert_close(eager[MASK.bool()], sdpa[MASK.bool()], atol=1e-4, rtol=0)
+
+
+def test_reduced_precision_masks_stay_finite(fusion_model, pixels):
+    """Under bf16 autocast (the Trainer's bf16=True on float32 weights) tokens that attend to no image still get
+    finite gradients: the additive mask is built in the attention's dtype, and such tokens see every latent."""
+    model = open_gates(seeded_model(MMLLMConfig.from_preset("flamingo-tiny"))).train()
+    model.set_attn_implementation("eager")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=IDS, attention_mask=MASK, pixel_values=pixels, labels=IDS).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_gates_missing_from_a_folder_start_closed(fusion_model, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    fusion_model.save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file(
+        {k: v for k, v in weights.items() if ".alpha_" not in k}, tmp_path / "model.safetensors", {"format": "pt"}
+    )
+    loaded = type(fusion_model).from_pretrained(tmp_path)
+    assert all(
+        block.alpha_cross_attn.item() == 0 and block.alpha_dense.item() == 0 for block in cross_attention_blocks(loaded)
+    )
+
+
+def test_fusion_inputs_are_checked(fusion_model, pixels):
+    latents = fusion_model(input_ids=IDS, attention_mask=MASK, pixel_values=pixels).cross_attention_states
+    with torch.no_grad(), pytest.raises(ValueError, match="need image_attention_mask"):
+        fusion_model(input_ids=IDS[:, -1:], cross_attention_states=latents)
+    token_model = seeded_model(MMLLMConfig.from_preset("resampler-tiny"))
+    with pytest.raises(ValueError, match="fusion='tokens'"):
+        token_model(input_ids=IDS, image_attention_mask=torch.ones(2, 9, 1))
+    with pytest.raises(ValueError, match="does not combine with cross-attention fusion"):
+        seeded_model(MMLLMConfig.from_preset("flamingo-tiny")).enable_modality_adaptive()
+    with pytest.raises(ValueError, match="cross_attention_config is set but fusion='tokens'"):
+        MMLLMConfig.from_preset("resampler-tiny", cross_attention_config={"cross_layer_interval": 2})
+    with pytest.raises(ValueError, match="qk_layer_norms='false'"):
+        MMLLMConfig.from_preset("flamingo-tiny", cross_attention_config={"qk_layer_norms": "false"})

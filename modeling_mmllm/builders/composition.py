@@ -69,7 +69,10 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     vision_model = vision_class.from_pretrained(vision, config=vision_config)
     model.model.vision_tower.load_state_dict(vision_model.state_dict())
     causal_lm = AutoModelForCausalLM.from_pretrained(text)
-    model.model.language_model.load_state_dict(causal_lm.base_model.state_dict())
+    missing, unexpected = model.model.language_model.load_state_dict(causal_lm.base_model.state_dict(), strict=False)
+    missing = [key for key in missing if ".gated_cross_attn." not in key]  # new blocks (cross-attention fusion)
+    if missing or unexpected:
+        raise RuntimeError(f"{text} does not fit the backbone config: missing {missing}, unexpected {unexpected}.")
     with torch.no_grad():
         model.lm_head.weight.copy_(causal_lm.get_output_embeddings().weight)
     model.tie_weights()

@@ -19,6 +19,9 @@ COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output
 IMAGE_GENERATION_KEYS = ("output_projector_type", "num_signal_tokens", "modality_generator", "output_projector_config")
 
 
+# Modules QLoRA leaves unquantized: the encoder, the projector, the head and the gated cross-attention blocks (new
+# modules that train fully).
+FULL_PRECISION = ("vision_tower", "multi_modal_projector", "lm_head", "gated_cross_attn")
 # What a recipe that adds image generation freezes unless it says otherwise: all but the output projector
 # (NExT-GPT's encoding-side alignment; the signal tokens' rows train too, see `train_signal_tokens`).
 ALIGNMENT_FREEZE = ["vision_tower", "multi_modal_projector", "language_model", "modality_generator"]
@@ -110,7 +113,7 @@ def load_kwargs(spec: dict) -> dict:
             raise ValueError(f"quantization={spec['quantization']!r}: use 4bit (QLoRA) or 8bit.")
         # The vision tower and the projector stay in full precision; only the LLM is quantized.
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            **bits[spec["quantization"]], llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"]
+            **bits[spec["quantization"]], llm_int8_skip_modules=list(FULL_PRECISION)
         )
     return kwargs
 

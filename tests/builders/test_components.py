@@ -132,3 +132,31 @@ def test_modality_adaptive_branches_copy_the_pretrained_text_branch(parts):
         for branch in ("0", "1"):
             assert torch.equal(layer.self_attn.multiway[branch].k_proj.weight, source.self_attn.k_proj.weight)
             assert torch.equal(layer.multiway[branch].input_layernorm.weight, source.input_layernorm.weight)
+
+
+def test_a_flamingo_from_pretrained_parts_starts_as_its_llm(parts):
+    """from_components with cross-attention fusion: the pretrained LLM's weights load (the new blocks are the only
+    keys it lacks), the gates are closed, and the model answers as the LLM until they open."""
+    model, processor = MMLLMForConditionalGeneration.from_components(
+        vision=str(parts / "clip-vision"),
+        text=str(parts / "llama"),
+        projector="resampler",
+        projector_config={"num_latents": 4, "depth": 1, "num_heads": 2, "head_dim": 8},
+        vision_feature_layer=-1,
+        fusion="cross_attention",
+    )
+    lm = AutoModelForCausalLM.from_pretrained(parts / "llama")
+    backbone = model.model.language_model.state_dict()
+    for name, tensor in lm.model.state_dict().items():
+        if name != "embed_tokens.weight":  # resized for the added tokens
+            assert torch.equal(backbone[name], tensor), name
+    assert processor.image_seq_length == 1 and model.config.image_seq_length == 1
+    prompt = processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}],
+        add_generation_prompt=True,
+    )
+    batch = processor(images=make_images(1), text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        fused = model.eval()(**batch).logits
+        text_only = model(input_ids=batch["input_ids"]).logits
+    assert torch.equal(fused, text_only)  # closed gates: the image changes nothing yet
