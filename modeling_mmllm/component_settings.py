@@ -127,11 +127,16 @@ def check_fusion(config) -> None:
         )
 
 
+def feature_width(config) -> int:
+    """Width of the encoder features the input projector reads (the selected layers concatenated)."""
+    return config.vision_config.hidden_size * len(config.feature_layers)
+
+
 def projector_output_width(config) -> int:
     """Width of the projected features. With cross-attention fusion the `resampler` keeps the encoder's width, as
     IDEFICS's perceiver does (the blocks' K/V projections map it); every other projector emits the LLM's width."""
     if config.fusion == "cross_attention" and config.projector_type == "resampler":
-        return config.vision_config.hidden_size * len(config.feature_layers)
+        return feature_width(config)
     return config.text_config.hidden_size
 
 
@@ -228,6 +233,7 @@ __all__ = [
     "check_fusion",
     "checked_settings",
     "cross_attention_settings",
+    "feature_width",
     "generator_settings",
     "image_text_length",
     "input_projector_settings",

@@ -15,7 +15,7 @@ from transformers import Blip2QFormerConfig, Blip2QFormerModel, IdeficsConfig
 from transformers.activations import ACT2FN
 from transformers.models.idefics.perceiver import IdeficsPerceiverResampler
 
-from .component_settings import INPUT_PROJECTOR_DEFAULTS, input_projector_settings
+from .component_settings import INPUT_PROJECTOR_DEFAULTS, feature_width, input_projector_settings
 
 
 class MLPProjector(nn.Module):
@@ -29,7 +29,7 @@ class MLPProjector(nn.Module):
         depth = config.projector_depth if depth is None else depth
         if depth < 1:
             raise ValueError(f"projector_depth={depth}: an MLP projector needs at least one layer.")
-        in_size = in_size or config.vision_config.hidden_size * len(config.feature_layers)
+        in_size = in_size or feature_width(config)
         out_size = config.text_config.hidden_size
         self.depth = depth
         for index in range(1, depth + 1):
@@ -49,10 +49,6 @@ class LinearProjector(MLPProjector):
 
     def __init__(self, config):
         super().__init__(config, depth=1)
-
-
-def _feature_width(config) -> int:
-    return config.vision_config.hidden_size * len(config.feature_layers)
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -135,7 +131,7 @@ class AbstractorProjector(nn.Module):
     def __init__(self, config):
         super().__init__()
         settings = input_projector_settings(config)
-        width, text_width = _feature_width(config), config.text_config.hidden_size
+        width, text_width = feature_width(config), config.text_config.hidden_size
         self.query_embeds = nn.Parameter(torch.randn(1, settings["num_queries"], width))
         self.layers = nn.ModuleList(
             AbstractorLayer(width, settings["num_heads"], settings["intermediate_size"], settings["layer_norm_eps"])
@@ -166,7 +162,7 @@ class QFormerProjector(nn.Module):
         super().__init__()
         settings = dict(config.projector_config or {})
         num_query_tokens = settings.pop("num_query_tokens", 32)
-        qformer_config = Blip2QFormerConfig(**{**settings, "encoder_hidden_size": _feature_width(config)})
+        qformer_config = Blip2QFormerConfig(**{**settings, "encoder_hidden_size": feature_width(config)})
         self.query_tokens = nn.Parameter(torch.randn(1, num_query_tokens, qformer_config.hidden_size) * 0.02)
         self.qformer = Blip2QFormerModel(qformer_config)
         self.language_projection = nn.Linear(qformer_config.hidden_size, config.text_config.hidden_size)
@@ -187,7 +183,7 @@ class ResamplerProjector(nn.Module):
     def __init__(self, config):
         super().__init__()
         settings = input_projector_settings(config)
-        width = _feature_width(config)
+        width = feature_width(config)
         idefics_config = IdeficsConfig(
             vision_config={"embed_dim": width},
             perceiver_config={"qk_layer_norms_perceiver": settings["qk_layer_norms"]},
