@@ -286,4 +286,9 @@ class MMLLMConfig(PreTrainedConfig):
 
 MMLLMConfig.register_for_auto_class()
 
+try:  # the model registers its model-type name for lookups by name (see the end of modeling_mmllm)
+    from .modeling_mmllm import MMLLMForConditionalGeneration  # noqa: F401
+except ImportError:  # modeling_mmllm is importing this module: it registers itself once loaded
+    pass
+
 __all__ = ["MMLLMConfig"]

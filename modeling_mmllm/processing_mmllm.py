@@ -53,6 +53,11 @@ def _is_single_clip(item, audio: bool = False) -> bool:
     return bool(item) and _is_frame(item[0])
 
 
+def _is_empty(items) -> bool:
+    """An empty list of items (or of per-sample lists), e.g. `videos=[]` or `images=[[], []]`."""
+    return isinstance(items, (list, tuple)) and all(_is_empty(item) for item in items)
+
+
 def _is_frame(item) -> bool:
     """One video frame: a PIL image or an `[H, W, 3]` / `[3, H, W]` array or tensor."""
     return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
@@ -177,7 +182,9 @@ class MMLLMProcessor(ProcessorMixin):
         return import_library_module("builders.presets").load_processor_preset(cls, name)
 
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
-        """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them."""
+        """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them; empty
+        item lists (`videos=[]`, as lmms-eval passes for text-only requests) mean no items."""
+        images, videos, audio = (None if _is_empty(items) else items for items in (images, videos, audio))
         for index, image in enumerate(_flatten(images)):
             if not (isinstance(image, str) or is_valid_image(image)):
                 raise ValueError(

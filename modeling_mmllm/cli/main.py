@@ -181,7 +181,18 @@ def chat(args: argparse.Namespace) -> None:
 
 
 def evaluate(args: argparse.Namespace) -> None:
-    """Exact-match accuracy of a model folder on question rows, per question kind."""
+    """lmms-eval tasks (`--tasks`), or exact-match accuracy per question kind on synthetic or given rows."""
+    if args.tasks:
+        from ..evaluation.lmms_eval_runner import run_lmms_eval
+
+        if not (Path(args.model).is_dir() or args.model.count("/") == 1):
+            raise FileNotFoundError(f"{args.model} is neither a model folder nor a Hub id (namespace/name).")
+        tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
+        output = args.output_path or Path(args.model if Path(args.model).is_dir() else ".") / "lmms_eval"
+        model_args = {"device": args.device} if args.device else {}
+        run_lmms_eval(args.model, tasks, output, args.include_path, args.limit, args.batch_size, model_args)
+        print(f"results: {output}")
+        return
     from ..data.loading import load_training_data
     from ..evaluation.metrics import exact_match
 
@@ -313,13 +324,28 @@ def parser() -> argparse.ArgumentParser:
     command.add_argument("--max-new-tokens", type=int, default=64)
     command.set_defaults(run=generate)
 
-    command = commands.add_parser("eval", help="exact-match accuracy of a model folder per question kind")
-    command.add_argument("model", help="model folder")
-    command.add_argument("--synthetic", default="vqa", help="synthetic task: vqa or text-eval")
-    command.add_argument("--n", type=int, default=200)
-    command.add_argument("--split", default="heldout")
-    command.add_argument("--image-size", type=int, default=64)
-    command.add_argument("--dataset", help="a dataset (folder or file) with images, messages, answer, kind")
+    command = commands.add_parser(
+        "eval",
+        help="benchmarks through lmms-eval (--tasks), or exact match per question kind (--synthetic)",
+        description="With --tasks: lmms-eval on a model folder or Hub id (mmllm's offline benchmarks mmllm_vqav2, "
+        "mmllm_pope, mmllm_mme, mmllm_scienceqa_img or their group mmllm_offline, and any lmms-eval task); it "
+        "shows progress, prints the metric table and writes lmms-eval's results JSON. Without: exact-match "
+        "accuracy per question kind on synthetic rows (--synthetic) or a dataset (--dataset).",
+    )
+    command.add_argument("model", help="model folder (or Hub id, with --tasks)")
+    lmms = command.add_argument_group("lmms-eval")
+    lmms.add_argument("--tasks", help="comma-separated lmms-eval tasks or groups, e.g. mmllm_offline")
+    lmms.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more task YAMLs")
+    lmms.add_argument("--limit", type=float, help="rows per task (a fraction below 1); for quick checks")
+    lmms.add_argument("--output-path", type=Path, help="results folder (default: MODEL/lmms_eval)")
+    lmms.add_argument("--batch-size", type=int, default=8)
+    lmms.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    synthetic = command.add_argument_group("exact match")
+    synthetic.add_argument("--synthetic", default="vqa", help="synthetic task: vqa or text-eval")
+    synthetic.add_argument("--n", type=int, default=200)
+    synthetic.add_argument("--split", default="heldout")
+    synthetic.add_argument("--image-size", type=int, default=64)
+    synthetic.add_argument("--dataset", help="a dataset (folder or file) with images, messages, answer, kind")
     command.set_defaults(run=evaluate)
 
     command = commands.add_parser(
