@@ -286,9 +286,29 @@ class MMLLMConfig(PreTrainedConfig):
 
 MMLLMConfig.register_for_auto_class()
 
-try:  # the model registers its model-type name for lookups by name (see the end of modeling_mmllm)
-    from .modeling_mmllm import MMLLMForConditionalGeneration  # noqa: F401
-except ImportError:  # modeling_mmllm is importing this module: it registers itself once loaded
-    pass
+
+class _ModelTypeName(str):
+    """A model-type key for an auto mapping, with the `__name__` transformers reads from its config-class keys."""
+
+    @property
+    def __name__(self) -> str:
+        return str(self)
+
+
+def register_model_type_name(model_class=None) -> None:
+    """Put "mmllm" among `AutoModelForImageTextToText`'s model types: a loaded config is known to have an LM head.
+
+    lmms-eval's `huggingface` model (0.7) loads only the config, then picks its auto class with `config.model_type in
+    AutoModelForImageTextToText._model_mapping.keys()` (a list of config classes): every folder of ours fell to the
+    headless `AutoModel`. The mapping's `register` takes string keys; this runs when the config loads (importing the
+    mapping loads no modeling code) and again, with the class, when the modeling module loads.
+    """
+    from transformers.models.auto.modeling_auto import AutoModelForImageTextToText
+
+    key = _ModelTypeName(MMLLMConfig.model_type)
+    AutoModelForImageTextToText._model_mapping.register(key, model_class, exist_ok=True)
+
+
+register_model_type_name()
 
 __all__ = ["MMLLMConfig"]

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel, AutoModelForImageTextToText
+from transformers import AutoModel
 from transformers import initialization as init
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
@@ -29,7 +29,7 @@ except ImportError:  # transformers 5.23
 
 from .anyres import num_views, pack_grid_features
 from .component_settings import GRID_PROJECTORS, cross_attention_settings, projector_output_width
-from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
+from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module, register_model_type_name
 from .gated_cross_attention import (
     apply_cross_attention_fusion,
     cross_attention_blocks,
@@ -757,20 +757,6 @@ MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
 
-class _ModelTypeName(str):
-    """A model-type key for an auto mapping, with the `__name__` transformers reads from its config-class keys."""
-
-    @property
-    def __name__(self) -> str:
-        return str(self)
-
-
-# lmms-eval's `huggingface` model (0.7) picks its auto class with `config.model_type in
-# AutoModelForImageTextToText._model_mapping.keys()`, a list of config classes, so every folder fell to the headless
-# `AutoModel`. A model-type key (the mapping's `register` takes strings) makes it load the LM head; the
-# configuration module imports this one, so the key exists as soon as a folder's config is loaded.
-AutoModelForImageTextToText._model_mapping.register(
-    _ModelTypeName(MMLLMConfig.model_type), MMLLMForConditionalGeneration, exist_ok=True
-)
+register_model_type_name(MMLLMForConditionalGeneration)
 
 __all__ = ["MMLLMPreTrainedModel", "MMLLMModel", "MMLLMForConditionalGeneration"]

@@ -53,9 +53,12 @@ def _is_single_clip(item, audio: bool = False) -> bool:
     return bool(item) and _is_frame(item[0])
 
 
-def _is_empty(items) -> bool:
-    """An empty list of items (or of per-sample lists), e.g. `videos=[]` or `images=[[], []]`."""
-    return isinstance(items, (list, tuple)) and all(_is_empty(item) for item in items)
+def _is_empty(items, nested: bool = False) -> bool:
+    """An empty list of items, e.g. `videos=[]`; with `nested`, also a list of empty per-sample lists
+    (`images=[[], []]`). A video's frames are a list too, so `videos=[[]]` is one empty clip, not no clips."""
+    if not isinstance(items, (list, tuple)):
+        return False
+    return not items or (nested and all(_is_empty(item) for item in items))
 
 
 def _is_frame(item) -> bool:
@@ -184,7 +187,8 @@ class MMLLMProcessor(ProcessorMixin):
     def prepare_inputs_layout(self, images=None, text=None, videos=None, audio=None, **kwargs):
         """Refuse objects that are not images (or paths/URLs of images) before transformers tries to load them; empty
         item lists (`videos=[]`, as lmms-eval passes for text-only requests) mean no items."""
-        images, videos, audio = (None if _is_empty(items) else items for items in (images, videos, audio))
+        images = None if _is_empty(images, nested=True) else images
+        videos, audio = (None if _is_empty(items) else items for items in (videos, audio))
         for index, image in enumerate(_flatten(images)):
             if not (isinstance(image, str) or is_valid_image(image)):
                 raise ValueError(

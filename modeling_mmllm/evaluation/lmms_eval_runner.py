@@ -55,6 +55,8 @@ def run_lmms_eval(
             raise FileNotFoundError(f"--include-path {path} is not a folder of task YAMLs.")
     output_path = Path(output_path)
     output_path.mkdir(parents=True, exist_ok=True)
+    if Path(model).is_dir():
+        model = str(Path(model).resolve())  # the child runs elsewhere
     arguments = ",".join(f"{key}={value}" for key, value in {"pretrained": model, **(model_args or {})}.items())
     config = {
         "model": "mmllm",
@@ -73,7 +75,8 @@ def run_lmms_eval(
         completed = subprocess.run([sys.executable, "-m", "lmms_eval", "--config", str(config_file)], env=env, cwd=cwd)
     written = sorted(set(output_path.rglob("*_results.json")) - before, key=lambda path: path.stat().st_mtime)
     if completed.returncode or not written:
-        raise ValueError(f"lmms-eval failed (exit code {completed.returncode}; its messages are above).")
+        code = completed.returncode
+        raise ValueError(f"lmms-eval failed (exit code {code}, no results written): see its messages above.")
     return json.loads(written[-1].read_text())
 
 
