@@ -287,28 +287,29 @@ class MMLLMConfig(PreTrainedConfig):
 MMLLMConfig.register_for_auto_class()
 
 
-class _ModelTypeName(str):
-    """A model-type key for an auto mapping, with the `__name__` transformers reads from its config-class keys."""
+class _Name(str):
+    """A name with the `__name__` that transformers reads from an auto mapping's keys and values (classes there)."""
 
     @property
     def __name__(self) -> str:
         return str(self)
 
 
-def register_model_type_name(model_class=None) -> None:
+def _register_model_type_name() -> None:
     """Put "mmllm" among `AutoModelForImageTextToText`'s model types: a loaded config is known to have an LM head.
 
     lmms-eval's `huggingface` model (0.7) loads only the config, then picks its auto class with `config.model_type in
     AutoModelForImageTextToText._model_mapping.keys()` (a list of config classes): every folder of ours fell to the
-    headless `AutoModel`. The mapping's `register` takes string keys; this runs when the config loads (importing the
-    mapping loads no modeling code) and again, with the class, when the modeling module loads.
+    headless `AutoModel`. The mapping's `register` takes string keys. The value is the class's name, not the class,
+    so the config stays free of modeling code (importing the mapping loads none); transformers only reads names from
+    registered values (the pipelines' model-type check), and loading goes through the config's `auto_map`.
     """
     from transformers.models.auto.modeling_auto import AutoModelForImageTextToText
 
-    key = _ModelTypeName(MMLLMConfig.model_type)
-    AutoModelForImageTextToText._model_mapping.register(key, model_class, exist_ok=True)
+    mapping = AutoModelForImageTextToText._model_mapping
+    mapping.register(_Name(MMLLMConfig.model_type), _Name("MMLLMForConditionalGeneration"), exist_ok=True)
 
 
-register_model_type_name()
+_register_model_type_name()
 
 __all__ = ["MMLLMConfig"]

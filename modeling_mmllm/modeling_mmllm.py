@@ -29,7 +29,7 @@ except ImportError:  # transformers 5.23
 
 from .anyres import num_views, pack_grid_features
 from .component_settings import GRID_PROJECTORS, cross_attention_settings, projector_output_width
-from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module, register_model_type_name
+from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .gated_cross_attention import (
     apply_cross_attention_fusion,
     cross_attention_blocks,
@@ -756,7 +756,5 @@ register_checkpoint_conversion_mapping(
 MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
 
-
-register_model_type_name(MMLLMForConditionalGeneration)
 
 __all__ = ["MMLLMPreTrainedModel", "MMLLMModel", "MMLLMForConditionalGeneration"]

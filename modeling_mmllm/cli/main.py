@@ -183,15 +183,19 @@ def chat(args: argparse.Namespace) -> None:
 def evaluate(args: argparse.Namespace) -> None:
     """lmms-eval tasks (`--tasks`), or exact-match accuracy per question kind on synthetic or given rows."""
     if args.tasks:
-        from ..evaluation.lmms_eval_runner import run_lmms_eval
+        from ..evaluation.lmms_eval_runner import run_lmms_eval, task_scores
 
         if not (Path(args.model).is_dir() or args.model.count("/") == 1):
             raise FileNotFoundError(f"{args.model} is neither a model folder nor a Hub id (namespace/name).")
         tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
-        output = args.output_path or Path(args.model if Path(args.model).is_dir() else ".") / "lmms_eval"
         model_args = {"device": args.device} if args.device else {}
-        run_lmms_eval(args.model, tasks, output, args.include_path, args.limit, args.batch_size, model_args)
-        print(f"results: {output}")
+        results = run_lmms_eval(
+            args.model, tasks, args.output_path, args.include_path, args.limit, args.batch_size, model_args
+        )
+        for task, metrics in sorted(task_scores(results).items()):
+            for metric, value in metrics.items():
+                print(f"{task:<24}{metric:<28}{value:10.4f}")
+        print(f"lmms-eval results JSON in {args.output_path}")
         return
     from ..data.loading import load_training_data
     from ..evaluation.metrics import exact_match
@@ -337,7 +341,7 @@ def parser() -> argparse.ArgumentParser:
     lmms.add_argument("--tasks", help="comma-separated lmms-eval tasks or groups, e.g. mmllm_offline")
     lmms.add_argument("--include-path", action="append", default=[], metavar="DIR", help="more task YAMLs")
     lmms.add_argument("--limit", type=float, help="rows per task (a fraction below 1); for quick checks")
-    lmms.add_argument("--output-path", type=Path, help="results folder (default: MODEL/lmms_eval)")
+    lmms.add_argument("--output-path", type=Path, default=Path("lmms_eval_results"), help="results folder")
     lmms.add_argument("--batch-size", type=int, default=8)
     lmms.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     synthetic = command.add_argument_group("exact match")

@@ -2,7 +2,9 @@
 
 The task YAMLs in `evaluation_tasks/` call lmms-eval's VQAv2, POPE, MME and ScienceQA functions directly; this adds
 only what lmms-eval does not offer: MME's per-category accuracy and accuracy+ as metrics (lmms-eval logs the
-per-category score and reports the sum), and a multiple-choice task class that stays a simple task under a chat
+per-category score and reports the sum), POPE's yes-ratio as POPE defines it (the share of *answers* that are
+"yes": lmms-eval 0.7.3's `pope_aggregate_yes_ratio` counts the ground truth's yes answers, which is 0.5 on every
+balanced split whatever the model says), and a multiple-choice task class that stays a simple task under a chat
 model (lmms-eval 0.7.3 builds chat tasks for generation only).
 """
 
@@ -21,6 +23,11 @@ class MultipleChoiceTask(ConfigurableTask):
     def __init__(self, *args, config: dict | None = None, **kwargs) -> None:
         config = {key: value for key, value in (config or {}).items() if key != "class"}
         super().__init__(*args, config=config, **kwargs)
+
+
+def pope_yes_ratio(records: list[dict]) -> float:
+    """Share of the model's answers that are "yes" (POPE's measure of a model's bias towards yes)."""
+    return sum(record["prediction"] == "yes" for record in records) / len(records)
 
 
 def mme_results_by_category(doc: dict, results: list[str]) -> dict:
@@ -48,4 +55,11 @@ def mme_accuracy_plus(records: list[dict]) -> float:
     return 100.0 * sum(all(pair) for pair in pairs) / len(pairs)
 
 
-__all__ = ["MME_CATEGORIES", "MultipleChoiceTask", "mme_accuracy", "mme_accuracy_plus", "mme_results_by_category"]
+__all__ = [
+    "MME_CATEGORIES",
+    "MultipleChoiceTask",
+    "mme_accuracy",
+    "mme_accuracy_plus",
+    "mme_results_by_category",
+    "pope_yes_ratio",
+]

@@ -5,10 +5,13 @@ Registered through the `lmms_eval.models` entry point (`MANIFEST`). `MMLLMChat` 
 messages (image, video and audio parts); `MMLLMSimple` (`--force_simple`) reads `doc_to_visual` + the prompt. Both
 answer every request type: `generate_until` (greedy unless the task samples; left-padded batches give the answers of
 one-by-one requests), `generate_until_multi_round` (the rounds form one conversation) and `loglikelihood` (what
-`multiple_choice` tasks ask: the log-probability of a continuation after the chat prompt).
+`multiple_choice` tasks ask: how likely a continuation is after the chat prompt).
 
 lmms-eval 0.7.3 quirks worked around here, each marked "quirk" where it is handled:
-- a `(logprob, is_greedy)` tuple from `loglikelihood` is stringified by the evaluator, which then fails on
+- `loglikelihood` answers go out as the continuation's negative log-likelihood: lmms-eval's multiple-choice scoring
+  picks the choice with the *smallest* value (`argmin`, its own models return a loss), so a log-probability would
+  pick the least likely choice;
+- a `(value, is_greedy)` tuple from `loglikelihood` is stringified by the evaluator, which then fails on
   multiple-choice scoring: the pair goes out wrapped in `GenerationResult(text=...)`;
 - chat models get `multiple_choice` tasks only as loglikelihood requests of the simple shape
   `(context, continuation, doc_to_visual, doc_id, task, split)` (chat tasks build generation requests only; our
@@ -127,25 +130,39 @@ class MMLLMLmms(lmms):
         texts = self.processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
         return [_cut(text, until).strip() for text in texts]
 
-    def _answer_all(self, requests: list[Instance], conversation_of, gen_kwargs_of) -> list[str]:
+    def _conversation_of(self, request: Instance) -> list[dict]:
+        """The conversation a generation request asks about (its first round)."""
+        raise NotImplementedError
+
+    def _gen_kwargs_of(self, request: Instance) -> dict:
+        raise NotImplementedError
+
+    def _next_turn(self, request: Instance, round_idx: int, outputs: list[str], info):
+        """`(new turns, round info)` of a multi-round request's next round, or None after its last."""
+        raise NotImplementedError
+
+    def generate_until(self, requests: list[Instance]) -> list[str]:
         answers = [""] * len(requests)
         progress = tqdm(total=len(requests), desc="mmllm generating", disable=self.rank != 0)
-        for indices, chunk in self._batches(requests, key=lambda request: repr(gen_kwargs_of(request))):
-            texts = self._generate([conversation_of(request) for request in chunk], gen_kwargs_of(chunk[0]))
+        for indices, chunk in self._batches(requests, key=lambda request: repr(self._gen_kwargs_of(request))):
+            texts = self._generate([self._conversation_of(request) for request in chunk], self._gen_kwargs_of(chunk[0]))
             for index, request, text in zip(indices, chunk, texts):
                 answers[index] = text
-                self.cache_hook.add_partial("generate_until", (request.args[0], gen_kwargs_of(request)), text)
+                self.cache_hook.add_partial("generate_until", (request.args[0], self._gen_kwargs_of(request)), text)
             progress.update(len(chunk))
         progress.close()
         return answers
 
-    def _multi_round(self, request: Instance, first_turn, next_turn, gen_kwargs: dict) -> list[str]:
+    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
+        return [self._multi_round(request) for request in tqdm(requests, desc="mmllm rounds", disable=self.rank != 0)]
+
+    def _multi_round(self, request: Instance) -> list[str]:
         """Rounds of one request as one conversation: each round's new turns, then the model's answer."""
-        conversation, outputs, info = list(first_turn(request)), [], None
+        conversation, outputs, info = list(self._conversation_of(request)), [], None
         while True:
-            outputs.append(self._generate([conversation], gen_kwargs)[0])
+            outputs.append(self._generate([conversation], self._gen_kwargs_of(request))[0])
             conversation.append({"role": "assistant", "content": [{"type": "text", "text": outputs[-1]}]})
-            turn = next_turn(request, len(outputs), list(outputs), info)
+            turn = self._next_turn(request, len(outputs), list(outputs), info)
             if turn is None:
                 return outputs
             turns, info = turn
@@ -153,8 +170,9 @@ class MMLLMLmms(lmms):
 
     # -- loglikelihood -------------------------------------------------------------------------------------------
     def loglikelihood(self, requests: list[Instance]) -> list:
-        """Log-probability of each continuation after its context's chat prompt (and whether greedy decoding would
-        produce it), in left-padded batches: the continuation is then the last tokens of every row."""
+        """`(negative log-likelihood, is_greedy)` of each continuation after its context's chat prompt (lower is more
+        likely; whether greedy decoding would produce it), in left-padded batches: the continuation is then the last
+        tokens of every row."""
         results = [None] * len(requests)
         progress = tqdm(total=len(requests), desc="mmllm loglikelihood", disable=self.rank != 0)
         for indices, chunk in self._batches(requests):
@@ -171,10 +189,10 @@ class MMLLMLmms(lmms):
                 if length < 1:
                     raise ValueError(f"Request {index}: the continuation {continuations[row]!r} adds no tokens.")
                 scores, target = log_probs[row, -length:], targets[row, -length:]
-                log_prob = scores.gather(-1, target[:, None]).sum().item()
+                loss = -scores.gather(-1, target[:, None]).sum().item()  # quirk: lmms-eval takes the argmin
                 greedy = bool((scores.argmax(-1) == target).all())
-                results[index] = GenerationResult(text=(log_prob, greedy))  # quirk: a bare tuple is stringified
-                self.cache_hook.add_partial("loglikelihood", chunk[row].args[:2], (log_prob, greedy))
+                results[index] = GenerationResult(text=(loss, greedy))  # quirk: a bare tuple is stringified
+                self.cache_hook.add_partial("loglikelihood", chunk[row].args[:2], (loss, greedy))
             progress.update(len(chunk))
         progress.close()
         return results
@@ -198,18 +216,19 @@ class MMLLMChat(MMLLMLmms):
         _, doc_to_messages, _, doc_id, task, split = request.args
         return doc_to_messages(self.task_dict[task][split][doc_id], **round_kwargs)
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
-        return self._answer_all(requests, lambda r: _conversation(self._messages(r)), lambda r: r.args[2])
+    def _conversation_of(self, request: Instance) -> list[dict]:
+        return _conversation(self._messages(request))
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
-        def next_turn(request, round_idx, outputs, info):
-            payload = self._messages(request, round_idx=round_idx, previous_output=outputs, previous_round_info=info)
-            if not (isinstance(payload, tuple) and len(payload) == 4) or payload[1]:
-                return None
-            return _conversation(payload[0]), payload[3]
+    def _gen_kwargs_of(self, request: Instance) -> dict:
+        return request.args[2]
 
-        first = lambda request: _conversation(self._messages(request))  # noqa: E731
-        return [self._multi_round(r, first, next_turn, r.args[2]) for r in tqdm(requests, desc="mmllm rounds")]
+    def _next_turn(self, request: Instance, round_idx: int, outputs: list[str], info):
+        """lmms-eval's multi-round protocol: `doc_to_messages` with the round's state returns `(messages, terminal,
+        _, round info)`."""
+        payload = self._messages(request, round_idx=round_idx, previous_output=outputs, previous_round_info=info)
+        if not (isinstance(payload, tuple) and len(payload) == 4) or payload[1]:
+            return None
+        return _conversation(payload[0]), payload[3]
 
 
 class MMLLMSimple(MMLLMLmms):
@@ -217,24 +236,23 @@ class MMLLMSimple(MMLLMLmms):
 
     is_simple = True
 
-    def _first_turn(self, request: Instance) -> list[dict]:
+    def _conversation_of(self, request: Instance) -> list[dict]:
         context, _, doc_to_visual, *where = request.args
         doc_id, task, split = where[-3:]
         return [_user_turn(doc_to_visual(self.task_dict[task][split][doc_id]) or [], context)]
 
-    def generate_until(self, requests: list[Instance]) -> list[str]:
-        return self._answer_all(requests, self._first_turn, lambda request: request.args[1])
+    def _gen_kwargs_of(self, request: Instance) -> dict:
+        return request.args[1]
 
-    def generate_until_multi_round(self, requests: list[Instance]) -> list[list[str]]:
-        def next_turn(request, round_idx, outputs, info):
-            _, _, _, doc_to_text, doc_id, task, split = request.args
-            doc = self.task_dict[task][split][doc_id]
-            visuals, text, terminal, _, info = doc_to_text(
-                doc, round_idx=round_idx, previous_output=outputs, previous_round_info=info
-            )
-            return None if terminal else ([_user_turn(visuals or [], text)], info)
-
-        return [self._multi_round(r, self._first_turn, next_turn, r.args[1]) for r in tqdm(requests, desc="rounds")]
+    def _next_turn(self, request: Instance, round_idx: int, outputs: list[str], info):
+        """lmms-eval's simple multi-round protocol: `doc_to_text` with the round's state returns `(visuals, text,
+        terminal, _, round info)`."""
+        _, _, _, doc_to_text, doc_id, task, split = request.args
+        doc = self.task_dict[task][split][doc_id]
+        visuals, text, terminal, _, info = doc_to_text(
+            doc, round_idx=round_idx, previous_output=outputs, previous_round_info=info
+        )
+        return None if terminal else ([_user_turn(visuals or [], text)], info)
 
 
 def _cut(text: str, until: list[str]) -> str:
