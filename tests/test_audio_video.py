@@ -383,3 +383,13 @@ def test_cli_generate_takes_audio_and_video_files(processor, model, tmp_path, ca
     assert capsys.readouterr().out.strip()
     assert main(["generate", str(tmp_path / "model"), "--audio", "/no/such.wav", "--prompt", "hi"]) == 1
     assert "No audio file /no/such.wav" in capsys.readouterr().err
+
+
+def test_empty_item_lists_mean_no_items(processor):
+    """lmms-eval's `huggingface` model passes `videos=[]` (and `images=[]`, per-sample `[[], []]`) for text-only
+    requests: they mean no items, the same inputs as passing none."""
+    texts = ["What is it?", "And this?"]
+    plain = processor(text=texts, padding=True, return_tensors="pt")
+    for empty in ({"videos": [], "audio": []}, {"images": []}, {"images": [[], []], "videos": [], "audio": []}):
+        batch = processor(text=texts, padding=True, return_tensors="pt", **empty)
+        assert batch.keys() == plain.keys() and all(torch.equal(batch[key], plain[key]) for key in plain), empty

@@ -100,6 +100,17 @@ COMMANDS = {
     '"What colour are the shapes?"': ("", None),
     "mmllm chat runs/quickstart/stage2/model": ("", None),
     "mmllm eval runs/quickstart/stage2/model --synthetic vqa --n 300": ("", None),
+    # lmms-eval on the offline benchmarks; runs/owl2 is built by `mmllm build --preset owl2-tiny runs/owl2` above
+    "mmllm eval runs/quickstart/stage2/model --tasks mmllm_offline --output-path runs/eval/quickstart": ("", None),
+    "mmllm eval runs/owl2 --tasks mmllm_offline --output-path runs/eval/untrained": ("", None),
+    "python -m lmms_eval --model mmllm --model_args pretrained=runs/quickstart/stage2/model --tasks "
+    "mmllm_pope,mmllm_scienceqa_img --include_path evaluation_tasks --output_path runs/eval/lmms": (
+        "",
+        "runs/eval/lmms",
+    ),
+    "python -m lmms_eval --model huggingface --model_args pretrained=runs/quickstart/stage2/model,"
+    "trust_remote_code=True,device=cpu,device_map=cpu --tasks mmllm_vqav2 --include_path evaluation_tasks "
+    "--output_path runs/eval/hf": ("", "runs/eval/hf"),
     "mmllm convert llava path/to/llava-1.5-7b-hf runs/llava-1.5-7b": ("", "runs/llava-1.5-7b/model.safetensors"),
     "mmllm convert blip2 path/to/blip2-opt-2.7b runs/blip2-opt-2.7b": ("", "runs/blip2-opt-2.7b/model.safetensors"),
     "mmllm convert mplug-owl2 path/to/mplug-owl2-llama2-7b runs/mplug-owl2-llama2-7b": (
@@ -218,6 +229,7 @@ def _save_stand_ins(root: Path) -> None:
     (root / "data_dir").mkdir()
     make_dataset("joint", 16).remove_columns(["kind", "answer"]).to_parquet(root / "data_dir" / "train.parquet")
     (root / "training_recipes").symlink_to(ROOT / "training_recipes")
+    (root / "evaluation_tasks").symlink_to(ROOT / "evaluation_tasks")
     (root / "stable-diffusion-v1-5").mkdir()
     save_tiny_stable_diffusion(root / "sd-stand-in").rename(root / "stable-diffusion-v1-5/stable-diffusion-v1-5")
 
@@ -259,21 +271,37 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
             assert "image saved to" in output.out
         elif argv[1] in ("generate", "chat") and "runs/quickstart" in command:  # about the quickstart's new image
             assert "red" in output.out
-        if argv[1] == "eval":
+        if argv[1] == "eval" and "--tasks" in argv:  # the README's figures, within a margin
+            _check_benchmark_figures(argv[2], output.out)
+        elif argv[1] == "eval":
             assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
         if argv[1:3] == ["train", "quickstart-any2any"]:  # the held-out evaluation is printed, not only saved
             assert re.search(r"^image/shape\s+\d+\.\d%$", output.out, re.MULTILINE), output.out[-2000:]
     else:
         if argv[:2] == ["accelerate", "launch"]:
             argv = shlex.split(ACCELERATE_CPU) + argv[2:]
-        if argv[0] == "python":  # the README's scripts, from the checkout
-            argv = [sys.executable, str(ROOT / argv[1]), *argv[2:]]
+        if argv[0] == "python":  # the README's scripts from the checkout; modules (-m) as they are
+            argv = [sys.executable, *(argv[1:] if argv[1] == "-m" else [str(ROOT / argv[1]), *argv[2:]])]
         run = subprocess.run(argv, cwd=workdir, env=ENV, capture_output=True, text=True, timeout=900)
         assert run.returncode == 0, (run.stdout + run.stderr)[-4000:]
         if argv[1].startswith(str(ROOT / "benchmarks")):  # a table of ratios measured side by side
             assert re.search(r"\d\.\d{3}|\d\.\d+x", run.stdout), run.stdout
     if leaves:
         assert (workdir / leaves).exists(), f"{command} did not write {leaves}"
+
+
+def _check_benchmark_figures(model: str, printed: str) -> None:
+    """The quickstart model's and the untrained model's scores on the offline benchmarks, as the README shows them."""
+    scores = {
+        (task, metric): float(value)
+        for task, metric, value in re.findall(r"^(mmllm_\w+)\s+(\w+)\s+(-?\d+\.\d+)$", printed, re.MULTILINE)
+    }
+    vqa, choice = scores[("mmllm_vqav2", "exact_match")], scores[("mmllm_scienceqa_img", "acc")]
+    pope, mme = scores[("mmllm_pope", "pope_accuracy")], scores[("mmllm_mme", "mme_perception_score")]
+    if "quickstart" in model:
+        assert vqa >= 0.9 and choice >= 0.9 and pope >= 0.8 and mme >= 600, printed
+    else:  # random weights: no open answer right, chance or below elsewhere
+        assert vqa <= 0.1 and choice <= 0.6 and pope <= 0.6 and mme <= 450, printed
 
 
 @pytest.mark.slow

@@ -1,7 +1,8 @@
 """Synthetic multimodal data, made on the fly and deterministic by seed (library side).
 
-Images of shapes (kind, colour, size, position, count) with captions and questions of five kinds, plus text-only
-facts (a tiny "world knowledge" set that stage 0 teaches and stage 2 must not erase). Every dataset is TRL's
+Images of shapes (kind, colour, size, position, count) with captions, questions of five kinds and yes/no questions
+(MME's perception categories), plus text-only facts (a tiny "world knowledge" set that stage 0 teaches and stage 2
+must not erase). Every dataset is TRL's
 conversational format: `images` (list of PIL images) + `messages`, with `kind` and `answer` columns for evaluation.
 Train and held-out splits draw from different seeds and share no image.
 
@@ -36,6 +37,15 @@ QUESTIONS = {
     "size": "Are the shapes small or large?",
     "position": "Are the shapes on the left or the right?",
 }
+# Yes/no questions in MME's four perception categories (POPE asks the first): the template, the scene attribute it
+# asks about and the values it can name; half are about the scene's own value (yes), half about another (no).
+YES_NO_QUESTIONS = {
+    "existence": ("Is there a {} in the image?", "shape", SHAPES),
+    "color": ("Are the shapes {}?", "colour", tuple(COLOURS)),
+    "count": ("Are there {} shapes in the image?", "count", NUMBERS[1:]),
+    "position": ("Are the shapes on the {}?", "position", POSITIONS),
+}
+YES_NO_SUFFIX = " Please answer yes or no."  # MME's; training rows carry it half the time
 TEXT_FACTS = (
     ("What is one plus one?", "two"),
     ("What is one plus two?", "three"),
@@ -196,6 +206,30 @@ def image_rows(n: int, split: str, task: str, image_size: int = 64, seed: int = 
     return rows
 
 
+def yes_no_question(scene: Scene, category: str, true: bool, rng: np.random.Generator) -> str:
+    """A yes/no question of a `YES_NO_QUESTIONS` category about `scene`, answered yes when `true`."""
+    template, attribute, values = YES_NO_QUESTIONS[category]
+    actual = scene.answer(attribute)
+    others = [value for value in values if value != actual]
+    return template.format(actual if true else others[rng.integers(len(others))])
+
+
+def yes_no_rows(n: int, split: str, image_size: int = 64, seed: int = 0) -> list[dict]:
+    """`n` image rows with a yes/no question (kind `yes/no`) of a random category, yes and no equally often."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 41)
+    rows = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        image = render(scene, rng, image_size)
+        category, true = list(YES_NO_QUESTIONS)[rng.integers(len(YES_NO_QUESTIONS))], bool(rng.integers(2))
+        question = yes_no_question(scene, category, true, rng) + (YES_NO_SUFFIX if rng.integers(2) else "")
+        answer = "yes" if true else "no"
+        rows.append(
+            {"images": [image], "messages": _conversation(question, answer), "kind": "yes/no", "answer": answer}
+        )
+    return rows
+
+
 def text_rows(repeats: int = 1) -> list[dict]:
     """The text-only facts as conversations (no images), `repeats` times each."""
     return [
@@ -347,9 +381,10 @@ def detail_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 
 def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
     """A synthetic dataset in TRL's `images` + `messages` format.
 
-    Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `joint` (stage 2: image
-    questions mixed with the text-only facts), `text-eval` (the facts, for evaluation), `audio` (questions about
-    synthetic beeps, with an `audio` column), `generate` (requests for a picture of a scene, answered with an
+    Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `yes-no` (yes/no image
+    questions), `joint` (stage 2: image questions, a fifth as many yes/no questions and the text-only facts),
+    `text-eval` (the facts, for evaluation), `audio` (questions about synthetic beeps, with an `audio` column),
+    `generate` (requests for a picture of a scene, answered with an
     image) and `generate-joint` (`n // 2` of those mixed with image questions and the facts, so the model keeps
     answering questions as text); the generation tasks have `generation_caption` and `generation_image` columns.
     `detail`: the colour of a small square in a wide image (`3 image_size x image_size`), which needs resolution.
@@ -368,14 +403,17 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
         rows = text_rows()
     elif task == "detail":
         rows = detail_rows(n, split, image_size, seed)
+    elif task == "yes-no":
+        rows = yes_no_rows(n, split, image_size, seed)
     elif task in ("caption", "vqa"):
         rows = image_rows(n, split, task, image_size, seed)
     elif task == "joint":
-        rows = image_rows(n, split, "vqa", image_size, seed) + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
+        rows = image_rows(n, split, "vqa", image_size, seed) + yes_no_rows(n // 5, split, image_size, seed)
+        rows += text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
     else:
         raise ValueError(
-            f"Unknown synthetic task {task!r}: use text, caption, vqa, joint, text-eval, audio, detail, generate "
-            "or generate-joint."
+            f"Unknown synthetic task {task!r}: use text, caption, vqa, yes-no, joint, text-eval, audio, detail, "
+            "generate or generate-joint."
         )
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
@@ -389,6 +427,8 @@ __all__ = [
     "SAMPLING_RATE",
     "SHAPES",
     "TEXT_FACTS",
+    "YES_NO_QUESTIONS",
+    "YES_NO_SUFFIX",
     "Scene",
     "Sound",
     "all_scenes",
@@ -402,4 +442,6 @@ __all__ = [
     "random_sound",
     "render",
     "synthesize",
+    "yes_no_question",
+    "yes_no_rows",
 ]

@@ -27,7 +27,18 @@ import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
 
 from ..builders.presets import asset_dir
-from ..data.synthetic import COLOURS, NUMBERS, QUESTIONS, SHAPES, SPLIT_SEEDS, random_scene, render
+from ..data.synthetic import (
+    COLOURS,
+    NUMBERS,
+    QUESTIONS,
+    SHAPES,
+    SPLIT_SEEDS,
+    YES_NO_QUESTIONS,
+    YES_NO_SUFFIX,
+    random_scene,
+    render,
+    yes_no_question,
+)
 
 ROWS = 60  # per benchmark (MME: images, two questions each)
 IMAGE_SIZE = 64
@@ -43,13 +54,6 @@ VQA_TYPES = {
     "size": ("are the", "other"),
     "position": ("are the", "other"),
 }
-MME_QUESTIONS = {
-    "existence": ("Is there a {} in the image?", lambda scene: scene.shape, SHAPES),
-    "color": ("Are the shapes {}?", lambda scene: scene.colour, tuple(COLOURS)),
-    "count": ("Are there {} shapes in the image?", lambda scene: NUMBERS[scene.count], NUMBERS[1:]),
-    "position": ("Are the shapes on the {}?", lambda scene: scene.position, ("left", "right")),
-}
-MME_SUFFIX = " Please answer yes or no."
 
 VQAV2_FEATURES = Features(
     {
@@ -141,12 +145,10 @@ def pope_rows(n: int = ROWS) -> list[dict]:
     rows = []
     for index, (scene, image, rng) in enumerate(_scenes("pope", n)):
         present = index % 2 == 0
-        absent = [shape for shape in SHAPES if shape != scene.shape]
-        shape = scene.shape if present else absent[rng.integers(len(absent))]
         rows.append(
             {
                 "question_id": str(index),
-                "question": f"Is there a {shape} in the image?",
+                "question": yes_no_question(scene, "existence", present, rng),
                 "answer": "yes" if present else "no",
                 "image_source": f"synthetic_{index:04d}",
                 "category": "random",
@@ -160,14 +162,12 @@ def mme_rows(n: int = ROWS) -> list[dict]:
     """Two questions per image (one answered Yes, one No) of a category taken in turn."""
     rows = []
     for index, (scene, image, rng) in enumerate(_scenes("mme", n)):
-        category = list(MME_QUESTIONS)[index % len(MME_QUESTIONS)]
-        template, true_value, values = MME_QUESTIONS[category]
-        wrong = [value for value in values if value != true_value(scene)]
-        for value, answer in ((true_value(scene), "Yes"), (wrong[rng.integers(len(wrong))], "No")):
+        category = list(YES_NO_QUESTIONS)[index % len(YES_NO_QUESTIONS)]
+        for true, answer in ((True, "Yes"), (False, "No")):
             rows.append(
                 {
                     "question_id": f"{category}/{index:04d}.png",
-                    "question": template.format(value) + MME_SUFFIX,
+                    "question": yes_no_question(scene, category, true, rng) + YES_NO_SUFFIX,
                     "answer": answer,
                     "category": category,
                     "image": image,

@@ -3,7 +3,7 @@
 import json
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.dynamic_module_utils import get_relative_import_files
 
 from ..builders.presets import asset_dir
@@ -146,6 +146,28 @@ def _training_section(folder: Path | None) -> str:
     return "\n".join(lines)
 
 
+def _benchmark_results(folder: Path | None) -> list[EvalResult] | None:
+    """The lmms-eval scores of a folder's eval_results.json (`lmms_eval/<task>/<metric>`) as model-index entries."""
+    path = folder / "eval_results.json" if folder else None
+    if not (path and path.is_file()):
+        return None
+    results = [
+        EvalResult(
+            task_type="image-text-to-text",
+            dataset_type=task,
+            dataset_name=task,
+            dataset_split="test",
+            metric_type=metric,
+            metric_value=value,
+            source_name="lmms-eval",
+        )
+        for name, value in json.loads(path.read_text()).items()
+        if name.startswith("lmms_eval/")
+        for _, task, metric in [name.split("/", 2)]
+    ]
+    return results or None
+
+
 def render_model_card(
     model, repo_id: str | None = None, license: str = DEFAULT_LICENSE, folder: Path | None = None
 ) -> ModelCard:
@@ -166,6 +188,8 @@ def render_model_card(
     if adapter:
         tags.append("lora")
     card_data = ModelCardData(
+        model_name=repo_id or ("mmllm LoRA adapter" if adapter else "mmllm model"),
+        eval_results=_benchmark_results(folder),
         library_name="peft" if adapter else "transformers",
         pipeline_tag="any-to-any" if _any_to_any(config) else "image-text-to-text",
         license=license,

@@ -150,6 +150,14 @@ class MMLLMRecipeKeys:
             "judged images for generation rows; written to eval_results.json and the model card."
         },
     )
+    eval_tasks: list[str] | None = field(
+        default=None,
+        metadata={
+            "help": "lmms-eval tasks or groups (e.g. [mmllm_pope, mmllm_mme], or mmllm_offline) run on the saved "
+            "folder after training (needs mmllm[eval]); scores join eval_results.json and the card's model-index, "
+            "lmms-eval's results JSON goes to <output_dir>/lmms_eval."
+        },
+    )
     chat_template: str | None = field(
         default=None, metadata={"help": "A Jinja chat template file used instead of the model's template."}
     )

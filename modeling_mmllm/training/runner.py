@@ -123,6 +123,8 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
     if trainer.is_world_process_zero():
         metrics = evaluate_stage(trainer.model, processor, recipe.eval) if recipe.eval else None
         final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.merge_lora, metrics=metrics)
+        if recipe.eval_tasks:
+            add_benchmark_scores(final, trainer.model, recipe.eval_tasks, output_dir / "lmms_eval")
         if recipe.push_to_hub:
             push_folder(final, recipe.hub_model_id, private=bool(recipe.hub_private_repo))
     return output_dir / "model"
@@ -173,10 +175,30 @@ def save_stage(
     return target
 
 
+def add_benchmark_scores(folder: Path, model, tasks: list[str], output_path: Path) -> dict[str, float]:
+    """Run lmms-eval `tasks` on a saved folder and add the scores (`lmms_eval/<task>/<metric>`) to its
+    eval_results.json and model card (whose model-index lists them)."""
+    from ..evaluation.lmms_eval_runner import run_lmms_eval, task_scores
+
+    results = run_lmms_eval(folder, list(tasks), output_path)
+    scores = {
+        f"lmms_eval/{task}/{metric}": value
+        for task, metrics in task_scores(results).items()
+        for metric, value in metrics.items()
+    }
+    path = folder / "eval_results.json"
+    metrics = {**(json.loads(path.read_text()) if path.is_file() else {}), **scores}
+    staging = path.with_suffix(".json.tmp")
+    staging.write_text(json.dumps(metrics, indent=2))
+    staging.replace(path)
+    write_model_card(model, folder)
+    return scores
+
+
 def _history(model) -> list:
     source = getattr(getattr(model, "config", None), "_name_or_path", "") or ""
     path = Path(source) / HISTORY_FILE
     return json.loads(path.read_text()) if source and path.is_file() else []
 
 
-__all__ = ["HISTORY_FILE", "evaluate_stage", "last_complete_checkpoint", "save_stage", "train"]
+__all__ = ["HISTORY_FILE", "add_benchmark_scores", "evaluate_stage", "last_complete_checkpoint", "save_stage", "train"]

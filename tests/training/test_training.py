@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -13,6 +14,7 @@ from helpers import make_images
 from modeling_mmllm.builders.presets import asset_dir
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.loading import llava_json_dataset, load_training_data
+from modeling_mmllm.data.synthetic import YES_NO_QUESTIONS, Scene, make_dataset, yes_no_question
 from modeling_mmllm.export.hub_card import hub_set_files
 from modeling_mmllm.training import RecipeConfig, load_recipe, parse_overrides, recipe_path, train
 from modeling_mmllm.training.collator import MultimodalCollator
@@ -194,6 +196,22 @@ def test_llava_json_data_with_bad_rows(tmp_path):
     assert len(load_training_data(spec, bad_rows="skip")) == 3
 
 
+def test_yes_no_questions_name_the_scenes_own_value_exactly_when_the_answer_is_yes():
+    scene, rng = Scene("circle", "red", "small", "left", 2), np.random.default_rng(0)
+    assert [yes_no_question(scene, category, True, rng) for category in YES_NO_QUESTIONS] == [
+        "Is there a circle in the image?",
+        "Are the shapes red?",
+        "Are there two shapes in the image?",
+        "Are the shapes on the left?",
+    ]
+    for category, (template, _, values) in YES_NO_QUESTIONS.items():
+        asked = {yes_no_question(scene, category, False, rng) for _ in range(20)}
+        assert asked == {template.format(value) for value in values} - {yes_no_question(scene, category, True, rng)}
+    answers = make_dataset("yes-no", 400)["answer"]
+    assert set(answers) == {"yes", "no"} and 0.4 < answers.count("yes") / 400 < 0.6
+    assert make_dataset("joint", 100)["kind"].count("yes/no") == 20  # stage 2: a fifth as many as the questions
+
+
 def test_datasets_from_disk_and_parquet(tmp_path):
     rows = [
         {
@@ -262,6 +280,7 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
             "push_to_hub": True,
             "hub_model_id": "someone/owl2-demo",
             "hub_private_repo": True,
+            "eval_tasks": ["mmllm_pope"],  # lmms-eval on the saved folder, before the upload
             **TINY,
         },
     )
@@ -286,6 +305,15 @@ def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
     header = yaml.safe_load(card.split("---")[1])
     assert header["library_name"] == "transformers" and header["pipeline_tag"] == "image-text-to-text"
     assert "modality-adaptive" in header["tags"]
+    [index] = header["model-index"]
+    assert index["name"] == "someone/owl2-demo"
+    scores = {(r["dataset"]["name"], r["metrics"][0]["type"]): r["metrics"][0]["value"] for r in index["results"]}
+    metrics = ("accuracy", "precision", "recall", "f1_score", "yes_ratio")
+    assert set(scores) == {("mmllm_pope", f"pope_{metric}") for metric in metrics}
+    assert all(0.0 <= value <= 1.0 for value in scores.values())
+    recorded = json.loads((tmp_path / "model" / "eval_results.json").read_text())
+    assert recorded["lmms_eval/mmllm_pope/pope_accuracy"] == scores[("mmllm_pope", "pope_accuracy")]
+    assert "accuracy/overall" in recorded and list((tmp_path / "lmms_eval").rglob("*_results.json"))
     for text in (
         "Modality Encoder",
         "Input Projector",
