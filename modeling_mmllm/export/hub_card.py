@@ -160,6 +160,7 @@ def _benchmark_results(folder: Path | None) -> list[EvalResult] | None:
             metric_type=metric,
             metric_value=value,
             source_name="lmms-eval",
+            source_url="https://github.com/EvolvingLMMs-Lab/lmms-eval",
         )
         for name, value in json.loads(path.read_text()).items()
         if name.startswith("lmms_eval/")
