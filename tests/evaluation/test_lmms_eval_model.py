@@ -7,14 +7,20 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
-from helpers import ROOT
+from helpers import ROOT, perturb_branches
+from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm.builders.presets import load_processor_preset
 from modeling_mmllm.cli import main
 from modeling_mmllm.evaluation.offline_benchmarks import tasks_dir
+from modeling_mmllm.saving import save_model_folder
 
 lmms_eval_tasks = pytest.importorskip("lmms_eval.tasks", reason="needs mmllm[eval] (lmms-eval)")
+from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.models import get_model  # noqa: E402
 
 from modeling_mmllm.evaluation.lmms_eval_model import MMLLMChat, MMLLMSimple  # noqa: E402
@@ -59,6 +65,76 @@ def test_batched_answers_equal_one_by_one(saved_folder, model_class, task_type):
     batched = model.generate_until(requests)
     model.batch_size = 1
     assert model.generate_until(requests) == batched and all(isinstance(answer, str) for answer in batched)
+
+
+@pytest.fixture(scope="module")
+def three_modality_folder(tmp_path_factory):
+    """audio-tiny with video switched on: image, video and audio parts, each with its own decoder branch."""
+    video = dict(video_token_id=6, video_num_frames=4, video_temporal_pool=2)
+    config = MMLLMConfig.from_preset("audio-tiny", **video, modality_adaptive_modalities=[1, 2, 3])
+    torch.manual_seed(0)
+    model = MMLLMForConditionalGeneration(config).eval()
+    for modality in (1, 2, 3):
+        perturb_branches(model, modality, seed=modality)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20)  # well-separated greedy choices
+    processor = load_processor_preset(MMLLMProcessor, "audio-tiny", config)
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("three") / "model")
+
+
+def _instance(doc_to_messages, index: int = 0, kind: str = "generate_until") -> Instance:
+    gen_kwargs = {"max_new_tokens": 5, "until": []}
+    metadata = {"task": "t", "doc_id": index, "repeats": 1}
+    return Instance(kind, ("", doc_to_messages, gen_kwargs, index, "t", "test"), idx=0, metadata=metadata)
+
+
+def test_chat_requests_with_image_video_and_audio_parts_answer_as_the_model_does(three_modality_folder):
+    """Each part reaches the processor as its own modality: the answer equals `generate` on hand-built inputs."""
+    image = Image.new("RGB", (40, 40), (200, 30, 30))
+    frames = [Image.new("RGB", (40, 40), (20 * index, 100, 50)) for index in range(6)]
+    wave = (0.3 * np.sin(np.arange(16000) / 16000 * 2 * np.pi * 440)).astype(np.float32)
+    tone = {"array": wave, "sampling_rate": 16000}
+    messages = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image", "url": image},
+                {"type": "video", "url": frames},
+                {"type": "audio", "url": tone},
+                {"type": "text", "text": "What is it?"},
+            ],
+        }
+    ]
+    model = MMLLMChat(pretrained=str(three_modality_folder), device="cpu", dtype="float32")
+    model.task_dict = {"t": {"test": [{}]}}
+    [answer] = model.generate_until([_instance(lambda doc: messages)])
+    processor = model.processor
+    parts = [{"type": "image"}, {"type": "video"}, {"type": "audio"}, {"type": "text", "text": "What is it?"}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=[image], videos=[frames], audio=[tone], return_tensors="pt")
+    assert {1, 2, 3} <= set(inputs["mm_token_type_ids"][0].tolist())
+    with torch.no_grad():
+        output = model.model.generate(**inputs, max_new_tokens=5, do_sample=False, pad_token_id=0)
+    expected = processor.batch_decode(output[:, inputs["input_ids"].shape[1] :], skip_special_tokens=True)[0]
+    assert answer == expected.strip() and answer
+
+
+def test_multi_round_requests_continue_one_conversation(saved_folder):
+    """lmms-eval's multi-round protocol: each round gets the previous answers and adds its turns, until terminal."""
+    seen = []
+
+    def doc_to_messages(doc, round_idx=None, previous_output=None, previous_round_info=None):
+        if round_idx is None:
+            return [{"role": "user", "content": [{"type": "text", "text": "What colour is grass?"}]}]
+        seen.append((round_idx, list(previous_output), previous_round_info))
+        follow_up = [{"role": "user", "content": [{"type": "text", "text": "And the sky?"}]}]
+        return follow_up, round_idx >= 2, None, {"round": round_idx}
+
+    model = MMLLMChat(pretrained=str(saved_folder), device="cpu", dtype="float32")
+    model.task_dict = {"t": {"test": [{}]}}
+    [outputs] = model.generate_until_multi_round([_instance(doc_to_messages, kind="generate_until_multi_round")])
+    assert len(outputs) == 2 and all(isinstance(output, str) for output in outputs)
+    assert seen == [(1, outputs[:1], None), (2, outputs, {"round": 1})]
 
 
 def test_loglikelihood_is_the_models_own_negative_log_probability(chat_model):
@@ -126,3 +202,18 @@ def test_run_builds_an_environment_with_lmms_eval_and_a_loadable_image_stack():
     probe = "import lmms_eval, transformers; from transformers import AutoProcessor, CLIPImageProcessor; print('ok')"
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
+
+
+def test_a_missing_lmms_eval_or_a_broken_torchvision_is_a_clear_error(monkeypatch):
+    from modeling_mmllm.evaluation import lmms_eval_runner
+
+    real = lmms_eval_runner.importlib.util.find_spec
+    monkeypatch.setattr(
+        lmms_eval_runner.importlib.util, "find_spec", lambda name: None if name == "lmms_eval" else real(name)
+    )
+    with pytest.raises(ValueError, match=r"lmms-eval is not installed: pip install 'mmllm\[eval\]'"):
+        lmms_eval_runner.check_lmms_eval()
+    monkeypatch.setattr(lmms_eval_runner.importlib.util, "find_spec", lambda name: object())  # torchvision "there"
+    monkeypatch.setattr(lmms_eval_runner.sys, "executable", "false")  # ... and failing to import
+    with pytest.raises(ValueError, match="torchvision is installed but cannot load.*pip uninstall torchvision"):
+        lmms_eval_runner.check_lmms_eval()
