@@ -53,10 +53,10 @@ def run_lmms_eval(
     for path in include_paths:
         if not Path(path).is_dir():
             raise FileNotFoundError(f"--include-path {path} is not a folder of task YAMLs.")
-    output_path = Path(output_path)
+    output_path = Path(output_path).resolve()  # the child runs in a folder of its own: every path is absolute
     output_path.mkdir(parents=True, exist_ok=True)
     if Path(model).is_dir():
-        model = str(Path(model).resolve())  # the child runs elsewhere
+        model = str(Path(model).resolve())
     arguments = ",".join(f"{key}={value}" for key, value in {"pretrained": model, **(model_args or {})}.items())
     config = {
         "model": "mmllm",

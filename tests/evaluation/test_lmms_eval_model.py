@@ -160,13 +160,16 @@ def _results(folder):
 
 
 @pytest.mark.slow
-def test_mmllm_eval_runs_a_generation_and_a_multiple_choice_task_together(saved_folder, tmp_path, capsys):
+def test_mmllm_eval_runs_a_generation_and_a_multiple_choice_task_together(saved_folder, tmp_path, capsys, monkeypatch):
     """`mmllm eval --tasks` runs `python -m lmms_eval --model mmllm` (chat class, no --force_simple) offline, prints
-    the metric table and leaves lmms-eval's results JSON and the config that repeats the run."""
+    the metric table and leaves lmms-eval's results JSON and the config that repeats the run (paths relative to
+    the working folder, as users type them)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "model").symlink_to(saved_folder)
     output = tmp_path / "results"
     code = main(
-        ["eval", str(saved_folder), "--tasks", "mmllm_pope,mmllm_scienceqa_img", "--limit", "4"]
-        + ["--output-path", str(output), "--batch-size", "2", "--device", "cpu"]
+        ["eval", "model", "--tasks", "mmllm_pope,mmllm_scienceqa_img", "--limit", "4"]
+        + ["--output-path", "results", "--batch-size", "2", "--device", "cpu"]
     )
     assert code == 0
     printed = capsys.readouterr().out
