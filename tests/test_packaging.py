@@ -46,8 +46,16 @@ def test_wheel_contains_presets_templates_and_cards(tmp_path):
         "cli/main.py",
         "training/runner.py",
         "export/saving.py",
+        "evaluation/lmms_eval_model.py",
+        "evaluation_tasks/mmllm_offline.yaml",
+        "evaluation_tasks/mmllm_pope.yaml",
+        "evaluation_tasks/mmllm_pope.parquet",
     ):
         assert f"modeling_mmllm/{name}" in names, name
+    entry_points = next(name for name in names if name.endswith(".dist-info/entry_points.txt"))
+    assert "[lmms_eval.models]\nmmllm = modeling_mmllm.evaluation.lmms_eval_model:MANIFEST" in (
+        zipfile.ZipFile(wheel).read(entry_points).decode()
+    )
 
 
 def test_cli_build_and_clear_errors(tmp_path, capsys):

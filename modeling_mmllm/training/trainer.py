@@ -68,6 +68,16 @@ class MMLLMTrainer(SFTTrainer):
         return [name for name in super().get_decay_parameter_names(model) if name not in self.row_masked_parameters]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        result = self._multimodal_loss(model, inputs, return_outputs, num_items_in_batch)
+        loss = result[0] if return_outputs else result
+        if torch.is_grad_enabled() and not loss.requires_grad:
+            # A batch that reaches no trainable parameter (text-only rows while only the projector trains): a zero
+            # gradient for every trainable parameter instead of autograd's "does not require grad" error.
+            loss = loss + 0.0 * sum(parameter.sum() for parameter in model.parameters() if parameter.requires_grad)
+        return (loss, result[1]) if return_outputs else loss
+
+    def _multimodal_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """The LM loss, plus the generation-alignment loss on batches with image-generation targets."""
         targets = {key: inputs.pop(key) for key in GENERATION_TARGETS if key in inputs}
         if "generation_captions" not in targets or not (self.alignment_loss_weight or self.image_loss_weight):
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)

@@ -257,6 +257,23 @@ def test_real_size_recipes_run_on_a_tiny_model(name, tmp_path):
         assert (tmp_path / "merged" / "model.safetensors").is_file()
 
 
+def test_batches_that_reach_no_trainable_parameter_train_on(tmp_path):
+    """Only the projector trains and a batch has no image (text rows mixed in): a zero gradient, not a crash."""
+    recipe = load_recipe(
+        "llava-stage1-projector",
+        {
+            "model": "llava-tiny",
+            "data": {"synthetic": "text-eval"},
+            "output_dir": str(tmp_path),
+            "bf16": False,
+            "dataloader_num_workers": 0,
+            **TINY,
+        },
+    )
+    folder = train(recipe, name="llava-stage1-projector")
+    assert json.loads((folder / "training_history.json").read_text())[-1]["steps"] == 2
+
+
 def test_push_uploads_the_hub_ready_folder(tmp_path, monkeypatch):
     calls = {}
 
