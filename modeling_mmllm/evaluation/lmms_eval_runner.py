@@ -29,8 +29,8 @@ def check_lmms_eval() -> None:
         if probe.returncode:
             raise ValueError(
                 "torchvision is installed but cannot load next to this torch (a CUDA build of PyPI's next to a CPU "
-                "torch?): pip uninstall torchvision (lmms-eval's core and mmllm do not need it), or install the "
-                "torchvision that matches your torch."
+                "torch?): pip uninstall torchvision timm (lmms-eval's core and mmllm need neither; timm cannot load "
+                "without torchvision), or install the torchvision that matches your torch."
             )
 
 

@@ -200,9 +200,12 @@ def test_lmms_eval_huggingface_model_loads_our_folder_with_its_lm_head(saved_fol
 
 
 def test_run_builds_an_environment_with_lmms_eval_and_a_loadable_image_stack():
-    """`./run` installs the eval extra: lmms-eval imports, and transformers' image processors still load (no
-    torchvision that cannot load next to this torch is left behind)."""
-    probe = "import lmms_eval, transformers; from transformers import AutoProcessor, CLIPImageProcessor; print('ok')"
+    """`./run` installs the eval extra: lmms-eval imports, and transformers' image processors and accelerate's CLI
+    still load (no torchvision that cannot load next to this torch is left behind, nor timm, which needs it)."""
+    probe = (
+        "import lmms_eval, transformers, accelerate.commands.accelerate_cli\n"
+        "from transformers import AutoProcessor, CLIPImageProcessor\nprint('ok')"
+    )
     run = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=300, cwd=ROOT)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stderr[-3000:]
 
