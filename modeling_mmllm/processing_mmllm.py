@@ -17,7 +17,7 @@ import transformers
 from PIL import Image
 from transformers.image_transforms import to_pil_image
 from transformers.image_utils import is_valid_image
-from transformers.processing_utils import ProcessorMixin
+from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .anyres import num_image_tokens
 from .configuration_mmllm import import_library_module
@@ -402,15 +402,30 @@ class MMLLMProcessor(ProcessorMixin):
         """Whether images are tiled (AnyRes): the image processor has `image_grid_pinpoints`."""
         return getattr(self.image_processor, "image_grid_pinpoints", None) is not None
 
+    def _get_num_multimodal_tokens(self, image_sizes=None, **kwargs) -> MultiModalData:
+        """Placeholder tokens of an image of each `(height, width)` in `image_sizes`: what its `<image>` expands to
+        (transformers' convention, which vLLM's Transformers backend reads to lay out prompts)."""
+        if image_sizes is None:
+            return MultiModalData()
+        counts = [self._image_token_count(size) for size in image_sizes]
+        return MultiModalData(num_image_tokens=counts, num_image_patches=[1] * len(counts))
+
+    def _image_token_count(self, image_size, tile: int | None = None) -> int:
+        """Placeholders of one image of `image_size` `(height, width)`: `image_seq_length`, or with AnyRes the count
+        of its grid of `tile`-sized views (default: the image processor's crop size, LLaVA-NeXT's patch size)."""
+        if not self.tiled:
+            return self.image_seq_length
+        size = image_size.tolist() if hasattr(image_size, "tolist") else list(image_size)
+        tile = tile or self.image_processor.crop_size["height"]
+        pinpoints = self.image_processor.image_grid_pinpoints
+        return num_image_tokens(size, pinpoints, tile, self.image_seq_length, self.grid_packing)
+
     def replace_image_token(self, image_inputs: dict, image_idx: int, **kwargs) -> str:
         """`<image>` -> its soft tokens' placeholders: `image_seq_length`, or the count of its AnyRes grid."""
         if not self.tiled:
             return self.image_token * self.image_seq_length
-        size = image_inputs["image_sizes"][image_idx]
-        size = size.tolist() if hasattr(size, "tolist") else list(size)
         tile = np.shape(image_inputs["pixel_values"][0])[-1]
-        pinpoints = self.image_processor.image_grid_pinpoints
-        return self.image_token * num_image_tokens(size, pinpoints, tile, self.image_seq_length, self.grid_packing)
+        return self.image_token * self._image_token_count(image_inputs["image_sizes"][image_idx], tile)
 
 
 MMLLMProcessor.register_for_auto_class()

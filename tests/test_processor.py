@@ -3,6 +3,7 @@
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from transformers import AutoProcessor
 
 from modeling_mmllm import MMLLMProcessor
@@ -109,3 +110,17 @@ def test_pad_to_square_keeps_the_whole_image():
     assert rgb[0, 16, :].mean() > 0.95  # the middle row is the red bar
     torch.testing.assert_close(rgb[:, 0, 16], mean, atol=0.02, rtol=0)  # top row is the mean-colour padding
     assert processor(images=[wide], text=["<image>"], return_tensors="pt")["input_ids"].shape[1] == 9
+
+
+@pytest.mark.parametrize("preset", ["llava-tiny", "llava-next-tiny", "owl2-anyres-tiny", "flamingo-tiny"])
+def test_num_multimodal_tokens_equal_what_the_processor_expands(preset):
+    """transformers' `_get_num_multimodal_tokens(image_sizes=...)` (vLLM's Transformers backend lays out prompts
+    with it): one count per `(height, width)`, each what `<image>` becomes for an image of that size."""
+    processor = MMLLMProcessor.from_preset(preset)
+    sizes = [(32, 32), (40, 90), (90, 40), (64, 64), (20, 150)]
+    data = processor._get_num_multimodal_tokens(image_sizes=sizes)
+    image_id = processor.image_token_id
+    batches = [processor(text=["<image>"], images=[Image.new("RGB", (w, h))], return_tensors="pt") for h, w in sizes]
+    expanded = [int((batch["input_ids"][0] == image_id).sum()) for batch in batches]
+    assert data.num_image_tokens == expanded and data.num_image_patches == [1] * len(sizes)
+    assert "num_image_tokens" in data and "num_video_tokens" not in processor._get_num_multimodal_tokens()
