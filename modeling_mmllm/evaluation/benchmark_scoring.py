@@ -13,8 +13,6 @@ from collections import defaultdict
 from lmms_eval.api.task import ConfigurableTask
 from lmms_eval.tasks.mme.utils import mme_process_results
 
-MME_CATEGORIES = ("existence", "count", "position", "color")
-
 
 class MultipleChoiceTask(ConfigurableTask):
     """A YAML task (`class: !function modeling_mmllm.evaluation.benchmark_scoring.MultipleChoiceTask`) that is
@@ -56,7 +54,6 @@ def mme_accuracy_plus(records: list[dict]) -> float:
 
 
 __all__ = [
-    "MME_CATEGORIES",
     "MultipleChoiceTask",
     "mme_accuracy",
     "mme_accuracy_plus",
