@@ -100,6 +100,25 @@ def test_modality_features_follow_transformers_contract(model, inputs):
         model.get_audio_features(torch.zeros(1, 80, 3000), torch.ones(1, 3000))
 
 
+def test_image_features_pooler_output_is_what_fills_the_image_tokens(model, inputs, processor):
+    """vLLM's Transformers backend embeds images with `get_image_features(pixel_values, return_dict=True)` and
+    scatters `.pooler_output` into the `<image>` positions: it must be exactly what our forward puts there."""
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen["embeds"] = kwargs["inputs_embeds"]
+
+    hook = model.model.language_model.register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**inputs)
+            features = model.get_image_features(inputs["pixel_values"], return_dict=True)
+    finally:
+        hook.remove()
+    placed = seen["embeds"][inputs["input_ids"] == processor.image_token_id]
+    torch.testing.assert_close(features.pooler_output.reshape(placed.shape), placed, atol=0, rtol=0)
+
+
 def test_eager_equals_sdpa(model, inputs):
     eager, sdpa = seeded_model(model.config), seeded_model(model.config)
     eager.set_attn_implementation("eager")

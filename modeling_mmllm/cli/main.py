@@ -9,15 +9,21 @@ from pathlib import Path
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError)
 
 
-def _load_folder(folder: str):
-    """A saved model folder and its processor, or a clear error when the folder is not one."""
-    from ..modeling_mmllm import MMLLMForConditionalGeneration
-    from ..processing_mmllm import MMLLMProcessor
+def _load_folder(folder: str, quantization: str | None = None):
+    """A saved model folder and its processor (quantized with `--quantization`), or a clear error when the folder
+    is not one."""
+    from ..serving.quantization import load_for_inference
 
     path = Path(folder)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"{folder} is not a model folder (no config.json).")
-    return MMLLMForConditionalGeneration.from_pretrained(path).eval(), MMLLMProcessor.from_pretrained(path)
+    return load_for_inference(path, quantization)
+
+
+def _check_model_source(model: str) -> None:
+    """A model folder or a Hub id (namespace/name), or a clear error."""
+    if not (Path(model).is_dir() or (model.count("/") == 1 and not Path(model).exists())):
+        raise FileNotFoundError(f"{model} is neither a model folder nor a Hub id (namespace/name).")
 
 
 def _open_image(path: str):
@@ -111,7 +117,7 @@ def generate(args: argparse.Namespace) -> None:
     images = [_open_image(args.image)] if args.image else []  # check the inputs before loading the model
     videos, audio = _check_file(args.video, "video"), _check_file(args.audio, "audio")
     target = _image_target(args.save_image)
-    model, processor = _load_folder(args.model)
+    model, processor = _load_folder(args.model, args.quantization)
     if target is not None and "image" not in model.output_modalities:
         raise ValueError(
             f"{args.model} cannot generate images (no output projector and modality generator): train "
@@ -150,7 +156,7 @@ def chat(args: argparse.Namespace) -> None:
     """Interactive chat with streaming output; `/image PATH` attaches an image, `/reset` clears, `/quit` ends."""
     from transformers import TextStreamer
 
-    model, processor = _load_folder(args.model)
+    model, processor = _load_folder(args.model, args.quantization)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
     messages, images, pending = [], [], []
     print("mmllm chat: type a message; /image PATH attaches an image, /reset clears, /quit ends.")
@@ -185,8 +191,7 @@ def evaluate(args: argparse.Namespace) -> None:
     if args.tasks:
         from ..evaluation.lmms_eval_runner import run_lmms_eval, task_scores
 
-        if not (Path(args.model).is_dir() or args.model.count("/") == 1):
-            raise FileNotFoundError(f"{args.model} is neither a model folder nor a Hub id (namespace/name).")
+        _check_model_source(args.model)
         tasks = [task.strip() for task in args.tasks.split(",") if task.strip()]
         model_args = {"device": args.device} if args.device else {}
         results = run_lmms_eval(
@@ -252,11 +257,42 @@ def upgrade(args: argparse.Namespace) -> None:
         )
 
 
+def serve(args: argparse.Namespace) -> None:
+    """An OpenAI-compatible server (transformers' serving code) for one model folder or Hub id."""
+    from ..serving.quantization import quantization_config
+
+    _check_model_source(args.model)
+    if args.quantization:
+        quantization_config(args.quantization)  # torchao is there (checked before the model loads)
+    from ..serving.openai_server import serve as run_server
+
+    run_server(args.model, host=args.host, port=args.port, quantization=args.quantization)
+
+
+def demo(args: argparse.Namespace) -> None:
+    """A Gradio chat app for one model folder (in the browser; `--share` gives a public link)."""
+    from ..serving.gradio_demo import launch_demo
+
+    model, processor = _load_folder(args.model, args.quantization)
+    launch_demo(model, processor, title=Path(args.model).name, host=args.host, port=args.port, share=args.share)
+
+
 def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from ..quickstart.run import run_quickstart
 
     run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres)
+
+
+def _quantization_option(command: argparse.ArgumentParser) -> None:
+    from ..serving.quantization import QUANTIZATIONS
+
+    command.add_argument(
+        "--quantization",
+        choices=QUANTIZATIONS,
+        help="quantize the weights as they load (torchao): int8 (about a quarter of fp32's memory, logits within "
+        "about 1%%) or int4 (an eighth; coarser)",
+    )
 
 
 def parser() -> argparse.ArgumentParser:
@@ -308,6 +344,7 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("chat", help="interactive chat with a model folder (/image PATH attaches)")
     command.add_argument("model", help="model folder")
     command.add_argument("--max-new-tokens", type=int, default=128)
+    _quantization_option(command)
     command.set_defaults(run=chat)
 
     command = commands.add_parser(
@@ -326,7 +363,29 @@ def parser() -> argparse.ArgumentParser:
         help="generate an image instead of text and save it (models that generate images)",
     )
     command.add_argument("--max-new-tokens", type=int, default=64)
+    _quantization_option(command)
     command.set_defaults(run=generate)
+
+    command = commands.add_parser(
+        "serve",
+        help="an OpenAI-compatible server (/v1/chat/completions with images, streaming)",
+        description="Serve a model folder or Hub id with transformers' OpenAI-compatible server: /v1/models lists "
+        "it under the id you give here, /v1/chat/completions takes text, image parts (data URLs or local file "
+        "paths) and, for audio models, input_audio parts; stream=true streams. Bad requests get HTTP 400.",
+    )
+    command.add_argument("model", help="model folder or Hub id")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    command.add_argument("--port", type=int, default=8000)
+    _quantization_option(command)
+    command.set_defaults(run=serve)
+
+    command = commands.add_parser("demo", help="a Gradio chat app in the browser (images, audio, streaming)")
+    command.add_argument("model", help="model folder")
+    command.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    command.add_argument("--port", type=int, default=7860)
+    command.add_argument("--share", action="store_true", help="also open a public gradio.live link (72 hours)")
+    _quantization_option(command)
+    command.set_defaults(run=demo)
 
     command = commands.add_parser(
         "eval",

@@ -1,0 +1,140 @@
+"""`mmllm demo`: a Gradio chat app for one model — text, several images per turn, audio (and video) files for
+models that take them, streamed answers, images drawn by any-to-any models, a generation-settings panel.
+
+The conversation is kept in the processor's chat format (typed parts), so each turn is exactly what
+`processor.apply_chat_template` + `model.generate` see in `mmllm generate` and `mmllm chat`.
+"""
+
+import mimetypes
+import tempfile
+from pathlib import Path
+from threading import Thread
+
+import gradio as gr
+from PIL import Image, UnidentifiedImageError
+from transformers import TextIteratorStreamer
+
+FILE_KINDS = {"image": "images", "video": "videos", "audio": "audio"}  # MIME family -> processor argument
+
+
+def file_kind(path: str, accepted: tuple[str, ...]) -> str:
+    """`image`, `video` or `audio` by the file's type; a clear error for a file this model cannot take."""
+    kind = (mimetypes.guess_type(path)[0] or "").split("/")[0]
+    if kind not in accepted:
+        raise gr.Error(f"{Path(path).name}: this model takes {', '.join(accepted)} files, not this one.")
+    return kind
+
+
+def _open_image(path: str) -> Image.Image:
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (UnidentifiedImageError, OSError):
+        raise gr.Error(f"{Path(path).name} is not an image that can be read.") from None
+
+
+class ChatSession:
+    """One conversation: the messages in chat-template form and the media they refer to, in order."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+        self.media: dict[str, list] = {argument: [] for argument in FILE_KINDS.values()}
+
+    def add_user_turn(self, text: str, files: list[str], accepted: tuple[str, ...]) -> None:
+        kinds = [file_kind(path, accepted) for path in files]  # all checked before anything is added
+        items = [_open_image(path) if kind == "image" else path for path, kind in zip(files, kinds)]
+        for kind, item in zip(kinds, items):
+            self.media[FILE_KINDS[kind]].append(item)
+        parts = [{"type": kind} for kind in kinds] + ([{"type": "text", "text": text}] if text else [])
+        self.messages.append({"role": "user", "content": parts})
+
+    def inputs(self, processor):
+        prompt = processor.apply_chat_template(self.messages, add_generation_prompt=True)
+        media = {argument: items or None for argument, items in self.media.items()}
+        try:
+            return processor(text=[prompt], return_tensors="pt", **media)
+        except ValueError as error:
+            self.messages.pop()
+            raise gr.Error(str(error)) from None
+
+
+def generation_settings(max_new_tokens: int, temperature: float, top_p: float) -> dict:
+    """`generate` arguments of the settings panel; temperature 0 is greedy decoding (as `mmllm generate`)."""
+    sampling = {"do_sample": True, "temperature": temperature, "top_p": top_p} if temperature > 0 else {}
+    return {"max_new_tokens": int(max_new_tokens), "do_sample": False, **sampling}
+
+
+def build_demo(model, processor, title: str = "mmllm") -> gr.Blocks:
+    """The Gradio app (not launched) chatting with `model`."""
+    accepted = tuple(kind for kind in FILE_KINDS if kind in model.input_modalities)
+    draws = "image" in model.output_modalities
+    signal_ids = set(model.config.signal_token_ids or [])
+    drawings = Path(tempfile.mkdtemp(prefix="mmllm-demo-"))
+
+    def answer(message: dict, history: list, session: ChatSession, max_new_tokens, temperature, top_p):
+        """Stream the model's answer to the new turn (text and files) into the chat."""
+        text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
+        if not text and not files:
+            raise gr.Error("Type a message or attach a file.")
+        session.add_user_turn(text, files, accepted)
+        inputs = session.inputs(processor)
+        history = history + [{"role": "user", "content": {"path": path}} for path in files]
+        history = history + ([{"role": "user", "content": text}] if text else [])
+        history.append({"role": "assistant", "content": ""})
+        settings = generation_settings(max_new_tokens, temperature, top_p)
+        streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
+        result = {}
+
+        def run():
+            result["ids"] = model.generate(**inputs, **settings, streamer=streamer)
+
+        worker = Thread(target=run)
+        worker.start()
+        for chunk in streamer:
+            history[-1]["content"] += chunk
+            yield gr.MultimodalTextbox(value=None), history, session
+        worker.join()
+        answer_ids = result["ids"][0, inputs["input_ids"].shape[1] :]
+        reply = history[-1]["content"] = processor.decode(answer_ids, skip_special_tokens=True).strip()
+        parts = [{"type": "text", "text": reply}]
+        if draws and set(answer_ids.tolist()) & signal_ids:  # the model answered with an image: draw it
+            pixels = model.generate(**inputs, **settings, generation_mode="image")
+            drawing = processor.post_process_multimodal_output(pixels, generation_mode="image")[0]
+            drawing.save(path := drawings / f"drawing-{len(list(drawings.iterdir()))}.png")
+            history.append({"role": "assistant", "content": {"path": str(path)}})
+            parts.append({"type": "image"})
+        session.messages.append({"role": "assistant", "content": parts})
+        yield gr.MultimodalTextbox(value=None), history, session
+
+    def clear():
+        return [], ChatSession()
+
+    kinds = " and ".join(accepted)
+    with gr.Blocks(title=f"mmllm demo: {title}") as demo:
+        gr.Markdown(f"## {title}\nAsk about {kinds} files (attach several per turn) or chat in text.")
+        chatbot = gr.Chatbot(label="Chat", elem_id="chat", render_markdown=False, height=420)
+        box = gr.MultimodalTextbox(
+            label="Message",
+            elem_id="message",
+            file_types=list(accepted),
+            file_count="multiple",
+            placeholder=f"Type a question; attach {kinds} files with the clip",
+        )
+        with gr.Accordion("Generation settings", open=False):
+            max_new_tokens = gr.Slider(1, 512, value=64, step=1, label="Max new tokens")
+            temperature = gr.Slider(0.0, 2.0, value=0.0, step=0.05, label="Temperature (0: greedy)")
+            top_p = gr.Slider(0.05, 1.0, value=1.0, step=0.05, label="Top-p (with temperature > 0)")
+        reset = gr.Button("Clear the conversation")
+        session = gr.State(ChatSession())
+        box.submit(answer, [box, chatbot, session, max_new_tokens, temperature, top_p], [box, chatbot, session])
+        reset.click(clear, None, [chatbot, session])
+    return demo
+
+
+def launch_demo(model, processor, title: str = "mmllm", host: str = "127.0.0.1", port: int = 7860, share=False):
+    """Build the app and serve it until interrupted (`share=True`: also a public gradio.live link)."""
+    demo = build_demo(model, processor, title)
+    demo.queue().launch(server_name=host, server_port=port, share=share)
+
+
+__all__ = ["build_demo", "launch_demo"]
