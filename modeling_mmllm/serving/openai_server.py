@@ -116,17 +116,27 @@ class MMLLMGenerationState(GenerationState):
 
 
 class MMLLMChatCompletionHandler(ChatCompletionHandler):
-    """`/v1/chat/completions`, with mistakes in the request's content answered by HTTP 400 and a message."""
+    """`/v1/chat/completions`, with mistakes in the request answered by a 4xx in OpenAI's error format
+    (`{"error": {"message": ...}}`, which the `openai` client shows), never a 500."""
 
     async def handle_request(self, body: dict, request_id: str):
         from fastapi import HTTPException
 
         try:
             return await super().handle_request(body, request_id)
+        except HTTPException as error:  # transformers' own checks (unknown fields, another model)
+            return openai_error(error.status_code, str(error.detail))
         except BAD_REQUEST_ERRORS as error:
-            message = str(error).strip() or type(error).__name__
-            message = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + " ..."
-            raise HTTPException(status_code=400, detail=f"Bad request: {message}") from None
+            return openai_error(400, str(error).strip() or type(error).__name__)
+
+
+def openai_error(status: int, message: str):
+    """An OpenAI-style error response; a message quoting the request's data (a long base64 string) is cut."""
+    from fastapi.responses import JSONResponse
+
+    message = message if len(message) <= MESSAGE_CHARS else message[:MESSAGE_CHARS] + " ..."
+    kind = "invalid_request_error" if status < 500 else "server_error"
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
 
 
 def build_app(model: str, quantization: str | None = None, device: str = "cpu"):

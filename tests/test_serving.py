@@ -1,0 +1,250 @@
+"""`mmllm serve`: a real server (a child process on 127.0.0.1) driven by the `openai` client — the listed model id,
+answers equal to greedy `generate` on the chat template (images as data URLs and local files, audio, streaming,
+concurrent requests), bad requests answered with 400 while the server keeps serving; `--quantization`."""
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import numpy as np
+import pytest
+import soundfile
+import torch
+from openai import BadRequestError, OpenAI
+from PIL import Image
+
+from helpers import make_images, seeded_model
+from modeling_mmllm import MMLLMConfig, MMLLMProcessor
+from modeling_mmllm.cli import main
+from modeling_mmllm.saving import save_model_folder
+from modeling_mmllm.serving.quantization import load_for_inference
+
+MAX_TOKENS = 8
+STARTUP_SECONDS = 180
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen) -> None:
+    deadline = time.monotonic() + STARTUP_SECONDS
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"the server exited with {process.returncode}: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError(f"{url} did not answer within {STARTUP_SECONDS} s")
+
+
+def start_server(folder, *options, cwd=None):
+    """`mmllm serve FOLDER --port P` in a child process; the `openai` client for it once `/v1/models` answers."""
+    port = free_port()
+    command = [sys.executable, "-m", "modeling_mmllm.cli", "serve", str(folder), "--port", str(port), *options]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    wait_until_up(f"http://127.0.0.1:{port}/v1/models", process)
+    return process, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
+
+
+def stop_server(process: subprocess.Popen) -> None:
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
+@pytest.fixture(scope="module")
+def server(saved_folder):
+    process, client = start_server(saved_folder)
+    yield client
+    stop_server(process)
+
+
+@pytest.fixture(scope="module")
+def local_model(saved_folder):
+    return load_for_inference(saved_folder)
+
+
+def data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode()
+
+
+def generate_locally(model, processor, text: str, images=(), audio=()) -> str:
+    """What `mmllm generate` answers: the chat template with one part per item, greedy."""
+    parts = [{"type": "image"}] * len(images) + [{"type": "audio"}] * len(audio) + [{"type": "text", "text": text}]
+    prompt = processor.apply_chat_template([{"role": "user", "content": parts}], add_generation_prompt=True)
+    inputs = processor(images=list(images) or None, audio=list(audio) or None, text=[prompt], return_tensors="pt")
+    output = model.generate(**inputs, max_new_tokens=MAX_TOKENS, do_sample=False)
+    return processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+
+def ask(client, content, **options) -> str:
+    reply = client.chat.completions.create(
+        model=client.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        **options,
+    )
+    return reply.choices[0].message.content.strip()
+
+
+def image_parts(urls: list[str], text: str) -> list[dict]:
+    return [{"type": "image_url", "image_url": {"url": url}} for url in urls] + [{"type": "text", "text": text}]
+
+
+def test_models_lists_the_served_folder_under_the_id_chat_accepts(server, saved_folder):
+    models = server.models.list().data
+    assert [model.id for model in models] == [str(saved_folder)]
+    reply = server.chat.completions.create(
+        model=models[0].id, messages=[{"role": "user", "content": "hello"}], max_tokens=2, temperature=0
+    )
+    assert reply.model == str(saved_folder) and reply.usage.completion_tokens <= 2
+    with pytest.raises(BadRequestError, match="pinned"):
+        server.chat.completions.create(model="someone/else", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_answers_equal_generate_for_data_urls_local_files_and_text(server, local_model, tmp_path):
+    model, processor = local_model
+    images = make_images(2, seed=3)
+    paths = [tmp_path / f"image{i}.png" for i in range(2)]
+    for image, path in zip(images, paths):
+        image.save(path)
+    question = "What colour are the shapes?"
+    assert ask(server, image_parts([data_url(images[0])], question)) == generate_locally(
+        model, processor, question, images[:1]
+    )
+    assert ask(server, image_parts([str(path) for path in paths], question)) == generate_locally(
+        model, processor, question, images
+    )
+    assert ask(server, question) == generate_locally(model, processor, question)
+
+
+def test_streaming_gives_the_same_answer_in_pieces(server):
+    content = image_parts([data_url(make_images(1, seed=5)[0])], "Describe it.")
+    stream = server.chat.completions.create(
+        model=server.models.list().data[0].id,
+        messages=[{"role": "user", "content": content}],
+        max_tokens=MAX_TOKENS,
+        temperature=0,
+        stream=True,
+    )
+    chunks = [chunk.choices[0].delta.content for chunk in stream if chunk.choices and chunk.choices[0].delta.content]
+    assert len(chunks) > 1
+    assert "".join(chunks).strip() == ask(server, content)
+
+
+def test_concurrent_requests_each_get_their_own_answer(server):
+    requests = [image_parts([data_url(image)], f"Question {i}?") for i, image in enumerate(make_images(4, seed=9))]
+    alone = [ask(server, content) for content in requests]
+    with ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda content: ask(server, content), requests))
+    assert together == alone and len(set(alone)) > 1
+
+
+BAD_REQUESTS = {
+    "bad base64": (image_parts(["data:image/png;base64,!!!not-base64"], "What is it?"), "Incorrect image source"),
+    "not an image": (
+        image_parts(["data:image/png;base64," + base64.b64encode(b"no picture here").decode()], "What is it?"),
+        "cannot identify image file",
+    ),
+    "missing file": (image_parts(["/no/such/picture.png"], "What is it?"), "Incorrect image source"),
+    "more placeholders than images": (image_parts([data_url(make_images(1)[0])], "<image> and this?"), "placeholder"),
+    "prompt over the context": ("word " * 3000, "context"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_REQUESTS))
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server, case, stream):
+    content, message = BAD_REQUESTS[case]
+    with pytest.raises(BadRequestError, match=message) as error:
+        ask(server, content, stream=stream)
+    assert error.value.status_code == 400
+    assert ask(server, "still there?")  # the next request is answered
+
+
+def test_an_image_in_an_assistant_turn_of_a_text_answering_model_is_a_400(server):
+    with pytest.raises(BadRequestError, match="signal tokens"):
+        server.chat.completions.create(
+            model=server.models.list().data[0].id,
+            messages=[{"role": "assistant", "content": image_parts([data_url(make_images(1)[0])], "look")}],
+        )
+
+
+@pytest.fixture(scope="module")
+def audio_folder(tmp_path_factory):
+    model, processor = seeded_model(MMLLMConfig.from_preset("audio-tiny")), MMLLMProcessor.from_preset("audio-tiny")
+    return save_model_folder(model, processor, tmp_path_factory.mktemp("serve") / "audio-tiny")
+
+
+def test_audio_models_take_input_audio_parts(audio_folder, tmp_path):
+    wav = tmp_path / "tone.wav"
+    soundfile.write(wav, (0.5 * np.sin(np.arange(16000) * 0.2)).astype("float32"), 16000)
+    question = "How many beeps?"
+    content = [
+        {"type": "input_audio", "input_audio": {"data": base64.b64encode(wav.read_bytes()).decode(), "format": "wav"}},
+        {"type": "text", "text": question},
+    ]
+    model, processor = load_for_inference(audio_folder)
+    expected = generate_locally(model, processor, question, audio=[str(wav)])
+    process, client = start_server(audio_folder)
+    try:
+        assert ask(client, content) == expected
+    finally:
+        stop_server(process)
+
+
+# --- quantization -------------------------------------------------------------------------------------------
+
+
+def _logits(model, inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("quantization,tolerance", [("int8", 0.02), ("int4", 0.3)])
+def test_quantized_loading_stores_low_bit_weights_and_stays_close(saved_folder, local_model, quantization, tolerance):
+    model, processor = local_model
+    quantized, _ = load_for_inference(saved_folder, quantization)
+    weight = quantized.model.language_model.layers[0].self_attn.q_proj.weight
+    assert type(weight).__name__ in ("Int8Tensor", "IntxUnpackedToInt8Tensor") and "int" in str(weight.qdata.dtype)
+    inputs = processor(images=make_images(1), text=["<image> What is it?"], return_tensors="pt")
+    reference, low_bit = _logits(model, inputs), _logits(quantized, inputs)
+    assert 0 < (low_bit - reference).abs().max() <= tolerance * reference.abs().max()
+
+
+def test_generate_with_quantization_answers_as_the_quantized_model(saved_folder, tmp_path, capsys):
+    image = make_images(1, seed=4)[0]
+    image.save(path := tmp_path / "image.png")
+    question = "What colour are the shapes?"
+    assert main(["generate", str(saved_folder), "--image", str(path), "--prompt", question, "--quantization", "int8",
+                 "--max-new-tokens", str(MAX_TOKENS)]) == 0  # fmt: skip
+    quantized, processor = load_for_inference(saved_folder, "int8")
+    assert capsys.readouterr().out.strip() == generate_locally(quantized, processor, question, [image])
+
+
+def test_quantization_that_cannot_apply_is_a_clear_error(tmp_path, capsys):
+    config = MMLLMConfig.from_preset("llava-tiny")
+    config.vision_config.intermediate_size = 72  # a layer 72 wide: not a whole number of int4 groups of 32
+    folder = save_model_folder(seeded_model(config), MMLLMProcessor.from_preset("llava-tiny"), tmp_path / "narrow")
+    assert main(["generate", str(folder), "--prompt", "hi", "--quantization", "int4"]) == 1
+    assert "--quantization int4: torchao cannot quantize" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "missing"), "--quantization", "int8"]) == 1
+    assert "neither a model folder nor a Hub id" in capsys.readouterr().err
