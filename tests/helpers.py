@@ -252,3 +252,69 @@ def save_tiny_stable_diffusion(root: Path) -> Path:
     )
     pipeline.save_pretrained(root / "pipeline", safe_serialization=True)
     return root / "pipeline"
+
+
+# --- a real browser (Debian's chromium, driven by Playwright) for the demo tests --------------------------------
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--headless",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+ARTIFACTS = ROOT / "test-artifacts"  # screenshots the tests save (git-ignored)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (for a server a test starts)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ask_in_browser(url: str, files: list[Path], prompt: str, screenshot: Path, settle: float = 2.0) -> str:
+    """Open the demo at `url` in a fresh headless Chromium, attach `files`, send `prompt`, wait for the streamed
+    answer to settle, save a screenshot, and return the answer's text as the page shows it."""
+    import tempfile
+    import time
+
+    from playwright.sync_api import sync_playwright
+
+    assert CHROMIUM.is_file(), "the demo tests need Debian's chromium: `./run tests` installs it (apt-get)"
+    with sync_playwright() as playwright, tempfile.TemporaryDirectory() as profile:
+        browser = playwright.chromium.launch_persistent_context(
+            profile,
+            executable_path=str(CHROMIUM),
+            headless=True,
+            args=CHROMIUM_ARGS,
+            viewport={"width": 1000, "height": 900},
+        )
+        try:
+            page = browser.new_page()
+            page.goto(url)
+            page.wait_for_selector("#message textarea", timeout=60_000)
+            if files:
+                page.set_input_files("#message input[type=file]", [str(path) for path in files])
+                page.wait_for_function(f"document.querySelectorAll('#message img').length >= {len(files)}")
+            page.fill("#message textarea", prompt)
+            page.press("#message textarea", "Enter")
+            answer, stable_since, deadline = "", time.monotonic(), time.monotonic() + 120
+            while time.monotonic() < deadline:
+                bots = page.query_selector_all("#chat [data-testid=bot]")
+                text = bots[-1].inner_text() if bots else ""
+                if text != answer:
+                    answer, stable_since = text, time.monotonic()
+                elif answer and time.monotonic() - stable_since > settle:
+                    break
+                time.sleep(0.2)
+            screenshot.parent.mkdir(parents=True, exist_ok=True)
+            page.screenshot(path=str(screenshot), full_page=True)
+            return answer
+        finally:
+            browser.close()

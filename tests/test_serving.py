@@ -5,7 +5,6 @@ concurrent requests), bad requests answered with 400 while the server keeps serv
 import base64
 import io
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import torch
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
-from helpers import make_images, seeded_model
+from helpers import free_port, make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.cli import main
 from modeling_mmllm.saving import save_model_folder
@@ -27,12 +26,6 @@ from modeling_mmllm.serving.quantization import load_for_inference
 
 MAX_TOKENS = 8
 STARTUP_SECONDS = 180
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait_until_up(url: str, process: subprocess.Popen) -> None:
