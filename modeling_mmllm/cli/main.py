@@ -2,11 +2,17 @@
 
 import argparse
 import json
+import logging
 import sys
 from contextlib import contextmanager
 from pathlib import Path
 
 USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError)
+
+# transformers imports torchao whenever it is installed (the serve extra): torchao then logs the CUDA kernels a CPU
+# cannot load and torch logs torchao's use of a deprecated pytree call, on every command. Neither is the user's.
+for _noisy in ("torchao", "torch.utils._pytree"):
+    logging.getLogger(_noisy).setLevel(logging.ERROR)
 
 
 def _load_folder(folder: str, quantization: str | None = None):
@@ -274,7 +280,7 @@ def demo(args: argparse.Namespace) -> None:
     from ..serving.gradio_demo import launch_demo
 
     model, processor = _load_folder(args.model, args.quantization)
-    launch_demo(model, processor, title=Path(args.model).name, host=args.host, port=args.port, share=args.share)
+    launch_demo(model, processor, title=args.model, host=args.host, port=args.port, share=args.share)
 
 
 def quickstart(args: argparse.Namespace) -> None:
@@ -290,8 +296,8 @@ def _quantization_option(command: argparse.ArgumentParser) -> None:
     command.add_argument(
         "--quantization",
         choices=QUANTIZATIONS,
-        help="quantize the weights as they load (torchao): int8 (about a quarter of fp32's memory, logits within "
-        "about 1%%) or int4 (an eighth; coarser)",
+        help="quantize the linear layers' weights to int8 as they load (torchao; the README's benchmark has the "
+        "memory and the logit error); int4 is refused on a CPU, with the reason",
     )
 
 
