@@ -1,7 +1,7 @@
 """Quantized CPU inference (`--quantization int8` / `int4`, torchao through transformers' `TorchAoConfig`) against
 fp32 on the same saved folder: weight memory, logit error, greedy agreement, decode speed.
 
-A mid-size model (CLIP 448 px + abstractor + Llama 8 x 768, 32k vocabulary: 130M parameters), saved once; each
+A mid-size model (CLIP 448 px + abstractor + Llama 8 x 768, 32k vocabulary: 114M parameters), saved once; each
 variant loads it in its own subprocess, interleaved. Logit error: max |quantized - fp32| over max |fp32| on one
 image + 32-token prompt; agreement: share of positions whose arg-max token is fp32's. `int4-cpu` is torchao's only
 int4 that runs on a CPU here (`IntxWeightOnlyConfig`, groups of 32): it shows why `--quantization int4` is refused.

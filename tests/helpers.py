@@ -278,6 +278,40 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def start_service(command: list[str], url: str, cwd=None, seconds: float = 180):
+    """A server (`mmllm serve`, `mmllm demo`) in a child process, returned once `url` answers 200."""
+    import os
+    import subprocess
+    import time
+
+    import httpx
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise AssertionError(f"{command} exited with {process.returncode}: {process.stdout.read()[-3000:]}")
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return process
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    process.kill()
+    raise AssertionError(f"{url} did not answer within {seconds} s")
+
+
+def stop_service(process) -> None:
+    import subprocess
+
+    process.terminate()
+    try:
+        process.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        process.kill()
+
+
 def ask_in_browser(url: str, files: list[Path], prompt: str, screenshot: Path, settle: float = 2.0) -> str:
     """Open the demo at `url` in a fresh headless Chromium, attach `files`, send `prompt`, wait for the streamed
     answer to settle, save a screenshot, and return the answer's text as the page shows it."""

@@ -36,7 +36,18 @@ from transformers import (
     SiglipVisionModel,
 )
 
-from helpers import ROOT, save_tiny_stable_diffusion, tiny_idefics_config, tiny_text_config, tiny_vision_config
+from helpers import (
+    ARTIFACTS,
+    ROOT,
+    ask_in_browser,
+    free_port,
+    save_tiny_stable_diffusion,
+    start_service,
+    stop_service,
+    tiny_idefics_config,
+    tiny_text_config,
+    tiny_vision_config,
+)
 from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.synthetic import Sound, make_dataset, synthesize
@@ -138,6 +149,12 @@ COMMANDS = {
         "runs/flamingo-tiny/stage0/model/model.safetensors",
     ),
     "mmllm train flamingo-tiny-sft": ("--max_steps 4 --data.n 32 --eval.n 8", "runs/flamingo-tiny/sft/model"),
+    # servers: `readme_server` starts this one for the README's client block; the browser test starts the demo
+    "mmllm serve runs/quickstart/stage2/model --port 8000": None,
+    "mmllm demo runs/quickstart/stage2/model": None,
+    "mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt "
+    '"What colour are the shapes?" --quantization int8': ("", None),
+    "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
 }
 
 
@@ -307,13 +324,52 @@ def _check_benchmark_figures(model: str, printed: str) -> None:
         assert vqa <= 0.1 and choice <= 0.6 and pope <= 0.6 and mme <= 450, printed
 
 
+def _readme_server_command(name: str, port: int) -> list[str]:
+    """The README's `mmllm NAME ...` command, run from this checkout's environment on `port`."""
+    command = next(command for command in readme_commands() if command.startswith(f"mmllm {name} "))
+    argv = shlex.split(command.replace("--port 8000", ""))
+    return [sys.executable, "-m", "modeling_mmllm.cli", *argv[1:], "--port", str(port)]
+
+
+@pytest.fixture(scope="module")
+def readme_server(workdir):
+    """The README's `mmllm serve` command, running (on a free port) while the README's client block runs."""
+    port = free_port()
+    process = start_service(_readme_server_command("serve", port), f"http://127.0.0.1:{port}/v1/models", workdir)
+    yield port
+    stop_service(process)
+
+
 @pytest.mark.slow
-def test_readme_python_blocks_run_in_order(workdir):
+def test_readme_python_blocks_run_in_order(workdir, readme_server):
     """All Python blocks, in README order, in one fresh interpreter (as a reader pasting them would)."""
-    script = "\n".join(code_blocks("python"))
+    script = "\n".join(code_blocks("python")).replace("127.0.0.1:8000", f"127.0.0.1:{readme_server}")
     run = subprocess.run(
         [sys.executable, "-c", script], cwd=workdir, env=ENV, capture_output=True, text=True, timeout=900
     )
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.split()[:1] == ["red"]  # the quickstart model's answer about the quickstart's new image
+    assert re.search(r"^served: red$", run.stdout, re.MULTILINE), run.stdout  # the same answer, from the server
     assert (workdir / "my-model" / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_readme_demo_answers_in_a_browser_as_generate_does(workdir, monkeypatch, capsys):
+    """The README's `mmllm demo` in headless Chromium: attach the quickstart's new image, ask, read the answer; it
+    is `mmllm generate`'s. The screenshot is the README's picture (test-artifacts/demo-quickstart.png)."""
+    question = "What colour are the shapes?"
+    port = free_port()
+    process = start_service(_readme_server_command("demo", port), f"http://127.0.0.1:{port}/", workdir)
+    try:
+        shown = ask_in_browser(
+            f"http://127.0.0.1:{port}/",
+            [workdir / "runs/quickstart/new_image.png"],
+            question,
+            ARTIFACTS / "demo-quickstart.png",
+        )
+    finally:
+        stop_service(process)
+    monkeypatch.chdir(workdir)
+    image = "runs/quickstart/new_image.png"
+    assert main(["generate", "runs/quickstart/stage2/model", "--image", image, "--prompt", question]) == 0
+    assert shown.strip() == capsys.readouterr().out.strip() == "red"

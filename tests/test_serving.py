@@ -4,13 +4,9 @@ concurrent requests), bad requests answered with 400 while the server keeps serv
 
 import base64
 import io
-import os
-import subprocess
 import sys
-import time
 from concurrent.futures import ThreadPoolExecutor
 
-import httpx
 import numpy as np
 import pytest
 import soundfile
@@ -18,53 +14,28 @@ import torch
 from openai import BadRequestError, OpenAI
 from PIL import Image
 
-from helpers import free_port, make_images, seeded_model
+from helpers import free_port, make_images, seeded_model, start_service, stop_service
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.cli import main
 from modeling_mmllm.saving import save_model_folder
 from modeling_mmllm.serving.quantization import load_for_inference
 
 MAX_TOKENS = 8
-STARTUP_SECONDS = 180
-
-
-def wait_until_up(url: str, process: subprocess.Popen) -> None:
-    deadline = time.monotonic() + STARTUP_SECONDS
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"the server exited with {process.returncode}: {process.stdout.read()[-3000:]}")
-        try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"{url} did not answer within {STARTUP_SECONDS} s")
 
 
 def start_server(folder, *options, cwd=None):
     """`mmllm serve FOLDER --port P` in a child process; the `openai` client for it once `/v1/models` answers."""
     port = free_port()
     command = [sys.executable, "-m", "modeling_mmllm.cli", "serve", str(folder), "--port", str(port), *options]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    wait_until_up(f"http://127.0.0.1:{port}/v1/models", process)
+    process = start_service(command, f"http://127.0.0.1:{port}/v1/models", cwd=cwd)
     return process, OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0)
-
-
-def stop_server(process: subprocess.Popen) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=20)
-    except subprocess.TimeoutExpired:
-        process.kill()
 
 
 @pytest.fixture(scope="module")
 def server(saved_folder):
     process, client = start_server(saved_folder)
     yield client
-    stop_server(process)
+    stop_service(process)
 
 
 @pytest.fixture(scope="module")
@@ -201,7 +172,7 @@ def test_audio_models_take_input_audio_parts(audio_folder, tmp_path):
     try:
         assert ask(client, content) == expected
     finally:
-        stop_server(process)
+        stop_service(process)
 
 
 # --- quantization -------------------------------------------------------------------------------------------
