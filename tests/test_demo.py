@@ -74,6 +74,16 @@ def test_the_settings_panel_sets_the_answer_length(demo, tiny_model, processor, 
     assert len(sampled) > 1  # temperature > 0 samples
 
 
+def test_answers_stream_in_pieces(demo, tmp_path):
+    make_images(1, seed=6)[0].save(path := tmp_path / "image.png")
+    job = Client(demo, verbose=False).submit(
+        {"text": QUESTION, "files": [handle_file(str(path))]}, [], 16, 0.0, 1.0, api_name="/answer"
+    )
+    job.result()
+    answers = [_texts(chat)[-1] for _, chat in job.outputs() if _texts(chat)]
+    assert len(set(answers)) > 2 and all(answers[-1].startswith(answer.strip()) for answer in answers)
+
+
 def test_audio_models_take_audio_files(tmp_path):
     model, processor = seeded_model(MMLLMConfig.from_preset("audio-tiny")), MMLLMProcessor.from_preset("audio-tiny")
     soundfile.write(wav := tmp_path / "beeps.wav", (0.5 * np.sin(np.arange(20000) * 0.3)).astype("float32"), 16000)

@@ -18,6 +18,7 @@ from helpers import free_port, make_images, seeded_model, start_service, stop_se
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.cli import main
 from modeling_mmllm.saving import save_model_folder
+from modeling_mmllm.serving.openai_server import MMLLMModelManager
 from modeling_mmllm.serving.quantization import load_for_inference
 
 MAX_TOKENS = 8
@@ -201,6 +202,12 @@ def test_generate_with_quantization_answers_as_the_quantized_model(saved_folder,
                  "--max-new-tokens", str(MAX_TOKENS)]) == 0  # fmt: skip
     quantized, processor = load_for_inference(saved_folder, "int8")
     assert capsys.readouterr().out.strip() == generate_locally(quantized, processor, question, [image])
+
+
+def test_the_server_loads_the_model_quantized_when_asked(saved_folder):
+    manager = MMLLMModelManager(str(saved_folder), quantization="int8")
+    model = manager.loaded_pair(str(saved_folder))[0]
+    assert type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
 
 
 @pytest.mark.parametrize("command", ["generate", "chat", "serve", "demo"])
