@@ -46,6 +46,13 @@ class MMLLMModelManager(ModelManager):
         self.mmllm_quantization = quantization
         super().__init__(device=device, force_model=model)
 
+    @staticmethod
+    def process_model_name(model_id: str) -> str:
+        """transformers 5.24's naming on every version: a local folder keeps its path (5.23 appended `@main`, and
+        replies then named the model otherwise than `/v1/models` lists it); a Hub id gets `@main` unless it has a
+        revision."""
+        return model_id if os.path.exists(model_id) or "@" in model_id else f"{model_id}@main"
+
     def _load_processor(self, model_id_and_revision: str, gguf_file: str | None = None):
         return self.loaded_pair(model_id_and_revision)[1]
 
