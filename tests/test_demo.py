@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import soundfile
 from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
 
 from helpers import ARTIFACTS, ask_in_browser, free_port, make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
@@ -53,8 +54,8 @@ def test_in_a_browser_two_images_and_a_question_get_the_generate_answer(demo, ti
     assert screenshot.stat().st_size > 10_000
 
 
-def _answer(url, text, files=(), max_new_tokens=64, temperature=0.0, top_p=1.0):
-    client = Client(url, verbose=False)
+def _answer(url, text, files=(), max_new_tokens=64, temperature=0.0, top_p=1.0, client=None):
+    client = client or Client(url, verbose=False)
     message = {"text": text, "files": [handle_file(str(path)) for path in files]}
     _, chat = client.predict(message, [], max_new_tokens, temperature, top_p, api_name="/answer")
     return chat
@@ -82,6 +83,30 @@ def test_answers_stream_in_pieces(demo, tmp_path):
     job.result()
     answers = [_texts(chat)[-1] for _, chat in job.outputs() if _texts(chat)]
     assert len(set(answers)) > 2 and all(answers[-1].startswith(answer.strip()) for answer in answers)
+
+
+def test_a_turn_over_the_context_is_refused_and_leaves_the_conversation_as_it_was(
+    demo, tiny_model, processor, tmp_path
+):
+    client = Client(demo, verbose=False)  # one session: the conversation carries over between its calls
+    make_images(1, seed=7)[0].save(path := tmp_path / "image.png")
+    with pytest.raises(AppError, match="context"):
+        _answer(demo, "word " * 600, [path], client=client)
+    chat = _answer(demo, QUESTION, [path], max_new_tokens=4, client=client)
+    expected = generate_text(tiny_model, processor, QUESTION, max_new_tokens=4, images=make_images(1, seed=7))
+    assert _texts(chat) == [expected]
+    follow_up = _answer(demo, "And the sizes?", max_new_tokens=4, client=client)  # the second turn sees the first
+    messages = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": QUESTION}]},
+        {"role": "assistant", "content": [{"type": "text", "text": expected}]},
+        {"role": "user", "content": [{"type": "text", "text": "And the sizes?"}]},
+    ]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    inputs = processor(text=[prompt], images=make_images(1, seed=7), return_tensors="pt")
+    output = tiny_model.generate(**inputs, max_new_tokens=4, do_sample=False)
+    assert _texts(follow_up) == [
+        processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    ]
 
 
 def test_audio_models_take_audio_files(tmp_path):

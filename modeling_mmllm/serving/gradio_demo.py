@@ -14,6 +14,8 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 from transformers import TextIteratorStreamer
 
+from .context import new_token_budget
+
 FILE_KINDS = {"image": "images", "video": "videos", "audio": "audio"}  # MIME family -> processor argument
 
 
@@ -36,25 +38,29 @@ def _open_image(path: str) -> Image.Image:
 class ChatSession:
     """One conversation: the messages in chat-template form and the media they refer to, in order."""
 
-    def __init__(self):
-        self.messages: list[dict] = []
-        self.media: dict[str, list] = {argument: [] for argument in FILE_KINDS.values()}
+    def __init__(self, messages: list[dict] | None = None, media: dict[str, list] | None = None):
+        self.messages = messages or []
+        self.media = media or {argument: [] for argument in FILE_KINDS.values()}
 
-    def add_user_turn(self, text: str, files: list[str], accepted: tuple[str, ...]) -> None:
-        kinds = [file_kind(path, accepted) for path in files]  # all checked before anything is added
+    def with_user_turn(self, text: str, files: list[str], accepted: tuple[str, ...]) -> "ChatSession":
+        """A new session with this turn added: a turn that fails (an unreadable file, a prompt over the context)
+        leaves the conversation as it was."""
+        kinds = [file_kind(path, accepted) for path in files]
         items = [_open_image(path) if kind == "image" else path for path, kind in zip(files, kinds)]
+        media = {argument: list(items_so_far) for argument, items_so_far in self.media.items()}
         for kind, item in zip(kinds, items):
-            self.media[FILE_KINDS[kind]].append(item)
+            media[FILE_KINDS[kind]].append(item)
         parts = [{"type": kind} for kind in kinds] + ([{"type": "text", "text": text}] if text else [])
-        self.messages.append({"role": "user", "content": parts})
+        return ChatSession(self.messages + [{"role": "user", "content": parts}], media)
 
-    def inputs(self, processor):
+    def inputs(self, processor, model, max_new_tokens: int):
+        """The processor's inputs for the whole conversation and the new tokens the context has room for."""
         prompt = processor.apply_chat_template(self.messages, add_generation_prompt=True)
         media = {argument: items or None for argument, items in self.media.items()}
         try:
-            return processor(text=[prompt], return_tensors="pt", **media)
+            inputs = processor(text=[prompt], return_tensors="pt", **media)
+            return inputs, new_token_budget(model, inputs["input_ids"].shape[1], max_new_tokens)
         except ValueError as error:
-            self.messages.pop()
             raise gr.Error(str(error)) from None
 
 
@@ -76,12 +82,12 @@ def build_demo(model, processor, title: str = "mmllm") -> gr.Blocks:
         text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
         if not text and not files:
             raise gr.Error("Type a message or attach a file.")
-        session.add_user_turn(text, files, accepted)
-        inputs = session.inputs(processor)
+        session = session.with_user_turn(text, files, accepted)
+        settings = generation_settings(max_new_tokens, temperature, top_p)
+        inputs, settings["max_new_tokens"] = session.inputs(processor, model, settings["max_new_tokens"])
         history = history + [{"role": "user", "content": {"path": path}} for path in files]
         history = history + ([{"role": "user", "content": text}] if text else [])
         history.append({"role": "assistant", "content": ""})
-        settings = generation_settings(max_new_tokens, temperature, top_p)
         streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
         result = {}
 

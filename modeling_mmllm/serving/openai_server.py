@@ -23,6 +23,7 @@ from transformers.cli.serving.systemone import SystemOneHandler
 from transformers.cli.serving.transcription import TranscriptionHandler
 from transformers.cli.serving.utils import GenerateManager, GenerationState, Modality
 
+from .context import new_token_budget
 from .quantization import load_for_inference
 
 # What a request's own content can raise while its media are read and its prompt is built: answered with 400.
@@ -92,17 +93,8 @@ class ContextCheckedGenerateManager(GenerateManager):
 
     @staticmethod
     def fit_to_context(model, inputs, gen_config) -> None:
-        context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
         prompt = inputs["input_ids"].shape[-1]
-        if context is None:
-            return
-        if prompt >= context:
-            raise ValueError(
-                f"The prompt is {prompt} tokens, and this model's context is {context}: shorten the messages "
-                "(or send fewer images)."
-            )
-        if gen_config.max_new_tokens is None or gen_config.max_new_tokens > context - prompt:
-            gen_config.max_new_tokens = context - prompt
+        gen_config.max_new_tokens = new_token_budget(model, prompt, gen_config.max_new_tokens)
 
     def generate_streaming(self, model, processor, inputs, gen_config, request_id, response_parser=None):
         self.fit_to_context(model, inputs, gen_config)

@@ -1,0 +1,19 @@
+"""The backbone's context, shared by the server and the demo: past it a model writes garbage, so a prompt that
+fills it is refused and the new tokens are capped at what is left."""
+
+
+def new_token_budget(model, prompt_tokens: int, max_new_tokens: int | None) -> int | None:
+    """`max_new_tokens` capped at the room the prompt leaves in the context; a `ValueError` that says so for a
+    prompt that leaves none. Models whose backbone names no context length are left as they are."""
+    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    if context is None:
+        return max_new_tokens
+    if prompt_tokens >= context:
+        raise ValueError(
+            f"The prompt is {prompt_tokens} tokens, and this model's context is {context}: shorten the messages "
+            "(or send fewer images, or start a new conversation)."
+        )
+    return context - prompt_tokens if max_new_tokens is None else min(max_new_tokens, context - prompt_tokens)
+
+
+__all__ = ["new_token_budget"]
