@@ -65,18 +65,21 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
-    from ..training import load_recipe, parse_overrides, recipe_help
+    from ..training import load_recipe, parse_overrides, recipe_help, recipe_trainer
     from ..training import train as run_recipe
 
     if {"-h", "--help"} & set(args.overrides):
-        print(recipe_help())
+        print(recipe_help(recipe_trainer(args.recipe)))
         return
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
     results = folder / "eval_results.json"
-    if results.is_file():  # the recipe's held-out evaluation (also in the model card)
-        for name, value in json.loads(results.read_text()).items():
-            print(f"{name:<26}{value:.1%}")
+    if results.is_file():  # the recipe's held-out evaluation (also in the model card), "before -> after" for DPO
+        metrics = json.loads(results.read_text())
+        for name, value in metrics.items():
+            if not name.startswith("before/"):
+                before = metrics.get(f"before/{name}")
+                print(f"{name:<26}" + (f"{before:.1%} -> " if before is not None else "") + f"{value:.1%}")
     print(f"model saved to {folder}")
 
 
@@ -287,7 +290,9 @@ def quickstart(args: argparse.Namespace) -> None:
     """The main job: train the embedded default through three stages, evaluate, save, reload, answer."""
     from ..quickstart.run import run_quickstart
 
-    run_quickstart(Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres)
+    run_quickstart(
+        Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres, dpo=args.dpo
+    )
 
 
 def _quantization_option(command: argparse.ArgumentParser) -> None:
@@ -324,6 +329,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also train llava-next-tiny (AnyRes tiles) and llava-tiny (one view) on a task that needs resolution "
         "(about two minutes) and report both",
+    )
+    command.add_argument(
+        "--dpo",
+        action="store_true",
+        help="then align the stage-2 model on preference pairs (DPO, recipe quickstart-dpo, about two minutes) and "
+        "report its preference rate and exact match before and after",
     )
     command.set_defaults(run=quickstart)
 

@@ -1,6 +1,7 @@
 """Training data for recipes: synthetic sets, `datasets` datasets, LLaVA-style JSON (library side).
 
-Every source becomes TRL's conversational format (`images` + `messages`). Rows whose images (input images, or the
+Every source becomes TRL's conversational format (`images` + `messages`), or for preference tuning TRL's
+preference format (`images` + `prompt` / `chosen` / `rejected`). Rows whose images (input images, or the
 `generation_image` targets of image-generation rows) are missing or cannot be decoded are found before training and
 reported by row index: skipped with a count, or the run stops.
 """
@@ -107,8 +108,27 @@ def _image_problem(image: dict) -> str | None:
     return None
 
 
-def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
-    """The recipe's `data` section as a dataset, with bad rows skipped or reported (`bad_rows: skip | stop`)."""
+PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
+
+
+def load_training_data(spec: dict, bad_rows: str = "stop", layout: str = "conversation") -> Dataset:
+    """The recipe's `data` section as a dataset, with bad rows skipped or reported (`bad_rows: skip | stop`).
+
+    `layout` is what the trainer reads: `conversation` (`images` + `messages`, SFT), `preference` (`prompt` /
+    `chosen` / `rejected`, with `images` for image pairs: DPO; a pair with an empty answer is a bad row) or `any`.
+    """
+    dataset = _source_dataset(spec)
+    check_layout(dataset, layout)
+    if "synthetic" in spec:  # made here: nothing to check
+        return dataset
+    if "images" in dataset.column_names:
+        dataset = drop_bad_rows(dataset, find_bad_rows(dataset), bad_rows, "bad images")
+    if is_preference(dataset):
+        dataset = drop_bad_rows(dataset, empty_answer_rows(dataset), bad_rows, "an empty answer")
+    return dataset
+
+
+def _source_dataset(spec: dict) -> Dataset:
     if "synthetic" in spec:
         return make_dataset(
             spec["synthetic"],
@@ -124,16 +144,56 @@ def load_training_data(spec: dict, bad_rows: str = "stop") -> Dataset:
                 f"llava_json task={task!r}: use chat (the conversations) or generate (captions -> images)."
             )
         source = llava_generation_dataset if task == "generate" else llava_json_dataset
-        dataset = source(spec["llava_json"], spec.get("image_folder", "."))
-    elif "dataset" in spec:
-        dataset = _load_dataset(spec["dataset"], spec.get("split", "train"))
-    else:
-        raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
-    if "images" not in dataset.column_names or "messages" not in dataset.column_names:
+        return source(spec["llava_json"], spec.get("image_folder", "."))
+    if "dataset" in spec:
+        return _load_dataset(spec["dataset"], spec.get("split", "train"))
+    raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
+
+
+def is_preference(dataset: Dataset) -> bool:
+    """Whether `dataset` is in TRL's preference format (`prompt`, `chosen`, `rejected` columns)."""
+    return set(PREFERENCE_COLUMNS) <= set(dataset.column_names)
+
+
+def check_layout(dataset: Dataset, layout: str) -> None:
+    """A clear error when the data is not in the format the trainer reads."""
+    columns = dataset.column_names
+    conversation = {"images", "messages"} <= set(columns)
+    if layout == "preference" and not is_preference(dataset):
         raise ValueError(
-            f"Training data needs `images` and `messages` columns (TRL's format); got {dataset.column_names}."
+            "Preference data (trainer: dpo) needs `prompt`, `chosen` and `rejected` columns, plus `images` for "
+            f"image pairs (TRL's preference format); got {columns}."
         )
-    return drop_bad_rows(dataset, find_bad_rows(dataset), bad_rows, "bad images")
+    if layout == "conversation" and not conversation:
+        hint = " This is preference data: train it with `trainer: dpo`." if is_preference(dataset) else ""
+        raise ValueError(f"Training data needs `images` and `messages` columns (TRL's format); got {columns}.{hint}")
+    if layout == "any" and not (conversation or is_preference(dataset)):
+        raise ValueError(
+            "Evaluation data needs `images` and `messages` columns, or preference pairs (`prompt`, `chosen`, "
+            f"`rejected`); got {columns}."
+        )
+
+
+def empty_answer_rows(dataset: Dataset) -> dict[int, str]:
+    """Row index -> reason, for preference pairs whose chosen or rejected answer has no text."""
+    bad = {}
+    for index, row in enumerate(dataset.select_columns(["chosen", "rejected"])):
+        empty = [column for column in ("chosen", "rejected") if not _answer_text(row[column]).strip()]
+        if empty:
+            bad[index] = f"an empty {' and '.join(empty)} answer"
+    return bad
+
+
+def _answer_text(answer) -> str:
+    """The text of an answer: a string, or the assistant turns' text (string or typed-part content)."""
+    if isinstance(answer, str):
+        return answer
+    texts = []
+    for message in answer or []:
+        content = message.get("content")
+        parts = content if isinstance(content, list) else [{"type": "text", "text": content}]
+        texts += [part.get("text") or "" for part in parts if part.get("type") == "text"]
+    return "".join(texts)
 
 
 def drop_bad_rows(dataset: Dataset, bad: dict[int, str], bad_rows: str, what: str) -> Dataset:
@@ -158,4 +218,14 @@ def _load_dataset(name_or_path: str, split: str) -> Dataset:
     return load_dataset(name_or_path, split=split)
 
 
-__all__ = ["drop_bad_rows", "find_bad_rows", "llava_generation_dataset", "llava_json_dataset", "load_training_data"]
+__all__ = [
+    "PREFERENCE_COLUMNS",
+    "check_layout",
+    "drop_bad_rows",
+    "empty_answer_rows",
+    "find_bad_rows",
+    "is_preference",
+    "llava_generation_dataset",
+    "llava_json_dataset",
+    "load_training_data",
+]

@@ -15,7 +15,7 @@ in the held-out split.
 """
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 from datasets import Dataset, Features, Image, Sequence, Value
@@ -92,6 +92,36 @@ GENERATION_FEATURES = Features(
         "generation_image": Image(),
     }
 )
+# Preference pairs (TRL's preference format): a user prompt, the chosen and the rejected assistant turn.
+TURNS = [{"role": Value("string"), "content": Value("string")}]
+PREFERENCE_FEATURES = Features(
+    {
+        "images": Sequence(Image()),
+        "prompt": TURNS,
+        "chosen": TURNS,
+        "rejected": TURNS,
+        "kind": Value("string"),
+        "answer": Value("string"),
+    }
+)
+# The values each question kind can have: a wrong answer of the same kind is a plausible one.
+ANSWER_VALUES = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "count": NUMBERS[1:],
+    "size": tuple(SIZES),
+    "position": POSITIONS,
+    "yes/no": ("yes", "no"),
+}
+# The attributes a caption states, by `Scene` field, and their values.
+SCENE_VALUES = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "size": tuple(SIZES),
+    "position": POSITIONS,
+    "count": (1, 2, 3),
+}
+SWATCH_QUESTION = "What colour is it?"
 # Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
 AUDIO_FEATURES = Features(
     {
@@ -294,6 +324,55 @@ def _as_parts(row: dict) -> dict:
     return {**row, "messages": messages, "generation_caption": None, "generation_image": None}
 
 
+def wrong_answer(row: dict, rng: np.random.Generator) -> str:
+    """A plausible wrong answer to a question row: another value of the same kind, or for a caption the scene
+    with one attribute changed (a hallucinated colour, shape, size, side or count)."""
+    if row["kind"] == "caption":
+        scene = Scene.from_description(row["answer"])
+        attribute = list(SCENE_VALUES)[rng.integers(len(SCENE_VALUES))]
+        others = [value for value in SCENE_VALUES[attribute] if value != getattr(scene, attribute)]
+        return replace(scene, **{attribute: others[rng.integers(len(others))]}).describe()
+    others = [value for value in ANSWER_VALUES[row["kind"]] if value != row["answer"]]
+    return others[rng.integers(len(others))]
+
+
+def preference_pair(row: dict, rng: np.random.Generator) -> dict:
+    """A question row as a preference pair: its answer chosen over a plausible wrong one (`wrong_answer`)."""
+    return {
+        "images": row["images"],
+        "prompt": [{"role": "user", "content": row["messages"][0]["content"]}],
+        "chosen": [{"role": "assistant", "content": row["answer"]}],
+        "rejected": [{"role": "assistant", "content": wrong_answer(row, rng)}],
+        "kind": row["kind"],
+        "answer": row["answer"],
+    }
+
+
+def swatch_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
+    """`n` rows asking the colour of a swatch (one colour, a little noise) (kind `colour`)."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 53)
+    rows = []
+    for _ in range(n):
+        colour = list(COLOURS)[rng.integers(len(COLOURS))]
+        noise = rng.integers(-20, 21, (image_size, image_size, 3))
+        pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
+        rows.append(
+            {
+                "images": [PILImage.fromarray(pixels)],
+                "messages": _conversation(SWATCH_QUESTION, colour),
+                "kind": "colour",
+                "answer": colour,
+            }
+        )
+    return rows
+
+
+def preference_rows(rows: list[dict], split: str, seed: int = 0) -> list[dict]:
+    """Question rows as preference pairs (`preference_pair`), the wrong answers drawn by seed."""
+    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 61)
+    return [preference_pair(row, rng) for row in rows]
+
+
 SAMPLING_RATE = 16000
 PITCHES = {"low": 440.0, "high": 1760.0}
 AUDIO_QUESTIONS = {"beeps": "How many beeps are there?", "pitch": "Is the sound low or high?"}
@@ -388,7 +467,19 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     image) and `generate-joint` (`n // 2` of those mixed with image questions and the facts, so the model keeps
     answering questions as text); the generation tasks have `generation_caption` and `generation_image` columns.
     `detail`: the colour of a small square in a wide image (`3 image_size x image_size`), which needs resolution.
+    Preference pairs (TRL's `images` + `prompt` / `chosen` / `rejected`, for DPO): `preference` (half `vqa` questions,
+    half captions; the right answer chosen over a plausible wrong one: another value of the same kind, a caption with
+    one hallucinated attribute) and `swatch-preference` (the colour of a swatch).
     """
+    if task in ("preference", "swatch-preference"):
+        if task == "swatch-preference":
+            source = swatch_rows(n, split, image_size, seed)
+        else:
+            source = image_rows(n - n // 2, split, "vqa", image_size, seed) + image_rows(
+                n // 2, split, "caption", image_size, seed + 1
+            )
+        rows = preference_rows(source, split, seed)
+        return Dataset.from_list(rows, features=PREFERENCE_FEATURES).shuffle(seed=seed)
     if task == "audio":
         return Dataset.from_list(audio_rows(n, split, seed), features=AUDIO_FEATURES).shuffle(seed=seed)
     if task in ("generate", "generate-joint"):
@@ -413,19 +504,23 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     else:
         raise ValueError(
             f"Unknown synthetic task {task!r}: use text, caption, vqa, yes-no, joint, text-eval, audio, detail, "
-            "generate or generate-joint."
+            "generate, generate-joint, preference or swatch-preference."
         )
     return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
 
 
 __all__ = [
+    "ANSWER_VALUES",
     "AUDIO_QUESTIONS",
     "COLOURS",
     "DETAIL_QUESTION",
     "GENERATION_PROMPTS",
+    "PREFERENCE_FEATURES",
     "QUESTIONS",
     "SAMPLING_RATE",
+    "SCENE_VALUES",
     "SHAPES",
+    "SWATCH_QUESTION",
     "TEXT_FACTS",
     "YES_NO_QUESTIONS",
     "YES_NO_SUFFIX",
@@ -438,9 +533,13 @@ __all__ = [
     "generation_rows",
     "generation_scenes",
     "make_dataset",
+    "preference_pair",
+    "preference_rows",
     "random_scene",
     "random_sound",
     "render",
+    "swatch_rows",
+    "wrong_answer",
     "synthesize",
     "yes_no_question",
     "yes_no_rows",

@@ -68,7 +68,8 @@ def emits_signal(tokens: torch.Tensor, signal_token_ids: list[int]) -> bool:
 
 
 def _prompt_messages(row: dict) -> list[dict]:
-    user = next(message for message in row["messages"] if message["role"] == "user")
+    """The row's first user turn (of `messages`, or of a preference pair's `prompt`) with typed parts."""
+    user = next(message for message in row.get("messages") or row["prompt"] if message["role"] == "user")
     content = user["content"]
     if isinstance(content, str):
         content = (
@@ -83,6 +84,36 @@ def exact_match(model, processor, dataset: Dataset, **kwargs) -> dict[str, float
     """Accuracy per `kind` column, plus `overall` (rows need `messages`, `answer`, `kind`; `images`, `audio`)."""
     rows = list(dataset)
     return _accuracy(rows, answer_questions(model, processor, rows, **kwargs))
+
+
+def completion_log_probs(model, processor, rows: list[dict], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed log-probabilities of each preference pair's chosen and of its rejected answer given its prompt (and
+    images), as the DPO loss sees them: the batches are made by TRL's own preference collator."""
+    from trl.trainer.dpo_trainer import DataCollatorForVisionPreference
+
+    collator = DataCollatorForVisionPreference(processor=processor)
+    model.eval()
+    chosen, rejected = [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc="scoring pairs", leave=False):
+        batch = collator([dict(row) for row in rows[start : start + batch_size]])  # copies: it rewrites the rows
+        completion = batch.pop("completion_mask")[:, 1:].to(model.device)
+        batch = {key: value.to(model.device) for key, value in batch.items()}
+        with torch.no_grad():
+            logits = model(**batch, use_cache=False).logits[:, :-1].float()
+        tokens = batch["input_ids"][:, 1:]
+        token_log_probs = torch.log_softmax(logits, dim=-1).gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+        sums = (token_log_probs * completion).sum(dim=1).cpu()
+        chosen_sums, rejected_sums = sums.chunk(2)  # the collator stacks [chosen rows, rejected rows]
+        chosen.append(chosen_sums)
+        rejected.append(rejected_sums)
+    return torch.cat(chosen), torch.cat(rejected)
+
+
+def preference_rate(model, processor, dataset: Dataset, batch_size: int = 16) -> float:
+    """Share of preference pairs (`images` + `prompt` / `chosen` / `rejected`) whose chosen answer has the higher
+    log-probability under `model`: what DPO raises (0.5 is a coin toss)."""
+    chosen, rejected = completion_log_probs(model, processor, list(dataset), batch_size)
+    return float((chosen > rejected).float().mean())
 
 
 def evaluate_image_generation(model, processor, dataset: Dataset, judge=None, batch_size: int = 32) -> dict[str, float]:
@@ -156,10 +187,12 @@ def _accuracy(rows: list[dict], predictions: list[str]) -> dict[str, float]:
 
 __all__ = [
     "answer_questions",
+    "completion_log_probs",
     "emits_signal",
     "evaluate_image_generation",
     "exact_match",
     "generate_images",
     "generated_tokens",
+    "preference_rate",
     "reference_images",
 ]

@@ -5,7 +5,8 @@ recipes, held-out exact match per question kind and on the text-only facts, a Hu
 reload through `pipeline(..., trust_remote_code=True)` answering a question about a new image, and a PNG with the
 loss curves and held-out predictions. With `--any2any`, the stage-2 model then learns to draw (NExT-GPT's output
 side, recipe `quickstart-any2any`): the images it draws for held-out requests are judged by an independent classifier
-and shown in the PNG.
+and shown in the PNG. With `--dpo`, the alignment stage (recipe `quickstart-dpo`, TRL's DPOTrainer) starts from the
+stage-2 model: its held-out preference rate and exact match, before and after, join the report.
 """
 
 import json
@@ -129,6 +130,13 @@ def run_drawing(output: Path, folder: Path, fast: bool, curves: dict) -> dict[st
     return results
 
 
+def run_preference(output: Path, folder: Path, fast: bool, curves: dict) -> dict[str, float]:
+    """The DPO stage from the stage-2 folder; returns its held-out figures (`before/...` for the stage-2 model)."""
+    print("\n== alignment: quickstart-dpo (preference pairs, TRL's DPOTrainer) ==", flush=True)
+    aligned = run_stage("quickstart-dpo", output / "dpo", fast, curves, model=folder)
+    return json.loads((aligned / "eval_results.json").read_text())
+
+
 def append_panel(path: Path, panel: Path) -> None:
     """Put the image at `panel` under the one at `path` (the report grows by the drawings)."""
     with Image.open(path) as top, Image.open(panel) as bottom:
@@ -175,7 +183,12 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
 
 
 def run_quickstart(
-    output: Path, fast: bool = False, audio: bool = False, any2any: bool = False, anyres: bool = False
+    output: Path,
+    fast: bool = False,
+    audio: bool = False,
+    any2any: bool = False,
+    anyres: bool = False,
+    dpo: bool = False,
 ) -> dict:
     """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
     mark."""
@@ -185,6 +198,7 @@ def run_quickstart(
     audio_accuracy = run_audio(output, fast, curves) if audio else {}
     drawing = run_drawing(output, folder, fast, curves) if any2any else {}
     resolution = run_anyres(output, fast) if anyres else {}
+    preference = run_preference(output, folder, fast, curves) if dpo else {}
     print("\n== evaluation on held-out data (no image shared with training) ==", flush=True)
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     heldout = make_dataset("vqa", 40 if fast else 300, split="heldout")
@@ -206,6 +220,7 @@ def run_quickstart(
         **{f"audio/{k}": v for k, v in audio_accuracy.items()},
         **{f"any2any/{k}": v for k, v in drawn.items()},
         **{f"detail/{k}": v for k, v in resolution.items()},
+        **{f"dpo/{k}": v for k, v in preference.items()},
     }
     (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
     print("\n== summary ==")
@@ -218,6 +233,9 @@ def run_quickstart(
         print(f"  any-to-any, {name:<14} {value * 100:6.1f}%")
     for name, value in resolution.items():
         print(f"  small detail, {name:<12} {value * 100:6.1f}%")
+    for name in ("preference_rate", "accuracy/overall") if preference else ():
+        before, after = preference[f"before/{name}"] * 100, preference[name] * 100
+        print(f"  dpo, {name:<21} {before:6.1f}% -> {after:.1f}%")
     print(f"  model folder              {folder}")
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")

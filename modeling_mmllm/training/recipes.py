@@ -1,9 +1,10 @@
-"""Training recipes: one YAML file describes a stage, typed as `RecipeConfig` (library side).
+"""Training recipes: one YAML file describes a stage, typed as `RecipeConfig` or `DPORecipeConfig` (library side).
 
-`RecipeConfig` is TRL's `SFTConfig` with mmllm's keys added (the pattern of TRL's own configs): every key has a
-help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key that is neither an mmllm key nor
-an `SFTConfig` field is an error that names the nearest valid key. Sections (`model`, `data`, `eval`, `lora`, ...)
-are checked the same way (`check_keys`).
+The recipe's `trainer` key picks TRL's trainer: `sft` (the default: `RecipeConfig`, TRL's `SFTConfig` with mmllm's
+keys added, the pattern of TRL's own configs) or `dpo` (the alignment stage: `DPORecipeConfig`, TRL's `DPOConfig`
+with the same keys). Every key has a help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key
+that is neither an mmllm key nor a field of the trainer's config is an error that names the nearest valid key.
+Sections (`model`, `data`, `eval`, `lora`, ...) are checked the same way (`check_keys`).
 
 The final Hub-ready folder is `<output_dir>/model` (written to a temporary folder, then renamed); checkpoints are
 `<output_dir>/checkpoint-N`, and a re-run resumes from the newest complete one. With `push_to_hub: true` the final
@@ -18,9 +19,10 @@ from pathlib import Path
 import torch
 import yaml
 from transformers import HfArgumentParser
-from trl import SFTConfig
+from trl import DPOConfig, SFTConfig
 
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
+TRAINERS = ("sft", "dpo")
 
 MODEL_KEYS = {
     "preset": "a preset name (configuration/<name>.json), built with random weights",
@@ -36,7 +38,8 @@ MODEL_KEYS = {
     "seed": "seed of the new weights (default 0)",
 }
 DATA_KEYS = {
-    "synthetic": "a synthetic task: text, caption, vqa, joint, text-eval, audio, detail, generate, generate-joint",
+    "synthetic": "a synthetic task: text, caption, vqa, yes-no, joint, text-eval, audio, detail, generate, "
+    "generate-joint; preference pairs (DPO): preference, swatch-preference",
     "n": "number of synthetic rows (default 512)",
     "split": "dataset split, or train / heldout for synthetic data (default train)",
     "image_size": "synthetic image size (default 64)",
@@ -50,8 +53,17 @@ DATA_KEYS = {
 
 @dataclass
 class MMLLMRecipeKeys:
-    """mmllm's recipe keys; `RecipeConfig` adds them to `SFTConfig` (listed first in `--help`)."""
+    """mmllm's recipe keys; `RecipeConfig` adds them to `SFTConfig`, `DPORecipeConfig` to `DPOConfig` (listed first
+    in `--help`)."""
 
+    trainer: str = field(
+        default="sft",
+        metadata={
+            "help": "TRL's trainer: sft (instruction tuning on `messages`) or dpo (preference tuning on "
+            "`prompt` / `chosen` / `rejected` pairs, TRL's DPOTrainer; then every DPOConfig field is a recipe key).",
+            "choices": list(TRAINERS),
+        },
+    )
     model: dict | None = field(
         default=None,
         metadata={
@@ -147,7 +159,8 @@ class MMLLMRecipeKeys:
         default=None,
         metadata={
             "help": "Held-out data (a `data` section) scored after training: exact match per question kind, "
-            "judged images for generation rows; written to eval_results.json and the model card."
+            "judged images for generation rows; for preference pairs the preference rate and the exact match of "
+            "the chosen answers, before and after training; written to eval_results.json and the model card."
         },
     )
     eval_tasks: list[str] | None = field(
@@ -163,8 +176,26 @@ class MMLLMRecipeKeys:
     )
 
 
+class RecipeDefaults:
+    """What both recipe configs do on top of TRL's: CPU-safe precision and the runner's own push."""
+
+    def __post_init__(self):
+        if self.bad_rows not in ("stop", "skip"):
+            raise ValueError(f"bad_rows={self.bad_rows!r}: use stop (report the rows) or skip (leave them out).")
+        if self.trainer not in TRAINERS:
+            raise ValueError(f"trainer={self.trainer!r}: use one of {', '.join(TRAINERS)}.")
+        if not torch.cuda.is_available():
+            self.use_cpu, self.bf16, self.fp16 = True, False, False
+        super().__post_init__()
+
+    def trainer_args(self):
+        """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final
+        folder itself)."""
+        return replace(self, push_to_hub=self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES)
+
+
 @dataclass
-class RecipeConfig(SFTConfig, MMLLMRecipeKeys):
+class RecipeConfig(RecipeDefaults, SFTConfig, MMLLMRecipeKeys):
     """A training recipe: `SFTConfig` plus mmllm's keys, with defaults that run on a CPU.
 
     Without a CUDA device the run trains on the CPU in float32 (`bf16`/`fp16` of a GPU recipe are switched off),
@@ -184,21 +215,46 @@ class RecipeConfig(SFTConfig, MMLLMRecipeKeys):
     )
 
     def __post_init__(self):
-        if self.bad_rows not in ("stop", "skip"):
-            raise ValueError(f"bad_rows={self.bad_rows!r}: use stop (report the rows) or skip (leave them out).")
-        if not torch.cuda.is_available():
-            self.use_cpu, self.bf16, self.fp16 = True, False, False
         self.dataset_kwargs = {**(self.dataset_kwargs or {}), "skip_prepare_dataset": True}  # the collator does it
         super().__post_init__()
 
-    def trainer_args(self) -> "RecipeConfig":
-        """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final
-        folder itself)."""
-        return replace(self, push_to_hub=self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES)
+
+@dataclass
+class DPORecipeConfig(RecipeDefaults, DPOConfig, MMLLMRecipeKeys):
+    """A preference-tuning recipe (`trainer: dpo`): `DPOConfig` plus mmllm's keys, with the same CPU defaults.
+
+    The reference model is the starting model: a frozen copy, or with `lora` the base model under the adapter (no
+    copy). `beta`, `loss_type` (sigmoid, ipo, apo_zero, ...), `max_length`, `precompute_ref_log_probs` and every
+    other `DPOConfig` field are recipe keys.
+    """
+
+    trainer: str = field(
+        default="dpo", metadata={"help": "TRL's trainer: dpo here (see `trainer` above).", "choices": list(TRAINERS)}
+    )
+    max_length: int | None = field(
+        default=None, metadata={"help": "Truncate prompt + answer to this many tokens (no limit)."}
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (off unless asked for)."}
+    )
 
 
 RECIPE_KEYS = {f.name for f in fields(MMLLMRecipeKeys)}
-SFT_FIELDS = {f.name for f in fields(SFTConfig)}
+# mmllm keys of the SFT stages only: the output side's losses and token rows (DPO scores text answers).
+SFT_ONLY_KEYS = {
+    "alignment_loss_weight",
+    "image_loss_weight",
+    "generator_pretraining",
+    "signal_embedding_lr_scale",
+    "train_signal_tokens",
+    "whiten_signal_states",
+}
+CONFIGS = {"sft": RecipeConfig, "dpo": DPORecipeConfig}
+
+
+def trl_config_name(config_class: type) -> str:
+    """The TRL config a recipe config extends (`SFTConfig`, `DPOConfig`)."""
+    return next(base.__name__ for base in config_class.__mro__ if base.__module__.startswith("trl."))
 
 
 def check_keys(section: str, given, valid, listing: str | None = None) -> None:
@@ -228,9 +284,9 @@ def recipe_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"No recipe {name_or_path!r}: give a YAML file or one of {', '.join(names)}.")
 
 
-def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig:
+def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig | DPORecipeConfig:
     """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
-    it as a `RecipeConfig` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
+    it as the config of its `trainer` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
     recipe = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
     for key, value in (overrides or {}).items():
         if key == "model" and isinstance(value, str):
@@ -243,10 +299,20 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
             node[rest[-1]] = value
         else:
             recipe[key] = value
+    trainer = recipe.setdefault("trainer", "sft")
+    if trainer not in CONFIGS:
+        raise ValueError(f"trainer: {trainer!r} is no trainer: use one of {', '.join(TRAINERS)}.")
+    config_class = CONFIGS[trainer]
+    if trainer == "dpo" and SFT_ONLY_KEYS & set(recipe):
+        raise ValueError(
+            f"{sorted(SFT_ONLY_KEYS & set(recipe))} apply to the SFT stages (image generation) only: drop them "
+            "from this `trainer: dpo` recipe."
+        )
     listing = (
-        f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any SFTConfig field too (see `mmllm train R --help`)."
+        f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any {trl_config_name(config_class)} field too "
+        "(see `mmllm train R --help`)."
     )
-    check_keys("recipe", recipe, RECIPE_KEYS | SFT_FIELDS, listing)
+    check_keys("recipe", recipe, RECIPE_KEYS | {f.name for f in fields(config_class)}, listing)
     for required in ("model", "data", "output_dir"):
         if required not in recipe:
             raise ValueError(f"The recipe has no {required!r}: add it to the YAML or pass --{required}.")
@@ -258,19 +324,27 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
         from peft import LoraConfig
 
         check_keys("lora", recipe["lora"], {f.name for f in fields(LoraConfig)})
-    (config,) = HfArgumentParser(RecipeConfig).parse_dict(recipe)
+    (config,) = HfArgumentParser(config_class).parse_dict(recipe)
     return config
 
 
-def recipe_help() -> str:
-    """The `--help` of `mmllm train RECIPE`: every recipe key with its help text and default (mmllm's first)."""
+def recipe_help(trainer: str = "sft") -> str:
+    """The `--help` of `mmllm train RECIPE`: every recipe key of the recipe's trainer with its help text and default
+    (mmllm's first)."""
+    config_class = CONFIGS[trainer]
     parser = HfArgumentParser(
-        RecipeConfig,
+        config_class,
         prog="mmllm train RECIPE",
         description="Recipe keys (in the YAML file, or as `--key value` overrides; `--section.key value` inside a "
-        "section). mmllm's keys come first, then TRL's SFTConfig fields.",
+        f"section). mmllm's keys come first, then TRL's {trl_config_name(config_class)} fields.",
     )
     return parser.format_help()
+
+
+def recipe_trainer(name_or_path: str) -> str:
+    """The `trainer` a recipe names (sft when it names none), read without checking the rest."""
+    recipe = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
+    return recipe.get("trainer", "sft") if isinstance(recipe, dict) else "sft"
 
 
 def parse_overrides(arguments: list[str]) -> dict:
@@ -297,14 +371,20 @@ def _parse_value(text: str):
 
 __all__ = [
     "CHECKPOINT_PUSHES",
+    "CONFIGS",
     "DATA_KEYS",
     "MODEL_KEYS",
     "RECIPE_KEYS",
+    "SFT_ONLY_KEYS",
+    "TRAINERS",
+    "DPORecipeConfig",
     "MMLLMRecipeKeys",
     "RecipeConfig",
+    "RecipeDefaults",
     "check_keys",
     "load_recipe",
     "parse_overrides",
     "recipe_help",
     "recipe_path",
+    "recipe_trainer",
 ]

@@ -1,12 +1,13 @@
-"""Running a recipe end to end: set-up, training (with resume), evaluation, the atomic final folder and the push
-(library side)."""
+"""Running a recipe end to end: set-up, training (SFT or DPO, with resume), evaluation, the atomic final folder and
+the push (library side)."""
 
+import copy
 import json
 from pathlib import Path
 
 from trl import SFTTrainer
 
-from ..data.loading import drop_bad_rows, load_training_data
+from ..data.loading import drop_bad_rows, is_preference, load_training_data
 from ..export.hub_card import write_model_card
 from ..export.saving import atomic_folder, push_folder, save_model_folder
 from ..processing_mmllm import MMLLMProcessor
@@ -28,8 +29,8 @@ from .model_setup import (
     signal_rows_train,
     train_token_rows,
 )
-from .recipes import RecipeConfig
-from .trainer import MMLLMTrainer
+from .recipes import DPORecipeConfig, RecipeConfig
+from .trainer import MMLLMDPOTrainer, MMLLMTrainer
 
 HISTORY_FILE = "training_history.json"
 logger = get_logger(__name__)
@@ -48,8 +49,9 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
-def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = None) -> Path:
-    """Run one training stage; returns the Hub-ready output folder (`<output_dir>/model`).
+def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callbacks: list | None = None) -> Path:
+    """Run one training stage (TRL's SFTTrainer, or DPOTrainer for `trainer: dpo`); returns the Hub-ready output
+    folder (`<output_dir>/model`).
 
     `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
     """
@@ -74,10 +76,43 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
         train_modality_adaptive=recipe.train_modality_adaptive,
         train_cross_attention=recipe.train_cross_attention,
     )
+    stage = {"recipe": name, "trainer": recipe.trainer, "data": recipe.data, "frozen": frozen}
+    before = None
+    if recipe.trainer == "dpo":
+        if recipe.eval:  # the starting model's figures: DPO must raise the preference rate, not wreck the answers
+            before = evaluate_stage(model, processor, recipe.eval)
+        trainer = dpo_trainer(recipe, model, processor, callbacks)
+        stage.update(beta=recipe.beta, loss_type=list(recipe.loss_type))
+    else:
+        trainer = sft_trainer(recipe, model, processor, callbacks, resume)
+        if trainer.row_masked_parameters:
+            stage["trained_token_rows"] = list(model.config.signal_token_ids)
+    rows, frozen_names = len(trainer.train_dataset), ", ".join(frozen) or "nothing"
+    logger.info(f"training {name} ({recipe.trainer}): {rows} rows, frozen: {frozen_names}; into {output_dir}")
+    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
+    stage.update(steps=result.global_step, train_loss=result.training_loss, lora=recipe.lora is not None)
+    if pretraining:
+        stage["generator_pretraining"] = pretraining
+    if trainer.is_world_process_zero():
+        metrics = evaluate_stage(trainer.model, processor, recipe.eval) if recipe.eval else None
+        if before:
+            metrics = {**metrics, **{f"before/{metric}": value for metric, value in before.items()}}
+        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.merge_lora, metrics=metrics)
+        if recipe.eval_tasks:
+            add_benchmark_scores(final, trainer.model, recipe.eval_tasks, output_dir / "lmms_eval")
+        if recipe.push_to_hub:
+            push_folder(final, recipe.hub_model_id, private=bool(recipe.hub_private_repo))
+    return output_dir / "model"
+
+
+def sft_trainer(
+    recipe: RecipeConfig, model, processor: MMLLMProcessor, callbacks: list | None, resume: Path | None
+) -> MMLLMTrainer:
+    """TRL's SFTTrainer (`MMLLMTrainer`) on the recipe's conversations, with the output side's losses and the
+    signal tokens' rows when the model generates images."""
     signal_rows = signal_rows_train(model, recipe.train_signal_tokens, lora=recipe.lora is not None)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows else set()
     dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows)
-    logger.info(f"training {name}: {len(dataset)} rows, frozen: {', '.join(frozen) or 'nothing'}; into {output_dir}")
     collator = MultimodalCollator(
         processor=processor,
         max_length=recipe.max_length,
@@ -107,39 +142,40 @@ def train(recipe: RecipeConfig, name: str = "recipe", callbacks: list | None = N
     )
     if recipe.lora is not None and model.config.signal_token_ids:
         trainer.row_masked_parameters |= mask_peft_head_rows(trainer.model, model.config.signal_token_ids)
-    result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    stage = {
-        "recipe": name,
-        "data": recipe.data,
-        "steps": result.global_step,
-        "train_loss": result.training_loss,
-        "frozen": frozen,
-        "lora": recipe.lora is not None,
-    }
-    if pretraining:
-        stage["generator_pretraining"] = pretraining
-    if row_masked:
-        stage["trained_token_rows"] = list(model.config.signal_token_ids)
-    if trainer.is_world_process_zero():
-        metrics = evaluate_stage(trainer.model, processor, recipe.eval) if recipe.eval else None
-        final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.merge_lora, metrics=metrics)
-        if recipe.eval_tasks:
-            add_benchmark_scores(final, trainer.model, recipe.eval_tasks, output_dir / "lmms_eval")
-        if recipe.push_to_hub:
-            push_folder(final, recipe.hub_model_id, private=bool(recipe.hub_private_repo))
-    return output_dir / "model"
+    return trainer
+
+
+def dpo_trainer(recipe: DPORecipeConfig, model, processor: MMLLMProcessor, callbacks: list | None) -> MMLLMDPOTrainer:
+    """TRL's DPOTrainer (`MMLLMDPOTrainer`) on the recipe's preference pairs. The reference is the starting model:
+    a frozen copy of it, or with LoRA the base model under the adapter (TRL disables the adapter)."""
+    dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows, layout="preference")
+    reference = None if recipe.lora is not None else copy.deepcopy(model).eval().requires_grad_(False)
+    return MMLLMDPOTrainer(
+        model=model,
+        ref_model=reference,
+        args=recipe.trainer_args(),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
+        vision_lr_decay=recipe.vision_lr_decay,
+        callbacks=callbacks,
+    )
 
 
 def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, float]:
     """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`); with
-    image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well."""
-    from ..evaluation.metrics import evaluate_image_generation, exact_match
+    image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well; for
+    preference pairs, the preference rate (chosen more likely than rejected) and the exact match of the answers."""
+    from ..evaluation.metrics import evaluate_image_generation, exact_match, preference_rate
 
-    dataset = load_training_data(spec)
-    if "generation_caption" not in dataset.column_names:
-        return {f"accuracy/{kind}": value for kind, value in exact_match(model, processor, dataset).items()}
-    results = evaluate_image_generation(model, processor, dataset)
-    return {name if "/" in name else f"accuracy/{name}": value for name, value in results.items()}
+    dataset = load_training_data(spec, layout="any")
+    if "generation_caption" in dataset.column_names:
+        results = evaluate_image_generation(model, processor, dataset)
+        return {name if "/" in name else f"accuracy/{name}": value for name, value in results.items()}
+    results = {"preference_rate": preference_rate(model, processor, dataset)} if is_preference(dataset) else {}
+    if {"kind", "answer"} <= set(dataset.column_names):
+        results.update({f"accuracy/{kind}": value for kind, value in exact_match(model, processor, dataset).items()})
+    return results
 
 
 def save_stage(
@@ -201,4 +237,13 @@ def _history(model) -> list:
     return json.loads(path.read_text()) if source and path.is_file() else []
 
 
-__all__ = ["HISTORY_FILE", "add_benchmark_scores", "evaluate_stage", "last_complete_checkpoint", "save_stage", "train"]
+__all__ = [
+    "HISTORY_FILE",
+    "add_benchmark_scores",
+    "dpo_trainer",
+    "evaluate_stage",
+    "last_complete_checkpoint",
+    "save_stage",
+    "sft_trainer",
+    "train",
+]

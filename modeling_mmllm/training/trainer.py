@@ -1,12 +1,14 @@
 """`MMLLMTrainer`: TRL's SFTTrainer plus the losses the model owns (NExT-GPT's alignment loss) and per-group learning
-rates (library side)."""
+rates; `MMLLMDPOTrainer`: TRL's DPOTrainer with the same learning rates (library side)."""
 
+from collections.abc import Mapping
 from contextlib import contextmanager
+from types import MappingProxyType
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from trl import SFTTrainer
+from trl import DPOTrainer, SFTTrainer
 
 from .collator import GENERATION_TARGETS
 from .model_setup import vision_lr_scales
@@ -35,7 +37,44 @@ def captured_hidden_states(module: nn.Module):
         handle.remove()
 
 
-class MMLLMTrainer(SFTTrainer):
+class ParameterGroups:
+    """Trainer mix-in: per-parameter learning-rate scales (`vision_lr_decay`, `lr_scales`) as optimizer groups, and
+    no weight decay on `row_masked_parameters` (their frozen rows stay bit-identical)."""
+
+    vision_lr_decay: float | None = None
+    lr_scales: Mapping[str, float] = MappingProxyType({})  # read-only defaults: instances set their own
+    row_masked_parameters: frozenset[str] = frozenset()
+
+    def get_decay_parameter_names(self, model) -> list[str]:
+        return [name for name in super().get_decay_parameter_names(model) if name not in self.row_masked_parameters]
+
+    def create_optimizer(self, model=None):
+        model = self.model if model is None else model
+        scales = self.learning_rate_scales(model)
+        if not scales or self.optimizer is not None:
+            return super().create_optimizer(model)
+        decay_names = set(self.get_decay_parameter_names(model))
+        groups: dict[tuple[float, float], list] = {}
+        for name, parameter in model.named_parameters():
+            if parameter.requires_grad:
+                key = (scales.get(name, 1.0), self.args.weight_decay if name in decay_names else 0.0)
+                groups.setdefault(key, []).append(parameter)
+        param_groups = [
+            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
+            for (scale, decay), params in groups.items()
+        ]
+        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
+        optimizer_kwargs.pop("lr", None)
+        self.optimizer = optimizer_class(param_groups, **optimizer_kwargs)
+        return self.optimizer
+
+    def learning_rate_scales(self, model: nn.Module) -> dict[str, float]:
+        """Learning-rate scale per parameter name: the vision encoder's layer-wise decay and `lr_scales`."""
+        scales = vision_lr_scales(model, self.vision_lr_decay) if self.vision_lr_decay is not None else {}
+        return {**scales, **self.lr_scales}
+
+
+class MMLLMTrainer(ParameterGroups, SFTTrainer):
     """`SFTTrainer` with layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2, BEiT-style) and
     NExT-GPT's output-side losses.
 
@@ -63,9 +102,6 @@ class MMLLMTrainer(SFTTrainer):
         self.row_masked_parameters = set(row_masked_parameters or ())
         self.lr_scales = dict(lr_scales or {})
         super().__init__(*args, **kwargs)
-
-    def get_decay_parameter_names(self, model) -> list[str]:
-        return [name for name in super().get_decay_parameter_names(model) if name not in self.row_masked_parameters]
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         result = self._multimodal_loss(model, inputs, return_outputs, num_items_in_batch)
@@ -123,30 +159,14 @@ class MMLLMTrainer(SFTTrainer):
             loss = loss + self.image_loss_weight * image
         return loss
 
-    def create_optimizer(self, model=None):
-        model = self.model if model is None else model
-        scales = self.learning_rate_scales(model)
-        if not scales or self.optimizer is not None:
-            return super().create_optimizer(model)
-        decay_names = set(self.get_decay_parameter_names(model))
-        groups: dict[tuple[float, float], list] = {}
-        for name, parameter in model.named_parameters():
-            if parameter.requires_grad:
-                key = (scales.get(name, 1.0), self.args.weight_decay if name in decay_names else 0.0)
-                groups.setdefault(key, []).append(parameter)
-        param_groups = [
-            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
-            for (scale, decay), params in groups.items()
-        ]
-        optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
-        optimizer_kwargs.pop("lr", None)
-        self.optimizer = optimizer_class(param_groups, **optimizer_kwargs)
-        return self.optimizer
 
-    def learning_rate_scales(self, model: nn.Module) -> dict[str, float]:
-        """Learning-rate scale per parameter name: the vision encoder's layer-wise decay and `lr_scales`."""
-        scales = vision_lr_scales(model, self.vision_lr_decay) if self.vision_lr_decay is not None else {}
-        return {**scales, **self.lr_scales}
+class MMLLMDPOTrainer(ParameterGroups, DPOTrainer):
+    """`DPOTrainer` with layer-wise learning-rate decay on the vision encoder (`vision_lr_decay`), as the SFT
+    stages have it."""
+
+    def __init__(self, *args, vision_lr_decay: float | None = None, **kwargs):
+        self.vision_lr_decay = vision_lr_decay
+        super().__init__(*args, **kwargs)
 
 
-__all__ = ["MMLLMTrainer", "captured_hidden_states", "inner_model"]
+__all__ = ["MMLLMDPOTrainer", "MMLLMTrainer", "ParameterGroups", "captured_hidden_states", "inner_model"]
