@@ -121,10 +121,12 @@ def load_training_data(spec: dict, bad_rows: str = "stop", layout: str = "conver
     check_layout(dataset, layout)
     if "synthetic" in spec:  # made here: nothing to check
         return dataset
-    if "images" in dataset.column_names:
-        dataset = drop_bad_rows(dataset, find_bad_rows(dataset), bad_rows, "bad images")
+    bad, what = (find_bad_rows(dataset) if "images" in dataset.column_names else {}), "bad images"
     if is_preference(dataset):
-        dataset = drop_bad_rows(dataset, empty_answer_rows(dataset), bad_rows, "an empty answer")
+        bad, what = dict(sorted({**empty_answer_rows(dataset), **bad}.items())), "bad images or empty answers"
+    dataset = drop_bad_rows(dataset, bad, bad_rows, what)
+    if "images" in dataset.column_names and dataset.features["images"] != Sequence(Image()):
+        dataset = dataset.cast_column("images", Sequence(Image()))  # image paths (a json file's) are opened
     return dataset
 
 

@@ -119,23 +119,29 @@ def _any_to_any_usage(config, repo_id: str) -> str:
     return "\n".join(lines + ["```"])
 
 
+def _stages(folder: Path | None) -> list[dict]:
+    """The training stages recorded in a saved folder (`training_history.json`), oldest first."""
+    history = folder / "training_history.json" if folder else None
+    return json.loads(history.read_text()) if history and history.is_file() else []
+
+
 def _training_section(folder: Path | None) -> str:
     """Markdown for the training stages and metrics recorded in a saved folder (if any)."""
     lines = []
-    history = folder / "training_history.json" if folder else None
-    if history and history.is_file():
+    stages = _stages(folder)
+    if stages:
         lines += [
             "## Training",
             "",
-            "| stage | data | steps | final train loss | frozen | LoRA |",
-            "|---|---|---|---|---|---|",
+            "| stage | trainer | data | steps | final train loss | frozen | LoRA |",
+            "|---|---|---|---|---|---|---|",
         ]
-        for stage in json.loads(history.read_text()):
+        for stage in stages:
             data = ", ".join(f"{k}={v}" for k, v in stage["data"].items())
             frozen = ", ".join(stage["frozen"]) or "nothing"
             lines.append(
-                f"| {stage['recipe']} | {data} | {stage['steps']} | {stage['train_loss']:.4f} | {frozen} | "
-                f"{'yes' if stage['lora'] else 'no'} |"
+                f"| {stage['recipe']} | {stage.get('trainer', 'sft')} | {data} | {stage['steps']} | "
+                f"{stage['train_loss']:.4f} | {frozen} | {'yes' if stage['lora'] else 'no'} |"
             )
         lines.append("")
     metrics = folder / "eval_results.json" if folder else None
@@ -188,6 +194,8 @@ def render_model_card(
         tags.append("modality-adaptive")
     if adapter:
         tags.append("lora")
+    if any(stage.get("trainer") == "dpo" for stage in _stages(folder)):
+        tags += ["trl", "dpo"]
     card_data = ModelCardData(
         model_name=repo_id or ("mmllm LoRA adapter" if adapter else "mmllm model"),
         eval_results=_benchmark_results(folder),

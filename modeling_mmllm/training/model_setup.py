@@ -227,7 +227,9 @@ def embedding_lr_scales(model: nn.Module, scale: float) -> dict[str, float]:
 
 
 def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
-    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included); the projector and the
+    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included), or on those named in
+    `target_modules` (`[q_proj, k_proj, v_proj, o_proj]`: names inside the LLM, never the vision encoder's layers of
+    the same name; a string such as a regex goes to PEFT as it is); the projector and the
     gated cross-attention blocks (new modules, gates included: LoRA on a block behind a closed gate would get no
     gradient) train fully.
 
@@ -244,6 +246,15 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
         if isinstance(module, nn.Linear) and name.startswith("model.language_model.") and id(module) not in blocks
     ]
     new_modules = ["multi_modal_projector", *(["gated_cross_attn"] if blocks else [])]
+    settings = dict(settings)
+    if isinstance(settings.get("target_modules"), list):  # short names pick the LLM's layers of that name
+        names = set(settings["target_modules"])
+        settings["target_modules"] = [target for target in targets if target.rsplit(".", 1)[-1] in names]
+        if not settings["target_modules"]:
+            raise ValueError(
+                f"lora target_modules {sorted(names)}: no linear layer of the LLM has these names "
+                "(LLaMA-style names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."
+            )
     defaults = {
         "r": 8,
         "lora_alpha": 16,

@@ -257,17 +257,22 @@ def trl_config_name(config_class: type) -> str:
     return next(base.__name__ for base in config_class.__mro__ if base.__module__.startswith("trl."))
 
 
-def check_keys(section: str, given, valid, listing: str | None = None) -> None:
+def check_keys(section: str, given, valid, listing: str | None = None, elsewhere: dict | None = None) -> None:
     """A clear error for keys of `given` that are not in `valid`, with the nearest valid key as the fix (and
-    `listing`, or every valid key, as the menu)."""
+    `listing`, or every valid key, as the menu); `elsewhere` maps keys valid in another setting to the hint that
+    names it."""
     unknown = sorted(set(given) - set(valid))
     if not unknown:
         return
     hints = []
     for key in unknown:
         close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-        hints.append(f"{key!r} -> did you mean {close[0]!r}?" if close else f"{key!r} is no {section} key")
-    raise ValueError(f"Unknown {section} keys {unknown}: {'; '.join(hints)} Valid keys: {', '.join(sorted(valid))}.")
+        if key in (elsewhere or {}):
+            hints.append(f"{key!r} {elsewhere[key]}")
+        else:
+            hints.append(f"{key!r} -> did you mean {close[0]!r}?" if close else f"{key!r} is no {section} key")
+    menu = listing or f"Valid keys: {', '.join(sorted(valid))}."
+    raise ValueError(f"Unknown {section} keys {unknown}: {'; '.join(hints)}. {menu}")
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -312,7 +317,14 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
         f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any {trl_config_name(config_class)} field too "
         "(see `mmllm train R --help`)."
     )
-    check_keys("recipe", recipe, RECIPE_KEYS | {f.name for f in fields(config_class)}, listing)
+    valid = RECIPE_KEYS | {f.name for f in fields(config_class)}
+    elsewhere = {
+        key: f"is a {trl_config_name(other)} key: set `trainer: {name}`"
+        for name, other in CONFIGS.items()
+        if other is not config_class
+        for key in {f.name for f in fields(other)} - valid
+    }
+    check_keys("recipe", recipe, valid, listing, elsewhere)
     for required in ("model", "data", "output_dir"):
         if required not in recipe:
             raise ValueError(f"The recipe has no {required!r}: add it to the YAML or pass --{required}.")
