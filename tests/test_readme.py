@@ -155,6 +155,17 @@ COMMANDS = {
     "mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt "
     '"What colour are the shapes?" --quantization int8': ("", None),
     "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
+    # the alignment stage: the quickstart-dpo figures are checked (below); the GPU recipe on a tiny model
+    "mmllm train quickstart-dpo --model runs/quickstart/stage2/model --output_dir runs/quickstart/dpo": (
+        "",
+        "runs/quickstart/dpo/model/model.safetensors",
+    ),
+    "mmllm train owl2-dpo-lora": (
+        "--model owl2-tiny --data.synthetic swatch-preference --data.n 16 --data.image_size 32 --eval null "
+        "--max_steps 2 --per_device_train_batch_size 2 --bf16 false --activation_checkpointing false "
+        "--dataloader_num_workers 0 --report_to none --output_dir runs/owl2-dpo-lora",
+        "runs/owl2-dpo-lora/merged/model.safetensors",
+    ),
 }
 
 
@@ -294,6 +305,8 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
             assert re.search(r"^overall\s+\d+\.\d%$", output.out, re.MULTILINE)
         if argv[1:3] == ["train", "quickstart-any2any"]:  # the held-out evaluation is printed, not only saved
             assert re.search(r"^image/shape\s+\d+\.\d%$", output.out, re.MULTILINE), output.out[-2000:]
+        if argv[1:3] == ["train", "quickstart-dpo"]:
+            _check_dpo_figures(output.out)
     else:
         if argv[:2] == ["accelerate", "launch"]:
             argv = shlex.split(ACCELERATE_CPU) + argv[2:]
@@ -308,6 +321,19 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
             assert re.search(r"\d\.\d{3}|\d\.\d+x", run.stdout), run.stdout
     if leaves:
         assert (workdir / leaves).exists(), f"{command} did not write {leaves}"
+
+
+def _check_dpo_figures(printed: str) -> None:
+    """The alignment stage's held-out figures, as the README shows them: the preference rate rises to 0.9 or more
+    and no kind of answer loses more than 2 points of exact match."""
+    figures = {
+        name: (float(before) / 100, float(after) / 100)
+        for name, before, after in re.findall(r"^(\S+)\s+(\d+\.\d)% -> (\d+\.\d)%$", printed, re.MULTILINE)
+    }
+    before, after = figures["preference_rate"]
+    assert after >= 0.9 and after > before, printed
+    accuracies = {name: values for name, values in figures.items() if name.startswith("accuracy/")}
+    assert len(accuracies) >= 6 and all(after >= before - 0.02 for before, after in accuracies.values()), printed
 
 
 def _check_benchmark_figures(model: str, printed: str) -> None:

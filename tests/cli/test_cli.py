@@ -211,6 +211,7 @@ def test_quickstart_fast_smoke(tmp_path):
             "--audio",
             "--any2any",
             "--anyres",
+            "--dpo",
             "--output",
             str(tmp_path),
         ],
@@ -229,5 +230,7 @@ def test_quickstart_fast_smoke(tmp_path):
     assert (tmp_path / "any2any" / "model" / "model.safetensors").is_file()
     assert {"detail/anyres", "detail/single_view"} <= set(summary) and "small detail, anyres" in run.stdout
     assert (tmp_path / "anyres" / "anyres" / "model" / "model.safetensors").is_file()  # --anyres: both models
+    assert {"dpo/preference_rate", "dpo/before/preference_rate"} <= set(summary)  # --dpo: the alignment stage
+    assert "dpo, preference_rate" in run.stdout and (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
     with Image.open(tmp_path / "quickstart.png") as report, Image.open(tmp_path / "any2any" / "any2any.png") as drawn:
         assert report.height > drawn.height  # the drawings are part of the report
