@@ -88,7 +88,7 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
         if trainer.row_masked_parameters:
             stage["trained_token_rows"] = list(model.config.signal_token_ids)
     rows, frozen_names = len(trainer.train_dataset), ", ".join(frozen) or "nothing"
-    logger.info(f"training {name} ({recipe.trainer}): {rows} rows, frozen: {frozen_names}; into {output_dir}")
+    logger.info(f"training {name}: {rows} rows ({recipe.trainer}), frozen: {frozen_names}; into {output_dir}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stage.update(steps=result.global_step, train_loss=result.training_loss, lora=recipe.lora is not None)
     if pretraining:
