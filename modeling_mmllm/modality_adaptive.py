@@ -5,13 +5,15 @@ In each selected decoder layer, `self_attn.k_proj`, `self_attn.v_proj`, `input_l
 the MLP and the final norm stay shared. The branches sit in their owner's `multiway` dict under the module's own
 name (`self_attn.multiway.1.k_proj`, `multiway.1.input_layernorm`): each is a plain `nn.Linear` or norm whose name
 ends like the backbone's, so PEFT's usual `target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]` and
-`"all-linear"` give every branch its own adapter. Every token goes through its own modality's branch only
-(gather/scatter); text-only input runs the text branch on the whole tensor, exactly the backbone's computation.
+`"all-linear"` give every branch its own adapter. Every token's output comes from its own modality's branch only
+(chosen on the device with `torch.where`, so a routed forward compiles in one graph); a pass without routing (text
+only, every decode step) runs the text branch alone, exactly the backbone's computation.
 
 Routing travels as the `mm_token_type_ids` keyword argument into each decoder layer's `forward`, which transformers'
 decoder models pass through. The layer's class is extended with a `forward` that publishes the routing in a
 context variable for the duration of the call, so gradient checkpointing (which re-runs `forward`) routes the same
-way; the value is local to the running thread or task, never shared. While it is published, `self.k_proj` (in the
+way; the value is local to the running thread or task, never shared (transformers' `CompileableContextVar`, which
+`torch.compile` traces as a plain variable). While it is published, `self.k_proj` (in the
 backbone's own attention code) is a router over the branches; otherwise it is the text branch, which is what tools
 that walk the module tree by attribute see.
 
@@ -23,10 +25,10 @@ import contextlib
 import copy
 import re
 from collections.abc import Iterator, Sequence
-from contextvars import ContextVar
 
 import torch
 from torch import nn
+from transformers.utils.output_capturing import CompileableContextVar
 
 TEXT = 0
 MODALITIES = (0, 1, 2, 3)
@@ -49,36 +51,30 @@ def module_tree_key(key: str) -> str:
     return key
 
 
-_ROUTING: ContextVar[torch.Tensor | None] = ContextVar("mmllm_modality_routing", default=None)
+# transformers' context variable that torch.compile traces (a plain ContextVar is a graph break).
+_ROUTING = CompileableContextVar("mmllm_modality_routing")
 _ADAPTIVE_CLASSES: dict[tuple[type, bool], type] = {}
 
 
 class MultiwayRouter:
-    """Runs each token through its modality's branch (`{modality id: module}`); other modalities use text's."""
+    """Runs each token through its modality's branch (`{modality id: module}`); other modalities use text's.
+
+    Every branch runs on the whole tensor and `torch.where` keeps each token's own branch output: the choice is made
+    on the device, with no host synchronisation and no data-dependent shapes, so a routed forward traces in one
+    `torch.compile(fullgraph=True)` graph (and CUDA graphs). Each token's output and gradient come from its own
+    branch only; the extra work is one K/V projection and norm per extra branch.
+    """
 
     def __init__(self, branches: dict[int, nn.Module], routing: torch.Tensor):
         self.branches, self.routing = branches, routing
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        text_branch = self.branches[TEXT]
-        routing = self.routing[..., -hidden_states.shape[-2] :].to(hidden_states.device).reshape(-1)
-        masks = {modality: routing == modality for modality in self.branches if modality != TEXT}
-        present = {modality: mask for modality, mask in masks.items() if bool(mask.any())}
-        if not present:
-            return text_branch(hidden_states)
-        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-        text_mask = ~torch.stack(list(present.values())).any(0)
-        groups = [(text_branch, text_mask)] + [(self.branches[modality], mask) for modality, mask in present.items()]
-        output = None
-        for branch, mask in groups:
-            index = mask.nonzero(as_tuple=True)[0]
-            if index.numel() == 0:
-                continue
-            result = branch(flat.index_select(0, index))
-            if output is None:
-                output = result.new_zeros(flat.shape[0], result.shape[-1])
-            output = output.index_copy(0, index, result)
-        return output.reshape(*hidden_states.shape[:-1], -1)
+        routing = self.routing[..., -hidden_states.shape[-2] :].to(hidden_states.device).unsqueeze(-1)
+        output = self.branches[TEXT](hidden_states)
+        for modality, branch in self.branches.items():
+            if modality != TEXT:
+                output = torch.where(routing == modality, branch(hidden_states), output)
+        return output
 
 
 def _multiway_attribute(self: nn.Module, name: str):

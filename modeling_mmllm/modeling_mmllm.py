@@ -20,6 +20,7 @@ from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
 from transformers.utils import TransformersKwargs, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.import_utils import torch_compilable_check
 
 try:  # transformers >= 5.24: multimodal outputs, which carry each encoder's output
     from transformers.modeling_outputs import MultimodalBaseModelOutputWithPast as _ModelOutput
@@ -129,9 +130,9 @@ class MMLLMPreTrainedModel(PreTrainedModel):
 
     @property
     def _can_compile_fullgraph(self) -> bool:
-        """`torch.compile(fullgraph=True)` traces the plain model; the modality-adaptive module's routing context
-        variable and cross-attention fusion's per-row image counts are still graph breaks (issue #20)."""
-        return not (self.config.modality_adaptive or self.config.fusion == "cross_attention")
+        """`torch.compile(fullgraph=True)` traces token fusion, with the modality-adaptive module or without; the
+        per-row image counts of cross-attention fusion are still a graph break."""
+        return self.config.fusion != "cross_attention"
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -379,14 +380,16 @@ class MMLLMModel(MMLLMPreTrainedModel):
             mask = (inputs_embeds == embedding).all(-1)
         else:
             mask = input_ids == token_id
-        n_tokens, n_features = int(mask.sum()), features.numel() // features.shape[-1]
-        if n_tokens != n_features:
-            items = f" ({features.shape[0]} {name} item(s) x {features.shape[1]})" if features.dim() == 3 else ""
-            raise ValueError(
-                f"{name.capitalize()} features and {name} tokens do not match: {n_tokens} {name} tokens in the input, "
-                f"{n_features} {name} features{items}. Build inputs with MMLLMProcessor (it expands each <{name}> to "
-                f"the right count) and make sure truncation does not cut a {name} span."
-            )
+        n_tokens, n_features = mask.sum(), features.numel() // features.shape[-1]
+        items = f" ({features.shape[0]} {name} item(s) x {features.shape[1]})" if features.dim() == 3 else ""
+        torch_compilable_check(  # a hint under torch.compile, a ValueError in eager mode; no host sync when traced
+            n_tokens == n_features,
+            lambda: (
+                f"{name.capitalize()} features and {name} tokens do not match: {int(n_tokens)} {name} tokens in the "
+                f"input, {n_features} {name} features{items}. Build inputs with MMLLMProcessor (it expands each "
+                f"<{name}> to the right count) and make sure truncation does not cut a {name} span."
+            ),
+        )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
     def _encoder_outputs(
@@ -493,9 +496,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
             inputs_embeds = inputs_embeds.masked_scatter(mask, features)
 
         if self.config.modality_adaptive:
-            if mm_token_type_ids is None and input_ids is not None:
-                mm_token_type_ids = self.get_mm_token_type_ids(input_ids)
-            kwargs["mm_token_type_ids"] = mm_token_type_ids
+            kwargs["mm_token_type_ids"] = self._modality_routing(input_ids, mm_token_type_ids, bool(injected))
         outputs = self.language_model(
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
@@ -505,6 +506,22 @@ class MMLLMModel(MMLLMPreTrainedModel):
             **{f"{MODALITY_NAMES[modality]}_outputs": value for modality, value in encoder_outputs.items()},
             **(fused if cross_attention_states is not None else {}),
         )
+
+    def _modality_routing(
+        self, input_ids: torch.LongTensor | None, mm_token_type_ids: torch.LongTensor | None, has_media: bool
+    ) -> torch.LongTensor | None:
+        """Routing for the modality-adaptive module. With `input_ids`, a token goes to a modality's branch only where
+        this pass places that modality's features: a pass without media (every decode step) runs the text branches
+        alone (`None`), exactly the backbone; with media, the given ids are used when they cover the input, else they
+        are derived from the placeholders (assisted decoding passes several new tokens). Embeddings keep the given
+        routing: their caller placed the features."""
+        if input_ids is None:
+            return mm_token_type_ids
+        if not has_media:
+            return None
+        if mm_token_type_ids is None or mm_token_type_ids.shape[-1] != input_ids.shape[-1]:
+            return self.get_mm_token_type_ids(input_ids)
+        return mm_token_type_ids
 
     def _image_counts(self, input_ids: torch.LongTensor | None, rows: int, slots: int) -> torch.LongTensor:
         """Images of each row: its `<image>` tokens (every slot of `[batch, images, ...]` without input_ids)."""

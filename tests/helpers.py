@@ -1,6 +1,7 @@
 """Helpers shared by the tests: tiny configs and models, images, the tiny Stable Diffusion stand-in, and the hub-set
 stack check behind the deprecation net (fixtures live in conftest.py)."""
 
+import inspect
 import json
 import logging
 import string
@@ -352,3 +353,8 @@ def ask_in_browser(url: str, files: list[Path], prompt: str, screenshot: Path, s
             return answer
         finally:
             browser.close()
+
+
+def cache_key(language_model) -> str:
+    """The backbone's cache keyword: `cache` from transformers 5.24 on, `past_key_values` before."""
+    return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"

@@ -178,10 +178,12 @@ def test_n_modalities_route_each_to_its_branch(processor):
     batch = processor(text=["one two three four five six"], return_tensors="pt")
     routing = torch.zeros_like(batch["input_ids"])
     routing[0, 2:4], routing[0, 4:6] = 2, 3  # pretend these are video and audio tokens
+    embeds = model.get_input_embeddings()(batch["input_ids"])  # embeddings keep their given routing
+    routed = {"inputs_embeds": embeds, "attention_mask": batch["attention_mask"], "mm_token_type_ids": routing}
     with torch.no_grad():
-        reference = model(**{**batch, "mm_token_type_ids": routing}).logits
+        reference = model(**routed).logits
         perturb_branches(model, modality=3)
-        changed = model(**{**batch, "mm_token_type_ids": routing}).logits
+        changed = model(**routed).logits
     assert torch.equal(reference[0, :4], changed[0, :4]) and not torch.allclose(reference[0, 4:], changed[0, 4:])
 
 

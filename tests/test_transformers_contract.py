@@ -9,7 +9,7 @@ import torch
 from transformers import AutoModelForImageTextToText
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from helpers import make_images, seeded_model
+from helpers import cache_key, make_images, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 
 pytestmark = pytest.mark.hub
@@ -276,5 +276,21 @@ def test_tensor_parallel_plan_covers_every_branch(model):
             assert any(pattern.match(name) for pattern in patterns), name
 
 
-def test_compile_fullgraph_is_declared_honestly(model):
-    assert model._can_compile_fullgraph is not model.config.modality_adaptive
+def test_compile_fullgraph_is_declared_honestly(model, inputs):
+    """generate() compiles decode steps with `fullgraph=model._can_compile_fullgraph`: a whole-model decode step
+    with a static cache must trace in one graph, with the module on or off."""
+    from torch._dynamo.testing import CompileCounter
+    from transformers import StaticCache
+
+    assert model._can_compile_fullgraph
+    cache = StaticCache(config=model.config.text_config, max_cache_len=inputs["input_ids"].shape[1] + 2)
+    key = cache_key(model.model.language_model)
+    with torch.no_grad():
+        next_ids = model(**inputs, **{key: cache}).logits[:, -1:].argmax(-1)
+        mask = torch.cat([inputs["attention_mask"], torch.ones_like(next_ids)], 1)
+        step = {"input_ids": next_ids, "attention_mask": mask, "position_ids": mask.cumsum(-1)[:, -1:] - 1}
+        counter = CompileCounter()
+        torch._dynamo.reset()
+        torch.compile(model, backend=counter, fullgraph=True)(**step, **{key: cache})
+        torch._dynamo.reset()
+    assert counter.frame_count == 1
