@@ -5,6 +5,7 @@ interleaved so machine noise hits both alike. Prints prefill time, decode tokens
 memory, and the ours/LLaVA ratios.
 
     python benchmarks/vs_llava.py [--repeats 3] [--threads 2]
+    python benchmarks/vs_llava.py --profile      # where one training step's time goes, per operator, side by side
 """
 
 import argparse
@@ -69,7 +70,23 @@ def inputs(batch: int = 1):
     )
 
 
-def measure(variant: str, metric: str, threads: int) -> float:
+def training_step(model, batch):
+    """One training step (forward, backward, AdamW) on `batch`, the image tokens masked out of the labels."""
+    import torch
+
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
+
+    def step():
+        model(**batch, labels=labels).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+
+    return step
+
+
+def measure(variant: str, metric: str, threads: int) -> float | dict:
     import torch
 
     torch.set_num_threads(threads)
@@ -94,23 +111,48 @@ def measure(variant: str, metric: str, threads: int) -> float:
         assert prefill_and_decode.shape[1] == batch["input_ids"].shape[1] + NEW_TOKENS
         return NEW_TOKENS / max(total - prefill, 1e-9)
     if metric == "train_step":
-        model.train()
-        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
-        labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
-        model(**batch, labels=labels).loss.backward()  # warm-up
-        optimizer.zero_grad()
+        step = training_step(model, batch)
+        step()  # warm-up
         start = time.perf_counter()
         for _ in range(3):
-            model(**batch, labels=labels).loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
+            step()
         return (time.perf_counter() - start) / 3
+    if metric == "profile":
+        return profile_train_step(model, batch)
     if metric == "peak_memory_mb":
         model.train()
         labels = batch["input_ids"].masked_fill(batch["input_ids"] == IMAGE_TOKEN, -100)
         model(**batch, labels=labels).loss.backward()
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     raise ValueError(metric)
+
+
+def profile_train_step(model, batch, steps: int = 3) -> dict:
+    """`steps` training steps (after two of warm-up: the optimizer's state and the allocator's pages exist) under
+    torch.profiler: `{operator: [self CPU ms, calls]}`."""
+    from torch.profiler import ProfilerActivity, profile
+
+    step = training_step(model, batch)
+    for _ in range(2):
+        step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(steps):
+            step()
+    return {event.key: [event.self_cpu_time_total / 1e3, event.count] for event in profiled.key_averages()}
+
+
+def print_profiles(threads: int, rows: int = 12) -> None:
+    """Both models' training steps profiled, each in its own process (in one process, whichever runs first pays
+    for fresh memory pages): self CPU time per operator side by side, the costliest operators first."""
+    ours, theirs = (run_child(variant, "profile", threads) for variant in ("mmllm", "llava"))
+    names = sorted(set(ours) | set(theirs), key=lambda name: -max(ours.get(name, [0])[0], theirs.get(name, [0])[0]))
+    print(f"3 training steps, self CPU time per operator: ms (calls) | {threads} threads")
+    print(f"{'operator':<56}{'mmllm':>18}{'LLaVA':>18}")
+    for name in names[:rows]:
+        cells = [f"{table.get(name, [0, 0])[0]:.1f} ({table.get(name, [0, 0])[1]})" for table in (ours, theirs)]
+        print(f"{name[:55]:<56}{cells[0]:>18}{cells[1]:>18}")
+    totals = [sum(time for time, _ in table.values()) for table in (ours, theirs)]
+    print(f"{'total':<56}{totals[0]:>18.1f}{totals[1]:>18.1f}")
 
 
 def run_child(variant: str, metric: str, threads: int) -> float:
@@ -128,7 +170,11 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "METRIC"))
+    parser.add_argument("--profile", action="store_true", help="profile one training step of each model instead")
     args = parser.parse_args()
+    if args.profile:
+        print_profiles(args.threads)
+        return
     if args.child:
         print(json.dumps(measure(*args.child, threads=args.threads)))
         return
