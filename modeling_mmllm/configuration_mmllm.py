@@ -276,12 +276,56 @@ class MMLLMConfig(PreTrainedConfig):
         return self.video_num_frames // self.video_temporal_pool * self.image_seq_length
 
     @classmethod
+    def get_config_dict(cls, pretrained_model_name_or_path, **kwargs) -> tuple[dict, dict]:
+        """A folder's config, refused before anything is built when it is not an mmllm checkpoint (transformers
+        would only warn, then build the default 7B-size model over the folder)."""
+        config_dict, kwargs = super().get_config_dict(pretrained_model_name_or_path, **kwargs)
+        check_checkpoint_config(config_dict, str(pretrained_model_name_or_path))
+        return config_dict, kwargs
+
+    @classmethod
     def from_preset(cls, name: str, **overrides) -> "MMLLMConfig":
         """Build the config of a named architecture preset (`configuration/<name>.json`).
 
         Any field can be overridden by keyword, e.g. `from_preset("llava-tiny", projector_type="linear")`.
         """
         return import_library_module("builders.presets").load_config_preset(cls, name, **overrides)
+
+
+# Checkpoints `mmllm convert KIND` reads, by their model_type.
+CONVERTIBLE = {
+    "llava": "llava",
+    "llava_next": "llava-next",
+    "blip-2": "blip2",
+    "idefics": "idefics",
+    "mplug_owl2": "mplug-owl2",
+}
+
+
+def check_checkpoint_config(config_dict: dict, source: str) -> None:
+    """A clear error when `config_dict` (a folder's config.json) is not an mmllm model's: another model type, or
+    a vision/text sub-config missing (building from defaults would make a 7B-size model)."""
+    model_type = config_dict.get("model_type")
+    if model_type != MMLLMConfig.model_type:
+        kind = CONVERTIBLE.get(model_type)
+        fix = (
+            f"convert it first: `mmllm convert {kind} {source} OUTPUT`"
+            if kind
+            else "mmllm loads its own folders only: make one with `mmllm build --preset NAME FOLDER`, or compose "
+            "this backbone with a vision encoder (`MMLLMForConditionalGeneration.from_components(vision=..., "
+            f"text={source!r})`)"
+        )
+        architectures = ", ".join(config_dict.get("architectures") or []) or "no architectures listed"
+        raise ValueError(
+            f"{source} is not an mmllm checkpoint: its config.json has model_type {model_type!r} ({architectures}); "
+            f"{fix}."
+        )
+    for name in ("vision_config", "text_config"):
+        if not isinstance(config_dict.get(name), dict) or "model_type" not in config_dict[name]:
+            raise ValueError(
+                f"{source}: config.json has no {name} with a model_type, so the component would be built from "
+                f"defaults (a 7B-size model for text_config). Restore the folder's config.json as mmllm saved it."
+            )
 
 
 MMLLMConfig.register_for_auto_class()

@@ -155,6 +155,8 @@ COMMANDS = {
     "mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt "
     '"What colour are the shapes?" --quantization int8': ("", None),
     "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/throughput.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/vs_llava.py --profile": ("", None),
     # the alignment stage: the quickstart-dpo figures are checked (below); the GPU recipe on a tiny model
     "mmllm train quickstart-dpo --model runs/quickstart/stage2/model --output_dir runs/quickstart/dpo": (
         "",

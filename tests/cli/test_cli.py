@@ -172,6 +172,8 @@ def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
     LlavaProcessor(
         image_processor=image_processor, tokenizer=tokenizer, patch_size=8, vision_feature_select_strategy="default"
     ).save_pretrained(tmp_path / "llava")
+    assert main(["generate", str(tmp_path / "llava"), "--prompt", "hi"]) == 1  # not converted yet
+    assert f"convert it first: `mmllm convert llava {tmp_path / 'llava'} OUTPUT`" in capsys.readouterr().err
     assert main(["convert", "llava", str(tmp_path / "llava"), str(tmp_path / "ours")]) == 0
     names = {p.name for p in (tmp_path / "ours").iterdir()}
     assert {"model.safetensors", "modeling_mmllm.py", "processor_config.json", "README.md"} <= names
@@ -179,6 +181,26 @@ def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
     assert main(["convert", "mplug-owl2", str(FIXTURE), str(tmp_path / "owl2")]) == 0
     assert "no processor was written" in capsys.readouterr().out
     assert json.loads((tmp_path / "owl2" / "config.json").read_text())["modality_adaptive"]
+
+
+def test_a_folder_that_is_not_an_mmllm_checkpoint_is_refused_before_anything_is_built(tmp_path, capsys):
+    """A plain 7B-size Llama config: transformers would only warn and build a default 7B mmllm model (24 GB)."""
+    from transformers import LlamaConfig
+
+    LlamaConfig(architectures=["LlamaForCausalLM"]).save_pretrained(tmp_path / "llama")
+    for argv in (["generate", str(tmp_path / "llama"), "--prompt", "hi"], ["eval", str(tmp_path / "llama")]):
+        assert main(argv) == 1
+        err = capsys.readouterr().err
+        assert "is not an mmllm checkpoint: its config.json has model_type 'llama' (LlamaForCausalLM)" in err
+        assert "from_components(vision=..., text=" in err and len(err.strip().splitlines()) == 1
+    with pytest.raises(ValueError, match="not an mmllm checkpoint"):
+        MMLLMForConditionalGeneration.from_pretrained(tmp_path / "llama")
+    config = MMLLMConfig.from_preset("llava-tiny").to_dict()
+    del config["text_config"]
+    (tmp_path / "edited").mkdir()
+    (tmp_path / "edited" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="no text_config with a model_type.*7B-size"):
+        MMLLMConfig.from_pretrained(tmp_path / "edited")
 
 
 def test_build_from_components_and_push(tmp_path, monkeypatch, capsys):
