@@ -6,8 +6,9 @@ the MLP and the final norm stay shared. The branches sit in their owner's `multi
 name (`self_attn.multiway.1.k_proj`, `multiway.1.input_layernorm`): each is a plain `nn.Linear` or norm whose name
 ends like the backbone's, so PEFT's usual `target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]` and
 `"all-linear"` give every branch its own adapter. Every token's output comes from its own modality's branch only
-(chosen on the device with `torch.where`, so a routed forward compiles in one graph); a pass without routing (text
-only, every decode step) runs the text branch alone, exactly the backbone's computation.
+(on an accelerator and under torch.compile chosen on the device with `torch.where`, so a routed forward compiles in
+one graph; on a CPU in eager mode by gather/scatter); a pass without routing (text only, every decode step) runs the
+text branch alone, exactly the backbone's computation.
 
 Routing travels as the `mm_token_type_ids` keyword argument into each decoder layer's `forward`, which transformers'
 decoder models pass through. The layer's class is extended with a `forward` that publishes the routing in a
@@ -28,6 +29,7 @@ from collections.abc import Iterator, Sequence
 
 import torch
 from torch import nn
+from transformers.utils.import_utils import is_torchdynamo_compiling
 from transformers.utils.output_capturing import CompileableContextVar
 
 TEXT = 0
@@ -59,22 +61,45 @@ _ADAPTIVE_CLASSES: dict[tuple[type, bool], type] = {}
 class MultiwayRouter:
     """Runs each token through its modality's branch (`{modality id: module}`); other modalities use text's.
 
-    Every branch runs on the whole tensor and `torch.where` keeps each token's own branch output: the choice is made
-    on the device, with no host synchronisation and no data-dependent shapes, so a routed forward traces in one
-    `torch.compile(fullgraph=True)` graph (and CUDA graphs). Each token's output and gradient come from its own
-    branch only; the extra work is one K/V projection and norm per extra branch.
+    On an accelerator, or under `torch.compile`, every branch runs on the whole tensor and `torch.where` keeps each
+    token's own branch output: the choice is made on the device, with no host synchronisation and no
+    data-dependent shapes, so a routed forward traces in one `torch.compile(fullgraph=True)` graph (and CUDA
+    graphs). In eager mode on a CPU, where reading a mask costs nothing, each branch runs on its own tokens only
+    (gather/scatter), which saves the extra branches' work on the other tokens. Either way each token's output and
+    gradient come from its own branch only.
     """
 
     def __init__(self, branches: dict[int, nn.Module], routing: torch.Tensor):
         self.branches, self.routing = branches, routing
 
     def __call__(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        routing = self.routing[..., -hidden_states.shape[-2] :].to(hidden_states.device).unsqueeze(-1)
+        routing = self.routing[..., -hidden_states.shape[-2] :].to(hidden_states.device)
+        if hidden_states.device.type == "cpu" and not is_torchdynamo_compiling():
+            return self._gathered(hidden_states, routing.reshape(-1))
         output = self.branches[TEXT](hidden_states)
         for modality, branch in self.branches.items():
             if modality != TEXT:
-                output = torch.where(routing == modality, branch(hidden_states), output)
+                output = torch.where((routing == modality).unsqueeze(-1), branch(hidden_states), output)
         return output
+
+    def _gathered(self, hidden_states: torch.Tensor, routing: torch.Tensor) -> torch.Tensor:
+        """Each present modality's branch on its own tokens (index_select / index_copy)."""
+        flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+        masks = {modality: routing == modality for modality in self.branches if modality != TEXT}
+        text = torch.ones_like(routing, dtype=torch.bool)  # text, and modalities without a branch of their own
+        for mask in masks.values():
+            text &= ~mask
+        groups = [(self.branches[TEXT], text)] + [(self.branches[modality], mask) for modality, mask in masks.items()]
+        output = None
+        for branch, mask in groups:
+            index = mask.nonzero(as_tuple=True)[0]
+            if index.numel() == 0:
+                continue
+            result = branch(flat.index_select(0, index))
+            if output is None:
+                output = result.new_zeros(flat.shape[0], result.shape[-1])
+            output = output.index_copy(0, index, result)
+        return output.reshape(*hidden_states.shape[:-1], -1)
 
 
 def _multiway_attribute(self: nn.Module, name: str):
