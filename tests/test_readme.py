@@ -100,8 +100,8 @@ COMMANDS = {
     'mmllm generate runs/quickstart/any2any/model --prompt "Draw one large red circle on the left." '
     "--save-image drawn.png": ("", "drawn.png"),
     "trl sft --model_name_or_path runs/quickstart/stage2/model --trust_remote_code --dataset_name data_dir "
-    "--assistant_only_loss True --output_dir runs/trl-sft": (
-        "--max_steps 2 --per_device_train_batch_size 2 --bf16 False --gradient_checkpointing False --report_to none",
+    "--assistant_only_loss True --output_dir runs/trl-sft --use_cpu True --bf16 False": (
+        "--max_steps 2 --per_device_train_batch_size 2 --gradient_checkpointing False --report_to none",
         "runs/trl-sft/model.safetensors",
     ),
     "mmllm build --preset owl2-tiny runs/owl2": ("", "runs/owl2/model.safetensors"),
