@@ -153,6 +153,7 @@ def print_profiles(threads: int, rows: int = 12) -> None:
         print(f"{name[:55]:<56}{cells[0]:>18}{cells[1]:>18}")
     totals = [sum(time for time, _ in table.values()) for table in (ours, theirs)]
     print(f"{'total':<56}{totals[0]:>18.1f}{totals[1]:>18.1f}")
+    print(f"mmllm/LLaVA total self CPU time: {totals[0] / totals[1]:.3f}")
 
 
 def run_child(variant: str, metric: str, threads: int) -> float:

@@ -327,7 +327,7 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
 
 def _check_dpo_figures(printed: str) -> None:
     """The alignment stage's held-out figures, as the README shows them: the preference rate rises to 0.9 or more
-    and no kind of answer loses more than 2 points of exact match."""
+    and no kind of answer loses more than one answer (5 points) of exact match; overall does not fall."""
     figures = {
         name: (float(before) / 100, float(after) / 100)
         for name, before, after in re.findall(r"^(\S+)\s+(\d+\.\d)% -> (\d+\.\d)%$", printed, re.MULTILINE)
@@ -335,7 +335,9 @@ def _check_dpo_figures(printed: str) -> None:
     before, after = figures["preference_rate"]
     assert after >= 0.9 and after > before, printed
     accuracies = {name: values for name, values in figures.items() if name.startswith("accuracy/")}
-    assert len(accuracies) >= 6 and all(after >= before - 0.02 for before, after in accuracies.values()), printed
+    # a kind has about 20 of the 200 held-out pairs: one answer is 5 points
+    assert len(accuracies) >= 6 and all(after >= before - 0.05 for before, after in accuracies.values()), printed
+    assert accuracies["accuracy/overall"][1] >= accuracies["accuracy/overall"][0], printed
 
 
 def _check_benchmark_figures(model: str, printed: str) -> None:
