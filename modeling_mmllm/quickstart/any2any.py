@@ -35,7 +35,6 @@ def run_any2any(
     output: Path,
     model: Path | str | None = None,
     fast: bool = False,
-    callbacks: list | None = None,
     overrides: dict | None = None,
 ) -> dict:
     """Train `quickstart-any2any` into `output` (from `model`, default the recipe's stage-2 folder); returns the
@@ -45,7 +44,7 @@ def run_any2any(
     settings = {"output_dir": str(output), **(FAST if fast else {}), **(overrides or {})}
     if model is not None:
         settings["model.path"] = str(model)
-    folder = train(load_recipe(RECIPE, settings), name=RECIPE, callbacks=callbacks)
+    folder = train(load_recipe(RECIPE, settings), name=RECIPE)
     metrics = json.loads((folder / "eval_results.json").read_text())
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     draw_generations(model, processor, output / "any2any.png")

@@ -17,13 +17,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
-from transformers import TrainerCallback
 
 from ..data.synthetic import QUESTIONS, make_dataset, random_scene, render
 from ..evaluation.metrics import answer_questions, exact_match
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
 from ..training import load_recipe, train
+from ..training.runner import HISTORY_FILE
 from .any2any import run_any2any
 
 STAGES = ("quickstart-stage0-text", "quickstart-stage1", "quickstart-stage2")
@@ -43,15 +43,10 @@ print(json.dumps({"answer": out[0]["generated_text"].strip()}))
 """
 
 
-class LossRecorder(TrainerCallback):
-    """Keeps (step, loss) of every logging step."""
-
-    def __init__(self):
-        self.losses: list[tuple[int, float]] = []
-
-    def on_log(self, args, state, control, logs=None, **kwargs):
-        if logs and "loss" in logs:
-            self.losses.append((state.global_step, float(logs["loss"])))
+def stage_losses(folder: Path) -> list[list[float]]:
+    """The (step, loss) pairs of the stage that wrote `folder` (its training history: a stage finished by an earlier
+    run, or resumed after a kill, keeps its whole curve)."""
+    return json.loads((folder / HISTORY_FILE).read_text())[-1].get("losses", [])
 
 
 def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path | str | None = None) -> Path:
@@ -62,9 +57,8 @@ def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path
     recipe = load_recipe(name, overrides)
     if fast and recipe.eval:
         recipe.eval["n"] = 16
-    recorder = LossRecorder()
-    folder = train(recipe, name=name, callbacks=[recorder])
-    curves[name] = recorder.losses
+    folder = train(recipe, name=name)
+    curves[name] = stage_losses(folder)
     return folder
 
 
@@ -124,9 +118,8 @@ def reload_and_answer(folder: Path, output: Path) -> dict:
 def run_drawing(output: Path, folder: Path, fast: bool, curves: dict) -> dict[str, float]:
     """The any-to-any stage from the stage-2 folder; returns its held-out figures (judged drawings, emission)."""
     print("\n== any-to-any: quickstart-any2any (the stage-2 model learns to draw) ==", flush=True)
-    recorder = LossRecorder()
-    results = run_any2any(output / "any2any", model=folder, fast=fast, callbacks=[recorder])
-    curves["quickstart-any2any"] = recorder.losses
+    results = run_any2any(output / "any2any", model=folder, fast=fast)
+    curves["quickstart-any2any"] = stage_losses(Path(results["folder"]))
     return results
 
 

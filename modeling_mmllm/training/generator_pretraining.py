@@ -232,7 +232,7 @@ def generator_pretraining_record(output_dir: Path, settings: dict, record: dict 
     if saved["settings"] != settings:
         logger.warning(
             f"generator_pretraining is now {settings}, but the checkpoint's generator was pre-trained "
-            f"with {saved['settings']}; the resumed run keeps it (start a new output_dir to pre-train again)."
+            f"with {saved['settings']}; the resumed run keeps it (pass --overwrite to train again from the start)."
         )
     return saved["result"]
 

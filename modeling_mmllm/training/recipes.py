@@ -22,6 +22,7 @@ from transformers import HfArgumentParser
 from trl import DPOConfig, SFTConfig
 
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
+FLAGS = ("--overwrite",)  # overrides that may stand alone (true)
 TRAINERS = ("sft", "dpo")
 
 MODEL_KEYS = {
@@ -173,6 +174,14 @@ class MMLLMRecipeKeys:
     )
     chat_template: str | None = field(
         default=None, metadata={"help": "A Jinja chat template file used instead of the model's template."}
+    )
+    overwrite: bool = field(
+        default=False,
+        metadata={
+            "help": "Train from the start even when output_dir holds a finished stage or checkpoints (they are "
+            "removed; the final folder is replaced once the new one is complete). Without it a finished stage is "
+            "reported and left as it is, and an unfinished one resumes."
+        },
     )
 
 
@@ -360,10 +369,14 @@ def recipe_trainer(name_or_path: str) -> str:
 
 
 def parse_overrides(arguments: list[str]) -> dict:
-    """`["--max_steps", "10", "--model.preset", "owl2-tiny"]` -> `{"max_steps": 10, "model.preset": "owl2-tiny"}`."""
+    """`["--max_steps", "10", "--model.preset", "owl2-tiny"]` -> `{"max_steps": 10, "model.preset": "owl2-tiny"}`;
+    `--overwrite` may stand alone."""
     overrides, index = {}, 0
     while index < len(arguments):
         key = arguments[index]
+        if key in FLAGS and (index + 1 == len(arguments) or arguments[index + 1].startswith("--")):
+            overrides[key[2:]], index = True, index + 1  # `--overwrite` alone
+            continue
         if not key.startswith("--") or index + 1 >= len(arguments):
             raise ValueError(f"Expected `--key value` pairs after the recipe, got {arguments[index:]}.")
         overrides[key[2:]] = _parse_value(arguments[index + 1])

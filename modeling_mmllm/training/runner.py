@@ -3,6 +3,7 @@ the push (library side)."""
 
 import copy
 import json
+import shutil
 from pathlib import Path
 
 from trl import SFTTrainer
@@ -49,6 +50,25 @@ def last_complete_checkpoint(output_dir: Path) -> Path | None:
     return None
 
 
+def finished_stage(output_dir: Path, name: str, max_steps: int) -> Path | None:
+    """`<output_dir>/model` when a run of recipe `name` already completed it (and, with `max_steps`, took at least
+    that many steps): re-running a finished stage must not train on (a resumed Trainer would take one more step)."""
+    history = output_dir / "model" / HISTORY_FILE
+    if not history.is_file():
+        return None
+    last = json.loads(history.read_text())[-1]
+    if last.get("recipe") != name or (max_steps > 0 and last.get("steps", 0) < max_steps):
+        return None
+    return output_dir / "model"
+
+
+def remove_checkpoints(output_dir: Path) -> None:
+    """Forget a previous run in `output_dir` (`--overwrite`): its checkpoints go (nothing resumes from them); its
+    final folder stays until the new run's replaces it."""
+    for checkpoint in output_dir.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+
+
 def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callbacks: list | None = None) -> Path:
     """Run one training stage (TRL's SFTTrainer, or DPOTrainer for `trainer: dpo`); returns the Hub-ready output
     folder (`<output_dir>/model`).
@@ -56,6 +76,11 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
     `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
     """
     output_dir = Path(recipe.output_dir)
+    if recipe.overwrite:
+        remove_checkpoints(output_dir)
+    elif (finished := finished_stage(output_dir, name, recipe.max_steps)) is not None:
+        logger.info(f"stage already complete: {finished}; pass --overwrite to train again")
+        return finished
     resume = (
         last_complete_checkpoint(output_dir) if recipe.resume_from_checkpoint is None else recipe.resume_from_checkpoint
     )
@@ -90,7 +115,12 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
     rows, frozen_names = len(trainer.train_dataset), ", ".join(frozen) or "nothing"
     logger.info(f"training {name}: {rows} rows ({recipe.trainer}), frozen: {frozen_names}; into {output_dir}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
-    stage.update(steps=result.global_step, train_loss=result.training_loss, lora=recipe.lora is not None)
+    stage.update(
+        steps=result.global_step,
+        train_loss=result.training_loss,
+        lora=recipe.lora is not None,
+        losses=[[log["step"], log["loss"]] for log in trainer.state.log_history if "loss" in log],
+    )
     if pretraining:
         stage["generator_pretraining"] = pretraining
     if trainer.is_world_process_zero():
@@ -242,7 +272,9 @@ __all__ = [
     "add_benchmark_scores",
     "dpo_trainer",
     "evaluate_stage",
+    "finished_stage",
     "last_complete_checkpoint",
+    "remove_checkpoints",
     "save_stage",
     "sft_trainer",
     "train",

@@ -391,3 +391,34 @@ def test_save_stage_keeps_the_previous_model_until_the_new_one_is_complete(tmp_p
     assert save_stage(trainer, None, tmp_path, {"recipe": "x"}) == previous
     assert (previous / "model.safetensors").read_text() == "the new weights"
     assert sorted(path.name for path in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_finished_stage_is_not_trained_again_unless_overwrite(tmp_path, capsys, caplog):
+    """Re-running a finished `mmllm train` changes no file (a resumed Trainer would take one more step and the
+    history would claim it); a longer `--max_steps` resumes; `--overwrite` trains again from the start."""
+    arguments = ["train", "quickstart-stage2", "--model", "llava-tiny", "--output_dir", str(tmp_path)]
+    arguments += ["--data", '{"synthetic": "joint", "n": 8, "image_size": 32}', "--eval", "null"]
+    arguments += ["--per_device_train_batch_size", "2", "--save_steps", "2", "--logging_steps", "1"]
+    assert main([*arguments, "--max_steps", "2"]) == 0
+    folder = tmp_path / "model"
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    history = json.loads((folder / "training_history.json").read_text())
+    assert history[-1]["steps"] == 2 and [step for step, _ in history[-1]["losses"]] == [1, 2]
+
+    caplog.clear()
+    assert main([*arguments, "--max_steps", "2"]) == 0
+    assert f"stage already complete: {folder}; pass --overwrite to train again" in caplog.text
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+    assert main([*arguments, "--max_steps", "3"]) == 0  # more steps asked for: resumes from checkpoint-2
+    assert f"resuming from {tmp_path / 'checkpoint-2'}" in caplog.text
+    resumed = json.loads((folder / "training_history.json").read_text())[-1]
+    assert resumed["steps"] == 3 and [step for step, _ in resumed["losses"]] == [1, 2, 3]
+
+    caplog.clear()
+    assert main([*arguments, "--max_steps", "2", "--overwrite"]) == 0
+    assert "resuming" not in caplog.text and "already complete" not in caplog.text
+    again = json.loads((folder / "training_history.json").read_text())
+    assert len(again) == 1 and again[-1]["steps"] == 2
+    assert sorted(path.name for path in tmp_path.glob("checkpoint-*")) == ["checkpoint-2"]
+    capsys.readouterr()
