@@ -13,6 +13,9 @@ USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, OSError, KeyError
 # cannot load and torch logs torchao's use of a deprecated pytree call, on every command. Neither is the user's.
 for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
+# accelerate imports DeepSpeed (the train extra) whenever a model is saved or trained, and DeepSpeed then warns that
+# it found no GPU on every CPU command. Only that notice is dropped (DeepSpeed's logger keeps the rest).
+logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
 
 
 def _load_folder(folder: str, quantization: str | None = None):

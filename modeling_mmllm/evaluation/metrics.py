@@ -13,7 +13,8 @@ from ..data.synthetic import Scene
 
 def _batched_inputs(model, processor, rows: list[dict], batch_size: int):
     """Processor inputs (prompt = each row's user turn, generation prompt added) per batch of rows."""
-    for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", leave=False):
+    # disable=None: no bar when the output is not a terminal, so a log keeps each result on its own line
+    for start in tqdm(range(0, len(rows), batch_size), desc="evaluating", leave=False, disable=None):
         batch = rows[start : start + batch_size]
         prompts = [processor.apply_chat_template(_prompt_messages(row), add_generation_prompt=True) for row in batch]
         images = [image for row in batch for image in row.get("images") or []] or None
@@ -94,7 +95,7 @@ def completion_log_probs(model, processor, rows: list[dict], batch_size: int = 1
     collator = DataCollatorForVisionPreference(processor=processor)
     model.eval()
     chosen, rejected = [], []
-    for start in tqdm(range(0, len(rows), batch_size), desc="scoring pairs", leave=False):
+    for start in tqdm(range(0, len(rows), batch_size), desc="scoring pairs", leave=False, disable=None):
         batch = collator([dict(row) for row in rows[start : start + batch_size]])  # copies: it rewrites the rows
         completion = batch.pop("completion_mask")[:, 1:].to(model.device)
         batch = {key: value.to(model.device) for key, value in batch.items()}

@@ -1,6 +1,8 @@
 """The `mmllm` command line: every command, and user mistakes as one clear line with exit code 1."""
 
 import json
+import os
+import re
 import subprocess
 import sys
 from types import SimpleNamespace
@@ -18,6 +20,7 @@ from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
 FIXTURE = FIXTURES / "mplug-owl2-tiny"
+TRANSFORMERS_BARS = ("Loading weights", "Writing model shards")  # transformers' own progress bars
 
 
 def test_help_lists_every_command_and_each_has_help(capsys):
@@ -256,3 +259,22 @@ def test_quickstart_fast_smoke(tmp_path):
     assert "dpo, preference_rate" in run.stdout and (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
     with Image.open(tmp_path / "quickstart.png") as report, Image.open(tmp_path / "any2any" / "any2any.png") as drawn:
         assert report.height > drawn.height  # the drawings are part of the report
+
+
+def test_commands_print_results_and_nothing_else(tmp_path):
+    """No DeepSpeed GPU notice, no Future/Deprecation warning from our calls, and `mmllm eval`'s results each on a
+    line of its own (no progress bar when the output is not a terminal)."""
+    env = {**os.environ, "PYTHONWARNINGS": "default::FutureWarning,default::DeprecationWarning"}
+
+    def run(*argv):
+        done = subprocess.run(
+            [sys.executable, "-m", "modeling_mmllm.cli", *argv], capture_output=True, text=True, env=env
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        noise = [line for line in done.stderr.splitlines() if line.strip() and not line.startswith(TRANSFORMERS_BARS)]
+        assert not noise, noise
+        return done.stdout
+
+    assert "saved" in run("build", "--preset", "owl2-tiny", str(tmp_path / "tiny"))
+    lines = run("eval", str(tmp_path / "tiny"), "--n", "8", "--image-size", "32").splitlines()
+    assert len(lines) == 6 and all(re.fullmatch(r"\w+ +\d+\.\d%", line) for line in lines), lines
