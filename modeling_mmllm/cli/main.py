@@ -15,7 +15,8 @@ for _noisy in ("torchao", "torch.utils._pytree"):
     logging.getLogger(_noisy).setLevel(logging.ERROR)
 # accelerate imports DeepSpeed (the train extra) whenever a model is saved or trained, and DeepSpeed then warns that
 # it found no GPU on every CPU command. Only that notice is dropped (DeepSpeed's logger keeps the rest).
-logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith("Setting accelerator to CPU"))
+_DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+logging.getLogger("DeepSpeed").addFilter(lambda record: not record.getMessage().startswith(_DEEPSPEED_CPU_NOTICE))
 
 
 def _load_folder(folder: str, quantization: str | None = None):
@@ -294,7 +295,13 @@ def quickstart(args: argparse.Namespace) -> None:
     from ..quickstart.run import run_quickstart
 
     run_quickstart(
-        Path(args.output), fast=args.fast, audio=args.audio, any2any=args.any2any, anyres=args.anyres, dpo=args.dpo
+        Path(args.output),
+        fast=args.fast,
+        audio=args.audio,
+        any2any=args.any2any,
+        anyres=args.anyres,
+        dpo=args.dpo,
+        overwrite=args.overwrite,
     )
 
 
@@ -316,6 +323,12 @@ def parser() -> argparse.ArgumentParser:
     command = commands.add_parser("quickstart", help="train, evaluate, save and reload the embedded default (CPU)")
     command.add_argument("--output", default="runs/quickstart", help="where the stages and the final folder go")
     command.add_argument("--fast", action="store_true", help="a few steps per stage (a smoke test, low accuracy)")
+    command.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="train the three stages again even where an earlier run into --output finished them (by default a "
+        "finished stage is kept and reported, an interrupted one resumes)",
+    )
     command.add_argument(
         "--audio",
         action="store_true",

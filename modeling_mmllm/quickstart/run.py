@@ -49,9 +49,12 @@ def stage_losses(folder: Path) -> list[list[float]]:
     return json.loads((folder / HISTORY_FILE).read_text())[-1].get("losses", [])
 
 
-def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path | str | None = None) -> Path:
-    """Train one shipped recipe into `output_dir`; records its loss curve in `curves`."""
-    overrides = {"output_dir": str(output_dir), **(FAST if fast else {})}
+def run_stage(
+    name: str, output_dir: Path, fast: bool, curves: dict, model: Path | str | None = None, overwrite: bool = False
+) -> Path:
+    """Train one shipped recipe into `output_dir` (a stage an earlier run finished is kept, unless `overwrite`);
+    records its loss curve in `curves`."""
+    overrides = {"output_dir": str(output_dir), "overwrite": overwrite, **(FAST if fast else {})}
     if model is not None:
         overrides["model"] = str(model)
     recipe = load_recipe(name, overrides)
@@ -62,12 +65,12 @@ def run_stage(name: str, output_dir: Path, fast: bool, curves: dict, model: Path
     return folder
 
 
-def run_stages(output: Path, fast: bool) -> tuple[Path, dict[str, list]]:
+def run_stages(output: Path, fast: bool, overwrite: bool = False) -> tuple[Path, dict[str, list]]:
     """Train the three stages; returns the final folder and each stage's loss curve."""
     model, curves = None, {}
     for index, name in enumerate(STAGES):
         print(f"\n== stage {index}: {name} ==", flush=True)
-        model = run_stage(name, output / f"stage{index}", fast, curves, model)
+        model = run_stage(name, output / f"stage{index}", fast, curves, model, overwrite)
     return model, curves
 
 
@@ -182,12 +185,13 @@ def run_quickstart(
     any2any: bool = False,
     anyres: bool = False,
     dpo: bool = False,
+    overwrite: bool = False,
 ) -> dict:
     """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
-    mark."""
+    mark. The three stages an earlier run into `output` finished are kept (`overwrite`: trained again)."""
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
-    folder, curves = run_stages(output, fast)
+    folder, curves = run_stages(output, fast, overwrite)
     audio_accuracy = run_audio(output, fast, curves) if audio else {}
     drawing = run_drawing(output, folder, fast, curves) if any2any else {}
     resolution = run_anyres(output, fast) if anyres else {}

@@ -278,3 +278,25 @@ def test_commands_print_results_and_nothing_else(tmp_path):
     assert "saved" in run("build", "--preset", "owl2-tiny", str(tmp_path / "tiny"))
     lines = run("eval", str(tmp_path / "tiny"), "--n", "8", "--image-size", "32").splitlines()
     assert len(lines) == 6 and all(re.fullmatch(r"\w+ +\d+\.\d%", line) for line in lines), lines
+
+
+@pytest.mark.slow
+def test_quickstart_again_keeps_the_finished_stages_and_their_report(tmp_path):
+    """A second `mmllm quickstart` reports the three finished stages and trains none (same weights, same loss-curve
+    panels in the PNG); `--overwrite` trains them again."""
+
+    def quickstart(*extra):
+        command = [sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--fast", "--output", str(tmp_path)]
+        run = subprocess.run([*command, *extra], capture_output=True, text=True, timeout=900)
+        assert run.returncode == 0, run.stderr[-3000:]
+        with Image.open(tmp_path / "quickstart.png") as report:
+            curves = report.crop((0, 0, report.width, 220)).tobytes()  # the loss-curve panels
+        return run.stderr, (tmp_path / "stage2" / "model" / "model.safetensors").read_bytes(), curves
+
+    first, weights, curves = quickstart()
+    assert first.count("training quickstart-stage") == 3
+    again, same_weights, same_curves = quickstart()
+    assert again.count("stage already complete") == 3 and "training quickstart-stage" not in again
+    assert same_weights == weights and same_curves == curves
+    overwritten, _, _ = quickstart("--overwrite")
+    assert overwritten.count("training quickstart-stage") == 3 and "already complete" not in overwritten
