@@ -13,6 +13,9 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 """
 
 import difflib
+import enum
+import types
+import typing
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
@@ -23,6 +26,14 @@ from trl import DPOConfig, SFTConfig
 
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
 FLAGS = ("--overwrite",)  # overrides that may stand alone (true)
+TYPE_NAMES = {
+    bool: "true or false",
+    int: "a whole number",
+    float: "a number",
+    str: "a string",
+    dict: "a mapping ({key: value})",
+    list: "a list ([a, b])",
+}
 TRAINERS = ("sft", "dpo")
 
 MODEL_KEYS = {
@@ -298,10 +309,79 @@ def recipe_path(name_or_path: str) -> Path:
     raise FileNotFoundError(f"No recipe {name_or_path!r}: give a YAML file or one of {', '.join(names)}.")
 
 
+def read_yaml(path: Path) -> dict:
+    """A recipe file's mapping, or a clear error naming the file and the line of a YAML mistake."""
+    try:
+        recipe = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ValueError(f"{path} is not valid YAML{where}: {problem}.") from None
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ValueError(f"{path} is not a recipe: it must be a YAML mapping (model:, data:, output_dir:, ...).")
+    return recipe or {}
+
+
+def check_types(config_class: type, recipe: dict) -> dict:
+    """The recipe with each value checked against its field's type: a value of the wrong kind
+    (`learning_rate: fast`) is a clear error, and a number YAML reads as a string (`3e-3`) becomes a number."""
+    hints = typing.get_type_hints(config_class)
+    defaults = {f.name: f.default for f in fields(config_class)}
+    return {key: _typed(key, value, hints.get(key), defaults.get(key)) for key, value in recipe.items()}
+
+
+def _typed(key: str, value, hint, default):
+    allowed = _plain_types(hint)
+    if allowed is None or value is None and type(None) in allowed:
+        return value
+    if isinstance(value, bool):  # a bool is an int to Python, not to a recipe
+        if bool in allowed:
+            return value
+    elif isinstance(value, tuple(allowed)):
+        return value
+    elif isinstance(value, str) and list in allowed:  # `--freeze vision_tower`: a list of one
+        return [value]
+    elif isinstance(value, (int, float, str)):
+        for kind in (int, float, str):
+            if kind in allowed and (converted := _convert(value, kind)) is not None:
+                return converted
+    names = " or ".join(TYPE_NAMES[kind] for kind in allowed if kind in TYPE_NAMES)
+    example = f" (default: {default})" if default is not None and not isinstance(default, (dict, list)) else ""
+    raise ValueError(f"{key}: {value!r} is not {names}: give {names}{example}.")
+
+
+def _convert(value, kind: type):
+    """`value` as `kind` when nothing is lost (`"3e-3"` -> 0.003, `4.0` -> 4, `7` -> "7"), else None."""
+    try:
+        converted = kind(value)
+    except ValueError:
+        return None
+    if kind is int and isinstance(value, (float, str)) and float(value) != converted:
+        return None
+    return converted
+
+
+def _plain_types(hint) -> set | None:
+    """The plain types (None, bool, int, float, str, dict, list) a field's annotation admits; None when it admits
+    something else too (checked by the config itself). An enum admits its string values."""
+    if hint is None:
+        return None
+    kinds = set()
+    for option in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
+        option = typing.get_origin(option) or option
+        if isinstance(option, type) and issubclass(option, enum.Enum):
+            option = str
+        if option not in TYPE_NAMES and option is not type(None):
+            return None
+        kinds.add(option)
+    return kinds
+
+
 def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig | DPORecipeConfig:
     """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
     it as the config of its `trainer` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
-    recipe = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
+    recipe = read_yaml(recipe_path(name_or_path))
     for key, value in (overrides or {}).items():
         if key == "model" and isinstance(value, str):
             value = {"path": value} if Path(value).is_dir() else {"preset": value}
@@ -345,7 +425,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
         from peft import LoraConfig
 
         check_keys("lora", recipe["lora"], {f.name for f in fields(LoraConfig)})
-    (config,) = HfArgumentParser(config_class).parse_dict(recipe)
+    (config,) = HfArgumentParser(config_class).parse_dict(check_types(config_class, recipe))
     return config
 
 
@@ -364,8 +444,7 @@ def recipe_help(trainer: str = "sft") -> str:
 
 def recipe_trainer(name_or_path: str) -> str:
     """The `trainer` a recipe names (sft when it names none), read without checking the rest."""
-    recipe = yaml.safe_load(recipe_path(name_or_path).read_text()) or {}
-    return recipe.get("trainer", "sft") if isinstance(recipe, dict) else "sft"
+    return read_yaml(recipe_path(name_or_path)).get("trainer", "sft")
 
 
 def parse_overrides(arguments: list[str]) -> dict:

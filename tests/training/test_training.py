@@ -79,6 +79,42 @@ def test_overrides_and_clear_errors(tmp_path):
         build_model({"path": str(tmp_path)})
 
 
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"learning_rate": "fast"}, r"learning_rate: 'fast' is not a number: give a number \(default: 2e-05\)"),
+        ({"max_steps": "ten"}, "max_steps: 'ten' is not a whole number"),
+        ({"max_steps": 2.5}, "max_steps: 2.5 is not a whole number"),
+        ({"bf16": 1}, "bf16: 1 is not true or false"),
+        ({"freeze": {"vision_tower": True}}, "freeze: .* is not a list"),
+        ({"save_strategy": "sometimes"}, "sometimes is not a valid SaveStrategy"),
+    ],
+)
+def test_recipe_values_of_the_wrong_type_are_clear_errors(overrides, message):
+    with pytest.raises(ValueError, match=message):
+        load_recipe("quickstart-stage1", overrides)
+
+
+def test_recipe_values_yaml_reads_as_strings_become_what_the_key_needs(tmp_path):
+    path = tmp_path / "r.yaml"
+    path.write_text("model: {preset: llava-tiny}\ndata: {synthetic: vqa}\noutput_dir: x\nlearning_rate: 3e-3\n")
+    recipe = load_recipe(str(path), {"max_steps": 4.0, "freeze": "vision_tower", "run_name": 7})
+    assert recipe.learning_rate == 0.003 and recipe.max_steps == 4 and recipe.freeze == ["vision_tower"]
+    assert recipe.run_name == "7"
+
+
+def test_a_recipe_that_is_not_valid_yaml_names_the_file_and_line(tmp_path, capsys):
+    path = tmp_path / "broken.yaml"
+    path.write_text("model: {preset: llava-tiny\noutput_dir: x\n")
+    assert main(["train", str(path)]) == 1
+    assert capsys.readouterr().err.strip() == (
+        f"mmllm train: error: {path} is not valid YAML at line 2, column 11: expected ',' or '}}', but got ':'."
+    )
+    path.write_text("- a list\n")
+    with pytest.raises(ValueError, match="is not a recipe: it must be a YAML mapping"):
+        load_recipe(str(path))
+
+
 def test_train_help_lists_every_key_with_its_help_and_default(capsys):
     assert main(["train", "quickstart-stage1", "--help"]) == 0
     text = " ".join(capsys.readouterr().out.split())
