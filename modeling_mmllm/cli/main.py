@@ -3,6 +3,7 @@
 import argparse
 import json
 import logging
+import re
 import sys
 from contextlib import contextmanager
 from pathlib import Path
@@ -124,6 +125,30 @@ def _staging(target: Path):
         staging.unlink(missing_ok=True)
 
 
+def _prompt_content(prompt: str, processor, **given: int) -> list[dict]:
+    """The user turn's content parts: each media item where the prompt has its placeholder (`<image> what is
+    this?`), or, for a modality whose placeholder the prompt does not use, before the text (`given`: the number of
+    items per modality)."""
+    tokens = {kind: getattr(processor, f"{kind}_token", None) for kind in given}
+    tokens = {kind: token for kind, token in tokens.items() if token}
+    if not tokens:
+        return [{"type": "text", "text": prompt}]
+    pieces = re.split(f"({'|'.join(re.escape(token) for token in tokens.values())})", prompt)
+    kind_of = {token: kind for kind, token in tokens.items()}
+    content = [{"type": kind_of[piece]} if piece in kind_of else {"type": "text", "text": piece} for piece in pieces]
+    content = [part for part in content if part.get("text", True)]
+    leading = []
+    for kind, count in given.items():
+        placed = sum(part["type"] == kind for part in content)
+        if placed and placed != count:
+            raise ValueError(
+                f"--prompt has {placed} {tokens[kind]} placeholder(s) but {count} --{kind} file(s) were given: put "
+                f"one {tokens[kind]} where each goes, or none (the {kind} then comes before the text)."
+            )
+        leading += [{"type": kind}] * (count - placed)
+    return leading + content
+
+
 def generate(args: argparse.Namespace) -> None:
     """One prompt (optionally about an image, a video file and an audio file): a text answer, or with `--save-image`
     an image the model generates (models with an output projector and a modality generator)."""
@@ -136,8 +161,7 @@ def generate(args: argparse.Namespace) -> None:
             f"{args.model} cannot generate images (no output projector and modality generator): train "
             "one with the any-to-any recipe (quickstart-any2any), or drop --save-image."
         )
-    parts = [{"type": "image"}] * len(images) + [{"type": "video"}] * len(videos) + [{"type": "audio"}] * len(audio)
-    content = parts + [{"type": "text", "text": args.prompt}]
+    content = _prompt_content(args.prompt, processor, image=len(images), video=len(videos), audio=len(audio))
     prompt = processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True)
     inputs = processor(
         images=images or None, videos=videos or None, audio=audio or None, text=[prompt], return_tensors="pt"

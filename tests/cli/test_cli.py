@@ -16,6 +16,7 @@ from helpers import FIXTURES, make_images, seeded_model, tiny_text_config, tiny_
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.builders.presets import offline_tokenizer
 from modeling_mmllm.cli import main, parser
+from modeling_mmllm.cli.main import _prompt_content
 from modeling_mmllm.saving import save_model_folder
 
 COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
@@ -139,9 +140,11 @@ def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
         (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/no/such/dir/x.png"], "does not exist"),
         (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "DIR.png"], "is a folder: give a file name"),
         (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
+        (["generate", "SAVED", "--prompt", "<image> vs <image>?", "--image", "IMAGE"], "has 2 <image> placeholder"),
+        (["generate", "SAVED", "--prompt", "<image> what?"], "has 1 <image> placeholder(s) but 0 --image"),
     ],
 )
-def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, tmp_path, capsys):
+def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, image_file, tmp_path, capsys):
     (tmp_path / "fake.png").write_text("not an image")
     (tmp_path / "dir.png").mkdir()
     replace = {
@@ -152,12 +155,33 @@ def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder,
         "OUT.png": str(tmp_path / "out.png"),
         "OUT.txt": str(tmp_path / "out.txt"),
         "DIR.png": str(tmp_path / "dir.png"),
+        "IMAGE": str(image_file),
     }
     assert main([replace.get(arg, arg) for arg in argv]) == 1
     err = capsys.readouterr().err
     errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "fake.png"]  # nothing partial left behind
+
+
+def test_the_users_own_image_placeholder_is_where_the_image_goes(saved_folder, image_file, capsys):
+    processor = MMLLMProcessor.from_pretrained(saved_folder)
+    assert _prompt_content("Compare <image> and <image>.", processor, image=2) == [
+        {"type": "text", "text": "Compare "},
+        {"type": "image"},
+        {"type": "text", "text": " and "},
+        {"type": "image"},
+        {"type": "text", "text": "."},
+    ]
+    assert _prompt_content("What colour?", processor, image=1, audio=0) == [
+        {"type": "image"},
+        {"type": "text", "text": "What colour?"},
+    ]
+    argv = ["generate", str(saved_folder), "--image", str(image_file), "--max-new-tokens", "4", "--prompt"]
+    assert main([*argv, "<image>What colour?"]) == 0
+    assert main([*argv, "What colour?"]) == 0
+    first, second = capsys.readouterr().out.splitlines()
+    assert first == second  # the same prompt: the image before the text either way
 
 
 def test_convert_llava_and_mplug_owl2(tmp_path, capsys):
