@@ -1,9 +1,11 @@
 """`mmllm serve`: a real server (a child process on 127.0.0.1) driven by the `openai` client — the listed model id,
 answers equal to greedy `generate` on the chat template (images as data URLs and local files, audio, streaming,
-concurrent requests), bad requests answered with 400 while the server keeps serving; `--quantization`."""
+concurrent requests), bad requests answered with 400 while the server keeps serving, answers capped at the room
+the prompt leaves in the context; `--quantization`."""
 
 import base64
 import io
+import pickle
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -18,7 +20,7 @@ from helpers import free_port, make_images, seeded_model, start_service, stop_se
 from modeling_mmllm import MMLLMConfig, MMLLMProcessor
 from modeling_mmllm.cli import main
 from modeling_mmllm.saving import save_model_folder
-from modeling_mmllm.serving.openai_server import MMLLMModelManager
+from modeling_mmllm.serving.openai_server import MMLLMModelLoader
 from modeling_mmllm.serving.quantization import load_for_inference
 
 MAX_TOKENS = 8
@@ -145,6 +147,35 @@ def test_bad_requests_get_400_with_a_message_and_the_server_keeps_serving(server
     assert ask(server, "still there?")  # the next request is answered
 
 
+def _prompt_tokens(processor, text: str) -> int:
+    messages = [{"role": "user", "content": [{"type": "text", "text": text}]}]
+    inputs = processor.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+    return len(inputs["input_ids"][0])
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+def test_the_answer_is_capped_at_the_room_the_prompt_leaves_in_the_context(server, local_model, stream):
+    model, processor = local_model
+    context = model.config.get_text_config().max_position_embeddings
+    words = max(n for n in range(context) if _prompt_tokens(processor, "word " * n) <= context - 3)
+    room = context - _prompt_tokens(processor, "word " * words)
+    reply = server.chat.completions.create(
+        model=server.models.list().data[0].id,
+        messages=[{"role": "user", "content": "word " * words}],
+        max_tokens=room + 20,
+        temperature=0,
+        stream=stream,
+        **({"stream_options": {"include_usage": True}} if stream else {}),
+    )
+    if stream:
+        chunks = list(reply)
+        finish = [chunk.choices[0].finish_reason for chunk in chunks if chunk.choices][-1]
+        usage = chunks[-1].usage  # the last chunk: the usage, without choices
+    else:
+        finish, usage = reply.choices[0].finish_reason, reply.usage
+    assert usage.prompt_tokens == context - room and usage.completion_tokens == room and finish == "length"
+
+
 def test_an_image_in_an_assistant_turn_of_a_text_answering_model_is_a_400(server):
     with pytest.raises(BadRequestError, match="signal tokens"):
         server.chat.completions.create(
@@ -205,8 +236,9 @@ def test_generate_with_quantization_answers_as_the_quantized_model(saved_folder,
 
 
 def test_the_server_loads_the_model_quantized_when_asked(saved_folder):
-    manager = MMLLMModelManager(str(saved_folder), quantization="int8")
-    model = manager.loaded_pair(str(saved_folder))[0]
+    # transformers >= 5.25 pickles the loader into the model's process, which loads there: a copy loads quantized
+    loader = pickle.loads(pickle.dumps(MMLLMModelLoader(quantization="int8")))
+    model = loader.load_model_and_processor(str(saved_folder))[0]
     assert type(model.model.language_model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
 
 

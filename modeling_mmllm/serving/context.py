@@ -4,8 +4,12 @@ fills it is refused and the new tokens are capped at what is left."""
 
 def new_token_budget(model, prompt_tokens: int, max_new_tokens: int | None) -> int | None:
     """`max_new_tokens` capped at the room the prompt leaves in the context; a `ValueError` that says so for a
-    prompt that leaves none. Models whose backbone names no context length are left as they are."""
-    context = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+    prompt that leaves none. Models whose backbone names no context length are left as they are.
+
+    `model` is a model or its config (the server's process holds only the config from transformers 5.25 on: the
+    weights live in the model's own process)."""
+    config = getattr(model, "config", model)
+    context = getattr(config.get_text_config(), "max_position_embeddings", None)
     if context is None:
         return max_new_tokens
     if prompt_tokens >= context:
