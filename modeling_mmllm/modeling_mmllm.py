@@ -7,6 +7,7 @@ LM head calls it directly), `MMLLMForConditionalGeneration` adds the LM head, th
 import math
 import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -44,10 +45,12 @@ from .modality_adaptive import CHECKPOINT_RENAMES, apply_modality_adaptive, moda
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
 from .modality_generator import build_modality_generator, generator_settings, save_modality_generator
 from .output_projector import build_output_projector
+from .staged_folder import commit_staging, discard_staging, is_own_staging, keep_existing, make_staging, usual_modes
 
 logger = logging.get_logger(__name__)
 
 MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
+PROMPT_INPUTS = ("input_ids", "inputs", "inputs_embeds")  # generate()'s names for the prompt
 
 
 class _ModalityOutputs:
@@ -105,6 +108,64 @@ def per_row(items: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
     return arranged
 
 
+# What the processor takes and what the model then gets, per modality: named in "placeholders without media" errors.
+MEDIA_ARGUMENTS = {
+    IMAGE: ("images", "pixel_values"),
+    VIDEO: ("videos", "pixel_values_videos"),
+    AUDIO: ("audio", "input_features"),
+}
+
+
+def backbone_context(config) -> int | None:
+    """Tokens the backbone attends over (`text_config.max_position_embeddings`; beyond it a model trained on that
+    length produces garbage), or None when it has no fixed limit (no such field, or dynamic RoPE scaling, which
+    extends it by design)."""
+    text_config = getattr(config, "text_config", None) or config
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return None
+    context = getattr(text_config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
+def past_length(kwargs: dict) -> int | None:
+    """Tokens already in the backbone's cache (`cache` from transformers 5.24 on, `past_key_values` before); None
+    for a static cache under torch.compile, whose length is a device value: reading it would break the graph."""
+    cache = kwargs.get("cache", kwargs.get("past_key_values"))
+    past = cache.get_seq_length() if hasattr(cache, "get_seq_length") else 0
+    if isinstance(past, torch.Tensor):
+        return None if torch.compiler.is_compiling() else int(past)
+    return past
+
+
+PICKLE_WEIGHTS = ("*.bin", "*.pt", "*.pth", "*.ckpt")
+
+
+def _loading_problem(source: str, error: Exception) -> str | None:
+    """What a failed `from_pretrained` of `source` means for its user, with the fix; None for any other failure
+    (raised as it is)."""
+    if type(error).__name__ == "SafetensorError":  # safetensors' own error: a truncated or foreign file
+        return (
+            f"The weights file in {source} is damaged ({error}): it is truncated or not safetensors. Save the "
+            "model again, or download the folder again."
+        )
+    if isinstance(error, RuntimeError) and "ignore_mismatched_sizes" in str(error):
+        return (
+            f"The weights in {source} do not fit its config.json (tensor shapes differ: was a size such as "
+            "hidden_size edited?). Restore the config the weights were saved with, or pass "
+            "ignore_mismatched_sizes=True to start the mismatched layers afresh."
+        )
+    pickles = [path.name for pattern in PICKLE_WEIGHTS for path in Path(source).glob(pattern)]
+    if isinstance(error, OSError) and pickles and not any(Path(source).glob("*.safetensors")):
+        return (
+            f"{source} holds its weights only as pickle files ({', '.join(sorted(pickles))}); mmllm loads "
+            "safetensors only (a pickle can run code as it loads). Convert them once, where you trust the file: "
+            "MMLLMForConditionalGeneration.from_pretrained(FOLDER, use_safetensors=False).save_pretrained(NEW_FOLDER)"
+            " (or safetensors' convert script)."
+        )
+    return None
+
+
 class MMLLMPreTrainedModel(PreTrainedModel):
     """Shared settings: attention backends, gradient checkpointing, device-map splitting (from the sub-models)."""
 
@@ -133,6 +194,21 @@ class MMLLMPreTrainedModel(PreTrainedModel):
         """`torch.compile(fullgraph=True)` traces token fusion, with the modality-adaptive module or without; the
         per-row image counts of cross-attention fusion are still a graph break."""
         return self.config.fusion != "cross_attention"
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' `from_pretrained`, for safetensors weights only: pickled weights (`pytorch_model.bin`) can
+        run code as they load, so a folder that has only those is refused with the way to convert it (an explicit
+        `use_safetensors=False` still loads them). A damaged weights file, or weights whose shapes do not fit the
+        config, is a `ValueError` that names the problem and the fix."""
+        kwargs.setdefault("use_safetensors", True)
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        except Exception as error:
+            problem = _loading_problem(str(pretrained_model_name_or_path), error)
+            if problem is None:
+                raise
+            raise ValueError(problem) from error
 
     @classmethod
     def is_custom_code(cls) -> bool:
@@ -392,6 +468,41 @@ class MMLLMModel(MMLLMPreTrainedModel):
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
+    def check_context(self, new_tokens: int, past: int | None = 0) -> None:
+        """A clear error when the cached and new tokens together run past the backbone's context: beyond it the model
+        silently produces garbage (or, with learned positions, fails deep inside the backbone). Sequence lengths
+        are static shapes: plain Python, also under torch.compile (`past=None`: unknown there, not checked)."""
+        context = backbone_context(self.config)
+        if context is None or past is None or past + new_tokens <= context:
+            return
+        cached = f" ({past} in the cache + {new_tokens} new)" if past else ""
+        raise ValueError(
+            f"The input is {past + new_tokens} tokens{cached}, but the backbone's context "
+            f"(text_config.max_position_embeddings) is {context}: shorten the prompt, use fewer images, or lower "
+            f"max_new_tokens (for training, set max_length to at most {context})."
+        )
+
+    def check_placeholders_have_media(self, input_ids: torch.LongTensor, given: set[int]) -> None:
+        """A clear error for placeholder tokens whose media were not given (`<image>` without `pixel_values`, ...):
+        they would run as plain tokens. Not checked for modalities given as features, nor under torch.compile (a
+        device-side count)."""
+        missing = {modality: token for modality, token in self.placeholder_ids().items() if modality not in given}
+        if not missing or torch.compiler.is_compiling():
+            return
+        counts = torch.stack([(input_ids == token).sum() for token in missing.values()])
+
+        def message() -> str:
+            modality, count = next((m, int(n)) for m, n in zip(missing, counts) if n)
+            name, (argument, model_input) = MODALITY_NAMES[modality], MEDIA_ARGUMENTS[modality]
+            verb = "was" if argument == "audio" else "were"
+            return (
+                f"The text has {count} <{name}> placeholder token(s) but no {argument} {verb} given ({model_input} "
+                f"is None): pass {argument}=... to the processor (it returns {model_input}), or remove the "
+                "placeholders."
+            )
+
+        torch_compilable_check((counts == 0).all(), message)
+
     def _encoder_outputs(
         self, pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes=None
     ) -> dict:
@@ -454,6 +565,8 @@ class MMLLMModel(MMLLMPreTrainedModel):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
         if inputs_embeds is None:
             inputs_embeds = self.get_input_embeddings()(input_ids)
+        past = past_length(kwargs)
+        self.check_context(inputs_embeds.shape[1], past)
 
         fusion = self.config.fusion == "cross_attention"
         if not fusion and (cross_attention_states is not None or image_attention_mask is not None):
@@ -474,6 +587,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
         encoder_outputs = self._encoder_outputs(
             pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
         )
+        if input_ids is not None and kwargs.get("cache", kwargs.get("past_key_values")) is None:
+            # with inputs_embeds the caller placed the features; with a cache, generate() checked its prompt
+            given = set(encoder_outputs) | ({IMAGE} if cross_attention_states is not None else set())
+            self.check_placeholders_have_media(input_ids, given)
         if fusion and pixel_values is not None:
             cross_attention_states = per_row(encoder_outputs[IMAGE].pooler_output, counts)
         if cross_attention_states is not None:
@@ -705,6 +822,45 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
             model_kwargs["image_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, num_new_tokens, -1)], 1)
         return model_kwargs
 
+    def generate(self, *args, **kwargs):
+        """`generate` (text, or images with `generation_mode="image"`), with the backbone's context checked up front:
+        a prompt that leaves no room in it is an error; a generation that would run past it is cut to fit, with a
+        warning (as transformers warns for `max_length`), instead of failing half-way."""
+        prompt = args[0] if args else next((kwargs[key] for key in PROMPT_INPUTS if kwargs.get(key) is not None), None)
+        config = kwargs.get("generation_config") or self.generation_config
+        if prompt is not None and not prompt.is_floating_point() and not config.is_assistant:
+            # an assistant model drafts without the media (transformers drops them), so only a main model's prompt
+            given = {modality for modality, (_, name) in MEDIA_ARGUMENTS.items() if kwargs.get(name) is not None}
+            self.model.check_placeholders_have_media(
+                prompt, given | ({IMAGE} if "cross_attention_states" in kwargs else set())
+            )
+        return super().generate(*args, **self._fit_to_context(prompt, kwargs))
+
+    def _fit_to_context(self, prompt: torch.Tensor | None, kwargs: dict) -> dict:
+        """`kwargs` with `max_new_tokens` lowered so that the prompt and its answer fit the backbone's context."""
+        context = backbone_context(self.config)
+        if context is None or prompt is None:
+            return kwargs
+        length = prompt.shape[1]
+        if length >= context:
+            raise ValueError(
+                f"The prompt is {length} tokens (soft tokens of its images included) and the backbone's context "
+                f"(text_config.max_position_embeddings) is {context}: no room is left to generate. Shorten the "
+                "prompt or use fewer images."
+            )
+        config = kwargs.get("generation_config") or self.generation_config
+        new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
+        total = length + new_tokens if new_tokens is not None else kwargs.get("max_length") or config.max_length
+        if total <= context:
+            return kwargs
+        room = context - length
+        logger.warning(
+            f"The prompt ({length} tokens) and the requested answer ({total - length} new tokens) exceed the "
+            f"backbone's context of {context} tokens: generating at most {room} new tokens. Lower max_new_tokens, "
+            "shorten the prompt or use fewer images."
+        )
+        return {key: value for key, value in kwargs.items() if key != "max_length"} | {"max_new_tokens": room}
+
     @classmethod
     def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
         """Compose a model from a pretrained vision encoder and a pretrained causal LM (local folders or Hub ids).
@@ -724,24 +880,87 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         `private`, `token`) the upload runs once the folder is complete, sub-folder included, with the model card
         that the `mmllm` package renders (without the package the folder's own README.md goes up, and a warning
         says so): every file this call wrote or changed is uploaded.
+
+        The files are written into a staging sibling and swapped in by renames (`staged_folder.py`): a kill at any
+        point leaves the folder as it was or complete, never config and code without weights. Files already in the
+        folder that this save does not write (a processor, notes, a sub-folder) are kept, as transformers keeps
+        them. Files written get the umask's usual modes. A model whose weights safetensors cannot store (torch's
+        dynamic quantization) is refused before anything is written.
         """
+        _refuse_unsaveable_weights(self)
+        if os.path.isfile(save_directory):
+            raise NotADirectoryError(f"save_pretrained({str(save_directory)!r}): that is a file; pass a folder path.")
         hub = {key: kwargs.pop(key) for key in ("repo_id", "commit_message", "create_pr", "private") if key in kwargs}
-        os.makedirs(save_directory, exist_ok=True)
         before = file_times(save_directory)
+        writes = _writes_files(kwargs.get("is_main_process", True))
+        if writes and not is_own_staging(save_directory):
+            self._save_staged(os.path.realpath(save_directory), args, kwargs, push_to_hub, hub.get("repo_id"))
+        else:  # other ranks only join the gathering of sharded weights; a staging folder of ours is already one
+            self._write_folder(save_directory, writes, *args, **kwargs)
+            if push_to_hub and writes:
+                _write_model_card(self, save_directory, hub.get("repo_id"))
+        if push_to_hub and writes:
+            upload_folder_to_hub(save_directory, changed_since=before, token=kwargs.get("token"), **hub)
+
+    def _save_staged(self, target: str, args: tuple, kwargs: dict, push_to_hub: bool, repo_id: str | None) -> None:
+        """Write the folder into a staging sibling of `target`, carry over the files of an existing `target` that
+        this save does not replace, add the model card of a push, then swap it in."""
+        staging = make_staging(target)  # removes what killed saves of `target` left first
+        try:
+            self._write_folder(staging, True, *args, **kwargs)
+            usual_modes(staging)  # before `keep_existing`: hard-linked old files keep their own modes
+            keep_existing(target, staging)
+            if push_to_hub:
+                _write_model_card(self, staging, repo_id)
+            commit_staging(staging, target)
+        except BaseException:
+            discard_staging(staging)
+            raise
+
+    def _write_folder(self, save_directory, writes: bool, *args, **kwargs) -> None:
+        """transformers' `save_pretrained` into `save_directory`, with this model's `auto_map` and its modality
+        generator's files (`writes`: whether this process writes them)."""
         any_to_any = self.config.audio_config is not None or self.config.image_generation
         auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
         generator_settings = self.config.modality_generator
+        os.makedirs(save_directory, exist_ok=True)
         self.config.modality_generator = save_modality_generator(
-            self.model.modality_generator, generator_settings, save_directory, kwargs.get("is_main_process", True)
+            self.model.modality_generator, generator_settings, save_directory, writes
         )
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:  # the saved config names the copy; this model keeps using its source
             self.config.modality_generator = generator_settings
-        if push_to_hub and kwargs.get("is_main_process", True):
-            _write_model_card(self, save_directory, hub.get("repo_id"))
-            upload_folder_to_hub(save_directory, changed_since=before, token=kwargs.get("token"), **hub)
+
+
+def _writes_files(is_main_process: bool) -> bool:
+    """Whether this process writes a saved folder: the main process, and under torch.distributed rank 0 only (as
+    transformers does; the other ranks only take part in gathering sharded weights)."""
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return is_main_process and (not distributed or torch.distributed.get_rank() == 0)
+
+
+def _refuse_unsaveable_weights(model: nn.Module) -> None:
+    """A clear error, before anything is written, for weights safetensors cannot store: torch's own quantized
+    modules (`torch.ao.quantization.quantize_dynamic`) hold packed parameters and dtypes instead of tensors (the
+    save would otherwise fail half-way with "'torch.dtype' object has no attribute 'data_ptr'")."""
+    entries = [
+        name for name, value in model.state_dict().items() if not isinstance(value, torch.Tensor) or value.is_quantized
+    ]
+    if not entries:
+        return
+    quantized = [name for name, module in model.named_modules() if ".quantized" in type(module).__module__]
+    outermost = [name for name in quantized if not any(name.startswith(f"{other}.") for other in quantized)]
+    named = outermost or entries
+    where = ", ".join(named[:3]) + (f" and {len(named) - 3} more" if len(named) > 3 else "")
+    raise ValueError(
+        f"save_pretrained cannot store this model: {where} hold torch's quantized weights (packed parameters, not "
+        "tensors, as torch.ao.quantization.quantize_dynamic makes them), which safetensors cannot write. Save the "
+        "unquantized model and quantize it when loading: `--quantization int8` (mmllm generate, chat, serve, demo) "
+        "or from_pretrained(folder, quantization_config=TorchAoConfig(Int8WeightOnlyConfig())); a model loaded that "
+        "way saves and reloads."
+    )
 
 
 def _write_model_card(model: MMLLMForConditionalGeneration, folder, repo_id: str | None) -> None:

@@ -4,7 +4,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from helpers import seeded_model
+from helpers import cache_key, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
 from modeling_mmllm.modality_encoder import select_vision_features
 
@@ -139,3 +139,65 @@ def test_device_map_auto_keeps_decoder_layers_whole(saved_folder):
             devices_per_layer.setdefault(layer, set()).add(device)
     assert len(set(device_map.values())) > 1
     assert all(len(devices) == 1 for devices in devices_per_layer.values())
+
+
+@pytest.mark.parametrize(
+    "preset, token, argument",
+    [("llava-tiny", 5, "images"), ("video-tiny", 6, "videos"), ("flamingo-tiny", 5, "images")],
+)
+def test_placeholders_without_their_media_are_a_clear_error(preset, token, argument):
+    """`<image>` (or `<video>`) tokens in input_ids with no pixel_values would run as plain tokens: refused, with the
+    count and the fix; token fusion and cross-attention fusion alike."""
+    model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(preset)).eval()
+    ids = torch.tensor([[8, token, token, 9]])
+    with pytest.raises(
+        ValueError, match=f"2 <.*> placeholder token\\(s\\) but no {argument} were given.*pass {argument}="
+    ):
+        model(input_ids=ids)
+    with pytest.raises(ValueError, match=f"2 <.*> placeholder token\\(s\\) but no {argument} were given"):
+        model.generate(input_ids=ids, max_new_tokens=2)  # checked before the prefill, whose cache skips it
+    with torch.no_grad():  # embeddings: the caller placed the features
+        model(inputs_embeds=model.get_input_embeddings()(ids))
+
+
+def test_a_decode_step_may_carry_a_placeholder_token(tiny_model, processor, images):
+    """After a prompt pass with its images, new tokens run without pixel_values, even an `<image>` id that an
+    untrained model emits."""
+    inputs = processor(images=[images[0]], text=["<image>hi"], return_tensors="pt")
+    key = cache_key(tiny_model.model.language_model)
+    with torch.no_grad():
+        prompt = tiny_model(**inputs, use_cache=True)
+        step = tiny_model(input_ids=torch.tensor([[tiny_model.config.image_token_id]]), **{key: prompt[key]})
+    assert step.logits.shape == (1, 1, 512)
+
+
+def test_inputs_past_the_backbones_context_are_a_clear_error(tiny_model):
+    """llava-tiny's backbone has 512 positions: a longer forward (cached tokens included) is refused with the lengths
+    and the fix; 512 tokens run."""
+    context = tiny_model.config.text_config.max_position_embeddings
+    assert context == 512
+    ids = torch.randint(10, 400, (1, context + 1))
+    with pytest.raises(
+        ValueError, match="input is 513 tokens, but the backbone's context .* is 512: shorten the prompt"
+    ):
+        tiny_model(input_ids=ids)
+    key = cache_key(tiny_model.model.language_model)
+    with torch.no_grad():
+        prompt = tiny_model(input_ids=ids[:, :500], use_cache=True)
+        assert tiny_model(input_ids=ids[:, 500:512], **{key: prompt[key]}).logits.shape[1] == 12
+    with pytest.raises(ValueError, match="513 tokens \\(512 in the cache \\+ 1 new\\)"):
+        tiny_model(input_ids=ids[:, 512:], **{key: prompt[key]})
+
+
+def test_generate_checks_the_context_up_front(tiny_model, caplog):
+    """A prompt that fills the context is an error before anything runs; an answer that would run past it is cut to
+    fit, with a warning."""
+    with pytest.raises(ValueError, match="prompt is 512 tokens .* context .* is 512: no room is left to generate"):
+        tiny_model.generate(input_ids=torch.randint(10, 400, (1, 512)), max_new_tokens=1)
+    with caplog.at_level("WARNING"):
+        output = tiny_model.generate(
+            input_ids=torch.randint(10, 400, (1, 500)), max_new_tokens=30, do_sample=False, eos_token_id=None
+        )
+    assert output.shape == (1, 512)
+    assert "The prompt (500 tokens) and the requested answer (30 new tokens) exceed" in caplog.text
+    assert "generating at most 12 new tokens" in caplog.text

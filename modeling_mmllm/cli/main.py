@@ -180,28 +180,53 @@ def generate(args: argparse.Namespace) -> None:
         print("(the model answered with an image: add --save-image FILE to draw it)", file=sys.stderr)
 
 
+NOT_UTF8 = "error: that line is not valid UTF-8 text (is the terminal set to UTF-8?): type it again."
+
+
 def _input_lines():
-    """Lines typed at a `> ` prompt (or piped in), stripped, until end of input."""
+    """Lines typed at a `> ` prompt (or piped in), stripped, until end of input. A line that is not valid UTF-8 is
+    reported and skipped: the chat goes on."""
+    if hasattr(sys.stdin, "reconfigure"):  # undecodable bytes arrive as one bad line, not lost with their whole chunk
+        sys.stdin.reconfigure(errors="surrogateescape")
     while True:
         try:
-            yield input("> " if sys.stdin.isatty() else "").strip()
+            line = input("> " if sys.stdin.isatty() else "")
         except EOFError:
             return
+        except UnicodeDecodeError:
+            print(NOT_UTF8)
+            continue
+        if not _is_utf8(line):
+            print(NOT_UTF8)
+            continue
+        yield line.strip()
+
+
+def _is_utf8(line: str) -> bool:
+    """Whether `line` came from valid UTF-8 (undecodable bytes become lone surrogates, which do not encode)."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def chat(args: argparse.Namespace) -> None:
-    """Interactive chat with streaming output; `/image PATH` attaches an image, `/reset` clears, `/quit` ends."""
+    """Interactive chat with streaming output; `/image PATH` attaches an image, `/reset` clears, `/quit` ends.
+
+    A conversation longer than the model's context loses its oldest exchanges (with their images); a mistake in one
+    message (an image that cannot be read, a message too long on its own) is reported and the chat goes on."""
     from transformers import TextStreamer
 
     model, processor = _load_folder(args.model, args.quantization)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    messages, images, pending = [], [], []
+    turns, pending = [], []
     print("mmllm chat: type a message; /image PATH attaches an image, /reset clears, /quit ends.")
     for line in _input_lines():
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            messages, images, pending = [], [], []
+            turns, pending = [], []
             continue
         if line.startswith("/image"):
             try:
@@ -212,15 +237,64 @@ def chat(args: argparse.Namespace) -> None:
             continue
         if not line:
             continue
-        messages.append(
-            {"role": "user", "content": [{"type": "image"}] * len(pending) + [{"type": "text", "text": line}]}
+        turn = {"user": line, "images": pending, "answer": None}
+        pending = []
+        try:
+            turns = _chat_turn(model, processor, streamer, [*turns, turn], args.max_new_tokens)
+        except USER_ERRORS as error:
+            print(f"error: {error}")
+
+
+def _chat_turn(model, processor, streamer, turns: list[dict], max_new_tokens: int) -> list[dict]:
+    """Answer the last turn (streamed), after dropping the oldest turns that do not fit the context; the turns kept,
+    the last one with its answer."""
+    from ..modeling_mmllm import backbone_context
+
+    context = backbone_context(model.config)
+    turns, inputs = _fit_turns(processor, turns, context, max_new_tokens)
+    length = inputs["input_ids"].shape[1]
+    room = max_new_tokens if context is None else min(max_new_tokens, context - length)
+    if room < max_new_tokens:
+        print(f"warning: the context ({context} tokens) leaves room for {room} new tokens after this message.")
+    output = model.generate(**inputs, max_new_tokens=room, do_sample=False, streamer=streamer)
+    turns[-1]["answer"] = processor.decode(output[0, length:], skip_special_tokens=True).strip()
+    return turns
+
+
+def _fit_turns(processor, turns: list[dict], context: int | None, max_new_tokens: int) -> tuple[list[dict], dict]:
+    """The newest turns whose prompt and `max_new_tokens` fit the context (whole exchanges with their images, so an
+    image's placeholder span is never cut), with their processor inputs; an error when the last message alone
+    leaves no room to answer."""
+    for start in range(len(turns)):
+        inputs = _chat_inputs(processor, turns[start:])
+        length = inputs["input_ids"].shape[1]
+        if context is None or length + max_new_tokens <= context:
+            break
+    if context is not None and length >= context:
+        raise ValueError(
+            f"this message is {length} tokens with its images and the model's context is {context}: shorten it or "
+            "attach fewer images."
         )
-        images, pending = images + pending, []
-        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-        inputs = processor(images=images or None, text=[prompt], return_tensors="pt")
-        output = model.generate(**inputs, max_new_tokens=args.max_new_tokens, do_sample=False, streamer=streamer)
-        answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
-        messages.append({"role": "assistant", "content": [{"type": "text", "text": answer}]})
+    if start:
+        dropped = sum(len(turn["images"]) for turn in turns[:start])
+        print(
+            f"warning: the conversation is longer than the model's context ({context} tokens): dropped the oldest "
+            f"{start} exchange(s)" + (f" and their {dropped} image(s)." if dropped else ".")
+        )
+    return turns[start:], inputs
+
+
+def _chat_inputs(processor, turns: list[dict]) -> dict:
+    """Processor inputs for the turns (each user message with its images, then its answer) and a generation prompt."""
+    messages = []
+    for turn in turns:
+        content = [{"type": "image"}] * len(turn["images"]) + [{"type": "text", "text": turn["user"]}]
+        messages.append({"role": "user", "content": content})
+        if turn["answer"] is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
+    images = [image for turn in turns for image in turn["images"]]
+    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
+    return processor(images=images or None, text=[prompt], return_tensors="pt")
 
 
 def evaluate(args: argparse.Namespace) -> None:
@@ -239,14 +313,14 @@ def evaluate(args: argparse.Namespace) -> None:
                 print(f"{task:<24}{metric:<28}{value:10.4f}")
         print(f"lmms-eval results JSON in {args.output_path}")
         return
-    from ..data.loading import load_training_data
+    from ..data.loading import load_evaluation_data
     from ..evaluation.metrics import exact_match
 
     model, processor = _load_folder(args.model)
     spec = {"synthetic": args.synthetic, "n": args.n, "split": args.split, "image_size": args.image_size}
     if args.dataset:
         spec = {"dataset": args.dataset}
-    results = exact_match(model, processor, load_training_data(spec))
+    results = exact_match(model, processor, load_evaluation_data(spec))
     for kind, accuracy in sorted(results.items()):
         print(f"{kind:<12}{accuracy * 100:6.1f}%")
 
@@ -465,7 +539,11 @@ def parser() -> argparse.ArgumentParser:
     synthetic.add_argument("--n", type=int, default=200)
     synthetic.add_argument("--split", default="heldout")
     synthetic.add_argument("--image-size", type=int, default=64)
-    synthetic.add_argument("--dataset", help="a dataset (folder or file) with images, messages, answer, kind")
+    synthetic.add_argument(
+        "--dataset",
+        help="a dataset (folder, json/jsonl/parquet file or Hub id): conversations (images, messages, answer, kind) "
+        "or VQA rows (question, answer or answers, image, kind or question_type)",
+    )
     command.set_defaults(run=evaluate)
 
     command = commands.add_parser(

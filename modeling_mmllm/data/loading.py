@@ -1,12 +1,15 @@
-"""Training data for recipes: synthetic sets, `datasets` datasets, LLaVA-style JSON (library side).
+"""Training data for recipes: synthetic sets, `datasets` datasets, LLaVA-style JSON, VQA rows (library side).
 
 Every source becomes TRL's conversational format (`images` + `messages`), or for preference tuning TRL's
-preference format (`images` + `prompt` / `chosen` / `rejected`). Rows whose images (input images, or the
+preference format (`images` + `prompt` / `chosen` / `rejected`). VQA-style rows (`question` + `answer`, or VQAv2's
+`answers` list; an optional `image` and `kind`) become conversations with `answer` and `kind` columns, so they train
+and evaluate as they are. Rows whose images (input images, or the
 `generation_image` targets of image-generation rows) are missing or cannot be decoded are found before training and
 reported by row index: skipped with a count, or the run stops.
 """
 
 import json
+from collections import Counter
 from io import BytesIO
 from pathlib import Path
 
@@ -21,6 +24,17 @@ logger = get_logger(__name__)
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PART = {"type": Value("string"), "text": Value("string")}
 LLAVA_FEATURES = Features({"images": Sequence(Image()), "messages": [{"role": Value("string"), "content": [PART]}]})
+# VQA rows: the question column, the answer columns (VQAv2's `answers` list gives its most common answer), the image
+# and kind columns, each by priority.
+VQA_ANSWERS = ("answer", "multiple_choice_answer", "answers")
+VQA_IMAGES = ("image", "images", "image_path")
+VQA_KINDS = ("kind", "question_type", "answer_type")
+VQA_FEATURES = Features({**LLAVA_FEATURES, "kind": Value("string"), "answer": Value("string")})
+OTHER_LAYOUTS = (
+    "VQA rows (`question` + `answer` or VQAv2's `answers` list; optional `image` or `image_path`, relative to the "
+    "data file's folder or `image_folder`, and `kind` or `question_type`), or a LLaVA conversation file "
+    "(`llava_json: FILE`, `image_folder: DIR`)"
+)
 
 
 def llava_json_dataset(json_file: str, image_folder: str) -> Dataset:
@@ -66,6 +80,93 @@ def llava_generation_dataset(json_file: str, image_folder: str) -> Dataset:
             }
         )
     return Dataset.from_list(rows, features=GENERATION_FEATURES)
+
+
+def is_vqa(dataset: Dataset) -> bool:
+    """Whether `dataset` has VQA-style rows: a `question` and an answer column, and no `messages`."""
+    columns = set(dataset.column_names)
+    return "question" in columns and bool(columns & set(VQA_ANSWERS)) and "messages" not in columns
+
+
+def vqa_dataset(dataset: Dataset, image_folder: str | Path = ".") -> Dataset:
+    """VQA rows as conversations: the question (after its images, or with them where it says `<image>`) answered by
+    the answer, plus `answer` and `kind` columns for evaluation (no `kind` when the rows have none). Image paths are
+    relative to `image_folder`."""
+    columns = dataset.column_names
+    answers, kinds = [c for c in VQA_ANSWERS if c in columns], [c for c in VQA_KINDS if c in columns]
+    images = [column for column in VQA_IMAGES if column in columns]
+    for column in images:
+        dataset = _undecoded(dataset, column)  # paths and bytes pass through as they are
+
+    def convert(row: dict) -> dict:
+        answer = _vqa_answer(_first(row, answers))
+        converted = {"images": _vqa_images(_first(row, images), Path(image_folder)), "answer": answer}
+        content = _question_parts(str(row["question"]), len(converted["images"]))
+        converted["messages"] = [
+            {"role": "user", "content": content},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ]
+        if kinds:
+            kind = _first(row, kinds)
+            converted["kind"] = "other" if kind is None else str(kind)
+        return converted
+
+    features = VQA_FEATURES if kinds else Features({k: v for k, v in VQA_FEATURES.items() if k != "kind"})
+    return dataset.map(convert, remove_columns=columns, features=features, desc="VQA rows to conversations")
+
+
+def _first(row: dict, columns: list[str]):
+    """The row's value in the first of `columns` that has one (files mix `answer` and `answers` rows)."""
+    return next((row[column] for column in columns if row[column] not in (None, [], "")), None)
+
+
+def _undecoded(dataset: Dataset, column: str) -> Dataset:
+    """`dataset` with an image column (one image or a list) left as paths / bytes, not decoded."""
+    feature = dataset.features[column]
+    if isinstance(feature, Image):
+        return dataset.cast_column(column, Image(decode=False))
+    if isinstance(getattr(feature, "feature", None), Image):
+        return dataset.cast_column(column, Sequence(Image(decode=False)))
+    return dataset
+
+
+def _vqa_answer(answer) -> str:
+    """One answer: the text, or the most common of VQAv2's answers (strings or `{"answer": ...}` records)."""
+    if isinstance(answer, list):
+        answers = [item.get("answer") if isinstance(item, dict) else item for item in answer]
+        answers = [str(item).strip() for item in answers if item is not None]
+        return Counter(answers).most_common(1)[0][0] if answers else ""
+    return "" if answer is None else str(answer).strip()
+
+
+def _vqa_images(value, folder: Path) -> list:
+    """A row's images (none, one or a list: paths, `{"bytes", "path"}` records or PIL images), relative paths read
+    from `folder`."""
+    items = [] if value is None else value if isinstance(value, list) else [value]
+    resolved = []
+    for item in items:
+        if isinstance(item, str):
+            item = _resolved(item, folder)
+        elif isinstance(item, dict) and item.get("bytes") is None and item.get("path"):
+            item = {"bytes": None, "path": _resolved(item["path"], folder)}
+        resolved.append(item)
+    return resolved
+
+
+def _resolved(path: str, folder: Path) -> str:
+    return path if "://" in path or Path(path).is_absolute() else str(folder / path)
+
+
+def _question_parts(question: str, images: int) -> list[dict]:
+    """Typed parts of a question: its images first, unless it places them with `<image>` (one per image)."""
+    if "<image>" not in question:
+        return [{"type": "image", "text": None}] * images + [{"type": "text", "text": question}]
+    if question.count("<image>") != images:
+        raise ValueError(
+            f"A VQA question has {question.count('<image>')} <image> marker(s) but its row has {images} image(s): "
+            f"{question[:80]!r}. Give each marker an image, or remove the markers (images then go first)."
+        )
+    return _parts(question)
 
 
 def _parts(text: str) -> list[dict]:
@@ -148,8 +249,17 @@ def _source_dataset(spec: dict) -> Dataset:
         source = llava_generation_dataset if task == "generate" else llava_json_dataset
         return source(spec["llava_json"], spec.get("image_folder", "."))
     if "dataset" in spec:
-        return _load_dataset(spec["dataset"], spec.get("split", "train"))
+        dataset = _load_dataset(spec["dataset"], spec.get("split", "train"))
+        if is_vqa(dataset):
+            dataset = vqa_dataset(dataset, spec.get("image_folder") or _data_folder(spec["dataset"]))
+        return dataset
     raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
+
+
+def _data_folder(name_or_path: str) -> Path:
+    """Where a dataset's relative image paths start: the data file's folder, a saved dataset's own, else here."""
+    path = Path(name_or_path)
+    return path.parent if path.is_file() else path if path.is_dir() else Path(".")
 
 
 def is_preference(dataset: Dataset) -> bool:
@@ -158,7 +268,8 @@ def is_preference(dataset: Dataset) -> bool:
 
 
 def check_layout(dataset: Dataset, layout: str) -> None:
-    """A clear error when the data is not in the format the trainer reads."""
+    """A clear error when the data is not in the format the trainer (or the evaluation, `layout="any"`) reads: it
+    names the layouts accepted and their columns."""
     columns = dataset.column_names
     conversation = {"images", "messages"} <= set(columns)
     if layout == "preference" and not is_preference(dataset):
@@ -168,12 +279,27 @@ def check_layout(dataset: Dataset, layout: str) -> None:
         )
     if layout == "conversation" and not conversation:
         hint = " This is preference data: train it with `trainer: dpo`." if is_preference(dataset) else ""
-        raise ValueError(f"Training data needs `images` and `messages` columns (TRL's format); got {columns}.{hint}")
+        raise ValueError(
+            f"Training data needs `images` and `messages` columns (TRL's conversations), or {OTHER_LAYOUTS}; got "
+            f"columns {columns}.{hint}"
+        )
     if layout == "any" and not (conversation or is_preference(dataset)):
         raise ValueError(
-            "Evaluation data needs `images` and `messages` columns, or preference pairs (`prompt`, `chosen`, "
-            f"`rejected`); got {columns}."
+            "Evaluation data needs `images` and `messages` columns (TRL's conversations), preference pairs "
+            f"(`prompt`, `chosen`, `rejected`), or {OTHER_LAYOUTS}; got columns {columns}."
         )
+
+
+def load_evaluation_data(spec: dict, bad_rows: str = "stop") -> Dataset:
+    """Rows to score by exact match (`answer`, optional `kind`): a `data`-style spec, in any layout the recipes
+    train on (VQA rows included); errors speak of evaluation data."""
+    dataset = load_training_data(spec, bad_rows=bad_rows, layout="any")
+    if "answer" not in dataset.column_names:
+        raise ValueError(
+            "Evaluation data needs an `answer` column (and `kind` for per-kind accuracy), or VQA rows (`question` + "
+            f"`answer` or `answers`); got columns {dataset.column_names}."
+        )
+    return dataset
 
 
 def empty_answer_rows(dataset: Dataset) -> dict[int, str]:
@@ -227,7 +353,10 @@ __all__ = [
     "empty_answer_rows",
     "find_bad_rows",
     "is_preference",
+    "is_vqa",
     "llava_generation_dataset",
     "llava_json_dataset",
+    "load_evaluation_data",
     "load_training_data",
+    "vqa_dataset",
 ]

@@ -1,15 +1,23 @@
-"""Writing model folders: atomically (a temporary sibling folder, then renames), with their model card; the push
-of a finished folder; `mmllm upgrade` (library side)."""
+"""Writing model folders: atomically (a staging sibling folder, then renames), with their model card; the push
+of a finished folder; `mmllm upgrade` (library side). The staging itself is the hub set's `staged_folder`, which
+`save_pretrained` uses too."""
 
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from ..hub_upload import upload_folder_to_hub
+from ..staged_folder import (
+    commit_staging,
+    discard_staging,
+    link_or_copy,
+    make_staging,
+    remove_stale_staging,
+    usual_modes,
+)
 from .hub_card import hub_set_files, write_model_card
 
 
@@ -18,25 +26,23 @@ def atomic_folder(output: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a temporary sibling folder to write into; rename it to `output` only if the block succeeds.
 
     With `replace=True` an existing `output` stays in place until the new folder is complete, then the two are
-    swapped by renames (an interruption leaves the old folder or the new one, never a mix or none).
+    swapped by renames (an interruption, a kill included, leaves the old folder or the new one, never a mix or
+    none). What killed saves of `output` left (staging folders `.<name>.mmllm-staging-*` of ended processes) is
+    removed first. The folder gets `mkdir`'s usual mode and the files written in it `open()`'s, under the umask.
     """
     output = Path(output)
+    target = Path(os.path.realpath(output))  # a symlinked folder: the folder it points to is replaced
+    remove_stale_staging(target)
     if output.exists() and not replace:
         raise FileExistsError(f"{output} already exists: choose a new folder or delete it first.")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{output.name}-", dir=output.parent))
-    previous = staging.with_name(f"{staging.name}-previous")
+    staging = Path(make_staging(target))
     try:
         yield staging
-        if output.exists():
-            output.rename(previous)
-        staging.rename(output)
+        usual_modes(staging)
+        commit_staging(staging, target)
     except BaseException:
-        if previous.exists() and not output.exists():
-            previous.rename(output)
-        shutil.rmtree(staging, ignore_errors=True)
+        discard_staging(staging)
         raise
-    shutil.rmtree(previous, ignore_errors=True)
 
 
 def save_model_folder(
@@ -71,7 +77,8 @@ def upgrade_folder(folder: str | Path) -> list[str]:
     this package supports; weights, config, processor and card stay as they are (the same files, hard-linked).
 
     The new folder is assembled beside the old one and swapped in by renames: an interruption leaves the old
-    folder or the new one, never a mix. Returns the names of the code files written.
+    folder or the new one, never a mix. The kept files are hard links and keep their modes; the code files get the
+    umask's usual mode (not the installed package's). Returns the names of the code files written.
     """
     folder = Path(folder)
     config = folder / "config.json"
@@ -87,21 +94,10 @@ def upgrade_folder(folder: str | Path) -> list[str]:
     with atomic_folder(folder, replace=True) as staging:
         for entry in folder.iterdir():  # the old code files (flat *.py) are replaced, everything else is kept
             if entry.suffix != ".py":
-                _link_or_copy(entry, staging / entry.name)
+                link_or_copy(entry, staging / entry.name)  # no copy of the weights; the bytes stay the same
         for path in code:
-            shutil.copy2(path, staging / path.name)
+            shutil.copy2(path, staging / path.name)  # its mode: the umask's (atomic_folder)
     return [path.name for path in code]
-
-
-def _link_or_copy(source: Path, target: Path) -> None:
-    """Hard-link a file (no copy of the weights; the bytes stay the same) or copy what cannot be linked."""
-    if source.is_dir():
-        shutil.copytree(source, target, copy_function=lambda a, b: _link_or_copy(Path(a), Path(b)))
-        return
-    try:
-        os.link(source, target)
-    except OSError:
-        shutil.copy2(source, target)
 
 
 __all__ = ["atomic_folder", "push_folder", "save_model_folder", "upgrade_folder"]

@@ -158,5 +158,6 @@ def test_a_flamingo_from_pretrained_parts_starts_as_its_llm(parts):
     batch = processor(images=make_images(1), text=[prompt], return_tensors="pt")
     with torch.no_grad():
         fused = model.eval()(**batch).logits
-        text_only = model(input_ids=batch["input_ids"]).logits
+        # the same tokens without the image (as embeddings: input_ids with an <image> token need pixel_values)
+        text_only = model(inputs_embeds=model.get_input_embeddings()(batch["input_ids"])).logits
     assert torch.equal(fused, text_only)  # closed gates: the image changes nothing yet

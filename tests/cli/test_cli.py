@@ -1,5 +1,6 @@
 """The `mmllm` command line: every command, and user mistakes as one clear line with exit code 1."""
 
+import io
 import json
 import os
 import re
@@ -324,3 +325,89 @@ def test_quickstart_again_keeps_the_finished_stages_and_their_report(tmp_path):
     assert same_weights == weights and same_curves == curves
     overwritten, _, _ = quickstart("--overwrite")
     assert overwritten.count("training quickstart-stage") == 3 and "already complete" not in overwritten
+
+
+def test_eval_scores_a_vqa_style_json_per_kind(saved_folder, tmp_path, capsys):
+    """`question` / `answer` (or VQAv2's `answers`) / `image` rows, image paths relative to the file: exact match per
+    kind; a file in no known layout gets the accepted layouts, as evaluation data."""
+    for index, image in enumerate(make_images(2)):
+        image.save(tmp_path / f"{index}.png")
+    rows = [
+        {"question": "What colour is it?", "answer": "red", "image": "0.png", "question_type": "colour"},
+        {"question": "How many?", "answers": ["two", "two", "one"], "image": "1.png", "question_type": "count"},
+    ]
+    (tmp_path / "vqa.json").write_text(json.dumps(rows))
+    assert main(["eval", str(saved_folder), "--dataset", str(tmp_path / "vqa.json")]) == 0
+    kinds = [line.split()[0] for line in capsys.readouterr().out.splitlines() if line.endswith("%")]
+    assert kinds == ["colour", "count", "overall"]
+    (tmp_path / "bad.json").write_text(json.dumps([{"text": "Q?", "label": "a"}]))
+    assert main(["eval", str(saved_folder), "--dataset", str(tmp_path / "bad.json")]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
+    assert len(errors) == 1 and errors[0].startswith("mmllm eval: error: Evaluation data needs")
+    assert "`question` + `answer`" in errors[0] and "Training data" not in err and "Traceback" not in err
+
+
+class _Stdin(io.StringIO):
+    """Piped input whose first line is bytes that are not UTF-8 (`input()` raises, as on a strict terminal)."""
+
+    def __init__(self, text: str):
+        super().__init__(text)
+        self.broken = True
+
+    def readline(self, *args):
+        if self.broken:
+            self.broken = False
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+        return super().readline(*args)
+
+
+def test_chat_drops_the_oldest_exchanges_past_the_context_and_survives_mistakes(
+    saved_folder, image_file, monkeypatch, capsys
+):
+    """llava-tiny's 512 positions: a third long message drops the first exchange (and its image) with a warning; a
+    message too long on its own, and undecodable input, are errors that leave the chat running."""
+    long = "word " * 55  # about 230 tokens
+    session = [
+        f"/image {image_file}",
+        f"{long} first",
+        f"{long} second",
+        f"{long} third",
+        "word " * 2000,
+        "hi",
+        "/quit",
+    ]
+    monkeypatch.setattr(sys, "stdin", _Stdin("\n".join(session) + "\n"))
+    calls = []
+    generate = MMLLMForConditionalGeneration.generate
+
+    def recorded(self, **inputs):
+        calls.append((inputs["input_ids"].shape[1], inputs.get("pixel_values") is not None, inputs["max_new_tokens"]))
+        return generate(self, **inputs)
+
+    monkeypatch.setattr(MMLLMForConditionalGeneration, "generate", recorded)
+    assert main(["chat", str(saved_folder), "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "error: that line is not valid UTF-8 text" in out
+    assert "warning: the conversation is longer than the model's context (512 tokens): dropped the oldest 1 " in out
+    assert "exchange(s) and their 1 image(s)." in out
+    assert "error: this message is" in out and "the model's context is 512: shorten it or attach fewer images" in out
+    assert len(calls) == 4  # first, second, third (after the drop), "hi" (after the error)
+    assert [has_image for _, has_image, _ in calls] == [True, True, False, False]
+    assert all(length + new_tokens <= 512 for length, _, new_tokens in calls)
+    assert calls[3][0] > calls[2][0]  # "hi" keeps the history that fits
+
+
+def test_chat_survives_input_that_is_not_utf8(saved_folder):
+    """Bytes that are not UTF-8 on a strict stdin: one error line, then the next lines are read as usual."""
+    session = b"\xff\xfe not text\n" + b"word " * 2000 + b"\n/quit\n"
+    run = subprocess.run(
+        [sys.executable, "-m", "modeling_mmllm.cli", "chat", str(saved_folder), "--max-new-tokens", "2"],
+        input=session,
+        capture_output=True,
+        timeout=300,
+        env={**os.environ, "PYTHONIOENCODING": "utf-8:strict"},
+    )
+    out = run.stdout.decode()
+    assert run.returncode == 0 and b"Traceback" not in run.stderr, run.stderr[-2000:]
+    assert out.index("error: that line is not valid UTF-8 text") < out.index("error: this message is")
