@@ -81,7 +81,7 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> dict:
-    """The README's first command, `./run quickstart`, run once (about 4.5 minutes) and shared by many tests.
+    """The README's first command, `./run quickstart`, run once (6 to 7 minutes) and shared by many tests.
 
     It runs in a working folder that later README commands also use (`runs/quickstart` is its output). No timeout
     of its own: on a slow or shared machine it takes longer (818 s and over 1,200 s seen here), and CI has its limit.
