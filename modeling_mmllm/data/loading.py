@@ -21,6 +21,7 @@ from .synthetic import GENERATION_FEATURES, GENERATION_PROMPTS, make_dataset
 
 logger = get_logger(__name__)
 
+DATA_FILE_FORMATS = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}  # suffix -> datasets' builder
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 PART = {"type": Value("string"), "text": Value("string")}
 LLAVA_FEATURES = Features({"images": Sequence(Image()), "messages": [{"role": Value("string"), "content": [PART]}]})
@@ -44,12 +45,34 @@ def llava_json_dataset(json_file: str, image_folder: str) -> Dataset:
     """
     records = json.loads(Path(json_file).read_text())
     rows = []
-    for record in records:
+    for index, record in enumerate(records):
         images = record.get("image") or []
         images = [images] if isinstance(images, str) else images
-        messages = [{"role": ROLES[turn["from"]], "content": _parts(turn["value"])} for turn in record["conversations"]]
+        messages = _llava_messages(record, index, len(images), json_file)
         rows.append({"images": [str(Path(image_folder) / name) for name in images], "messages": messages})
     return Dataset.from_list(rows, features=LLAVA_FEATURES)
+
+
+def _llava_messages(record: dict, index: int, images: int, json_file: str) -> list[dict]:
+    """One LLaVA record's turns as typed-part messages. A record with one image and no `<image>` tag gets it before
+    its first question (as LLaVA's own loader does); any other mismatch, or an unknown role, is a clear error."""
+    where = f"{json_file}, row {index} (id {record.get('id', '?')})"
+    unknown = sorted({turn.get("from") for turn in record.get("conversations", [])} - set(ROLES), key=str)
+    if unknown or not record.get("conversations"):
+        raise ValueError(
+            f"{where}: conversation turns need a `from` of {', '.join(ROLES)} and a `value`; got {unknown or 'none'}."
+        )
+    messages = [{"role": ROLES[turn["from"]], "content": _parts(turn["value"])} for turn in record["conversations"]]
+    tags = sum(part["type"] == "image" for message in messages for part in message["content"])
+    if images == 1 and tags == 0:
+        first = next(message for message in messages if message["role"] == "user")
+        first["content"].insert(0, {"type": "image", "text": None})
+    elif tags != images:
+        raise ValueError(
+            f"{where}: {tags} <image> tag(s) for {images} image(s): put one <image> in the text per image "
+            "(a record with one image may also have none: the image then comes first)."
+        )
+    return messages
 
 
 def llava_generation_dataset(json_file: str, image_folder: str) -> Dataset:
@@ -341,7 +364,12 @@ def _load_dataset(name_or_path: str, split: str) -> Dataset:
         loaded = load_from_disk(str(path))
         return loaded[split] if hasattr(loaded, "keys") else loaded
     if path.is_file():
-        kind = {".json": "json", ".jsonl": "json", ".parquet": "parquet"}[path.suffix]
+        kind = DATA_FILE_FORMATS.get(path.suffix)
+        if kind is None:
+            raise ValueError(
+                f"{path}: {path.suffix or 'a file without a suffix'} is no data format mmllm reads: give a .json, "
+                ".jsonl or .parquet file (or a saved dataset folder; a LLaVA conversation file goes in llava_json)."
+            )
         return load_dataset(kind, data_files=str(path), split=split)
     return load_dataset(name_or_path, split=split)
 

@@ -235,6 +235,29 @@ def test_llava_json_data_with_bad_rows(tmp_path):
     assert len(load_training_data(spec, bad_rows="skip")) == 3
 
 
+def _llava_file(tmp_path, *turns, image="0.png") -> Path:
+    make_images(1)[0].save(tmp_path / image)
+    path = tmp_path / "llava.json"
+    path.write_text(json.dumps([{"id": "a1", "image": image, "conversations": [*turns]}]))
+    return path
+
+
+def test_llava_rows_without_a_tag_get_their_image_first_and_other_mismatches_are_clear(tmp_path, capsys):
+    answer = {"from": "gpt", "value": "a circle"}
+    path = _llava_file(tmp_path, {"from": "human", "value": "What is it?"}, answer)
+    row = llava_json_dataset(str(path), str(tmp_path))[0]  # LLaVA's own loader puts the image first too
+    assert [part["type"] for part in row["messages"][0]["content"]] == ["image", "text"]
+    path = _llava_file(tmp_path, {"from": "human", "value": "<image> or <image>?"}, answer)
+    with pytest.raises(ValueError, match=r"row 0 \(id a1\): 2 <image> tag\(s\) for 1 image\(s\)"):
+        llava_json_dataset(str(path), str(tmp_path))
+    path = _llava_file(tmp_path, {"from": "human", "value": "<image>hi"}, {"from": "bot", "value": "x"})
+    with pytest.raises(ValueError, match=r"turns need a `from` of human, user, gpt.*got \['bot'\]"):
+        llava_json_dataset(str(path), str(tmp_path))
+    (tmp_path / "rows.csv").write_text("images,messages\n")
+    with pytest.raises(ValueError, match=r"rows.csv: .csv is no data format mmllm reads: give a .json, .jsonl"):
+        load_training_data({"dataset": str(tmp_path / "rows.csv")})
+
+
 def test_yes_no_questions_name_the_scenes_own_value_exactly_when_the_answer_is_yes():
     scene, rng = Scene("circle", "red", "small", "left", 2), np.random.default_rng(0)
     assert [yes_no_question(scene, category, True, rng) for category in YES_NO_QUESTIONS] == [
