@@ -482,6 +482,20 @@ class MMLLMModel(MMLLMPreTrainedModel):
             f"max_new_tokens (for training, set max_length to at most {context})."
         )
 
+    def check_token_ids(self, input_ids: torch.LongTensor) -> None:
+        """A clear error for token ids outside the embedding table (an `IndexError` deep in torch otherwise): ids
+        from another tokenizer, or a vocabulary resized without the model."""
+        rows = self.get_input_embeddings().num_embeddings
+
+        def message() -> str:
+            bad = input_ids[(input_ids < 0) | (input_ids >= rows)]
+            return (
+                f"input_ids hold token id {int(bad[0])}, outside the model's vocabulary of {rows} ids: encode the text "
+                "with this model's own processor (or resize the embeddings after adding tokens)."
+            )
+
+        torch_compilable_check(((input_ids >= 0) & (input_ids < rows)).all(), message)
+
     def check_placeholders_have_media(self, input_ids: torch.LongTensor, given: set[int]) -> None:
         """A clear error for placeholder tokens whose media were not given (`<image>` without `pixel_values`, ...):
         they would run as plain tokens. Not checked for modalities given as features, nor under torch.compile (a
@@ -563,9 +577,11 @@ class MMLLMModel(MMLLMPreTrainedModel):
         """
         if (input_ids is None) ^ (inputs_embeds is not None):
             raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        if inputs_embeds is None:
-            inputs_embeds = self.get_input_embeddings()(input_ids)
         past = past_length(kwargs)
+        if inputs_embeds is None:
+            if past == 0:  # the prompt's ids (generated ones come from the model's own vocabulary)
+                self.check_token_ids(input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
         self.check_context(inputs_embeds.shape[1], past)
 
         fusion = self.config.fusion == "cross_attention"

@@ -201,3 +201,10 @@ def test_generate_checks_the_context_up_front(tiny_model, caplog):
     assert output.shape == (1, 512)
     assert "The prompt (500 tokens) and the requested answer (30 new tokens) exceed" in caplog.text
     assert "generating at most 12 new tokens" in caplog.text
+
+
+def test_token_ids_outside_the_vocabulary_are_a_clear_error(tiny_model):
+    with pytest.raises(ValueError, match="token id 99999, outside the model's vocabulary of 512 ids: encode the text"):
+        tiny_model(input_ids=torch.tensor([[1, 99999]]))
+    with pytest.raises(ValueError, match="token id -1"):
+        tiny_model.generate(input_ids=torch.tensor([[1, -1]]), max_new_tokens=1)
