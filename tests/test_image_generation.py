@@ -376,7 +376,7 @@ def test_generate_errors(model, a2a_processor, tiny_model):
     with pytest.raises(ValueError, match="drop return_dict_in_generate"):
         model.generate(**inputs, **GREEDY, generation_mode="image", return_dict_in_generate=True)
     with pytest.raises(ValueError, match="cannot generate images: it has no output projector"):
-        tiny_model.generate(input_ids=torch.tensor([[3, 4, 5]]), **GREEDY, generation_mode="image")
+        tiny_model.generate(input_ids=torch.tensor([[8, 9, 10]]), **GREEDY, generation_mode="image")
 
 
 # Chat template and a2a_processor.
