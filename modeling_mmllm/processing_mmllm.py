@@ -75,6 +75,102 @@ def _flatten(images) -> list:
     return [image for item in images for image in _flatten(item)]
 
 
+HIGH_BIT_DEPTH = {"I;16": 65535, "I;16B": 65535, "I;16L": 65535, "I;16N": 65535, "I": 65535, "F": 1.0}
+
+
+def _check_text(text) -> None:
+    """Every prompt is a valid Unicode `str`; bytes, other objects and lone surrogates would otherwise fail deep in
+    the tokenizer with a TypeError that names neither the prompt nor the fix."""
+    samples = [text] if isinstance(text, (str, bytes)) else text
+    if not isinstance(samples, (list, tuple)):
+        raise ValueError(f"text is a {type(text).__name__}: pass a string or a list of strings.")
+    for index, sample in enumerate(samples):
+        if isinstance(sample, (bytes, bytearray)):
+            raise ValueError(f"Text {index} is bytes, not a str: decode it first (`text.decode('utf-8')`).")
+        if not isinstance(sample, str):
+            raise ValueError(f"Text {index} is a {type(sample).__name__}, not a str: pass a str or a list of them.")
+        try:
+            sample.encode("utf-8")
+        except UnicodeEncodeError as error:
+            raise ValueError(
+                f"Text {index} is not valid Unicode (lone surrogate {sample[error.start]!r} at position {error.start}, "
+                "e.g. from errors='surrogateescape'): decode the original bytes with their real encoding, or replace "
+                "it with `text.encode('utf-8', 'replace').decode()`."
+            ) from None
+
+
+def _high_bit_depth_to_l(image: Image.Image, index: int) -> Image.Image:
+    """A 16-bit (`I;16`, `I`: 0..65535) or float (`F`: 0..1) grayscale image as 8-bit `L`. PIL's own conversion
+    clips every value above 255 to white, so a mid-grey 16-bit image would reach the encoder as white."""
+    top = HIGH_BIT_DEPTH[image.mode]
+    values = np.asarray(image, dtype=np.float64)
+    low, high = float(values.min()), float(values.max())
+    if not (np.isfinite(values).all() and low >= 0 and high <= top):
+        raise ValueError(
+            f"Image {index} is a mode {image.mode} image with values in [{low}, {high}], outside [0, {top}]: "
+            "scale it into that range or convert it to 8-bit first."
+        )
+    return Image.fromarray(np.round(values * (255 / top)).astype(np.uint8), mode="L")
+
+
+def _pil_as_rgb(image: Image.Image, index: int) -> Image.Image:
+    """A PIL image of any mode as RGB; transparency composited on white (transformers' `convert_to_rgb` rule)."""
+    image = _high_bit_depth_to_l(image, index) if image.mode in HIGH_BIT_DEPTH else image
+    if image.mode == "RGB":
+        return image
+    if "A" in image.getbands() or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def _channels_last(pixels: np.ndarray) -> np.ndarray | None:
+    """A 2-D `[H, W]` array (grayscale) or a 1-, 2- (gray+alpha) or 4-channel (RGBA) `[H, W, C]` / `[C, H, W]` one
+    as `[H, W, C]`; None for 3-channel arrays (transformers infers their layout) and anything else."""
+    if pixels.ndim == 2:
+        return pixels[..., None]
+    if pixels.ndim != 3 or 3 in (pixels.shape[0], pixels.shape[-1]):
+        return None
+    if pixels.shape[-1] in (1, 2, 4):
+        return pixels
+    return np.moveaxis(pixels, 0, -1) if pixels.shape[0] in (1, 2, 4) else None
+
+
+def _composite_on_white(pixels: np.ndarray) -> np.ndarray:
+    """`[H, W, C]` gray (C=1), gray+alpha (2) or RGBA (4) as `[H, W, 3]`, alpha composited on white (1.0 for floats
+    in [0, 1], else 255)."""
+    white = 1.0 if pixels.dtype.kind == "f" and pixels.max(initial=0) <= 1 else 255.0
+    color = pixels[..., :-1] if pixels.shape[-1] in (2, 4) else pixels
+    if pixels.shape[-1] in (2, 4):
+        alpha = pixels[..., -1:].astype(np.float64) / white
+        color = np.round(color * alpha + white * (1 - alpha)) if white == 255 else color * alpha + (1 - alpha)
+    return np.ascontiguousarray(np.broadcast_to(color, (*pixels.shape[:2], 3))).astype(pixels.dtype)
+
+
+def _array_as_rgb(image, rescale: bool):
+    """An array or tensor image with other than 3 channels as `[H, W, 3]` (a PIL image when uint8, so its layout is
+    unambiguous); with `rescale`, floats in [0, 1] as uint8 first, since the image processor would divide them by
+    255 again (a black image). Other arrays are returned unchanged."""
+    pixels = image.numpy(force=True) if isinstance(image, torch.Tensor) else np.asarray(image)
+    scaled = rescale and pixels.dtype.kind == "f" and pixels.size and 0 <= pixels.min() and pixels.max() <= 1
+    pixels = np.round(pixels * 255).astype(np.uint8) if scaled else pixels
+    layout = _channels_last(pixels)
+    if layout is None:
+        return pixels if scaled else image
+    rgb = _composite_on_white(layout)
+    return Image.fromarray(rgb) if rgb.dtype == np.uint8 else rgb
+
+
+def _as_rgb(image, index: int, rescale: bool):
+    """One image as the encoder's 3 channels on the 0..255 scale the image processor expects (see `_pil_as_rgb`,
+    `_array_as_rgb`); paths, URLs and batched arrays pass through unchanged."""
+    if isinstance(image, Image.Image):
+        return _pil_as_rgb(image, index)
+    if isinstance(image, (np.ndarray, torch.Tensor)) and image.ndim in (2, 3):
+        return _array_as_rgb(image, rescale)
+    return image
+
+
 class MMLLMProcessor(ProcessorMixin):
     r"""
     Processor of the mmllm model family.
@@ -195,6 +291,8 @@ class MMLLMProcessor(ProcessorMixin):
                     f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays, "
                     "torch tensors, or paths/URLs of image files."
                 )
+        if text is not None:
+            _check_text(text)
         if self.all_special_multimodal_tokens and text is not None:
             text = [text] if isinstance(text, str) else list(text)
         if images is not None:
@@ -315,11 +413,16 @@ class MMLLMProcessor(ProcessorMixin):
         elif isinstance(clip, dict):
             clip, sampling_rate = clip.get("array"), clip.get("sampling_rate")
         waveform = np.asarray(clip.cpu() if isinstance(clip, torch.Tensor) else clip, dtype=np.float32)
-        if waveform.ndim == 2:  # [samples, channels] -> mono
+        if waveform.ndim == 2 and waveform.size:  # [samples, channels] -> mono (empty stays 2-D: refused below)
             waveform = waveform.mean(axis=-1 if waveform.shape[-1] < waveform.shape[0] else 0)
         if waveform.ndim != 1 or waveform.size == 0:
             raise ValueError(
                 f"Audio item {index} is empty or not a waveform (shape {waveform.shape}): pass a 1-D array of samples."
+            )
+        if not np.isfinite(waveform).all():
+            raise ValueError(
+                f"Audio item {index} has {np.isnan(waveform).sum()} NaN and {np.isinf(waveform).sum()} infinite "
+                "sample(s): the encoder would turn them into NaN features; clean or replace the clip."
             )
         if sampling_rate is None:
             raise ValueError(
@@ -337,8 +440,13 @@ class MMLLMProcessor(ProcessorMixin):
         return waveform
 
     def _process_images(self, images, **kwargs):
+        """Images (and video frames) as RGB on the 0..255 scale (`_as_rgb`), squared if `pad_to_square`, then the
+        image processor."""
+        rescale = kwargs.get("do_rescale")
+        rescale = self.image_processor.do_rescale if rescale is None else rescale
+        images = [_as_rgb(image, index, rescale) for index, image in enumerate(_flatten(images))]
         if self.pad_to_square:
-            images = [self._expand_to_square(image) for image in _flatten(images)]
+            images = [self._expand_to_square(image) for image in images]
         return super()._process_images(images, **kwargs)
 
     def _expand_to_square(self, image) -> Image.Image:
@@ -353,6 +461,25 @@ class MMLLMProcessor(ProcessorMixin):
         canvas = Image.new("RGB", (side, side), background)
         canvas.paste(image, ((side - width) // 2, (side - height) // 2))
         return canvas
+
+    def check_config(self, config) -> None:
+        """Refuse a model config whose placeholder layout differs from this processor's (e.g. a hand-edited
+        processor_config.json): the model would see too few or too many soft-token slots, or none at all."""
+        pairs = {"image_seq_length": self.image_seq_length, "image_token_id": self.image_token_id}
+        if self.video_num_frames is not None:
+            pairs.update(
+                video_num_frames=self.video_num_frames,
+                video_temporal_pool=self.video_temporal_pool,
+                video_token_id=self.video_token_id,
+            )
+        if self.audio_features is not None:
+            pairs.update(audio_pool_stride=self.audio_pool_stride, audio_token_id=self.audio_token_id)
+        for name, value in pairs.items():
+            if getattr(config, name, value) != value:
+                raise ValueError(
+                    f"The processor's {name}={value} does not match the model config's {getattr(config, name)}: "
+                    f"set {name} in processor_config.json to the config's value (or rebuild the processor)."
+                )
 
     @property
     def signal_tokens(self) -> list[str]:

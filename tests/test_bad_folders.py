@@ -73,3 +73,12 @@ def test_weights_that_do_not_fit_the_config_are_a_clear_error(copy_of, capsys):
 
 def test_saved_folders_hold_no_pickles(saved_folder):
     assert not [path.name for path in saved_folder.rglob("*") if path.suffix in (".bin", ".pt", ".pth", ".pkl")]
+
+
+def test_a_processor_that_does_not_fit_the_model_is_refused_when_the_folder_loads(copy_of, capsys):
+    folder = copy_of("mismatched")
+    settings = json.loads((folder / "processor_config.json").read_text())
+    settings["image_seq_length"] += 1
+    (folder / "processor_config.json").write_text(json.dumps(settings))
+    line = _one_line_error(["generate", str(folder), "--prompt", "hi"], capsys)
+    assert "image_seq_length=" in line and "does not match the model config" in line

@@ -36,7 +36,9 @@ def load_for_inference(model_id: str | Path, quantization: str | None = None, **
     if quantization is not None:
         kwargs["quantization_config"] = quantization_config(quantization)
     model = MMLLMForConditionalGeneration.from_pretrained(model_id, **kwargs)
-    return model.eval(), MMLLMProcessor.from_pretrained(model_id)
+    processor = MMLLMProcessor.from_pretrained(model_id)
+    processor.check_config(model.config)  # a hand-edited processor_config.json: refused here, not after generating
+    return model.eval(), processor
 
 
 __all__ = ["QUANTIZATIONS", "load_for_inference", "quantization_config"]
