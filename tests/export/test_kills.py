@@ -23,7 +23,7 @@ import json, os, sys, tempfile
 import torch
 torch.set_num_threads(1)
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration
-from modeling_mmllm.saving import save_model_folder
+from modeling_mmllm.saving import save_model_folder, upgrade_folder
 models = {}
 for seed in (0, 1):
     torch.manual_seed(seed)
@@ -39,6 +39,8 @@ while line := sys.stdin.readline():
         try:
             if api == "save_pretrained":
                 models[seed].save_pretrained(target)
+            elif api == "upgrade":
+                upgrade_folder(target)
             else:
                 save_model_folder(models[seed], None, target, replace=True)
             code = 0
@@ -148,6 +150,34 @@ def test_a_killed_save_leaves_the_old_folder_or_the_new_one(saver, tmp_path, api
                 (target / name).write_text(text)
     assert left_behind, "no kill fell inside a save: the test did not exercise what it checks"
     MMLLMForConditionalGeneration.from_pretrained(target)  # the final folder loads
+
+
+def test_a_killed_upgrade_leaves_the_old_code_or_the_new(saver, tmp_path):
+    """`mmllm upgrade` SIGKILLed at seeded random points: the folder holds its old code files or the new ones, never
+    a mix, with its weights; the next upgrade completes and leaves no staging folder."""
+    assert saver.save("save_model_folder", tmp_path / "saved" / "model", 0)[0] == 0
+    saved = _files(tmp_path / "saved" / "model")
+    old = {name: data + b"# an older mmllm's\n" if name.endswith(".py") else data for name, data in saved.items()}
+    target = tmp_path / "runs" / "model"
+
+    def reset() -> None:
+        shutil.rmtree(target, ignore_errors=True)
+        for name, data in old.items():
+            (target / name).parent.mkdir(parents=True, exist_ok=True)
+            (target / name).write_bytes(data)
+
+    reset()
+    status, duration = saver.save("upgrade", target, 0)
+    new = _files(target)  # every hub-set file, the processor's included
+    assert status == 0 and all(new[name] == data for name, data in saved.items())
+    rng, states = random.Random(21), set()
+    for trial in range(KILLS):
+        reset()
+        saver.save("upgrade", target, 0, kill_after=rng.uniform(0.0, 1.0) * duration)
+        states.add("new" if _files(target) == new else "old")
+        assert _files(target) in (old, new), trial
+        assert saver.save("upgrade", target, 0)[0] == 0 and _files(target) == new and _leftovers(target) == []
+    assert "old" in states, "no kill fell before the swap: the test did not exercise what it checks"
 
 
 def _ended_pid() -> int:
