@@ -484,8 +484,9 @@ class MMLLMModel(MMLLMPreTrainedModel):
 
     def check_token_ids(self, input_ids: torch.LongTensor) -> None:
         """A clear error for token ids outside the embedding table (an `IndexError` deep in torch otherwise): ids
-        from another tokenizer, or a vocabulary resized without the model."""
-        rows = self.get_input_embeddings().num_embeddings
+        from another tokenizer, or a vocabulary resized without the model. The size comes from the config, which
+        `resize_token_embeddings` keeps current: PEFT's wrappers of the embedding (trainable tokens) hide its own."""
+        rows = self.config.text_config.vocab_size
 
         def message() -> str:
             bad = input_ids[(input_ids < 0) | (input_ids >= rows)]
