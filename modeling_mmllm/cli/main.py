@@ -85,7 +85,7 @@ def train(args: argparse.Namespace) -> None:
             if not name.startswith("before/"):
                 before = metrics.get(f"before/{name}")
                 print(f"{name:<26}" + (f"{before:.1%} -> " if before is not None else "") + f"{value:.1%}")
-    print(f"model saved to {folder}")
+    print(f"model folder: {folder}")
 
 
 def _check_file(path: str | None, what: str) -> list[str]:
