@@ -319,6 +319,8 @@ def test_readme_command_runs(command, workdir, monkeypatch, capsys):
         if argv[1:3] == ["-m", "lmms_eval"]:  # lmms-eval exits 0 on errors: its results JSON must be there
             output = workdir / argv[argv.index("--output_path") + 1]
             assert list(output.rglob("*_results.json")), (run.stdout + run.stderr)[-4000:]
+        if argv[0] == "torchrun":  # every rank returns with the folder whole; the main process reports, once
+            assert run.stdout.count("model folder: ") == 1, run.stdout[-2000:]
         if argv[1].startswith(str(ROOT / "benchmarks")):  # a table of ratios measured side by side
             assert re.search(r"\d\.\d{3}|\d\.\d+x", run.stdout), run.stdout
     if leaves:

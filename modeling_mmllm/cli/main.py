@@ -70,6 +70,8 @@ def build(args: argparse.Namespace) -> None:
 
 def train(args: argparse.Namespace) -> None:
     """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
+    from accelerate import PartialState
+
     from ..training import load_recipe, parse_overrides, recipe_help, recipe_trainer
     from ..training import train as run_recipe
 
@@ -78,6 +80,10 @@ def train(args: argparse.Namespace) -> None:
         return
     recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
     folder = run_recipe(recipe, name=Path(args.recipe).stem)
+    state = PartialState()  # the trainer's: one process, or this rank of a torchrun
+    state.destroy_process_group()  # a rank that exits still in its group can abort (gloo: "terminate called")
+    if not state.is_main_process:  # the main process reports, once
+        return
     results = folder / "eval_results.json"
     if results.is_file():  # the recipe's held-out evaluation (also in the model card), "before -> after" for DPO
         metrics = json.loads(results.read_text())

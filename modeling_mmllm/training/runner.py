@@ -132,6 +132,7 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
             add_benchmark_scores(final, trainer.model, recipe.eval_tasks, output_dir / "lmms_eval")
         if recipe.push_to_hub:
             push_folder(final, recipe.hub_model_id, private=bool(recipe.hub_private_repo))
+    trainer.accelerator.wait_for_everyone()  # every process returns once the folder is whole (and may read it)
     return output_dir / "model"
 
 
