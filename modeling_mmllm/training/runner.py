@@ -74,6 +74,8 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
     folder (`<output_dir>/model`).
 
     `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
+    Under torchrun every process returns once the folder is complete; a script then leaves the process group before
+    it exits (`PartialState().destroy_process_group()`, as `mmllm train` does), or gloo can abort it.
     """
     output_dir = Path(recipe.output_dir)
     if recipe.overwrite:

@@ -37,3 +37,4 @@ recipe = load_recipe(
     },
 )
 train(recipe, name="ddp", callbacks=[ReportWeights()])
+torch.distributed.destroy_process_group()  # as a script must before it exits (gloo can abort otherwise)
