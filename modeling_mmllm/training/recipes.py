@@ -292,7 +292,8 @@ def check_keys(section: str, given, valid, listing: str | None = None, elsewhere
         else:
             hints.append(f"{key!r} -> did you mean {close[0]!r}?" if close else f"{key!r} is no {section} key")
     menu = listing or f"Valid keys: {', '.join(sorted(valid))}."
-    raise ValueError(f"Unknown {section} keys {unknown}: {'; '.join(hints)}. {menu}")
+    hint = "; ".join(hints)
+    raise ValueError(f"Unknown {section} keys {unknown}: {hint}{'' if hint.endswith('?') else '.'} {menu}")
 
 
 def recipe_path(name_or_path: str) -> Path:

@@ -63,7 +63,7 @@ def test_overrides_and_clear_errors(tmp_path):
         ValueError, match="Unknown recipe keys \\['learning_rat'\\]: 'learning_rat' -> did you mean 'learning_rate'"
     ):
         load_recipe("quickstart-stage1", {"learning_rat": 1})
-    with pytest.raises(ValueError, match="Unknown data keys \\['nn'\\]: 'nn' -> did you mean 'n'"):
+    with pytest.raises(ValueError, match="Unknown data keys \\['nn'\\]: 'nn' -> did you mean 'n'\\? Valid keys: "):
         load_recipe("quickstart-stage1", {"data.nn": 10})
     with pytest.raises(ValueError, match="Unknown model keys \\['presett'\\]: 'presett' -> did you mean 'preset'"):
         load_recipe("quickstart-stage1", {"model.presett": "owl2-tiny"})
