@@ -83,12 +83,14 @@ def _check_text(text) -> None:
     the tokenizer with a TypeError that names neither the prompt nor the fix."""
     samples = [text] if isinstance(text, (str, bytes)) else text
     if not isinstance(samples, (list, tuple)):
-        raise ValueError(f"text is a {type(text).__name__}: pass a string or a list of strings.")
+        raise ValueError(f"text is of type {type(text).__name__}: pass a string or a list of strings.")
     for index, sample in enumerate(samples):
         if isinstance(sample, (bytes, bytearray)):
             raise ValueError(f"Text {index} is bytes, not a str: decode it first (`text.decode('utf-8')`).")
         if not isinstance(sample, str):
-            raise ValueError(f"Text {index} is a {type(sample).__name__}, not a str: pass a str or a list of them.")
+            raise ValueError(
+                f"Text {index} is of type {type(sample).__name__}, not a str: pass a str or a list of them."
+            )
         try:
             sample.encode("utf-8")
         except UnicodeEncodeError as error:
@@ -288,7 +290,7 @@ class MMLLMProcessor(ProcessorMixin):
         for index, image in enumerate(_flatten(images)):
             if not (isinstance(image, str) or is_valid_image(image)):
                 raise ValueError(
-                    f"Image {index} is a {type(image).__name__}, not an image: pass PIL images, numpy arrays, "
+                    f"Image {index} is of type {type(image).__name__}, not an image: pass PIL images, numpy arrays, "
                     "torch tensors, or paths/URLs of image files."
                 )
         if text is not None:

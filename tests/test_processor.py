@@ -73,7 +73,7 @@ def test_save_and_load_round_trip(tmp_path, processor, images):
             "Got 1 image item\\(s\\) but 0 <image>.*Nothing is inserted",
         ),
         ({"text": ["<image> but no image"]}, "Got 0 image item\\(s\\) but 1 <image>"),
-        ({"images": [42], "text": ["<image>"]}, "Image 0 is a int, not an image"),
+        ({"images": [42], "text": ["<image>"]}, "Image 0 is of type int, not an image"),
         ({"text": ["   "]}, "Empty prompt"),
         (
             {"images": "images:1", "text": ["hello <image>"], "truncation": True, "max_length": 8},

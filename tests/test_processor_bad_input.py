@@ -72,9 +72,9 @@ def test_gray_alpha_array_is_taken_as_gray_plus_alpha(processor):
         ([b"<image> hi"], "Text 0 is bytes, not a str: decode it first"),
         (b"hello", "Text 0 is bytes"),
         (["fine", "caf\udce9"], "Text 1 is not valid Unicode \\(lone surrogate"),
-        (["fine", 3], "Text 1 is a int, not a str"),
-        ([None], "Text 0 is a NoneType, not a str"),
-        (42, "text is a int: pass a string or a list of strings"),
+        (["fine", 3], "Text 1 is of type int, not a str"),
+        ([None], "Text 0 is of type NoneType, not a str"),
+        (42, "text is of type int: pass a string or a list of strings"),
     ],
 )
 def test_text_that_is_not_valid_unicode_str_is_refused_naming_it(processor, text, message):

@@ -60,6 +60,16 @@ def image_batches(draw):
     return texts, items
 
 
+def processed_or_refused(processor, **inputs):
+    """The processor's padded tensors for `inputs`, or None where it refused them with a ValueError (the one
+    exception it may raise; the message is recorded as a hypothesis event)."""
+    try:
+        return processor(**inputs, padding=True, return_tensors="pt")
+    except ValueError as error:
+        event(f"ValueError: {str(error)[:40]}")
+        return None
+
+
 def placeholders_match_features(inputs, token_id: int, features: torch.Tensor | None) -> None:
     """The placeholder count is the feature count, and mm_token_type_ids marks exactly the placeholders."""
     is_token = inputs["input_ids"] == token_id
@@ -72,10 +82,7 @@ def placeholders_match_features(inputs, token_id: int, features: torch.Tensor | 
 @given(batch=image_batches())
 def test_images_and_text_give_matching_counts_or_a_value_error(processor, tiny_model, batch):
     texts, items = batch
-    try:
-        inputs = processor(images=items or None, text=texts, padding=True, return_tensors="pt")
-    except ValueError as error:
-        event(f"ValueError: {str(error)[:40]}")
+    if (inputs := processed_or_refused(processor, images=items or None, text=texts)) is None:
         return
     features = None
     if items:
@@ -89,10 +96,7 @@ def test_images_and_text_give_matching_counts_or_a_value_error(processor, tiny_m
 @given(texts=st.lists(UNICODE | st.binary(max_size=8) | st.none() | st.integers(), min_size=1, max_size=3))
 def test_any_text_is_tokenized_or_a_value_error(processor, texts):
     """Random str (lone surrogates too), bytes, None and ints: tokenized, or refused with a ValueError."""
-    try:
-        inputs = processor(text=texts, padding=True, return_tensors="pt")
-    except ValueError as error:
-        event(f"ValueError: {str(error)[:40]}")
+    if (inputs := processed_or_refused(processor, text=texts)) is None:
         return
     assert all(isinstance(text, str) for text in texts) and inputs["input_ids"].shape[0] == len(texts)
     assert not inputs["mm_token_type_ids"].any()
@@ -119,10 +123,7 @@ def audio_batches(draw):
 def test_audio_gives_matching_counts_or_a_value_error(audio_pair, batch):
     processor, model = audio_pair
     texts, clips = batch
-    try:
-        inputs = processor(audio=clips or None, text=texts, padding=True, return_tensors="pt")
-    except ValueError as error:
-        event(f"ValueError: {str(error)[:40]}")
+    if (inputs := processed_or_refused(processor, audio=clips or None, text=texts)) is None:
         return
     features = None
     if clips:
