@@ -880,11 +880,14 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
 
     @classmethod
     def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
-        """Compose a model from a pretrained vision encoder and a pretrained causal LM (local folders or Hub ids).
+        """Compose a model from a pretrained vision encoder and a pretrained causal LM (local folders or Hub ids;
+        `text` may also be a `.gguf` file, or a folder holding one, de-quantised to float32 with its tokenizer).
 
-        Returns `(model, processor)`: pretrained weights loaded, a fresh projector, the special tokens added to
-        the tokenizer, the embeddings resized and the package's chat template set (unless `chat_template=` is
-        given). Any other keyword overrides an `MMLLMConfig` field.
+        Returns `(model, processor)`: pretrained weights loaded, a fresh projector, the placeholder tokens added to
+        the tokenizer and the embeddings resized. `chat_template=None` keeps the LLM's own chat template when it has
+        one (placeholders go inside the user's turn; typed content parts render as their string form), so an
+        instruct LLM answers as before; an LLM without one gets the package's template and its role tokens; a
+        string is used as given. Any other keyword overrides an `MMLLMConfig` field.
         """
         return import_library_module("builders.composition").compose(cls, vision, text, projector, **overrides)
 

