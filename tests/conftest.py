@@ -114,3 +114,18 @@ def staged_run(quickstart_run) -> dict:
     """The quickstart's three stage folders (stage 0 text, stage 1, stage 2), trained by the shipped recipes."""
     assert quickstart_run["returncode"] == 0, quickstart_run["stderr"][-3000:]
     return quickstart_run
+
+
+@pytest.fixture(scope="session")
+def vision_folder(tmp_path_factory) -> Path:
+    """A tiny pretrained-style CLIP vision encoder with its image processor, saved (a `vision=` for from_components)."""
+    import torch
+    from transformers import CLIPImageProcessorPil, CLIPVisionModel
+
+    from helpers import tiny_vision_config
+
+    folder = tmp_path_factory.mktemp("vision") / "clip"
+    torch.manual_seed(1)
+    CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(folder)
+    CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}).save_pretrained(folder)
+    return folder

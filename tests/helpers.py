@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 from transformers import (
+    AutoModelForCausalLM,
+    AutoTokenizer,
     CLIPVisionConfig,
     GPT2Config,
     IdeficsConfig,
@@ -358,3 +360,65 @@ def ask_in_browser(url: str, files: list[Path], prompt: str, screenshot: Path, s
 def cache_key(language_model) -> str:
     """The backbone's cache keyword: `cache` from transformers 5.24 on, `past_key_values` before."""
     return "cache" if "cache" in inspect.signature(language_model.forward).parameters else "past_key_values"
+
+
+def run_python(code: str, *args: str, timeout: float = 600) -> str:
+    """`code` in a fresh Python process with `args` (sys.argv[1:]); its stdout, once it exited 0."""
+    import subprocess
+
+    result = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def typed(chat: list[dict]) -> list[dict]:
+    """The same chat with typed text parts in every role (as transformers' processors and TRL write them)."""
+    return [{**message, "content": [{"type": "text", "text": message["content"]}]} for message in chat]
+
+
+def original_answers(folder, chats, new_tokens: int = 8) -> list[list[int]]:
+    """Greedy answers of the LLM alone, through its own tokenizer and template."""
+    lm = AutoModelForCausalLM.from_pretrained(folder).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    answers = []
+    for chat in chats:
+        inputs = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_dict=True, return_tensors="pt")
+        out = lm.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        answers.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+    return answers
+
+
+def composed_answers(model, processor, chats, new_tokens: int = 8) -> list[list[int]]:
+    """Greedy answers of the composed model through its own processor (typed parts, as pipelines send them)."""
+    answers = []
+    for chat in chats:
+        inputs = processor.apply_chat_template(
+            typed(chat), add_generation_prompt=True, tokenize=True, return_dict=True, return_tensors="pt"
+        )
+        out = model.generate(**inputs, max_new_tokens=new_tokens, do_sample=False)
+        answers.append(out[0, inputs["input_ids"].shape[1] :].tolist())
+    return answers
+
+
+FRESH_PROCESS_ANSWERS = """
+import json, sys
+sys.modules["modeling_mmllm"] = None  # the folder's own code only
+sys.modules["gguf"] = None  # a folder composed from a GGUF file is plain safetensors
+from transformers import AutoModelForImageTextToText, AutoProcessor
+folder, chats = sys.argv[1], json.loads(sys.argv[2])
+model = AutoModelForImageTextToText.from_pretrained(folder, trust_remote_code=True).eval()
+processor = AutoProcessor.from_pretrained(folder, trust_remote_code=True)
+answers = []
+for chat in chats:
+    inputs = processor.apply_chat_template(chat, add_generation_prompt=True, tokenize=True, return_dict=True,
+                                           return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=int(sys.argv[3]), do_sample=False)
+    answers.append(out[0, inputs["input_ids"].shape[1]:].tolist())
+print("ANSWERS", json.dumps(answers))
+"""
+
+
+def fresh_process_answers(folder, chats, new_tokens: int = 8) -> list[list[int]]:
+    """Greedy answers of a saved folder, loaded in a fresh process where neither mmllm nor gguf can be imported."""
+    out = run_python(FRESH_PROCESS_ANSWERS, str(folder), json.dumps([typed(chat) for chat in chats]), str(new_tokens))
+    return json.loads(out.split("ANSWERS", 1)[1])

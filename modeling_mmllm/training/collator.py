@@ -1,10 +1,11 @@
 """The collator: TRL's vision-language collator plus placeholder masking, audio, video and image-generation targets
 (library side)."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+from trl.chat_template_utils import has_generation_markers
 from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 # Collated keys that carry generation targets to `MMLLMTrainer.compute_loss` (never model inputs).
@@ -23,6 +24,14 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
     """
 
     target_images: bool = False
+    # Under a chat template without `{% generation %}` markers (an LLM's own), assistant-only loss finds the answers
+    # itself: the ids that open an answer and the id that ends it (`answer_markers`).
+    answer_markers: tuple[list[int], int] | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        if self.assistant_only_loss and not has_generation_markers(self.processor.chat_template):
+            self.answer_markers = answer_markers(self.processor)
+            self.assistant_only_loss = False
 
     def torch_call(self, examples):
         captions = [example.get("generation_caption") for example in examples]
@@ -30,6 +39,8 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         examples = [self._with_generated_images(self._with_audio_parts(example)) for example in examples]
         batch = super().torch_call(examples)
         batch["labels"][batch["mm_token_type_ids"] != 0] = -100
+        if self.answer_markers is not None:
+            batch["labels"][answer_mask(batch["input_ids"], *self.answer_markers) == 0] = -100
         if any(captions):
             batch["generation_captions"] = [caption for caption in captions if caption]
             if self.target_images:
@@ -94,6 +105,44 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         return {**example, "messages": messages}
 
 
+def answer_markers(processor) -> tuple[list[int], int]:
+    """`(opening ids, end id)` of an assistant answer under a chat template without generation markers: what
+    `add_generation_prompt` appends (e.g. ChatML's `<|im_start|>assistant\n`), and the first token the template
+    writes after an answer (its end-of-turn token, e.g. `<|im_end|>`), which the model must learn to produce."""
+    user, answer = [{"role": "user", "content": "?"}], "ANSWER"
+    prompt = processor.apply_chat_template(user, add_generation_prompt=True)
+    opening = prompt[len(processor.apply_chat_template(user)) :]
+    chat = processor.apply_chat_template([*user, {"role": "assistant", "content": answer}])
+    if not opening or not chat.startswith(prompt + answer):
+        raise ValueError(
+            "assistant_only_loss cannot find the answers under this chat template (no generation prompt, or a chat "
+            "that does not start with it): add {% generation %} markers around assistant turns, or set "
+            "assistant_only_loss: false."
+        )
+    tokenizer = processor.tokenizer
+    closing = tokenizer(chat[len(prompt + answer) :], add_special_tokens=False)["input_ids"]
+    return tokenizer(opening, add_special_tokens=False)["input_ids"], (closing or [tokenizer.eos_token_id])[0]
+
+
+def answer_mask(input_ids: torch.Tensor, opening: list[int], end: int) -> torch.Tensor:
+    """1 on every assistant answer in `input_ids` `[B, T]`: the tokens after each `opening` sequence, up to and
+    including the next `end` (or to the row's end, for an answer cut by truncation)."""
+    mask = torch.zeros_like(input_ids)
+    width = len(opening)
+    for row, ids in enumerate(input_ids.tolist()):
+        start, position = None, 0
+        while position < len(ids):
+            if start is None and ids[position : position + width] == opening:
+                start = position = position + width
+                continue
+            if start is not None and ids[position] == end:
+                mask[row, start : position + 1], start = 1, None
+            position += 1
+        if start is not None:
+            mask[row, start:] = 1
+    return mask
+
+
 def rows_beyond_max_length(collator: MultimodalCollator, dataset) -> dict[int, str]:
     """Row index -> reason, for rows whose image (video, audio) tokens reach past `collator.max_length`: truncation
     there would cut a span of soft tokens (AnyRes images grow with their size), so such rows are found first."""
@@ -118,4 +167,11 @@ def pixel_tensor(images: list) -> torch.Tensor:
     return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
 
 
-__all__ = ["GENERATION_TARGETS", "MultimodalCollator", "pixel_tensor", "rows_beyond_max_length"]
+__all__ = [
+    "GENERATION_TARGETS",
+    "MultimodalCollator",
+    "answer_mask",
+    "answer_markers",
+    "pixel_tensor",
+    "rows_beyond_max_length",
+]

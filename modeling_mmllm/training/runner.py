@@ -4,6 +4,7 @@ the push (library side)."""
 import copy
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 from trl import SFTTrainer
@@ -159,9 +160,12 @@ def sft_trainer(
             whitened_layer(model).requires_grad_(False)
         else:
             whiten_output_projector(model, collator, dataset, rows=recipe.whiten_signal_states)
+    args = recipe.trainer_args()
+    if collator.answer_markers is not None:  # the collator finds the answers (the LLM's template has no markers)
+        args = replace(args, assistant_only_loss=False)
     trainer = MMLLMTrainer(
         model=model,
-        args=recipe.trainer_args(),
+        args=args,
         train_dataset=dataset,
         processing_class=processor,
         data_collator=collator,
