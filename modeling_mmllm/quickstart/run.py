@@ -93,26 +93,27 @@ def run_anyres(output: Path, fast: bool) -> dict[str, float]:
     return accuracy
 
 
-def reload_and_answer(folder: Path, output: Path) -> dict:
-    """A new image, then a fresh Python process that knows nothing of mmllm answers a question about it."""
+def reload_and_answer(folder: Path, output: Path, script: str = FRESH_PROCESS) -> dict:
+    """A new image, then a fresh Python process that knows nothing of mmllm answers a question about it (`script`
+    prints a JSON object with the `answer`, and anything else it asked)."""
     rng = np.random.default_rng(20261122)
     scene = random_scene(rng)
     image_path = output / "new_image.png"
     render(scene, rng).save(image_path)
     question = QUESTIONS["colour"]
     run = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, str(folder), str(image_path), question],
+        [sys.executable, "-c", script, str(folder), str(image_path), question],
         capture_output=True,
         text=True,
         timeout=600,
     )
     if run.returncode != 0:
         raise RuntimeError(f"Reloading {folder} in a fresh process failed:\n{run.stderr[-2000:]}")
-    answer = json.loads(run.stdout.strip().splitlines()[-1])["answer"]
+    reply = json.loads(run.stdout.strip().splitlines()[-1])
     return {
         "description": scene.describe(),
         "question": question,
-        "answer": answer,
+        **reply,
         "expected": scene.answer("colour"),
         "image": str(image_path),
     }

@@ -55,3 +55,30 @@ def test_quickstart_learns_saves_reloads_and_reports(quickstart_run):
 
     report = Image.open(output / "quickstart.png")
     assert report.width == 960 and report.height > 400  # loss curves on top, a grid of held-out images below
+
+
+@pytest.mark.slow
+def test_quickstart_on_smollm2_keeps_its_language(staged_run):
+    """`mmllm quickstart --llm smollm2 --fast` (the README's command, few steps) on the default stages already
+    trained: SmolLM2 joins through its own template, text-only answers stay SmolLM2's exactly (the LLM is frozen and
+    only image tokens pass through the image branches), the summary, report and fresh-process chat are written."""
+    import os
+    import subprocess
+    import sys
+
+    workdir = staged_run["workdir"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    command = [sys.executable, "-m", "modeling_mmllm.cli", "quickstart", "--llm", "smollm2", "--fast"]
+    run = subprocess.run(command, cwd=workdir, env=env, capture_output=True, text=True, timeout=1800)
+    assert run.returncode == 0, run.stderr[-3000:]
+    output = workdir / "runs" / "quickstart-smollm2"
+    assert [path.name for path in output.rglob("summary.json")] == ["summary.json"]
+    summary = json.loads((output / "summary.json").read_text())
+    assert set(summary) >= {"image/overall", "text/agreement", "text/kl", "demo"}
+    assert summary["text/agreement"] == 1.0 and 0 <= summary["text/kl"] < 1e-6
+    assert "Paris" in summary["demo"]["text_answer"]  # SmolLM2's answer, from the saved folder in a fresh process
+    assert re.search(r"^accuracy: \d+\.\d%$", run.stdout, re.MULTILINE)
+    with Image.open(output / "quickstart.png") as report:
+        assert report.width == 960
+    config = json.loads((Path(summary["folder"]) / "config.json").read_text())
+    assert config["text_config"]["num_hidden_layers"] == 30 and config["modality_adaptive"]
