@@ -106,6 +106,9 @@ class MMLLMConfig(PreTrainedConfig):
             Decoder layers that get the module; `None` means all.
         modality_adaptive_modalities (`list[int]`, *optional*, defaults to `[1]`):
             Modality ids that get their own branch besides text (0): 1 image, 2 video, 3 audio.
+        modality_adaptive_parts (`str`, *optional*, defaults to `"kv_norms"`):
+            Which modules get a branch per modality: `"kv_norms"` (mPLUG-Owl2: K/V projections and both norms) or
+            `"all"` (CogVLM's visual expert: also the query and output projections and the MLP).
         audio_config (`dict` or `PreTrainedConfig`, *optional*):
             Audio encoder (Whisper: its encoder half is used). `None`: no audio input.
         audio_token_id (`int`, *optional*):
@@ -162,6 +165,7 @@ class MMLLMConfig(PreTrainedConfig):
     modality_adaptive: bool = False
     modality_adaptive_layers: list[int] | None = None
     modality_adaptive_modalities: list[int] = field(default_factory=lambda: [IMAGE])
+    modality_adaptive_parts: str = "kv_norms"
     audio_config: dict | PreTrainedConfig | None = None
     audio_token_id: int | None = None
     audio_pool_stride: int = 4
@@ -197,6 +201,11 @@ class MMLLMConfig(PreTrainedConfig):
             raise ValueError(
                 f"modality_adaptive_modalities={self.modality_adaptive_modalities}: use modality ids 1 (image), "
                 "2 (video) and 3 (audio); text (0) always has its branch."
+            )
+        if self.modality_adaptive_parts not in ("kv_norms", "all"):
+            raise ValueError(
+                f"modality_adaptive_parts={self.modality_adaptive_parts!r}: use 'kv_norms' (mPLUG-Owl2: K/V and "
+                "norms per modality) or 'all' (CogVLM's visual expert: every projection, the MLP and the norms)."
             )
         layers = self.modality_adaptive_layers
         num_text_layers = self.text_config.num_hidden_layers

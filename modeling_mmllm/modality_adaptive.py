@@ -2,7 +2,8 @@
 
 In each selected decoder layer, `self_attn.k_proj`, `self_attn.v_proj`, `input_layernorm` and
 `post_attention_layernorm` get one branch per modality (0 text, then 1 image, 2 video, 3 audio); `q_proj`, `o_proj`,
-the MLP and the final norm stay shared. The branches sit in their owner's `multiway` dict under the module's own
+the MLP and the final norm stay shared. With `modality_adaptive_parts="all"` (CogVLM's visual expert) `q_proj`,
+`o_proj` and the MLP get branches too. The branches sit in their owner's `multiway` dict under the module's own
 name (`self_attn.multiway.1.k_proj`, `multiway.1.input_layernorm`): each is a plain `nn.Linear` or norm whose name
 ends like the backbone's, so PEFT's usual `target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]` and
 `"all-linear"` give every branch its own adapter. Every token's output comes from its own modality's branch only
@@ -34,13 +35,21 @@ from transformers.utils.output_capturing import CompileableContextVar
 
 TEXT = 0
 MODALITIES = (0, 1, 2, 3)
-# Owner of multiway modules (its path in the decoder layer; "" is the layer itself) -> the modules it holds.
-MULTIWAY_MODULES = {"self_attn": ("k_proj", "v_proj"), "": ("input_layernorm", "post_attention_layernorm")}
+# The modules that get one branch per modality, by `modality_adaptive_parts`: owner (its path in the decoder layer;
+# "" is the layer itself) -> the modules it holds. "kv_norms" is mPLUG-Owl2's module; "all" is CogVLM's visual
+# expert (every projection of attention, the MLP and both norms).
+MULTIWAY_PARTS = {
+    "kv_norms": {"self_attn": ("k_proj", "v_proj"), "": ("input_layernorm", "post_attention_layernorm")},
+    "all": {
+        "self_attn": ("q_proj", "k_proj", "v_proj", "o_proj"),
+        "": ("input_layernorm", "post_attention_layernorm", "mlp"),
+    },
+}
 
 # (name on disk, name in the module tree) fragments; plain text, so transformers can apply them both ways.
 CHECKPOINT_RENAMES = [
     (f".{name}.multiway.{modality}.", f".multiway.{modality}.{name}.")
-    for names in MULTIWAY_MODULES.values()
+    for names in MULTIWAY_PARTS["all"].values()
     for name in names
     for modality in MODALITIES
 ]
@@ -170,13 +179,15 @@ def decoder_layers(
     language_model: nn.Module,
     feature: str = "The modality-adaptive module",
     alternative: str = "modality_adaptive=False",
+    parts: str = "kv_norms",
 ) -> nn.ModuleList:
     """The decoder layers of a Llama-family backbone, or a clear error naming the backbone, the `feature` that
-    needs them and the `alternative` setting."""
+    needs them (the modules of `parts`) and the `alternative` setting."""
     layers = getattr(language_model, "layers", None)
     model_type = getattr(language_model.config, "model_type", type(language_model).__name__)
-    if not isinstance(layers, nn.ModuleList) or not all(_has_modules(layer) for layer in layers):
-        paths = [f"{owner}.{name}" if owner else name for owner, names in MULTIWAY_MODULES.items() for name in names]
+    modules = MULTIWAY_PARTS[parts]
+    if not isinstance(layers, nn.ModuleList) or not all(_has_modules(layer, modules) for layer in layers):
+        paths = [f"{owner}.{name}" if owner else name for owner, names in modules.items() for name in names]
         raise ValueError(
             f"{feature} needs a Llama-style backbone (decoder layers at `.layers` with "
             f"{', '.join(paths)}); the {model_type!r} backbone ({type(language_model).__name__}) does "
@@ -197,8 +208,8 @@ def _owner(layer: nn.Module, path: str) -> nn.Module | None:
     return getattr(layer, path, None) if path else layer
 
 
-def _has_modules(layer: nn.Module) -> bool:
-    for owner, names in MULTIWAY_MODULES.items():
+def _has_modules(layer: nn.Module, modules: dict[str, tuple[str, ...]]) -> bool:
+    for owner, names in modules.items():
         module = _owner(layer, owner)
         if module is None or not all(isinstance(getattr(module, name, None), nn.Module) for name in names):
             return False
@@ -225,34 +236,40 @@ def _accept_checkpoint_names(layer: nn.Module, state_dict: dict, prefix: str, *a
             state_dict[renamed] = state_dict.pop(key)
 
 
-def apply_modality_adaptive(language_model: nn.Module, layers: Sequence[int] | None, modalities: Sequence[int]) -> None:
-    """Give the selected decoder layers one K/V/norm branch per modality, each a copy of the text branch."""
-    all_layers = decoder_layers(language_model)
+def apply_modality_adaptive(
+    language_model: nn.Module, layers: Sequence[int] | None, modalities: Sequence[int], parts: str = "kv_norms"
+) -> None:
+    """Give the selected decoder layers one branch per modality of each module `parts` names (`MULTIWAY_PARTS`),
+    each a copy of the text branch."""
+    all_layers = decoder_layers(language_model, parts=parts)
     indices = range(len(all_layers)) if layers is None else layers
     for index in indices:
         layer = all_layers[index]
         if "multiway" in layer._modules:
             raise ValueError(f"Decoder layer {index} is already modality-adaptive.")
-        for owner, names in MULTIWAY_MODULES.items():
+        for owner, names in MULTIWAY_PARTS[parts].items():
             _make_multiway(_owner(layer, owner), names, modalities, publishes_routing=not owner)
         layer.register_load_state_dict_pre_hook(_accept_checkpoint_names)
     keep_layers_together(language_model)
-    _extend_tensor_parallel_plan(language_model)
+    _extend_tensor_parallel_plan(language_model, MULTIWAY_PARTS[parts])
 
 
-def _extend_tensor_parallel_plan(language_model: nn.Module) -> None:
-    """The backbone's tensor-parallel plan names `self_attn.{k,v}_proj`: give every branch the same style (the
-    branches split like the shared `q_proj` and `o_proj`), and keep the plain entry only where a layer still has
+def _extend_tensor_parallel_plan(language_model: nn.Module, modules: dict[str, tuple[str, ...]]) -> None:
+    """The backbone's tensor-parallel plan names the modules that now have branches (`self_attn.k_proj`,
+    `mlp.gate_proj`, ...): give every branch the same style, and keep the plain entry only where a layer still has
     the plain module (the plan's entries must each name modules)."""
     plan = getattr(language_model, "_tp_plan", None) or {}
     names = [name for name, _ in language_model.named_modules()]
-    projections = tuple(f"self_attn.{name}" for name in MULTIWAY_MODULES["self_attn"])
+    owned = [(f".{owner}." if owner else ".", name) for owner, names_ in modules.items() for name in names_]
     extended = {}
     for key, style in plan.items():
-        if not key.endswith(projections):
-            extended[key] = style
-            continue
-        for candidate in (key, key.replace("self_attn.", "self_attn.multiway.*.", 1)):
+        candidates = [key] + [
+            (key + ".").replace(f"{owner}{name}.", f"{owner}multiway.*.{name}.", 1)
+            for owner, name in owned
+            if f"{owner}{name}." in key + "."
+        ]
+        for candidate in candidates:
+            candidate = candidate.rstrip(".")
             pattern = re.compile(re.escape(candidate).replace(r"\*", r"\d+") + "$")
             if any(pattern.match(name) for name in names):
                 extended[candidate] = style
@@ -277,6 +294,7 @@ def modality_adaptive_parameters(module: nn.Module) -> Iterator[nn.Parameter]:
 
 __all__ = [
     "CHECKPOINT_RENAMES",
+    "MULTIWAY_PARTS",
     "MultiwayRouter",
     "apply_modality_adaptive",
     "decoder_layers",

@@ -265,7 +265,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
         self.language_model = AutoModel.from_config(config.text_config)
         if config.modality_adaptive:
             apply_modality_adaptive(
-                self.language_model, config.modality_adaptive_layers, config.modality_adaptive_modalities
+                self.language_model,
+                config.modality_adaptive_layers,
+                config.modality_adaptive_modalities,
+                config.modality_adaptive_parts,
             )
         if config.fusion == "cross_attention":
             apply_cross_attention_fusion(
@@ -388,13 +391,14 @@ class MMLLMModel(MMLLMPreTrainedModel):
             raise ValueError("This model has no audio encoder (audio_config is None): it cannot take audio input.")
 
     def enable_modality_adaptive(self, layers: list[int] | None = None, modalities: list[int] | None = None) -> None:
-        """Switch the modality-adaptive module on for this (loaded) model; new branches copy the text branch."""
+        """Switch the modality-adaptive module on for this (loaded) model, with the parts the config names
+        (`modality_adaptive_parts`); new branches copy the text branch."""
         if self.config.fusion == "cross_attention":
             raise ValueError("The modality-adaptive module does not combine with cross-attention fusion (yet).")
         if self.config.modality_adaptive:
             raise ValueError("The modality-adaptive module is already on for this model.")
         modalities = [IMAGE] if modalities is None else list(modalities)
-        apply_modality_adaptive(self.language_model, layers, modalities)
+        apply_modality_adaptive(self.language_model, layers, modalities, self.config.modality_adaptive_parts)
         self.config.modality_adaptive = True
         self.config.modality_adaptive_layers = None if layers is None else list(layers)
         self.config.modality_adaptive_modalities = modalities

@@ -28,11 +28,14 @@ def processor():
     return MMLLMProcessor.from_preset("llava-tiny")
 
 
-@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2"])
+@pytest.fixture(scope="module", params=["llama", "mistral", "qwen2", "llama:all", "qwen2:all"])
 def models(request):
-    """The plain model and the same weights with the module on (branches = copies of the text branch)."""
-    plain = seeded_model(_config(request.param))
+    """The plain model and the same weights with the module on (branches = copies of the text branch): mPLUG-Owl2's
+    K/V and norms, or (`:all`) CogVLM's visual expert."""
+    kind, _, parts = request.param.partition(":")
+    plain = seeded_model(_config(kind))
     adaptive = copy.deepcopy(plain)
+    adaptive.config.modality_adaptive_parts = parts or "kv_norms"
     adaptive.enable_modality_adaptive()
     return plain, adaptive
 
@@ -213,3 +216,34 @@ def test_a_folders_weights_file_loads_by_hand_with_its_on_disk_names(tmp_path):
     fresh = seeded_model(_config("llama", modality_adaptive=True), seed=1)
     fresh.load_state_dict(on_disk, strict=True)
     assert all(torch.equal(tensor, model.state_dict()[key]) for key, tensor in fresh.state_dict().items())
+
+
+def test_visual_expert_branches_every_projection_the_mlp_and_the_norms(tmp_path):
+    """`modality_adaptive_parts="all"` (CogVLM): q/k/v/o, the MLP and both norms get an image branch; the folder keeps
+    the on-disk names and reloads them; the tensor-parallel plan names every branch."""
+    model = seeded_model(_config("llama", modality_adaptive=True, modality_adaptive_parts="all"))
+    layer = model.model.language_model.layers[0]
+    assert set(layer.self_attn.multiway["1"]) == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    assert set(layer.multiway["1"]) == {"input_layernorm", "post_attention_layernorm", "mlp"}
+    plain = sum(p.numel() for p in seeded_model(_config("llama")).model.language_model.layers.parameters())
+    branches = sum(p.numel() for p in model.modality_adaptive_parameters())
+    assert branches == plain  # the expert doubles every decoder layer
+    perturb_branches(model)
+    model.save_pretrained(tmp_path)
+    from safetensors.torch import load_file
+
+    on_disk = load_file(tmp_path / "model.safetensors")
+    assert any(".mlp.multiway.1.gate_proj." in key for key in on_disk)
+    assert any(".q_proj.multiway.1." in key for key in on_disk)
+    reloaded = MMLLMForConditionalGeneration.from_pretrained(tmp_path)
+    assert reloaded.config.modality_adaptive_parts == "all"
+    state = model.state_dict()
+    assert all(torch.equal(t, state[k]) for k, t in reloaded.state_dict().items())
+    plan = model.model.language_model._tp_plan or {}
+    if plan:
+        assert "layers.*.multiway.*.mlp.gate_proj" in plan and "layers.*.self_attn.multiway.*.q_proj" in plan
+
+
+def test_unknown_parts_are_a_clear_error():
+    with pytest.raises(ValueError, match="modality_adaptive_parts='qkv'.*kv_norms.*all"):
+        _config("llama", modality_adaptive=True, modality_adaptive_parts="qkv")

@@ -72,6 +72,8 @@ ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no
 COMMANDS = {
     "./run quickstart": None,  # the `quickstart_run` fixture (tests/test_quickstart.py checks it)
     "./run tests": None,  # what .ci/run runs (checked below)
+    # test_quickstart_on_smollm2_keeps_its_language runs it with --fast on the `quickstart_run` stages
+    "mmllm quickstart --llm smollm2": None,
     # Training commands run a few steps here (the last --max_steps wins); learning is tested in test_training_runs.
     "mmllm train quickstart-stage2 --max_steps 200 --output_dir runs/try --model runs/quickstart/stage1/model": (
         "--max_steps 20",
@@ -382,6 +384,7 @@ def test_readme_python_blocks_run_in_order(workdir, readme_server):
     assert run.returncode == 0, run.stderr[-4000:]
     assert run.stdout.split()[:1] == ["red"]  # the quickstart model's answer about the quickstart's new image
     assert re.search(r"^served: red$", run.stdout, re.MULTILINE), run.stdout  # the same answer, from the server
+    assert "The capital of France is Paris." in run.stdout  # SmolLM2's own answer, composed with a vision encoder
     assert (workdir / "my-model" / "model.safetensors").is_file()
 
 

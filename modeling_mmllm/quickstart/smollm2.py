@@ -94,6 +94,7 @@ def add_text_panel(path: Path, examples: list[tuple[str, str, str]]) -> None:
     y = top.height + 8
     draw.text((10, y), "text prompts: SmolLM2 alone (left) | after multimodal tuning (right)", fill=(0, 0, 0))
     for prompt, original, tuned in examples:
+        original, tuned = (" ".join(answer.split()) for answer in (original, tuned))  # one line each
         y += 46
         colour = (0, 130, 0) if original == tuned else (200, 0, 0)
         draw.text((10, y - 24), prompt[:110], fill=(60, 60, 60))
