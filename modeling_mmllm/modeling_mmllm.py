@@ -849,12 +849,13 @@ class MMLLMForConditionalGeneration(ImageGenerationMixin, MMLLMPreTrainedModel, 
         warning (as transformers warns for `max_length`), instead of failing half-way."""
         prompt = args[0] if args else next((kwargs[key] for key in PROMPT_INPUTS if kwargs.get(key) is not None), None)
         config = kwargs.get("generation_config") or self.generation_config
-        if prompt is not None and not prompt.is_floating_point() and not config.is_assistant:
-            # an assistant model drafts without the media (transformers drops them), so only a main model's prompt
+        embedded = kwargs.get("inputs_embeds") is not None  # the caller placed the features
+        if prompt is not None and not prompt.is_floating_point() and not config.is_assistant and not embedded:
+            # an assistant model drafts without the media (transformers drops them), so only a main model's prompt;
+            # a continuation's placeholders already in the cache (a chat continued from it) had their media
             given = {modality for modality, (_, name) in MEDIA_ARGUMENTS.items() if kwargs.get(name) is not None}
-            self.model.check_placeholders_have_media(
-                prompt, given | ({IMAGE} if "cross_attention_states" in kwargs else set())
-            )
+            given |= {IMAGE} if "cross_attention_states" in kwargs else set()
+            self.model.check_placeholders_have_media(prompt[:, past_length(kwargs) or 0 :], given)
         return super().generate(*args, **self._fit_to_context(prompt, kwargs))
 
     def _fit_to_context(self, prompt: torch.Tensor | None, kwargs: dict) -> dict:

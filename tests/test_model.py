@@ -208,3 +208,34 @@ def test_token_ids_outside_the_vocabulary_are_a_clear_error(tiny_model):
         tiny_model(input_ids=torch.tensor([[1, 99999]]))
     with pytest.raises(ValueError, match="token id -1"):
         tiny_model.generate(input_ids=torch.tensor([[1, -1]]), max_new_tokens=1)
+
+
+@pytest.mark.parametrize("modality_adaptive", [False, True])
+def test_a_chat_continues_from_its_cache(processor, images, modality_adaptive):
+    """A chat about an image, generated with its cache returned, then continued by a second `generate` with the whole
+    conversation's ids and that cache (no images again: their placeholders are in the cache) equals generating the
+    whole conversation from scratch with the image."""
+    from helpers import perturb_branches
+
+    model = seeded_model(MMLLMConfig.from_preset("llava-tiny", modality_adaptive=modality_adaptive)).eval()
+    if modality_adaptive:
+        perturb_branches(model)  # image tokens take their own branch
+    greedy = dict(max_new_tokens=4, do_sample=False, eos_token_id=None, pad_token_id=0)
+    chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What colour is it?"}]}]
+    prompt = processor.apply_chat_template(chat, add_generation_prompt=True)
+    first = processor(images=images[:1], text=[prompt], return_tensors="pt")
+    with torch.no_grad():
+        out = model.generate(**first, **greedy, return_dict_in_generate=True)
+    cache = getattr(out, "cache", None) or out.past_key_values
+    turn = processor.tokenizer("<|end|>\n<|user|>\nAnd its shape?<|end|>\n<|assistant|>\n", return_tensors="pt")
+    conversation = torch.cat([out.sequences, turn["input_ids"]], dim=1)
+    mask = torch.ones_like(conversation)
+    with torch.no_grad():
+        cached = {cache_key(model.model.language_model): cache}  # `past_key_values` before transformers 5.24
+        continued = model.generate(input_ids=conversation, attention_mask=mask, **cached, **greedy)
+        scratch = model.generate(
+            input_ids=conversation, attention_mask=mask, pixel_values=first["pixel_values"], **greedy
+        )
+        with pytest.raises(ValueError, match="placeholder token"):  # no cache: the image really is missing
+            model.generate(input_ids=conversation, attention_mask=mask, **greedy)
+    assert torch.equal(continued, scratch)

@@ -8,6 +8,7 @@ module and joint text + image tuning protect them. Two measures, both against th
   through each model's own chat template, equals the original's.
 """
 
+import math
 import re
 
 import torch
@@ -88,19 +89,21 @@ def english_passages(count: int, min_words: int = 40) -> list[str]:
     return passages[:count]
 
 
-def mean_token_kl(original, tuned, tokenizer, passages: list[str], max_tokens: int = 128) -> float:
-    """Mean per-token KL(original ‖ tuned) in nats over `passages` (each cut to `max_tokens`), on the original
-    vocabulary (rows a composition added are left out of both distributions)."""
-    total, tokens = 0.0, 0
+def text_divergence(original, tuned, tokenizer, passages: list[str], max_tokens: int = 128) -> dict[str, float]:
+    """Over `passages` (each cut to `max_tokens`), on the original vocabulary (rows a composition added are left out
+    of both distributions): `kl`, the mean per-token KL(original ‖ tuned) in nats, and `perplexity`, the tuned
+    model's on the passages' next tokens."""
+    kl, nll, tokens, predicted = 0.0, 0.0, 0, 0
     vocabulary = original.config.get_text_config().vocab_size
     with torch.no_grad():
         for passage in passages:
             ids = tokenizer(passage, return_tensors="pt", add_special_tokens=False)["input_ids"][:, :max_tokens]
             reference = F.log_softmax(original(input_ids=ids).logits[0, :, :vocabulary].float(), dim=-1)
             candidate = F.log_softmax(tuned(input_ids=ids).logits[0, :, :vocabulary].float(), dim=-1)
-            total += float((reference.exp() * (reference - candidate)).sum())
-            tokens += ids.shape[1]
-    return total / tokens
+            kl += float((reference.exp() * (reference - candidate)).sum())
+            nll -= float(candidate[:-1].gather(-1, ids[0, 1:, None]).sum())
+            tokens, predicted = tokens + ids.shape[1], predicted + ids.shape[1] - 1
+    return {"kl": kl / tokens, "perplexity": math.exp(nll / predicted)}
 
 
 def greedy_chat_answers(model, processing, prompts, max_new_tokens: int = 24) -> list[str]:
@@ -126,4 +129,4 @@ def agreement(reference: list[str], answers: list[str]) -> float:
     return sum(a == b for a, b in zip(reference, answers)) / len(reference)
 
 
-__all__ = ["GENERAL_PROMPTS", "agreement", "english_passages", "greedy_chat_answers", "mean_token_kl"]
+__all__ = ["GENERAL_PROMPTS", "agreement", "english_passages", "greedy_chat_answers", "text_divergence"]

@@ -50,27 +50,42 @@ def stage_losses(folder: Path) -> list[list[float]]:
 
 
 def run_stage(
-    name: str, output_dir: Path, fast: bool, curves: dict, model: Path | str | None = None, overwrite: bool = False
+    name: str,
+    output_dir: Path,
+    fast: bool,
+    curves: dict,
+    model: Path | str | None = None,
+    overwrite: bool = False,
+    steps: int | None = None,
+    overrides: dict | None = None,
 ) -> Path:
     """Train one shipped recipe into `output_dir` (a stage an earlier run finished is kept, unless `overwrite`);
-    records its loss curve in `curves`."""
-    overrides = {"output_dir": str(output_dir), "overwrite": overwrite, **(FAST if fast else {})}
+    records its loss curve in `curves`. `steps` bounds the stage (and its synthetic data to what those steps
+    read); `overrides` are further recipe keys."""
+    overrides = {"output_dir": str(output_dir), "overwrite": overwrite, **(FAST if fast else {}), **(overrides or {})}
     if model is not None:
         overrides["model"] = str(model)
+    if steps is not None:
+        overrides["max_steps"] = steps
     recipe = load_recipe(name, overrides)
-    if fast and recipe.eval:
+    if (fast or steps is not None) and recipe.eval:
         recipe.eval["n"] = 16
+    if steps is not None and "synthetic" in recipe.data:
+        recipe.data["n"] = min(recipe.data.get("n", 512), max(64, steps * recipe.per_device_train_batch_size))
     folder = train(recipe, name=name)
     curves[name] = stage_losses(folder)
     return folder
 
 
-def run_stages(output: Path, fast: bool, overwrite: bool = False) -> tuple[Path, dict[str, list]]:
-    """Train the three stages; returns the final folder and each stage's loss curve."""
+def run_stages(
+    output: Path, fast: bool, overwrite: bool = False, steps: int | None = None
+) -> tuple[Path, dict[str, list]]:
+    """Train the three stages (each bounded by `steps`, if given); returns the final folder and each stage's loss
+    curve."""
     model, curves = None, {}
     for index, name in enumerate(STAGES):
         print(f"\n== stage {index}: {name} ==", flush=True)
-        model = run_stage(name, output / f"stage{index}", fast, curves, model, overwrite)
+        model = run_stage(name, output / f"stage{index}", fast, curves, model, overwrite, steps)
     return model, curves
 
 

@@ -20,7 +20,13 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from ..builders.real_llm import smollm2_folder
 from ..data.synthetic import make_dataset
 from ..evaluation.metrics import answer_questions, exact_match
-from ..evaluation.text_retention import GENERAL_PROMPTS, agreement, english_passages, greedy_chat_answers, mean_token_kl
+from ..evaluation.text_retention import (
+    GENERAL_PROMPTS,
+    agreement,
+    english_passages,
+    greedy_chat_answers,
+    text_divergence,
+)
 from ..export.saving import save_model_folder
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
@@ -45,8 +51,9 @@ print(json.dumps({"answer": answers[0].strip(), "text_question": text_question, 
 """
 
 
-def compose_base(stage2: Path, output: Path) -> Path:
-    """SmolLM2 + the default quickstart's vision encoder and abstractor (output layer new), saved as `output`."""
+def compose_base(stage2: Path, output: Path, modality_adaptive: bool = True) -> Path:
+    """SmolLM2 + the default quickstart's vision encoder and abstractor (output layer new), with mPLUG-Owl2's
+    module or without it, saved as `output`."""
     tiny = MMLLMForConditionalGeneration.from_pretrained(stage2)
     tiny_processor = MMLLMProcessor.from_pretrained(stage2)
     vision = output.parent / "vision-encoder"
@@ -61,7 +68,7 @@ def compose_base(stage2: Path, output: Path) -> Path:
         vision_feature_layer=settings.vision_feature_layer,
         vision_feature_select_strategy=settings.vision_feature_select_strategy,
         vision_feature_layernorm=settings.vision_feature_layernorm,
-        modality_adaptive=True,
+        modality_adaptive=modality_adaptive,
         modality_adaptive_modalities=[1],
     )
     projector = model.model.multi_modal_projector
@@ -81,8 +88,9 @@ def text_retention(model, processor, fast: bool) -> tuple[dict, list[tuple[str, 
     reference = greedy_chat_answers(original, tokenizer, prompts)
     tuned = greedy_chat_answers(model, processor, prompts)
     passages = english_passages(4 if fast else 32)
-    kl = mean_token_kl(original, model, tokenizer, passages)
-    return {"text/agreement": agreement(reference, tuned), "text/kl": kl}, list(zip(prompts, reference, tuned))
+    divergence = text_divergence(original, model, tokenizer, passages)
+    figures = {"text/agreement": agreement(reference, tuned), "text/kl": divergence["kl"]}
+    return {**figures, "text/perplexity": divergence["perplexity"]}, list(zip(prompts, reference, tuned))
 
 
 def add_text_panel(path: Path, examples: list[tuple[str, str, str]]) -> None:
