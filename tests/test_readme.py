@@ -158,6 +158,10 @@ COMMANDS = {
     '"What colour are the shapes?" --quantization int8': ("", None),
     "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/throughput.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/modality_collaboration.py --json runs/collaboration.json": (
+        "--steps 2 --heldout 8 --prompts 4 --passages 2",
+        "runs/collaboration.json",
+    ),
     "python benchmarks/vs_llava.py --profile": ("", None),
     # the alignment stage: the quickstart-dpo figures are checked (below); the GPU recipe on a tiny model
     "mmllm train quickstart-dpo --model runs/quickstart/stage2/model --output_dir runs/quickstart/dpo": (
