@@ -198,12 +198,13 @@ def main() -> None:
         output / f"smollm2-answers-{len(prompts)}-{args.answer_tokens}.json",
         lambda: greedy_chat_answers(original, tokenizer, prompts, max_new_tokens=args.answer_tokens),
     )
-    text_answers = cached_json(
-        output / "data" / "text-instructions.json",
-        lambda: dict(zip(text_prompts(), greedy_chat_answers(original, tokenizer, text_prompts(), 48))),
-    )
     joint = load_recipe("collaboration-joint", {"max_steps": steps} if steps else {})
     rows = joint.max_steps * joint.per_device_train_batch_size
+    instructions = text_prompts()[: max(1, round(rows * TEXT_SHARE))]  # as many as the text rows (repeated beyond)
+    text_answers = cached_json(
+        output / "data" / f"text-instructions-{len(instructions)}.json",
+        lambda: dict(zip(instructions, greedy_chat_answers(original, tokenizer, instructions, 48))),
+    )
     results = []
     for variant in args.variants:
         parts, with_text = VARIANTS[variant]
