@@ -157,11 +157,13 @@ def draw(results: list[dict], path: Path) -> None:
     draw.text((5, 30), "image\naccuracy\n1.0", fill=(0, 0, 0))
     draw.text((5, height - margin - 12), "0.0", fill=(0, 0, 0))
     colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
-    for result, colour in zip(results, colours):
+    for index, (result, colour) in enumerate(zip(results, colours)):
         x = box[0] + result["text_kl"] / top_kl * (box[2] - box[0])
         y = box[3] - result["image_accuracy"] * (box[3] - box[1])
         draw.ellipse((x - 5, y - 5, x + 5, y + 5), fill=colour)
         draw.text((x + 8, y - 6), result["variant"], fill=colour)
+        legend = f"{result['variant']}: {result['image_accuracy']:.2f} / {result['text_kl']:.4f}"
+        draw.text((box[2] - 190, box[1] + 8 + 14 * index), legend, fill=colour)  # where labels would overlap
     canvas.save(path)
 
 

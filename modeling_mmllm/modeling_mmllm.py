@@ -608,8 +608,10 @@ class MMLLMModel(MMLLMPreTrainedModel):
         encoder_outputs = self._encoder_outputs(
             pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
         )
-        if input_ids is not None and kwargs.get("cache", kwargs.get("past_key_values")) is None:
-            # with inputs_embeds the caller placed the features; with a cache, generate() checked its prompt
+        if self.training and input_ids is not None:
+            # a training batch whose placeholders lack their media would train on the placeholders' embeddings; at
+            # inference the forward embeds what it is given (transformers' convention, which its model tests use)
+            # and generate() checks the part of the prompt its cache does not hold
             given = set(encoder_outputs) | ({IMAGE} if cross_attention_states is not None else set())
             self.check_placeholders_have_media(input_ids, given)
         if fusion and pixel_values is not None:

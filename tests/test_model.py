@@ -146,18 +146,21 @@ def test_device_map_auto_keeps_decoder_layers_whole(saved_folder):
     [("llava-tiny", 5, "images"), ("video-tiny", 6, "videos"), ("flamingo-tiny", 5, "images")],
 )
 def test_placeholders_without_their_media_are_a_clear_error(preset, token, argument):
-    """`<image>` (or `<video>`) tokens in input_ids with no pixel_values would run as plain tokens: refused, with the
-    count and the fix; token fusion and cross-attention fusion alike."""
+    """`<image>` (or `<video>`) tokens in input_ids with no pixel_values would run as plain tokens: a prompt given to
+    generate() and a training batch are refused, with the count and the fix; token fusion and cross-attention fusion
+    alike. An inference forward embeds what it is given (transformers' convention, as LLaVA's)."""
     model = MMLLMForConditionalGeneration(MMLLMConfig.from_preset(preset)).eval()
     ids = torch.tensor([[8, token, token, 9]])
+    with pytest.raises(ValueError, match=f"2 <.*> placeholder token\\(s\\) but no {argument} were given"):
+        model.generate(input_ids=ids, max_new_tokens=2)  # checked before the prefill, whose cache skips it
     with pytest.raises(
         ValueError, match=f"2 <.*> placeholder token\\(s\\) but no {argument} were given.*pass {argument}="
     ):
+        model.train()(input_ids=ids)
+    model.eval()
+    with torch.no_grad():
         model(input_ids=ids)
-    with pytest.raises(ValueError, match=f"2 <.*> placeholder token\\(s\\) but no {argument} were given"):
-        model.generate(input_ids=ids, max_new_tokens=2)  # checked before the prefill, whose cache skips it
-    with torch.no_grad():  # embeddings: the caller placed the features
-        model(inputs_embeds=model.get_input_embeddings()(ids))
+        model(inputs_embeds=model.get_input_embeddings()(ids))  # embeddings: the caller placed the features
 
 
 def test_a_decode_step_may_carry_a_placeholder_token(tiny_model, processor, images):

@@ -184,3 +184,15 @@ def test_the_package_template_stays_for_llms_without_one(tmp_path, vision_folder
         "<|system|>\nAnswer briefly.<|end|>\n<|user|>\nWho jumps over the dog?<|end|>\n<|assistant|>\n"
     )
     assert (ROOT / "processing" / "chat_template.jinja").read_text() in processor.chat_template
+
+
+def test_assistant_only_loss_refuses_a_template_whose_answers_it_cannot_find(llms, vision_folder):
+    """A template with no generation prompt gives no way to tell the answers apart: a clear error, not a silent
+    loss on every token (or on none)."""
+    _, processor = MMLLMForConditionalGeneration.from_components(
+        vision=str(vision_folder),
+        text=str(llms / "qwen2"),
+        chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}",
+    )
+    with pytest.raises(ValueError, match="assistant_only_loss cannot find the answers.*generation.*false"):
+        MultimodalCollator(processor=processor, assistant_only_loss=True)
