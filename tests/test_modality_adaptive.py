@@ -94,7 +94,9 @@ def test_cached_generation_equals_uncached_and_padding_keeps_rows(models, proces
         alone = processor(images=[image], text=[text], return_tensors="pt")
         with torch.no_grad():
             logits = model(**alone).logits[0]
-        torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=1e-5, rtol=1e-4)
+        # float noise only (a padding leak moves logits by far more); the visual expert's perturbed MLP branches
+        # make the largest activations, whose summation order differs by up to 3e-5 between the two batches
+        torch.testing.assert_close(batched[row, -logits.shape[0] :], logits, atol=1e-4, rtol=1e-4)
         assert torch.equal(model.generate(**alone, **GREEDY)[0, -GREEDY["max_new_tokens"] :], batched_ids[row])
 
 
