@@ -57,12 +57,12 @@ def plain_config(config: PreTrainedConfig) -> PreTrainedConfig:
 
 
 def load_causal_lm(text: str, **kwargs):
-    """The causal LM of a folder, Hub id or GGUF file, in float32 and saveable (a GGUF-loaded model refuses
-    `save_pretrained`: its tensors go into a fresh model of the plain config)."""
+    """The causal LM of a folder, Hub id or GGUF file; a GGUF file's de-quantised to float32 and saveable (a
+    GGUF-loaded model refuses `save_pretrained`: its tensors go into a fresh model of the plain config)."""
     source, gguf = gguf_source(text)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf, **kwargs)
     if not gguf:
-        return model
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32, **gguf, **kwargs)
     plain = AutoModelForCausalLM.from_config(plain_config(model.config), dtype=torch.float32)
     plain.load_state_dict(model.state_dict())
     plain.generation_config = model.generation_config
