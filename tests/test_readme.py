@@ -159,7 +159,7 @@ COMMANDS = {
     "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/throughput.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/modality_collaboration.py --json runs/collaboration.json": (
-        "--steps 2 --heldout 8 --prompts 4 --passages 2",
+        "--steps 2 --heldout 8 --prompts 4 --passages 2 --variants llava cogvlm owl2+text",  # each code path once
         "runs/collaboration.json",
     ),
     "python benchmarks/vs_llava.py --profile": ("", None),
