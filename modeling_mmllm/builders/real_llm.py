@@ -70,12 +70,14 @@ def load_causal_lm(text: str, **kwargs):
 
 
 def load_config(text: str) -> PreTrainedConfig:
+    """The causal LM's config (a GGUF file's without its quantization record)."""
     source, gguf = gguf_source(text)
     config = AutoConfig.from_pretrained(source, **gguf)
     return plain_config(config) if gguf else config
 
 
 def load_tokenizer(text: str, **kwargs):
+    """The causal LM's tokenizer, with the chat template it carries (a GGUF file's own too)."""
     source, gguf = gguf_source(text)
     return AutoTokenizer.from_pretrained(source, **gguf, **kwargs)
 
