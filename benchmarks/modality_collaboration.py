@@ -24,6 +24,7 @@ It prints the table and draws image accuracy against text KL per variant (`<outp
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -117,6 +118,14 @@ def variant_start(stage1: Path, output: Path, parts: str | None) -> Path:
     return folder
 
 
+def drop_checkpoints(folder: Path) -> Path:
+    """Remove the trainer checkpoints beside a finished stage's model folder (the optimizer state of a 135M LLM is
+    1 GB per variant; a finished stage is recognised by its model folder, so nothing resumes from them)."""
+    for checkpoint in folder.parent.glob("checkpoint-*"):
+        shutil.rmtree(checkpoint)
+    return folder
+
+
 def measure(folder: Path, original, tokenizer, reference: list[str], prompts: list[str], args) -> dict:
     from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
     from modeling_mmllm.data.synthetic import make_dataset
@@ -192,7 +201,7 @@ def main() -> None:
     if not (base / "model.safetensors").is_file():
         compose_base(stage2, base, modality_adaptive=False)
     print("\n== stage 1 (shared): collaboration-stage1, the LLM frozen ==", flush=True)
-    stage1 = run_stage("collaboration-stage1", output / "stage1", False, {}, model=base, steps=steps)
+    stage1 = drop_checkpoints(run_stage("collaboration-stage1", output / "stage1", False, {}, model=base, steps=steps))
 
     original, tokenizer = smollm2()
     prompts = list(GENERAL_PROMPTS[: args.prompts])
@@ -222,6 +231,7 @@ def main() -> None:
             steps=steps,
             overrides={"data": {"dataset": str(data)}},
         )
+        drop_checkpoints(folder)
         results.append({"variant": variant, **measure(folder, original, tokenizer, reference, prompts, args)})
         results[-1]["seconds"] = time.time() - began
         print(json.dumps(results[-1]), flush=True)

@@ -235,7 +235,9 @@ def run_quickstart(
         **{f"detail/{k}": v for k, v in resolution.items()},
         **{f"dpo/{k}": v for k, v in preference.items()},
     }
-    (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
+    (output / "summary.json").write_text(
+        json.dumps({**summary, "demo": demo, "folder": str(folder.resolve())}, indent=2)
+    )
     print("\n== summary ==")
     for kind, value in sorted(image_accuracy.items()):
         print(f"  image questions, {kind:<9} {value * 100:6.1f}%")

@@ -141,7 +141,9 @@ def run_smollm2_quickstart(output: Path, default_output: Path, fast: bool = Fals
     print(f"question:    {demo['text_question']}")
     print(f"answer:      {demo['text_answer']}")
     summary = {**{f"image/{k}": v for k, v in image_accuracy.items()}, **retention}
-    (output / "summary.json").write_text(json.dumps({**summary, "demo": demo, "folder": str(folder)}, indent=2))
+    (output / "summary.json").write_text(
+        json.dumps({**summary, "demo": demo, "folder": str(folder.resolve())}, indent=2)
+    )
     print("\n== summary ==")
     for kind, value in sorted(image_accuracy.items()):
         print(f"  image questions, {kind:<9} {value * 100:6.1f}%")
