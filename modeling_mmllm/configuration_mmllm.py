@@ -40,6 +40,19 @@ def import_library_module(name: str):
         ) from error
 
 
+def backbone_context(config) -> int | None:
+    """The one source of the context limit (`generate`, the processor, the chat, the server and the demo read it):
+    tokens the backbone attends over (`text_config.max_position_embeddings`; beyond it a model trained on that
+    length produces garbage), or None when it has no fixed limit (no such field, or dynamic RoPE scaling, which
+    extends it by design)."""
+    text_config = getattr(config, "text_config", None) or config
+    rope = getattr(text_config, "rope_parameters", None) or getattr(text_config, "rope_scaling", None)
+    if isinstance(rope, dict) and rope.get("rope_type", rope.get("type")) == "dynamic":
+        return None
+    context = getattr(text_config, "max_position_embeddings", None)
+    return context if isinstance(context, int) and context > 0 else None
+
+
 # Run once, when the first config is made: the installed package registers its model and processor classes with
 # transformers' Auto classes there (lazily, so importing this module stays light). Empty in a folder's remote copy.
 ON_FIRST_CONFIG: list = []
@@ -365,4 +378,4 @@ def _register_model_type_name() -> None:
 
 _register_model_type_name()
 
-__all__ = ["MMLLMConfig"]
+__all__ = ["MMLLMConfig", "backbone_context"]

@@ -9,6 +9,7 @@ instruct LLM answers as it was tuned to); only LLMs without one get the package'
 import torch
 from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig
 
+from ..configuration_mmllm import backbone_context
 from .presets import chat_template as package_chat_template
 from .presets import llm_chat_template, special_tokens
 from .real_llm import load_causal_lm, load_config, load_tokenizer
@@ -72,8 +73,7 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
     )
     model = model_class(config)
 
-    vision_class = AutoModel._model_mapping[type(vision_config)]
-    vision_model = vision_class.from_pretrained(vision, config=vision_config)
+    vision_model = AutoModel.from_pretrained(vision, config=vision_config)  # the class its config maps to
     model.model.vision_tower.load_state_dict(vision_model.state_dict())
     causal_lm = load_causal_lm(text)
     missing, unexpected = model.model.language_model.load_state_dict(causal_lm.base_model.state_dict(), strict=False)
@@ -103,6 +103,7 @@ def compose(model_class, vision: str, text: str, projector: str = "mlp", chat_te
         tokenizer=tokenizer,
         chat_template=tokenizer.chat_template,  # one template: the tokenizer's and the processor's files agree
         image_seq_length=config.image_seq_length,
+        context_length=backbone_context(config),
     )
     return model, processor
 

@@ -23,7 +23,7 @@ from transformers import (
 )
 
 from ..component_settings import GRID_PROJECTORS
-from ..configuration_mmllm import MMLLMConfig
+from ..configuration_mmllm import MMLLMConfig, backbone_context
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 
 
@@ -389,6 +389,7 @@ def from_mplug_owl2(path):
             tokenizer=tokenizer,
             chat_template=chat_template(),
             image_seq_length=config.image_seq_length,
+        context_length=backbone_context(config),
             pad_to_square=True,
         )
     return model.eval(), processor
@@ -429,6 +430,7 @@ def convert_processor(source, config: MMLLMConfig):
         tokenizer=tokenizer,
         chat_template=getattr(original, "chat_template", None) or chat_template(),
         image_seq_length=config.image_seq_length,
+        context_length=backbone_context(config),
         grid_packing=config.image_grid_pinpoints is not None and config.projector_type in GRID_PROJECTORS,
     )
 

@@ -12,6 +12,7 @@ import transformers
 from transformers import PreTrainedTokenizerFast
 
 from ..component_settings import GRID_PROJECTORS
+from ..configuration_mmllm import backbone_context
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]  # modeling_mmllm/
 TOKENIZER_VOCAB_SIZE = 512
@@ -165,7 +166,7 @@ def load_processor_preset(processor_class, name: str, config=None):
         tokenizer=tokenizer,
         chat_template=chat_template(),
         image_seq_length=config.image_seq_length,
-        context_length=config.text_config.max_position_embeddings,
+        context_length=backbone_context(config),
         **options,
     )
 

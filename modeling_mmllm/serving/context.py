@@ -1,5 +1,8 @@
 """The backbone's context, shared by the server and the demo: past it a model writes garbage, so a prompt that
-fills it is refused and the new tokens are capped at what is left."""
+fills it is refused and the new tokens are capped at what is left. The limit itself is `backbone_context`, which
+`generate`, the processor and the chat read too."""
+
+from ..configuration_mmllm import backbone_context
 
 
 def new_token_budget(model, prompt_tokens: int, max_new_tokens: int | None) -> int | None:
@@ -8,8 +11,7 @@ def new_token_budget(model, prompt_tokens: int, max_new_tokens: int | None) -> i
 
     `model` is a model or its config (the server's process holds only the config from transformers 5.25 on: the
     weights live in the model's own process)."""
-    config = getattr(model, "config", model)
-    context = getattr(config.get_text_config(), "max_position_embeddings", None)
+    context = backbone_context(getattr(model, "config", model))
     if context is None:
         return max_new_tokens
     if prompt_tokens >= context:
