@@ -118,6 +118,77 @@ class GatedCrossAttentionBlock(nn.Module):
 _FUSED_CLASSES: dict[type, type] = {}
 
 
+def per_row(items: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
+    """Items of all rows in order `[num_items, ...]` -> `[batch, max count, ...]`, zeros where a row has fewer."""
+    slots = torch.arange(max(int(counts.max()), 1)) < counts[:, None]
+    arranged = items.new_zeros(*slots.shape, *items.shape[1:])
+    arranged[slots.to(items.device)] = items
+    return arranged
+
+
+def _image_counts(input_ids: torch.LongTensor | None, image_token_id: int, rows: int, slots: int) -> torch.LongTensor:
+    """Images of each row: its `<image>` tokens (every slot of `[batch, images, ...]` without input_ids)."""
+    if input_ids is None:
+        return torch.full((rows,), slots, dtype=torch.long)
+    return (input_ids == image_token_id).sum(-1).cpu()
+
+
+def fusion_images(input_ids, pixel_values: torch.Tensor, image_token_id: int) -> tuple[torch.Tensor, torch.LongTensor]:
+    """The real images as `[num_images, 3, H, W]` and the count of each row.
+
+    `pixel_values` come flattened (the processor's form: one per `<image>` token, in order) or as IDEFICS's
+    `[batch, images, 3, H, W]`, where a row's first `<image>`-count images are real and the rest padding.
+    """
+    if pixel_values.dim() == 5:
+        counts = _image_counts(input_ids, image_token_id, *pixel_values.shape[:2])
+        if len(counts) != len(pixel_values) or bool((counts > pixel_values.shape[1]).any()):
+            raise ValueError(
+                f"pixel_values [batch, images, 3, H, W] of shape {tuple(pixel_values.shape)} do not fit the "
+                f"<image> tokens of each row ({counts.tolist()}): give each row at least as many images as "
+                "its <image> tokens, in a batch of the same size."
+            )
+        real = torch.arange(pixel_values.shape[1]) < counts[:, None]
+        return pixel_values[real.to(pixel_values.device)], counts
+    if input_ids is None:
+        raise ValueError(
+            "Flattened pixel_values need input_ids to tell which row each image belongs to; with "
+            "inputs_embeds, pass pixel_values as [batch, images, 3, H, W]."
+        )
+    counts = _image_counts(input_ids, image_token_id, len(input_ids), 0)
+    if int(counts.sum()) != len(pixel_values):
+        raise ValueError(
+            f"Got {len(pixel_values)} image(s) but {int(counts.sum())} <image> token(s) in the text: cross-"
+            "attention fusion keeps one <image> token per image. Build inputs with this model's MMLLMProcessor."
+        )
+    return pixel_values, counts
+
+
+def images_per_row(input_ids: torch.LongTensor, pixel_values: torch.Tensor, image_token_id: int) -> torch.Tensor:
+    """Flattened `pixel_values` laid out as IDEFICS's `[batch, images, 3, H, W]` (generation repeats rows so)."""
+    return per_row(*fusion_images(input_ids, pixel_values, image_token_id))
+
+
+def image_attention_mask_for(
+    input_ids, shape, num_images: int, image_attention_mask, image_token_id: int
+) -> torch.LongTensor:
+    """The given mask's rows for this pass's tokens (checked), or the latest-image default from input_ids."""
+    batch, length = shape
+    if image_attention_mask is None:
+        if input_ids is None:
+            raise ValueError("With inputs_embeds and images, pass image_attention_mask [batch, seq, images].")
+        return latest_image_mask(input_ids, image_token_id, num_images)
+    if (
+        image_attention_mask.dim() != 3
+        or image_attention_mask.shape[0] != batch
+        or (image_attention_mask.shape[1] < length or image_attention_mask.shape[2] != num_images)
+    ):
+        raise ValueError(
+            f"image_attention_mask has shape {tuple(image_attention_mask.shape)}; this batch needs "
+            f"[{batch}, >= {length} tokens, {num_images} images] (1 where a token attends to an image)."
+        )
+    return image_attention_mask[:, -length:]
+
+
 def _fused_class(layer_class: type) -> type:
     """`layer_class` whose `forward` takes `image_cross_attention` and runs the layer's block before the layer."""
     if layer_class not in _FUSED_CLASSES:
@@ -153,5 +224,9 @@ __all__ = [
     "apply_cross_attention_fusion",
     "cross_attention_blocks",
     "cross_attention_inputs",
+    "fusion_images",
+    "image_attention_mask_for",
+    "images_per_row",
     "latest_image_mask",
+    "per_row",
 ]

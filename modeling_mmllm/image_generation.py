@@ -15,7 +15,7 @@ MEDIA_INPUTS = ("pixel_values", "image_sizes", "pixel_values_videos", "input_fea
 
 class ImageGenerationMixin:
     """Image output for a model with `self.model` (an `MMLLMModel`) and `self.lm_head`; text generation is
-    transformers' `GenerationMixin.generate`, reached through `super()`."""
+    transformers' `GenerationMixin.generate`; the model's one `generate` calls `_generate_images` for images."""
 
     @property
     def output_modalities(self) -> tuple[str, ...]:
@@ -77,22 +77,13 @@ class ImageGenerationMixin:
         return images
 
     @torch.no_grad()
-    def generate(self, *args, generation_mode: str | None = None, generator_kwargs: dict | None = None, **kwargs):
-        """`GenerationMixin.generate`, plus `generation_mode="image"`: images `[B, 3, H, W]` in `[0, 1]`.
+    def _generate_images(self, *args, generator_kwargs: dict | None = None, **kwargs) -> torch.Tensor:
+        """`generate(generation_mode="image")`: images `[B, 3, H, W]` in `[0, 1]`.
 
-        In image mode the LLM first answers as text; the hidden states at the signal tokens it emitted (appended
-        after the prompt when it emitted none) go through the output projector to the modality generator
-        (`generator_kwargs` go to the generator, e.g. `num_inference_steps` for diffusers).
+        The LLM first answers as text; the hidden states at the signal tokens it emitted (appended after the prompt
+        when it emitted none) go through the output projector to the modality generator (`generator_kwargs` go to
+        the generator, e.g. `num_inference_steps` for diffusers).
         """
-        if kwargs.get("cache_implementation") == "offloaded" and self.device.type == "cpu":
-            raise ValueError(
-                "cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
-                "the CPU, and this model is on the CPU. Use the default cache or 'static' here."
-            )
-        if generation_mode in (None, "text"):
-            return super().generate(*args, **kwargs)
-        if generation_mode != "image":
-            raise ValueError(f"generation_mode={generation_mode!r}: use 'text' or 'image'.")
         if not self.config.image_generation:
             raise ValueError(
                 "This model cannot generate images: it has no output projector and modality generator "
@@ -103,7 +94,7 @@ class ImageGenerationMixin:
                 "generation_mode='image' returns images, not a generation dict: drop return_dict_in_generate."
             )
         input_ids = args[0] if args else kwargs["input_ids"]
-        sequences = super().generate(*args, **kwargs)
+        sequences = super().generate(*args, **kwargs)  # GenerationMixin's: the model's checks already ran
         media = {key: kwargs[key] for key in MEDIA_INPUTS if kwargs.get(key) is not None}
         per_prompt = len(sequences) // len(input_ids)  # num_return_sequences: consecutive rows share a prompt
         images = [

@@ -15,7 +15,7 @@ from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
 from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
 from transformers.processing_utils import Unpack
-from transformers.utils import TransformersKwargs, logging
+from transformers.utils import TransformersKwargs
 from transformers.utils.generic import can_return_tuple
 from transformers.utils.import_utils import torch_compilable_check
 
@@ -27,14 +27,25 @@ except ImportError:  # transformers 5.23
 
 from .anyres import num_views, pack_grid_features
 from .component_settings import GRID_PROJECTORS, cross_attention_settings, projector_output_width
-from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, backbone_context, import_library_module
+from .configuration_mmllm import AUDIO, IMAGE, VIDEO, MMLLMConfig, import_library_module
 from .gated_cross_attention import (
     apply_cross_attention_fusion,
     cross_attention_blocks,
     cross_attention_inputs,
-    latest_image_mask,
+    fusion_images,
+    image_attention_mask_for,
+    images_per_row,
+    per_row,
 )
 from .image_generation import ImageGenerationMixin
+from .input_checks import (
+    MEDIA_ARGUMENTS,
+    MODALITY_NAMES,
+    check_context,
+    check_placeholders_have_media,
+    check_token_ids,
+    fit_to_context,
+)
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
@@ -42,9 +53,6 @@ from .modality_generator import build_modality_generator, generator_settings
 from .model_persistence import SafetensorsLoadingMixin, StagedSavingMixin
 from .output_projector import build_output_projector
 
-logger = logging.get_logger(__name__)
-
-MODALITY_NAMES = {IMAGE: "image", VIDEO: "video", AUDIO: "audio"}
 PROMPT_INPUTS = ("input_ids", "inputs", "inputs_embeds")  # generate()'s names for the prompt
 
 
@@ -95,22 +103,7 @@ def _pooled(encoder_outputs, features: torch.Tensor) -> BaseModelOutputWithPooli
     )
 
 
-def per_row(items: torch.Tensor, counts: torch.LongTensor) -> torch.Tensor:
-    """Items of all rows in order `[num_items, ...]` -> `[batch, max count, ...]`, zeros where a row has fewer."""
-    slots = torch.arange(max(int(counts.max()), 1)) < counts[:, None]
-    arranged = items.new_zeros(*slots.shape, *items.shape[1:])
-    arranged[slots.to(items.device)] = items
-    return arranged
-
-
 # What the processor takes and what the model then gets, per modality: named in "placeholders without media" errors.
-MEDIA_ARGUMENTS = {
-    IMAGE: ("images", "pixel_values"),
-    VIDEO: ("videos", "pixel_values_videos"),
-    AUDIO: ("audio", "input_features"),
-}
-
-
 def past_length(kwargs: dict) -> int | None:
     """Tokens already in the backbone's cache (`cache` from transformers 5.24 on, `past_key_values` before); None
     for a static cache under torch.compile, whose length is a device value: reading it would break the graph."""
@@ -412,56 +405,6 @@ class MMLLMModel(MMLLMPreTrainedModel):
         )
         return mask.unsqueeze(-1).to(inputs_embeds.device)
 
-    def check_context(self, new_tokens: int, past: int | None = 0) -> None:
-        """A clear error when the cached and new tokens together run past the backbone's context: beyond it the model
-        silently produces garbage (or, with learned positions, fails deep inside the backbone). Sequence lengths
-        are static shapes: plain Python, also under torch.compile (`past=None`: unknown there, not checked)."""
-        context = backbone_context(self.config)
-        if context is None or past is None or past + new_tokens <= context:
-            return
-        cached = f" ({past} in the cache + {new_tokens} new)" if past else ""
-        raise ValueError(
-            f"The input is {past + new_tokens} tokens{cached}, but the backbone's context "
-            f"(text_config.max_position_embeddings) is {context}: shorten the prompt, use fewer images, or lower "
-            f"max_new_tokens (for training, set max_length to at most {context})."
-        )
-
-    def check_token_ids(self, input_ids: torch.LongTensor) -> None:
-        """A clear error for token ids outside the embedding table (an `IndexError` deep in torch otherwise): ids
-        from another tokenizer, or a vocabulary resized without the model. The size comes from the config, which
-        `resize_token_embeddings` keeps current: PEFT's wrappers of the embedding (trainable tokens) hide its own."""
-        rows = self.config.text_config.vocab_size
-
-        def message() -> str:
-            bad = input_ids[(input_ids < 0) | (input_ids >= rows)]
-            return (
-                f"input_ids hold token id {int(bad[0])}, outside the model's vocabulary of {rows} ids: encode the text "
-                "with this model's own processor (or resize the embeddings after adding tokens)."
-            )
-
-        torch_compilable_check(((input_ids >= 0) & (input_ids < rows)).all(), message)
-
-    def check_placeholders_have_media(self, input_ids: torch.LongTensor, given: set[int]) -> None:
-        """A clear error for placeholder tokens whose media were not given (`<image>` without `pixel_values`, ...):
-        they would run as plain tokens. Not checked for modalities given as features, nor under torch.compile (a
-        device-side count)."""
-        missing = {modality: token for modality, token in self.placeholder_ids().items() if modality not in given}
-        if not missing or torch.compiler.is_compiling():
-            return
-        counts = torch.stack([(input_ids == token).sum() for token in missing.values()])
-
-        def message() -> str:
-            modality, count = next((m, int(n)) for m, n in zip(missing, counts) if n)
-            name, (argument, model_input) = MODALITY_NAMES[modality], MEDIA_ARGUMENTS[modality]
-            verb = "was" if argument == "audio" else "were"
-            return (
-                f"The text has {count} <{name}> placeholder token(s) but no {argument} {verb} given ({model_input} "
-                f"is None): pass {argument}=... to the processor (it returns {model_input}), or remove the "
-                "placeholders."
-            )
-
-        torch_compilable_check((counts == 0).all(), message)
-
     def _encoder_outputs(
         self, pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes=None
     ) -> dict:
@@ -520,32 +463,15 @@ class MMLLMModel(MMLLMPreTrainedModel):
             Cross-attention fusion: image latents of an earlier pass (generation reuses the prompt's); `pixel_values`
             are then not encoded again.
         """
-        if (input_ids is None) ^ (inputs_embeds is not None):
-            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
-        past = past_length(kwargs)
-        if inputs_embeds is None:
-            if past == 0:  # the prompt's ids (generated ones come from the model's own vocabulary)
-                self.check_token_ids(input_ids)
-            inputs_embeds = self.get_input_embeddings()(input_ids)
-        self.check_context(inputs_embeds.shape[1], past)
-
-        fusion = self.config.fusion == "cross_attention"
-        if not fusion and (cross_attention_states is not None or image_attention_mask is not None):
-            raise ValueError(
-                "cross_attention_states and image_attention_mask are inputs of cross-attention fusion; this model "
-                "has fusion='tokens' (its images become soft tokens): pass pixel_values only."
-            )
-        if fusion and cross_attention_states is not None and pixel_values is None and image_attention_mask is None:
-            raise ValueError(
-                "cross_attention_states (latents of an earlier pass) need image_attention_mask for these tokens: "
-                "pass the earlier output's image_attention_mask grown by its last row per new token (generate() "
-                "does this)."
-            )
-        if fusion and cross_attention_states is not None:
+        inputs_embeds = self._embed_tokens(input_ids, inputs_embeds, past_length(kwargs))
+        cross_attention = self.config.fusion == "cross_attention"
+        self._check_fusion_inputs(cross_attention, pixel_values, cross_attention_states, image_attention_mask)
+        if cross_attention_states is not None:
             pixel_values = None  # the latents of this prompt's images are already computed
-        if fusion and pixel_values is not None:
-            pixel_values, counts = self._fusion_images(input_ids, pixel_values)
-        encoder_outputs = self._encoder_outputs(
+        counts = None
+        if cross_attention and pixel_values is not None:
+            pixel_values, counts = fusion_images(input_ids, pixel_values, self.config.image_token_id)
+        encoder_outputs = self._encoder_outputs(  # encode, then project
             pixel_values, pixel_values_videos, input_features, input_features_mask, image_sizes
         )
         if self.training and input_ids is not None:
@@ -553,30 +479,28 @@ class MMLLMModel(MMLLMPreTrainedModel):
             # inference the forward embeds what it is given (transformers' convention, which its model tests use)
             # and generate() checks the part of the prompt its cache does not hold
             given = set(encoder_outputs) | ({IMAGE} if cross_attention_states is not None else set())
-            self.check_placeholders_have_media(input_ids, given)
-        if fusion and pixel_values is not None:
-            cross_attention_states = per_row(encoder_outputs[IMAGE].pooler_output, counts)
-        if cross_attention_states is not None:
-            image_attention_mask = self._image_attention_mask(
-                input_ids, inputs_embeds.shape[:2], cross_attention_states.shape[1], image_attention_mask
-            )
-            kwargs["image_cross_attention"] = cross_attention_inputs(
-                cross_attention_states.to(inputs_embeds.dtype), image_attention_mask
-            )
-        placeholder_ids = self.placeholder_ids()
-        injected = {} if fusion else encoder_outputs  # soft tokens in the input (token fusion)
-        for modality, modality_outputs in injected.items():
-            features = modality_outputs.pooler_output
-            if isinstance(features, (tuple, list)):  # tiled images: each its own token count
-                features = torch.cat(list(features))
-            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
-            mask = self.get_placeholder_mask(
-                input_ids, inputs_embeds, features, placeholder_ids[modality], MODALITY_NAMES[modality]
-            )
-            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
+            check_placeholders_have_media(self.placeholder_ids(), input_ids, given)
 
+        if cross_attention:  # images reach the backbone through its gated cross-attention blocks
+            if counts is not None:
+                cross_attention_states = per_row(encoder_outputs[IMAGE].pooler_output, counts)
+            if cross_attention_states is not None:
+                image_attention_mask = image_attention_mask_for(
+                    input_ids,
+                    inputs_embeds.shape[:2],
+                    cross_attention_states.shape[1],
+                    image_attention_mask,
+                    self.config.image_token_id,
+                )
+                kwargs["image_cross_attention"] = cross_attention_inputs(
+                    cross_attention_states.to(inputs_embeds.dtype), image_attention_mask
+                )
+        else:  # features become soft tokens in place of their placeholders
+            inputs_embeds = self._merge_soft_tokens(input_ids, inputs_embeds, encoder_outputs)
         if self.config.modality_adaptive:
-            kwargs["mm_token_type_ids"] = self._modality_routing(input_ids, mm_token_type_ids, bool(injected))
+            has_media = bool(encoder_outputs) and not cross_attention
+            kwargs["mm_token_type_ids"] = self._modality_routing(input_ids, mm_token_type_ids, has_media)
+
         outputs = self.language_model(
             attention_mask=attention_mask, position_ids=position_ids, inputs_embeds=inputs_embeds, **kwargs
         )
@@ -586,6 +510,48 @@ class MMLLMModel(MMLLMPreTrainedModel):
             **{f"{MODALITY_NAMES[modality]}_outputs": value for modality, value in encoder_outputs.items()},
             **(fused if cross_attention_states is not None else {}),
         )
+
+    def _embed_tokens(
+        self, input_ids: torch.LongTensor | None, inputs_embeds: torch.Tensor | None, past: int | None
+    ) -> torch.Tensor:
+        """The token embeddings (the given `inputs_embeds`, or those of `input_ids`, checked to be in the vocabulary),
+        checked to fit the backbone's context after the `past` cached tokens."""
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if inputs_embeds is None:
+            if past == 0:  # the prompt's ids (generated ones come from the model's own vocabulary)
+                check_token_ids(self.config, input_ids)
+            inputs_embeds = self.get_input_embeddings()(input_ids)
+        check_context(self.config, inputs_embeds.shape[1], past)
+        return inputs_embeds
+
+    def _check_fusion_inputs(self, cross_attention: bool, pixel_values, cross_attention_states, image_attention_mask):
+        """Cross-attention inputs only for a cross-attention model, and cached latents with their mask."""
+        if not cross_attention and (cross_attention_states is not None or image_attention_mask is not None):
+            raise ValueError(
+                "cross_attention_states and image_attention_mask are inputs of cross-attention fusion; this model "
+                "has fusion='tokens' (its images become soft tokens): pass pixel_values only."
+            )
+        if cross_attention_states is not None and pixel_values is None and image_attention_mask is None:
+            raise ValueError(
+                "cross_attention_states (latents of an earlier pass) need image_attention_mask for these tokens: "
+                "pass the earlier output's image_attention_mask grown by its last row per new token (generate() "
+                "does this)."
+            )
+
+    def _merge_soft_tokens(self, input_ids, inputs_embeds: torch.Tensor, encoder_outputs: dict) -> torch.Tensor:
+        """Token fusion: each modality's projected features replace the embeddings of its placeholder tokens."""
+        placeholder_ids = self.placeholder_ids()
+        for modality, modality_outputs in encoder_outputs.items():
+            features = modality_outputs.pooler_output
+            if isinstance(features, (tuple, list)):  # tiled images: each its own token count
+                features = torch.cat(list(features))
+            features = features.to(inputs_embeds.device, inputs_embeds.dtype)
+            mask = self.get_placeholder_mask(
+                input_ids, inputs_embeds, features, placeholder_ids[modality], MODALITY_NAMES[modality]
+            )
+            inputs_embeds = inputs_embeds.masked_scatter(mask, features)
+        return inputs_embeds
 
     def _modality_routing(
         self, input_ids: torch.LongTensor | None, mm_token_type_ids: torch.LongTensor | None, has_media: bool
@@ -602,63 +568,6 @@ class MMLLMModel(MMLLMPreTrainedModel):
         if mm_token_type_ids is None or mm_token_type_ids.shape[-1] != input_ids.shape[-1]:
             return self.get_mm_token_type_ids(input_ids)
         return mm_token_type_ids
-
-    def _image_counts(self, input_ids: torch.LongTensor | None, rows: int, slots: int) -> torch.LongTensor:
-        """Images of each row: its `<image>` tokens (every slot of `[batch, images, ...]` without input_ids)."""
-        if input_ids is None:
-            return torch.full((rows,), slots, dtype=torch.long)
-        return (input_ids == self.config.image_token_id).sum(-1).cpu()
-
-    def _fusion_images(self, input_ids, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.LongTensor]:
-        """Cross-attention fusion: the real images as `[num_images, 3, H, W]` and the count of each row.
-
-        `pixel_values` come flattened (the processor's form: one per `<image>` token, in order) or as IDEFICS's
-        `[batch, images, 3, H, W]`, where a row's first `<image>`-count images are real and the rest padding.
-        """
-        if pixel_values.dim() == 5:
-            counts = self._image_counts(input_ids, *pixel_values.shape[:2])
-            if len(counts) != len(pixel_values) or bool((counts > pixel_values.shape[1]).any()):
-                raise ValueError(
-                    f"pixel_values [batch, images, 3, H, W] of shape {tuple(pixel_values.shape)} do not fit the "
-                    f"<image> tokens of each row ({counts.tolist()}): give each row at least as many images as "
-                    "its <image> tokens, in a batch of the same size."
-                )
-            real = torch.arange(pixel_values.shape[1]) < counts[:, None]
-            return pixel_values[real.to(pixel_values.device)], counts
-        if input_ids is None:
-            raise ValueError(
-                "Flattened pixel_values need input_ids to tell which row each image belongs to; with "
-                "inputs_embeds, pass pixel_values as [batch, images, 3, H, W]."
-            )
-        counts = self._image_counts(input_ids, len(input_ids), 0)
-        if int(counts.sum()) != len(pixel_values):
-            raise ValueError(
-                f"Got {len(pixel_values)} image(s) but {int(counts.sum())} <image> token(s) in the text: cross-"
-                "attention fusion keeps one <image> token per image. Build inputs with this model's MMLLMProcessor."
-            )
-        return pixel_values, counts
-
-    def images_per_row(self, input_ids: torch.LongTensor, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Cross-attention fusion: flattened `pixel_values` laid out as IDEFICS's `[batch, images, 3, H, W]`."""
-        return per_row(*self._fusion_images(input_ids, pixel_values))
-
-    def _image_attention_mask(self, input_ids, shape, num_images: int, image_attention_mask) -> torch.Tensor:
-        """The given mask's rows for this pass's tokens (checked), or the latest-image default from input_ids."""
-        batch, length = shape
-        if image_attention_mask is None:
-            if input_ids is None:
-                raise ValueError("With inputs_embeds and images, pass image_attention_mask [batch, seq, images].")
-            return latest_image_mask(input_ids, self.config.image_token_id, num_images)
-        if (
-            image_attention_mask.dim() != 3
-            or image_attention_mask.shape[0] != batch
-            or (image_attention_mask.shape[1] < length or image_attention_mask.shape[2] != num_images)
-        ):
-            raise ValueError(
-                f"image_attention_mask has shape {tuple(image_attention_mask.shape)}; this batch needs "
-                f"[{batch}, >= {length} tokens, {num_images} images] (1 where a token attends to an image)."
-            )
-        return image_attention_mask[:, -length:]
 
 
 class MMLLMForConditionalGeneration(StagedSavingMixin, ImageGenerationMixin, MMLLMPreTrainedModel, GenerationMixin):
@@ -767,7 +676,7 @@ class MMLLMForConditionalGeneration(StagedSavingMixin, ImageGenerationMixin, MML
         pixel_values = model_kwargs.get("pixel_values")
         fusion = self.config.fusion == "cross_attention" and input_ids is not None
         if expand_size > 1 and fusion and pixel_values is not None and pixel_values.dim() == 4:
-            model_kwargs["pixel_values"] = self.model.images_per_row(input_ids, pixel_values)
+            model_kwargs["pixel_values"] = images_per_row(input_ids, pixel_values, self.config.image_token_id)
         return super()._expand_inputs_for_generation(expand_size, is_encoder_decoder, input_ids, **model_kwargs)
 
     def _update_model_kwargs_for_generation(
@@ -785,45 +694,41 @@ class MMLLMForConditionalGeneration(StagedSavingMixin, ImageGenerationMixin, MML
             model_kwargs["image_attention_mask"] = torch.cat([mask, mask[:, -1:].expand(-1, num_new_tokens, -1)], 1)
         return model_kwargs
 
-    def generate(self, *args, **kwargs):
-        """`generate` (text, or images with `generation_mode="image"`), with the backbone's context checked up front:
-        a prompt that leaves no room in it is an error; a generation that would run past it is cut to fit, with a
-        warning (as transformers warns for `max_length`), instead of failing half-way."""
-        prompt = args[0] if args else next((kwargs[key] for key in PROMPT_INPUTS if kwargs.get(key) is not None), None)
-        config = kwargs.get("generation_config") or self.generation_config
-        embedded = kwargs.get("inputs_embeds") is not None  # the caller placed the features
-        if prompt is not None and not prompt.is_floating_point() and not config.is_assistant and not embedded:
-            # an assistant model drafts without the media (transformers drops them), so only a main model's prompt;
-            # a continuation's placeholders already in the cache (a chat continued from it) had their media
-            given = {modality for modality, (_, name) in MEDIA_ARGUMENTS.items() if kwargs.get(name) is not None}
-            given |= {IMAGE} if "cross_attention_states" in kwargs else set()
-            self.model.check_placeholders_have_media(prompt[:, past_length(kwargs) or 0 :], given)
-        return super().generate(*args, **self._fit_to_context(prompt, kwargs))
+    def generate(self, *args, generation_mode: str | None = None, generator_kwargs: dict | None = None, **kwargs):
+        """transformers' `generate`, with the inputs checked up front, or images with `generation_mode="image"`
+        (`[B, 3, H, W]` in `[0, 1]`, through the output projector and the modality generator, which take
+        `generator_kwargs`).
 
-    def _fit_to_context(self, prompt: torch.Tensor | None, kwargs: dict) -> dict:
-        """`kwargs` with `max_new_tokens` lowered so that the prompt and its answer fit the backbone's context."""
-        context = backbone_context(self.config)
-        if context is None or prompt is None:
-            return kwargs
-        length = prompt.shape[1]
-        if length >= context:
+        A prompt that leaves no room in the backbone's context is an error; a generation that would run past it is
+        cut to fit, with a warning (as transformers warns for `max_length`), instead of failing half-way."""
+        if generation_mode not in (None, "text", "image"):
+            raise ValueError(f"generation_mode={generation_mode!r}: use 'text' or 'image'.")
+        if kwargs.get("cache_implementation") == "offloaded" and self.device.type == "cpu":
             raise ValueError(
-                f"The prompt is {length} tokens (soft tokens of its images included) and the backbone's context "
-                f"(text_config.max_position_embeddings) is {context}: no room is left to generate. Shorten the "
-                "prompt or use fewer images."
+                "cache_implementation='offloaded': the offloaded cache moves layers between a GPU and "
+                "the CPU, and this model is on the CPU. Use the default cache or 'static' here."
             )
+        prompt = args[0] if args else next((kwargs[key] for key in PROMPT_INPUTS if kwargs.get(key) is not None), None)
+        self._check_prompt_media(prompt, kwargs)
+        kwargs = fit_to_context(self, prompt, kwargs)
+        if generation_mode == "image":
+            return self._generate_images(*args, generator_kwargs=generator_kwargs, **kwargs)
+        return super().generate(*args, **kwargs)
+
+    def _check_prompt_media(self, prompt: torch.Tensor | None, kwargs: dict) -> None:
+        """Every placeholder of the prompt's uncached part has its media. Not for embeddings (the caller placed the
+        features), nor for an assistant model, which drafts without the media (transformers drops them)."""
         config = kwargs.get("generation_config") or self.generation_config
-        new_tokens = kwargs.get("max_new_tokens") or config.max_new_tokens
-        total = length + new_tokens if new_tokens is not None else kwargs.get("max_length") or config.max_length
-        if total <= context:
-            return kwargs
-        room = context - length
-        logger.warning(
-            f"The prompt ({length} tokens) and the requested answer ({total - length} new tokens) exceed the "
-            f"backbone's context of {context} tokens: generating at most {room} new tokens. Lower max_new_tokens, "
-            "shorten the prompt or use fewer images."
-        )
-        return {key: value for key, value in kwargs.items() if key != "max_length"} | {"max_new_tokens": room}
+        if (
+            prompt is None
+            or prompt.is_floating_point()
+            or config.is_assistant
+            or kwargs.get("inputs_embeds") is not None
+        ):
+            return
+        given = {modality for modality, (_, name) in MEDIA_ARGUMENTS.items() if kwargs.get(name) is not None}
+        given |= {IMAGE} if "cross_attention_states" in kwargs else set()
+        check_placeholders_have_media(self.model.placeholder_ids(), prompt[:, past_length(kwargs) or 0 :], given)
 
     @classmethod
     def from_components(cls, vision: str, text: str, projector: str = "mlp", **overrides):
