@@ -41,6 +41,46 @@ def test_unknown_preset_names_the_choices():
         MMLLMConfig.from_preset("llava-huge")
 
 
+@pytest.mark.parametrize("name", preset_names())
+def test_every_preset_builds_on_the_meta_device(name):
+    """Every shipped preset, its `base` chain resolved, is a valid config whose model builds."""
+    config = MMLLMConfig.from_preset(name)
+    with torch.device("meta"):
+        model = MMLLMForConditionalGeneration(config)
+    assert model.num_parameters() > 0
+
+
+def test_a_preset_names_its_base_and_only_what_differs(tmp_path, monkeypatch):
+    """`"base"`: sub-configs of the same type merge field by field, other values (a settings dict, a sub-config of
+    another type) replace the base's; a cycle is a clear error."""
+    from modeling_mmllm.builders import presets
+
+    for name in ("llava-tiny", "llava-next-tiny"):
+        (tmp_path / f"{name}.json").write_text((presets.asset_dir("configuration") / f"{name}.json").read_text())
+    derived = {
+        "base": "llava-next-tiny",
+        "text_config": {"num_hidden_layers": 3},
+        "vision_config": {"model_type": "siglip_vision_model", "hidden_size": 32, "intermediate_size": 64,
+                          "num_hidden_layers": 2, "num_attention_heads": 4, "image_size": 32, "patch_size": 8},
+        "vision_feature_select_strategy": "full",  # SigLIP has no CLS token to drop
+        "projector_type": "linear",
+    }  # fmt: skip
+    (tmp_path / "derived.json").write_text(json.dumps(derived))
+    (tmp_path / "loop-a.json").write_text(json.dumps({"base": "loop-b"}))
+    (tmp_path / "loop-b.json").write_text(json.dumps({"base": "loop-a"}))
+    monkeypatch.setattr(presets, "asset_dir", lambda kind: tmp_path)
+
+    config = MMLLMConfig.from_preset("derived")
+    base = MMLLMConfig.from_preset("llava-next-tiny")
+    assert config.text_config.num_hidden_layers == 3
+    assert config.text_config.hidden_size == base.text_config.hidden_size  # merged: the rest is the base's
+    assert config.vision_config.model_type == "siglip_vision_model"  # another type: replaced whole
+    assert config.image_grid_pinpoints == base.image_grid_pinpoints  # two levels up
+    assert config.projector_type == "linear"
+    with pytest.raises(ValueError, match="derives from itself.*loop-a -> loop-b -> loop-a"):
+        MMLLMConfig.from_preset("loop-a")
+
+
 @pytest.mark.parametrize(
     "fields, message",
     [

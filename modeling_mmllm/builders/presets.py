@@ -31,12 +31,34 @@ def preset_names() -> list[str]:
     return sorted(path.stem for path in asset_dir("configuration").glob("*.json"))
 
 
-def read_preset(name: str) -> dict:
-    """The JSON of preset `name`, with a clear error listing the valid names."""
+def read_preset(name: str, _derived: tuple[str, ...] = ()) -> dict:
+    """The fields of preset `name`, with a clear error listing the valid names. A preset may name a `"base"`
+    preset and give only what differs from it (`merge_preset`)."""
     path = asset_dir("configuration") / f"{name}.json"
     if not path.is_file():
         raise ValueError(f"Unknown preset {name!r}: choose one of {', '.join(preset_names())}.")
-    return json.loads(path.read_text())
+    preset = json.loads(path.read_text())
+    base = preset.pop("base", None)
+    if base is None:
+        return preset
+    if base in (*_derived, name):
+        raise ValueError(f"Preset {name!r} derives from itself ({' -> '.join((*_derived, name, base))}).")
+    return merge_preset(read_preset(base, (*_derived, name)), preset)
+
+
+def merge_preset(base: dict, changes: dict) -> dict:
+    """`changes` over `base`: a sub-config (`vision_config`, ...) of the same `model_type` is merged field by field,
+    so a preset names only the sizes it changes; any other value (a sub-config of another type, a settings dict such
+    as `projector_config`) replaces the base's."""
+    merged = dict(base)
+    for key, value in changes.items():
+        old = base.get(key)
+        sub_config = isinstance(old, dict) and isinstance(value, dict) and "model_type" in old
+        if sub_config and value.get("model_type", old["model_type"]) == old["model_type"]:
+            merged[key] = merge_preset(old, value)
+        else:
+            merged[key] = value
+    return merged
 
 
 def load_config_preset(config_class, name: str, **overrides):
@@ -201,6 +223,7 @@ __all__ = [
     "load_processor_preset",
     "offline_tokenizer",
     "preset_names",
+    "merge_preset",
     "read_preset",
     "special_tokens",
 ]
