@@ -204,9 +204,10 @@ def output_projector_settings(config) -> dict:
     )
 
 
-def generator_settings(settings: dict) -> dict:
-    """A `modality_generator` dict with its type's defaults filled in; unknown types and keys are errors. A
-    diffusers pipeline's conditioning shape may stay unset here: it is read when the generator is attached."""
+def checked_generator_settings(settings: dict) -> dict:
+    """A `modality_generator` dict with its type's defaults filled in; unknown types and keys are errors (reads no
+    files: the config checks this). A diffusers pipeline's conditioning shape may stay unset here:
+    `modality_generator.resolve_generator_settings` reads it when the generator is attached."""
     kind = settings.get("type")
     _known(kind, GENERATOR_DEFAULTS, "modality_generator type")
     defaults = GENERATOR_DEFAULTS[kind]
@@ -231,10 +232,10 @@ __all__ = [
     "INPUT_PROJECTOR_DEFAULTS",
     "OUTPUT_PROJECTOR_DEFAULTS",
     "check_fusion",
+    "checked_generator_settings",
     "checked_settings",
     "cross_attention_settings",
     "feature_width",
-    "generator_settings",
     "image_text_length",
     "input_projector_settings",
     "num_vision_tokens",

@@ -15,7 +15,7 @@ from transformers.configuration_utils import PreTrainedConfig, SubConfigSpec
 from .component_settings import (
     check_fusion,
     check_image_grid_pinpoints,
-    generator_settings,
+    checked_generator_settings,
     image_text_length,
     output_projector_settings,
     projector_output_length,
@@ -265,7 +265,7 @@ class MMLLMConfig(PreTrainedConfig):
                 "three and adds the signal tokens to the tokenizer."
             )
         if self.modality_generator:
-            self.modality_generator = generator_settings(self.modality_generator)
+            self.modality_generator = checked_generator_settings(self.modality_generator)
         if self.output_projector_type:
             output_projector_settings(self)
         vocab_size = self.text_config.vocab_size

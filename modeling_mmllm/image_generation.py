@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from .modality_generator import build_modality_generator, generator_settings
+from .modality_generator import build_modality_generator, resolve_generator_settings
 from .output_projector import build_output_projector
 
 # Model inputs that carry media (kept for the image-generation pass after text generation).
@@ -55,7 +55,7 @@ class ImageGenerationMixin:
         trial = copy.deepcopy(self.config)
         trial.signal_token_ids = list(range(num_signal_tokens))  # stand-ins for the ids the tokens will get
         trial.output_projector_type, trial.output_projector_config = output_projector_type, output_projector_config
-        trial.modality_generator = generator_settings(modality_generator or {"type": "builtin"})
+        trial.modality_generator = resolve_generator_settings(modality_generator or {"type": "builtin"})
         trial._check_image_generation()
         with torch.random.fork_rng(devices=[]), torch.device("meta"):
             build_output_projector(trial), build_modality_generator(trial)

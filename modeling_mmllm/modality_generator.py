@@ -24,8 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.utils import cached_file
 
-from .component_settings import GENERATOR_DEFAULTS
-from .component_settings import generator_settings as checked_generator_settings
+from .component_settings import GENERATOR_DEFAULTS, checked_generator_settings
 
 # Sub-folder of a saved model that holds a local diffusers pipeline (`pretrained` is then this relative name).
 PIPELINE_FOLDER = "modality_generator"
@@ -209,12 +208,8 @@ class DiffusersImageGenerator:
 
     @classmethod
     def complete_settings(cls, settings: dict) -> dict:
-        """Fill a missing conditioning shape from the pipeline's configs (`diffusers_generator_settings`)."""
-        if not settings.get("pretrained"):
-            raise ValueError(
-                "modality_generator type 'diffusers' needs 'pretrained': a local pipeline folder or a "
-                "Hub id (e.g. a Stable Diffusion 1.x/2.x pipeline)."
-            )
+        """Fill a missing conditioning shape from the pipeline's configs (`diffusers_generator_settings`); the
+        settings are checked already (`pretrained` is set)."""
         if settings.get("condition_length") is not None and settings.get("condition_width") is not None:
             return settings
         given = {key: value for key, value in settings.items() if value is not None}
@@ -409,17 +404,13 @@ class DiffusersImageGenerator:
 GENERATORS = {"builtin": BuiltinImageGenerator, "diffusers": DiffusersImageGenerator}
 
 
-def generator_settings(settings: dict) -> dict:
-    """The settings of a generator being attached: checked (`component_settings.generator_settings`), and a
+def resolve_generator_settings(settings: dict) -> dict:
+    """The settings of a generator being attached: checked as the config checks them
+    (`component_settings.checked_generator_settings`: types, keys, defaults, a built-in decoder's shape), then a
     diffusers pipeline's missing conditioning shape read from its configs (the only step that reads files)."""
     settings = checked_generator_settings(settings)
     complete = getattr(GENERATORS[settings["type"]], "complete_settings", None)
-    if complete is not None:
-        settings = {**settings, **complete(settings)}
-    missing = [key for key in ("condition_length", "condition_width") if settings.get(key) is None]
-    if missing:
-        raise ValueError(f"modality_generator needs {missing} (the shape of the generator's conditioning).")
-    return settings
+    return settings if complete is None else {**settings, **complete(settings)}
 
 
 def build_modality_generator(config) -> nn.Module | DiffusersImageGenerator | None:
@@ -428,7 +419,7 @@ def build_modality_generator(config) -> nn.Module | DiffusersImageGenerator | No
     settings = config.modality_generator
     if settings is None:
         return None
-    settings = generator_settings(settings)
+    settings = resolve_generator_settings(settings)
     return GENERATORS[settings["type"]].from_config({k: v for k, v in settings.items() if k != "type"}, config)
 
 
@@ -449,7 +440,7 @@ __all__ = [
     "DiffusersImageGenerator",
     "build_modality_generator",
     "diffusers_generator_settings",
-    "generator_settings",
+    "resolve_generator_settings",
     "import_diffusers",
     "save_modality_generator",
 ]

@@ -137,15 +137,15 @@ class StagedSavingMixin:
         any_to_any = self.config.audio_config is not None or self.config.image_generation
         auto_map = {**AUTO_MAP, **(ANY_TO_ANY_AUTO_MAP if any_to_any else {})}
         self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **auto_map}
-        generator_settings = self.config.modality_generator
+        source_settings = self.config.modality_generator
         os.makedirs(save_directory, exist_ok=True)
         self.config.modality_generator = save_modality_generator(
-            self.model.modality_generator, generator_settings, save_directory, writes
+            self.model.modality_generator, source_settings, save_directory, writes
         )
         try:
             super().save_pretrained(save_directory, *args, **kwargs)
         finally:  # the saved config names the copy; this model keeps using its source
-            self.config.modality_generator = generator_settings
+            self.config.modality_generator = source_settings
 
 
 def _writes_files(is_main_process: bool) -> bool:

@@ -49,7 +49,7 @@ from .input_checks import (
 from .input_projector import build_audio_projector, build_input_projector
 from .modality_adaptive import apply_modality_adaptive, modality_adaptive_parameters
 from .modality_encoder import build_audio_tower, build_vision_tower, encode_audio, select_vision_features
-from .modality_generator import build_modality_generator, generator_settings
+from .modality_generator import build_modality_generator, resolve_generator_settings
 from .model_persistence import SafetensorsLoadingMixin, StagedSavingMixin
 from .output_projector import build_output_projector
 
@@ -208,7 +208,7 @@ class MMLLMModel(MMLLMPreTrainedModel):
                 self.language_model, projector_output_width(config), cross_attention_settings(config)
             )
         if config.modality_generator:  # attaching the generator fixes its conditioning shape (saved with the config)
-            config.modality_generator = generator_settings(config.modality_generator)
+            config.modality_generator = resolve_generator_settings(config.modality_generator)
         self.output_projector = build_output_projector(config)
         self.modality_generator = build_modality_generator(config)
         self.post_init()

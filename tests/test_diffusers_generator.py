@@ -21,7 +21,7 @@ from modeling_mmllm.modality_generator import (
     PIPELINE_FOLDER,
     DiffusersImageGenerator,
     diffusers_generator_settings,
-    generator_settings,
+    resolve_generator_settings,
 )
 from modeling_mmllm.saving import save_model_folder
 
@@ -117,15 +117,15 @@ def test_image_loss_trains_the_conditioning_only(any2any):
 
 
 def test_settings_are_explicit_and_checked(sd_folder):
-    settings = generator_settings({"type": "diffusers", "pretrained": str(sd_folder)})
+    settings = resolve_generator_settings({"type": "diffusers", "pretrained": str(sd_folder)})
     assert set(settings) == {"type", *DiffusersImageGenerator.DEFAULTS}
     assert settings["condition_length"] == CONDITION_LENGTH and settings["condition_width"] == CONDITION_WIDTH
     with pytest.raises(ValueError, match="does not use"):
-        generator_settings({"type": "diffusers", "pretrained": str(sd_folder), "height": 64})
+        resolve_generator_settings({"type": "diffusers", "pretrained": str(sd_folder), "height": 64})
     with pytest.raises(ValueError, match="needs 'pretrained'"):
-        generator_settings({"type": "diffusers"})
+        resolve_generator_settings({"type": "diffusers"})
     with pytest.raises(ValueError, match="'/no/such/sd': no such pipeline folder"):
-        generator_settings({"type": "diffusers", "pretrained": "/no/such/sd"})
+        resolve_generator_settings({"type": "diffusers", "pretrained": "/no/such/sd"})
     wrong = DiffusersImageGenerator({**settings, "condition_width": 48})
     with pytest.raises(ValueError, match="diffusers_generator_settings"):
         _ = wrong.pipeline
