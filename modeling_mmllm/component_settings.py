@@ -5,26 +5,54 @@ One entry per type: its default settings (the keys its `*_config` field may set)
 number of soft tokens it emits per image.
 """
 
-# Input projectors that emit one token per encoder patch: AnyRes packs their tiles as a grid (LLaVA-NeXT).
-GRID_PROJECTORS = ("linear", "mlp")
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 # Vision encoders without a CLS token: every token they emit is a patch.
 NO_CLS_MODEL_TYPES = ("siglip_vision_model", "siglip2_vision_model")
 
-INPUT_PROJECTOR_DEFAULTS: dict[str, dict | None] = {
-    "linear": {},
-    "mlp": {},
-    "abstractor": {  # mPLUG-Owl2's visual abstractor
-        "num_queries": 64,
-        "num_layers": 6,
-        "num_heads": 16,
-        "intermediate_size": 2816,
-        "layer_norm_eps": 1e-6,
-        "end_token": True,
-    },
-    "qformer": None,  # BLIP-2: Blip2QFormerConfig's own fields, plus num_query_tokens
-    "resampler": {"num_latents": 64, "depth": 6, "num_heads": 16, "head_dim": 96, "qk_layer_norms": False},
+
+@dataclass(frozen=True)
+class InputProjectorSpec:
+    """What the config knows of an input projector type (its module is in `input_projector.PROJECTORS`)."""
+
+    defaults: dict | None  # the keys `projector_config` may set, with their defaults (None: free-form)
+    tokens: Callable[[Any, dict], int]  # soft tokens per image, from the config and the projector's settings
+    grid: bool = False  # one token per encoder patch: AnyRes packs the tiles as a grid (LLaVA-NeXT)
+    encoder_width_in_cross_attention: bool = False  # keeps the encoder's width under cross-attention fusion
+
+
+def _per_patch(config, settings: dict) -> int:
+    return num_vision_tokens(config)
+
+
+# One entry per input projector type: adding a projector is this entry and its module in `PROJECTORS`.
+INPUT_PROJECTORS: dict[str, InputProjectorSpec] = {
+    "linear": InputProjectorSpec({}, _per_patch, grid=True),
+    "mlp": InputProjectorSpec({}, _per_patch, grid=True),
+    "abstractor": InputProjectorSpec(  # mPLUG-Owl2's visual abstractor
+        {
+            "num_queries": 64,
+            "num_layers": 6,
+            "num_heads": 16,
+            "intermediate_size": 2816,
+            "layer_norm_eps": 1e-6,
+            "end_token": True,
+        },
+        lambda config, settings: settings["num_queries"] + int(settings["end_token"]),
+    ),
+    "qformer": InputProjectorSpec(  # BLIP-2: Blip2QFormerConfig's own fields, plus num_query_tokens
+        None, lambda config, settings: settings.get("num_query_tokens", 32)
+    ),
+    "resampler": InputProjectorSpec(  # Flamingo / IDEFICS perceiver resampler
+        {"num_latents": 64, "depth": 6, "num_heads": 16, "head_dim": 96, "qk_layer_norms": False},
+        lambda config, settings: settings["num_latents"],
+        encoder_width_in_cross_attention=True,
+    ),
 }
+INPUT_PROJECTOR_DEFAULTS = {kind: spec.defaults for kind, spec in INPUT_PROJECTORS.items()}
+GRID_PROJECTORS = tuple(kind for kind, spec in INPUT_PROJECTORS.items() if spec.grid)
 OUTPUT_PROJECTOR_DEFAULTS = {
     "mlp": {"hidden_act": "gelu"},
     "transformer": {"num_layers": 2, "num_heads": 4, "intermediate_size": None, "dropout": 0.0},
@@ -71,8 +99,8 @@ def _known(kind: str | None, registry: dict, field: str) -> None:
 
 def input_projector_settings(config) -> dict:
     """`config.projector_config` over its projector type's defaults (the Q-Former's are free-form)."""
-    _known(config.projector_type, INPUT_PROJECTOR_DEFAULTS, "projector_type")
-    defaults = INPUT_PROJECTOR_DEFAULTS[config.projector_type]
+    _known(config.projector_type, INPUT_PROJECTORS, "projector_type")
+    defaults = INPUT_PROJECTORS[config.projector_type].defaults
     if defaults is None:
         return dict(config.projector_config or {})
     return checked_settings(
@@ -135,7 +163,7 @@ def feature_width(config) -> int:
 def projector_output_width(config) -> int:
     """Width of the projected features. With cross-attention fusion the `resampler` keeps the encoder's width, as
     IDEFICS's perceiver does (the blocks' K/V projections map it); every other projector emits the LLM's width."""
-    if config.fusion == "cross_attention" and config.projector_type == "resampler":
+    if config.fusion == "cross_attention" and INPUT_PROJECTORS[config.projector_type].encoder_width_in_cross_attention:
         return feature_width(config)
     return config.text_config.hidden_size
 
@@ -160,14 +188,7 @@ def num_vision_tokens(config) -> int:
 def projector_output_length(config) -> int:
     """Soft tokens per image that `config`'s input projector emits."""
     settings = input_projector_settings(config)
-    counts = {
-        "linear": lambda: num_vision_tokens(config),
-        "mlp": lambda: num_vision_tokens(config),
-        "abstractor": lambda: settings["num_queries"] + int(settings["end_token"]),
-        "qformer": lambda: settings.get("num_query_tokens", 32),
-        "resampler": lambda: settings["num_latents"],
-    }
-    return counts[config.projector_type]()
+    return INPUT_PROJECTORS[config.projector_type].tokens(config, settings)
 
 
 def check_image_grid_pinpoints(config) -> None:
@@ -229,7 +250,9 @@ __all__ = [
     "CROSS_ATTENTION_DEFAULTS",
     "FUSIONS",
     "GENERATOR_DEFAULTS",
+    "INPUT_PROJECTORS",
     "INPUT_PROJECTOR_DEFAULTS",
+    "InputProjectorSpec",
     "OUTPUT_PROJECTOR_DEFAULTS",
     "check_fusion",
     "checked_generator_settings",

@@ -54,3 +54,35 @@ def test_every_component_type_has_its_settings_entry():
     assert set(PROJECTORS) == set(INPUT_PROJECTOR_DEFAULTS)
     assert set(OUTPUT_PROJECTORS) == set(OUTPUT_PROJECTOR_DEFAULTS)
     assert set(GENERATORS) == set(GENERATOR_DEFAULTS)
+
+
+class PooledProjector(nn.Module):
+    """A projector type a user adds: the mean of the patches, as 2 tokens of the LLM's width."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.proj = nn.Linear(config.vision_config.hidden_size, 2 * config.text_config.hidden_size)
+
+    def forward(self, features):
+        return self.proj(features.mean(1, keepdim=True)).unflatten(-1, (2, -1)).flatten(1, 2)
+
+
+def test_adding_a_projector_is_its_module_and_its_settings_entry(monkeypatch):
+    """The CONTRIBUTING walk-through: a module in `PROJECTORS` and an `InputProjectorSpec` in `INPUT_PROJECTORS` are
+    all a new type needs; the config, the model and the processor take it (2 soft tokens per image)."""
+    from helpers import make_images
+    from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
+    from modeling_mmllm.component_settings import INPUT_PROJECTORS, InputProjectorSpec
+
+    monkeypatch.setitem(PROJECTORS, "pooled", PooledProjector)
+    monkeypatch.setitem(INPUT_PROJECTORS, "pooled", InputProjectorSpec({}, lambda config, settings: 2))
+    config = MMLLMConfig.from_preset("llava-tiny", projector_type="pooled")
+    assert config.image_seq_length == 2
+    model = MMLLMForConditionalGeneration(config).eval()
+    processor = MMLLMProcessor.from_preset("llava-tiny")
+    processor.image_seq_length = config.image_seq_length
+    inputs = processor(images=make_images(1), text="<image> what is it?", return_tensors="pt")
+    assert int((inputs["input_ids"] == config.image_token_id).sum()) == 2
+    with torch.no_grad():
+        outputs = model(**inputs)
+    assert outputs.image_hidden_states.shape == (1, 2, config.text_config.hidden_size)
