@@ -389,7 +389,7 @@ def from_mplug_owl2(path):
             tokenizer=tokenizer,
             chat_template=chat_template(),
             image_seq_length=config.image_seq_length,
-        context_length=backbone_context(config),
+            context_length=backbone_context(config),
             pad_to_square=True,
         )
     return model.eval(), processor
