@@ -16,11 +16,12 @@ from transformers import CLIPImageProcessorPil, LlavaConfig, LlavaForConditional
 from helpers import FIXTURES, make_images, seeded_model, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.builders.presets import offline_tokenizer
+from modeling_mmllm.cli import build as build_command
 from modeling_mmllm.cli import main, parser
-from modeling_mmllm.cli.main import _prompt_content
+from modeling_mmllm.cli.generate import _prompt_content
 from modeling_mmllm.saving import save_model_folder
 
-COMMANDS = ["quickstart", "train", "build", "chat", "generate", "eval", "convert", "push"]
+COMMANDS = ["quickstart", "train", "build", "chat", "generate", "serve", "demo", "eval", "convert", "upgrade", "push"]
 FIXTURE = FIXTURES / "mplug-owl2-tiny"
 TRANSFORMERS_BARS = ("Loading weights", "Writing model shards")  # transformers' own progress bars
 
@@ -143,6 +144,7 @@ def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
         (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
         (["generate", "SAVED", "--prompt", "<image> vs <image>?", "--image", "IMAGE"], "has 2 <image> placeholder"),
         (["generate", "SAVED", "--prompt", "<image> what?"], "has 1 <image> placeholder(s) but 0 --image"),
+        (["eval", "SAVED", "--split", "nosuch"], "--split 'nosuch' is no split of the synthetic tasks"),
     ],
 )
 def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, image_file, tmp_path, capsys):
@@ -163,6 +165,53 @@ def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder,
     errors = [line for line in err.splitlines() if line.startswith("mmllm ")]
     assert len(errors) == 1 and message in errors[0] and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "fake.png"]  # nothing partial left behind
+
+
+def test_train_help_of_a_recipe_naming_an_unknown_trainer_is_one_line(tmp_path, capsys):
+    (tmp_path / "recipe.yaml").write_text("trainer: ppo\n")
+    assert main(["train", str(tmp_path / "recipe.yaml"), "--help"]) == 1
+    assert capsys.readouterr().err == "mmllm train: error: trainer: 'ppo' is no trainer: use one of sft, dpo.\n"
+
+
+def _command_raising(monkeypatch, error: BaseException) -> None:
+    """`mmllm build` with a `run` that raises `error` (the parser takes each command's `run` from its module)."""
+
+    def run(args):
+        raise error
+
+    monkeypatch.setattr(build_command, "run", run)
+
+
+@pytest.mark.parametrize("error", [KeyError("preset"), RuntimeError("a bug"), TypeError("a bug")])
+def test_a_programming_bug_is_not_reported_as_a_user_mistake(error, tmp_path, monkeypatch, capsys):
+    """A bug keeps its traceback (the exception leaves main), rather than passing for a one-line user mistake."""
+    _command_raising(monkeypatch, error)
+    with pytest.raises(type(error)) as raised:
+        main(["build", "--preset", "owl2-tiny", str(tmp_path / "out")])
+    assert raised.value is error
+    assert "error:" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "error", [ValueError("bad value\nmore detail"), FileNotFoundError("No such file x"), IsADirectoryError("x")]
+)
+def test_a_user_mistake_raised_by_a_command_is_one_line(error, tmp_path, monkeypatch, capsys):
+    _command_raising(monkeypatch, error)
+    assert main(["build", "--preset", "owl2-tiny", str(tmp_path / "out")]) == 1
+    assert capsys.readouterr().err == f"mmllm build: error: {str(error).splitlines()[0]}\n"
+
+
+def test_importing_the_cli_configures_no_logging():
+    """Importing `modeling_mmllm.cli` leaves logging alone; `main` quiets torchao and DeepSpeed's CPU notice."""
+    code = (
+        "import logging, modeling_mmllm.cli as cli\n"
+        "noisy = [logging.getLogger(name) for name in ('torchao', 'torch.utils._pytree', 'DeepSpeed')]\n"
+        "assert [(logger.level, logger.filters) for logger in noisy] == [(0, [])] * 3\n"
+        "assert cli.main(['generate', '/no/such/folder', '--prompt', 'hi']) == 1\n"
+        "assert [logger.level for logger in noisy[:2]] == [logging.ERROR] * 2 and len(noisy[2].filters) == 1\n"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 def test_the_users_own_image_placeholder_is_where_the_image_goes(saved_folder, image_file, capsys):

@@ -1,0 +1,48 @@
+"""`mmllm train`: run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
+
+import argparse
+import json
+from pathlib import Path
+
+NAME = "train"
+HELP = "train with a recipe (TRL SFTTrainer)"
+DESCRIPTION = (
+    "Run a recipe; any recipe key or SFTConfig field can be overridden: "
+    "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET. `mmllm train RECIPE --help` lists every key "
+    "with its help text and default."
+)
+
+
+def add_arguments(command: argparse.ArgumentParser) -> None:
+    command.add_argument("recipe", help="recipe YAML file, or the name of one in training_recipes/")
+    command.add_argument("overrides", nargs=argparse.REMAINDER, help="--key value pairs")
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run a training recipe (a YAML file or the name of a shipped one) with `--key value` overrides."""
+    from accelerate import PartialState
+
+    from ..training import load_recipe, parse_overrides, recipe_help, recipe_trainer
+    from ..training import train as run_recipe
+    from ..training.recipes import TRAINERS
+
+    if {"-h", "--help"} & set(args.overrides):
+        trainer = recipe_trainer(args.recipe)
+        if trainer not in TRAINERS:  # as load_recipe says it (recipe_help would fail on the unknown name)
+            raise ValueError(f"trainer: {trainer!r} is no trainer: use one of {', '.join(TRAINERS)}.")
+        print(recipe_help(trainer))
+        return
+    recipe = load_recipe(args.recipe, parse_overrides(args.overrides))
+    folder = run_recipe(recipe, name=Path(args.recipe).stem)
+    state = PartialState()  # the trainer's: one process, or this rank of a torchrun
+    state.destroy_process_group()  # a rank that exits still in its group can abort (gloo: "terminate called")
+    if not state.is_main_process:  # the main process reports, once
+        return
+    results = folder / "eval_results.json"
+    if results.is_file():  # the recipe's held-out evaluation (also in the model card), "before -> after" for DPO
+        metrics = json.loads(results.read_text())
+        for name, value in metrics.items():
+            if not name.startswith("before/"):
+                before = metrics.get(f"before/{name}")
+                print(f"{name:<26}" + (f"{before:.1%} -> " if before is not None else "") + f"{value:.1%}")
+    print(f"model folder: {folder}")
