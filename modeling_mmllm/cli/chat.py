@@ -3,6 +3,8 @@
 import argparse
 import sys
 
+from ..configuration_mmllm import backbone_context
+from ..serving.chat_session import ChatSession
 from .common import USER_ERRORS, load_folder, open_image, quantization_option
 
 NAME = "chat"
@@ -26,13 +28,13 @@ def run(args: argparse.Namespace) -> None:
 
     model, processor = load_folder(args.model, args.quantization)
     streamer = TextStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True)
-    turns, pending = [], []
+    session, pending = ChatSession(), []
     print("mmllm chat: type a message; /image PATH attaches an image, /reset clears, /quit ends.")
     for line in _input_lines():
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
-            turns, pending = [], []
+            session, pending = ChatSession(), []
             continue
         if line.startswith("/image"):
             try:
@@ -43,10 +45,10 @@ def run(args: argparse.Namespace) -> None:
             continue
         if not line:
             continue
-        turn = {"user": line, "images": pending, "answer": None}
+        turn = session.with_user_turn(line, [("image", image) for image in pending])
         pending = []
         try:
-            turns = _chat_turn(model, processor, streamer, [*turns, turn], args.max_new_tokens)
+            session = _chat_turn(model, processor, streamer, turn, args.max_new_tokens)
         except USER_ERRORS as error:
             print(f"error: {error}")
 
@@ -79,53 +81,19 @@ def _is_utf8(line: str) -> bool:
     return True
 
 
-def _chat_turn(model, processor, streamer, turns: list[dict], max_new_tokens: int) -> list[dict]:
-    """Answer the last turn (streamed), after dropping the oldest turns that do not fit the context; the turns kept,
-    the last one with its answer."""
-    from ..configuration_mmllm import backbone_context
-
+def _chat_turn(model, processor, streamer, session: ChatSession, max_new_tokens: int) -> ChatSession:
+    """Answer the last turn (streamed), after dropping the oldest exchanges that do not fit the context; the
+    session kept, its last turn answered."""
+    kept, inputs, room, dropped = session.fit(processor, model.config, max_new_tokens, drop_oldest=True)
     context = backbone_context(model.config)
-    turns, inputs = _fit_turns(processor, turns, context, max_new_tokens)
-    length = inputs["input_ids"].shape[1]
-    room = max_new_tokens if context is None else min(max_new_tokens, context - length)
+    if dropped:
+        images = session.images - kept.images
+        print(
+            f"warning: the conversation is longer than the model's context ({context} tokens): dropped the oldest "
+            f"{dropped} exchange(s)" + (f" and their {images} image(s)." if images else ".")
+        )
     if room < max_new_tokens:
         print(f"warning: the context ({context} tokens) leaves room for {room} new tokens after this message.")
     output = model.generate(**inputs, max_new_tokens=room, do_sample=False, streamer=streamer)
-    turns[-1]["answer"] = processor.decode(output[0, length:], skip_special_tokens=True).strip()
-    return turns
-
-
-def _fit_turns(processor, turns: list[dict], context: int | None, max_new_tokens: int) -> tuple[list[dict], dict]:
-    """The newest turns whose prompt and `max_new_tokens` fit the context (whole exchanges with their images, so an
-    image's placeholder span is never cut), with their processor inputs; an error when the last message alone
-    leaves no room to answer."""
-    for start in range(len(turns)):
-        inputs = _chat_inputs(processor, turns[start:])
-        length = inputs["input_ids"].shape[1]
-        if context is None or length + max_new_tokens <= context:
-            break
-    if context is not None and length >= context:
-        raise ValueError(
-            f"this message is {length} tokens with its images and the model's context is {context}: shorten it or "
-            "attach fewer images."
-        )
-    if start:
-        dropped = sum(len(turn["images"]) for turn in turns[:start])
-        print(
-            f"warning: the conversation is longer than the model's context ({context} tokens): dropped the oldest "
-            f"{start} exchange(s)" + (f" and their {dropped} image(s)." if dropped else ".")
-        )
-    return turns[start:], inputs
-
-
-def _chat_inputs(processor, turns: list[dict]) -> dict:
-    """Processor inputs for the turns (each user message with its images, then its answer) and a generation prompt."""
-    messages = []
-    for turn in turns:
-        content = [{"type": "image"}] * len(turn["images"]) + [{"type": "text", "text": turn["user"]}]
-        messages.append({"role": "user", "content": content})
-        if turn["answer"] is not None:
-            messages.append({"role": "assistant", "content": [{"type": "text", "text": turn["answer"]}]})
-    images = [image for turn in turns for image in turn["images"]]
-    prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
-    return processor(images=images or None, text=[prompt], return_tensors="pt")
+    answer = processor.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+    return kept.with_answer([{"type": "text", "text": answer}])

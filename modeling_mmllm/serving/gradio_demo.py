@@ -1,8 +1,9 @@
 """`mmllm demo`: a Gradio chat app for one model — text, several images per turn, audio (and video) files for
 models that take them, streamed answers, images drawn by any-to-any models, a generation-settings panel.
 
-The conversation is kept in the processor's chat format (typed parts), so each turn is exactly what
-`processor.apply_chat_template` + `model.generate` see in `mmllm generate` and `mmllm chat`.
+The conversation is a `ChatSession` (`chat_session.py`), the one `mmllm chat` keeps: the processor's chat format
+(typed parts), so each turn is exactly what `processor.apply_chat_template` + `model.generate` see in `mmllm
+generate` and `mmllm chat`.
 """
 
 import mimetypes
@@ -14,9 +15,7 @@ import gradio as gr
 from PIL import Image, UnidentifiedImageError
 from transformers import TextIteratorStreamer
 
-from .context import new_token_budget
-
-FILE_KINDS = {"image": "images", "video": "videos", "audio": "audio"}  # MIME family -> processor argument
+from .chat_session import FILE_KINDS, ChatSession
 
 
 def file_kind(path: str, accepted: tuple[str, ...]) -> str:
@@ -35,33 +34,21 @@ def _open_image(path: str) -> Image.Image:
         raise gr.Error(f"{Path(path).name} is not an image that can be read.") from None
 
 
-class ChatSession:
-    """One conversation: the messages in chat-template form and the media they refer to, in order."""
+def user_turn(session: ChatSession, text: str, files: list[str], accepted: tuple[str, ...]) -> ChatSession:
+    """`session` with the new turn: each file opened as its kind (images read now, so a bad one fails here)."""
+    kinds = [file_kind(path, accepted) for path in files]
+    return session.with_user_turn(
+        text, [(kind, _open_image(path) if kind == "image" else path) for path, kind in zip(files, kinds)]
+    )
 
-    def __init__(self, messages: list[dict] | None = None, media: dict[str, list] | None = None):
-        self.messages = messages or []
-        self.media = media or {argument: [] for argument in FILE_KINDS.values()}
 
-    def with_user_turn(self, text: str, files: list[str], accepted: tuple[str, ...]) -> "ChatSession":
-        """A new session with this turn added: a turn that fails (an unreadable file, a prompt over the context)
-        leaves the conversation as it was."""
-        kinds = [file_kind(path, accepted) for path in files]
-        items = [_open_image(path) if kind == "image" else path for path, kind in zip(files, kinds)]
-        media = {argument: list(items_so_far) for argument, items_so_far in self.media.items()}
-        for kind, item in zip(kinds, items):
-            media[FILE_KINDS[kind]].append(item)
-        parts = [{"type": kind} for kind in kinds] + ([{"type": "text", "text": text}] if text else [])
-        return ChatSession(self.messages + [{"role": "user", "content": parts}], media)
-
-    def inputs(self, processor, model, max_new_tokens: int):
-        """The processor's inputs for the whole conversation and the new tokens the context has room for."""
-        prompt = processor.apply_chat_template(self.messages, add_generation_prompt=True)
-        media = {argument: items or None for argument, items in self.media.items()}
-        try:
-            inputs = processor(text=[prompt], return_tensors="pt", **media)
-            return inputs, new_token_budget(model, inputs["input_ids"].shape[1], max_new_tokens)
-        except ValueError as error:
-            raise gr.Error(str(error)) from None
+def fitted_inputs(session: ChatSession, processor, model, max_new_tokens: int):
+    """The processor's inputs for the whole conversation and the new tokens the context has room for."""
+    try:
+        _, inputs, room, _ = session.fit(processor, model.config, max_new_tokens)
+    except ValueError as error:
+        raise gr.Error(str(error)) from None
+    return inputs, room
 
 
 def generation_settings(max_new_tokens: int, temperature: float, top_p: float) -> dict:
@@ -82,9 +69,9 @@ def build_demo(model, processor, title: str = "mmllm") -> gr.Blocks:
         text, files = (message.get("text") or "").strip(), list(message.get("files") or [])
         if not text and not files:
             raise gr.Error("Type a message or attach a file.")
-        session = session.with_user_turn(text, files, accepted)
+        session = user_turn(session, text, files, accepted)
         settings = generation_settings(max_new_tokens, temperature, top_p)
-        inputs, settings["max_new_tokens"] = session.inputs(processor, model, settings["max_new_tokens"])
+        inputs, settings["max_new_tokens"] = fitted_inputs(session, processor, model, settings["max_new_tokens"])
         history = history + [{"role": "user", "content": {"path": path}} for path in files]
         history = history + ([{"role": "user", "content": text}] if text else [])
         history.append({"role": "assistant", "content": ""})
@@ -109,8 +96,7 @@ def build_demo(model, processor, title: str = "mmllm") -> gr.Blocks:
             drawing.save(path := drawings / f"drawing-{len(list(drawings.iterdir()))}.png")
             history.append({"role": "assistant", "content": {"path": str(path)}})
             parts.append({"type": "image"})
-        session.messages.append({"role": "assistant", "content": parts})
-        yield gr.MultimodalTextbox(value=None), history, session
+        yield gr.MultimodalTextbox(value=None), history, session.with_answer(parts)
 
     def clear():
         return [], ChatSession()
