@@ -12,12 +12,16 @@ import json
 from collections import Counter
 from io import BytesIO
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
 from ..utils.logging import get_logger
 from .synthetic import GENERATION_FEATURES, GENERATION_PROMPTS, make_dataset
+
+if TYPE_CHECKING:
+    from ..training.recipe_sections import DataSection
 
 logger = get_logger(__name__)
 
@@ -235,15 +239,19 @@ def _image_problem(image: dict) -> str | None:
 PREFERENCE_COLUMNS = ("prompt", "chosen", "rejected")
 
 
-def load_training_data(spec: dict, bad_rows: str = "stop", layout: str = "conversation") -> Dataset:
-    """The recipe's `data` section as a dataset, with bad rows skipped or reported (`bad_rows: skip | stop`).
+def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layout: str = "conversation") -> Dataset:
+    """The recipe's `data` section (a dict, partial or normalised, or a `DataSection`) as a dataset, with bad rows
+    skipped or reported (`bad_rows: skip | stop`).
 
     `layout` is what the trainer reads: `conversation` (`images` + `messages`, SFT), `preference` (`prompt` /
     `chosen` / `rejected`, with `images` for image pairs: DPO; a pair with an empty answer is a bad row) or `any`.
     """
-    dataset = _source_dataset(spec)
+    from ..training.recipe_sections import DataSection  # here: importing training imports this module
+
+    section = DataSection.parse("data", spec)
+    dataset = _source_dataset(section)
     check_layout(dataset, layout)
-    if "synthetic" in spec:  # made here: nothing to check
+    if section.synthetic is not None:  # made here: nothing to check
         return dataset
     bad, what = (find_bad_rows(dataset) if "images" in dataset.column_names else {}), "bad images"
     if is_preference(dataset):
@@ -254,29 +262,19 @@ def load_training_data(spec: dict, bad_rows: str = "stop", layout: str = "conver
     return dataset
 
 
-def _source_dataset(spec: dict) -> Dataset:
-    if "synthetic" in spec:
+def _source_dataset(section: "DataSection") -> Dataset:
+    """The rows of a `DataSection`'s one source (the section checked the source, the synthetic task and `task`)."""
+    if section.synthetic is not None:
         return make_dataset(
-            spec["synthetic"],
-            n=spec.get("n", 512),
-            split=spec.get("split", "train"),
-            image_size=spec.get("image_size", 64),
-            seed=spec.get("seed", 0),
+            section.synthetic, n=section.n, split=section.split, image_size=section.image_size, seed=section.seed
         )
-    if "llava_json" in spec:
-        task = spec.get("task", "chat")
-        if task not in ("chat", "generate"):
-            raise ValueError(
-                f"llava_json task={task!r}: use chat (the conversations) or generate (captions -> images)."
-            )
-        source = llava_generation_dataset if task == "generate" else llava_json_dataset
-        return source(spec["llava_json"], spec.get("image_folder", "."))
-    if "dataset" in spec:
-        dataset = _load_dataset(spec["dataset"], spec.get("split", "train"))
-        if is_vqa(dataset):
-            dataset = vqa_dataset(dataset, spec.get("image_folder") or _data_folder(spec["dataset"]))
-        return dataset
-    raise ValueError("The recipe's data needs one of `synthetic`, `dataset` or `llava_json`.")
+    if section.llava_json is not None:
+        source = llava_generation_dataset if section.task == "generate" else llava_json_dataset
+        return source(section.llava_json, section.image_folder or ".")  # unset: image names relative to here
+    dataset = _load_dataset(section.dataset, section.split)
+    if is_vqa(dataset):  # unset: image paths relative to the data file's folder
+        dataset = vqa_dataset(dataset, section.image_folder or _data_folder(section.dataset))
+    return dataset
 
 
 def _data_folder(name_or_path: str) -> Path:
@@ -313,7 +311,7 @@ def check_layout(dataset: Dataset, layout: str) -> None:
         )
 
 
-def load_evaluation_data(spec: dict, bad_rows: str = "stop") -> Dataset:
+def load_evaluation_data(spec: "dict | DataSection", bad_rows: str = "stop") -> Dataset:
     """Rows to score by exact match (`answer`, optional `kind`): a `data`-style spec, in any layout the recipes
     train on (VQA rows included); errors speak of evaluation data."""
     dataset = load_training_data(spec, bad_rows=bad_rows, layout="any")

@@ -14,7 +14,9 @@ generation splits share no scene: about one scene in seven (`generation_scenes("
 in the held-out split.
 """
 
+import difflib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -222,7 +224,7 @@ def _conversation(question: str, answer: str) -> list[dict]:
 
 def image_rows(n: int, split: str, task: str, image_size: int = 64, seed: int = 0) -> list[dict]:
     """`n` image rows: `task="caption"` (describe the image) or `"vqa"` (one question of a random kind)."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed)
+    rng = task_rng("caption" if task == "caption" else "vqa", split, seed)
     rows = []
     for _ in range(n):
         scene = random_scene(rng)
@@ -246,7 +248,7 @@ def yes_no_question(scene: Scene, category: str, true: bool, rng: np.random.Gene
 
 def yes_no_rows(n: int, split: str, image_size: int = 64, seed: int = 0) -> list[dict]:
     """`n` image rows with a yes/no question (kind `yes/no`) of a random category, yes and no equally often."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 41)
+    rng = task_rng("yes-no", split, seed)
     rows = []
     for _ in range(n):
         scene = random_scene(rng)
@@ -271,7 +273,7 @@ def text_rows(repeats: int = 1) -> list[dict]:
 
 def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
     """Text-only pre-training: scene descriptions as sentences and the facts (stage 0 has no pretrained LLM)."""
-    rng = np.random.default_rng(seed + 7)
+    rng = task_rng("text", None, seed)
     rows = [
         {
             "images": [],
@@ -287,7 +289,7 @@ def text_corpus_rows(n: int, seed: int = 0) -> list[dict]:
 def generation_rows(n: int, split: str = "train", image_size: int = 64, seed: int = 0) -> list[dict]:
     """`n` rows asking for a picture of a scene of `split` (a random phrasing); the assistant's answer is an image
     part, `generation_caption` the scene description and `generation_image` the scene in its canonical layout."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 23)
+    rng = task_rng("generate", split, seed)
     scenes = generation_scenes(split)
     rows = []
     for _ in range(n):
@@ -350,7 +352,7 @@ def preference_pair(row: dict, rng: np.random.Generator) -> dict:
 
 def swatch_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
     """`n` rows asking the colour of a swatch (one colour, a little noise) (kind `colour`)."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 53)
+    rng = task_rng("swatch-preference", split, seed)
     rows = []
     for _ in range(n):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -369,7 +371,7 @@ def swatch_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 
 
 def preference_rows(rows: list[dict], split: str, seed: int = 0) -> list[dict]:
     """Question rows as preference pairs (`preference_pair`), the wrong answers drawn by seed."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 61)
+    rng = task_rng("preference", split, seed)
     return [preference_pair(row, rng) for row in rows]
 
 
@@ -409,7 +411,7 @@ def synthesize(sound: Sound, rng: np.random.Generator) -> np.ndarray:
 
 def audio_rows(n: int, split: str = "train", seed: int = 0) -> list[dict]:
     """`n` audio question rows (`audio`: one `{"array", "sampling_rate"}` clip; kinds `beeps` and `pitch`)."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 11)
+    rng = task_rng("audio", split, seed)
     rows = []
     for _ in range(n):
         sound = random_sound(rng)
@@ -442,7 +444,7 @@ def detail_image(colour: str, rng: np.random.Generator, size: int = 32) -> PILIm
 
 def detail_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
     """`n` rows asking the colour of a small square in a wide image (kind `detail`): a task that needs resolution."""
-    rng = np.random.default_rng(SPLIT_SEEDS[split] + seed + 31)
+    rng = task_rng("detail", split, seed)
     rows = []
     for _ in range(n):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
@@ -457,56 +459,148 @@ def detail_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 
     return rows
 
 
-def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
-    """A synthetic dataset in TRL's `images` + `messages` format.
+def _joint_rows(n: int, split: str, image_size: int, seed: int) -> list[dict]:
+    rows = image_rows(n, split, "vqa", image_size, seed) + yes_no_rows(n // 5, split, image_size, seed)
+    return rows + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
 
-    Tasks: `text` (stage 0 corpus + facts), `caption` (stage 1), `vqa` (image questions), `yes-no` (yes/no image
-    questions), `joint` (stage 2: image questions, a fifth as many yes/no questions and the text-only facts),
-    `text-eval` (the facts, for evaluation), `audio` (questions about synthetic beeps, with an `audio` column),
-    `generate` (requests for a picture of a scene, answered with an
-    image) and `generate-joint` (`n // 2` of those mixed with image questions and the facts, so the model keeps
-    answering questions as text); the generation tasks have `generation_caption` and `generation_image` columns.
-    `detail`: the colour of a small square in a wide image (`3 image_size x image_size`), which needs resolution.
-    Preference pairs (TRL's `images` + `prompt` / `chosen` / `rejected`, for DPO): `preference` (half `vqa` questions,
-    half captions; the right answer chosen over a plausible wrong one: another value of the same kind, a caption with
-    one hallucinated attribute) and `swatch-preference` (the colour of a swatch).
+
+def _generate_joint_rows(n: int, split: str, image_size: int, seed: int) -> list[dict]:
+    rows = generation_rows(n // 2, split, image_size, seed)
+    return rows + [_as_parts(row) for row in make_dataset("joint", n - n // 2, split, image_size, seed)]
+
+
+def _preference_source_rows(n: int, split: str, image_size: int, seed: int) -> list[dict]:
+    """Half `vqa` questions, half captions as preference pairs; the captions draw from `seed + 1` (caption and vqa
+    share stream 0: at one seed the two halves would start from the same scene)."""
+    questions = image_rows(n - n // 2, split, "vqa", image_size, seed)
+    return preference_rows(questions + image_rows(n // 2, split, "caption", image_size, seed + 1), split, seed)
+
+
+@dataclass(frozen=True)
+class SyntheticTask:
+    """One synthetic task of `SYNTHETIC_TASKS`: how its rows are made and what they hold."""
+
+    description: str  # a few words for help texts (`task_menu`): no commas or parentheses
+    rows: Callable[[int, str, int, int], list[dict]]  # (n, split, image_size, seed) -> rows, in order
+    features: Features  # FEATURES, GENERATION_FEATURES, AUDIO_FEATURES or PREFERENCE_FEATURES
+    # The offset this task's own random numbers start from: its rows draw from `SPLIT_SEEDS[split] + seed + stream`
+    # (`task_rng`). Each task has its own stream so that tasks given the same seed draw different numbers: `joint`
+    # mixes vqa and yes-no rows, the preference tasks draw wrong answers beside their questions, and a stage trained
+    # on one task is evaluated on another; with one stream they would open with the same scenes. The values are
+    # historical (picked by hand, derived from nothing) and must never change: a task's rows are a function of its
+    # stream, and the trained accuracies the tests assert and the README reports were measured on those rows
+    # (tests/training/test_synthetic_registry.py pins them). A new task takes an offset no task uses. None: the task
+    # draws nothing itself (it mixes other tasks' rows, each from its own stream, or has no randomness).
+    stream: int | None = None
+    preference: bool = False  # TRL's preference pairs (`prompt` / `chosen` / `rejected`: DPO), not conversations
+
+
+# Every synthetic task, by the name recipes give (`data: {synthetic: NAME}`) and `make_dataset` takes.
+SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
+    "text": SyntheticTask(
+        "stage 0 text: scene sentences and the facts without images",
+        lambda n, split, image_size, seed: text_corpus_rows(n, seed),
+        features=FEATURES,
+        stream=7,
+    ),
+    "caption": SyntheticTask(
+        "stage 1: describe the image",
+        lambda n, split, image_size, seed: image_rows(n, split, "caption", image_size, seed),
+        features=FEATURES,
+        stream=0,
+    ),
+    "vqa": SyntheticTask(
+        "an image question of a random kind: colour/shape/count/size/position",
+        lambda n, split, image_size, seed: image_rows(n, split, "vqa", image_size, seed),
+        features=FEATURES,
+        stream=0,  # vqa and caption never mix at one seed (`preference` moves its captions to seed + 1)
+    ),
+    "yes-no": SyntheticTask(
+        "yes/no image questions of MME's perception categories",
+        lambda n, split, image_size, seed: yes_no_rows(n, split, image_size, seed),
+        features=FEATURES,
+        stream=41,
+    ),
+    "joint": SyntheticTask(
+        "stage 2: vqa plus a fifth as many yes-no rows and the text facts",
+        _joint_rows,  # vqa's and yes-no's streams
+        features=FEATURES,
+    ),
+    "text-eval": SyntheticTask(
+        "the text facts once each for evaluation",
+        lambda n, split, image_size, seed: text_rows(),
+        features=FEATURES,
+    ),
+    "audio": SyntheticTask(
+        "questions about synthetic beeps with an `audio` column",
+        lambda n, split, image_size, seed: audio_rows(n, split, seed),
+        features=AUDIO_FEATURES,
+        stream=11,
+    ),
+    "detail": SyntheticTask(
+        "the colour of a small square in a wide image: needs resolution",
+        lambda n, split, image_size, seed: detail_rows(n, split, image_size, seed),
+        features=FEATURES,
+        stream=31,
+    ),
+    "generate": SyntheticTask(
+        "requests to draw a scene: answered with an image",
+        lambda n, split, image_size, seed: generation_rows(n, split, image_size, seed),
+        features=GENERATION_FEATURES,
+        stream=23,
+    ),
+    "generate-joint": SyntheticTask(
+        "n // 2 generate rows mixed with joint rows",
+        _generate_joint_rows,  # generate's stream, then joint's
+        features=GENERATION_FEATURES,
+    ),
+    "preference": SyntheticTask(
+        "vqa questions and captions: the right answer over a plausible wrong one",
+        _preference_source_rows,
+        features=PREFERENCE_FEATURES,
+        stream=61,  # the wrong answers (`preference_rows`), in both preference tasks
+        preference=True,
+    ),
+    "swatch-preference": SyntheticTask(
+        "a swatch's colour: the right colour over another",
+        lambda n, split, image_size, seed: preference_rows(swatch_rows(n, split, image_size, seed), split, seed),
+        features=PREFERENCE_FEATURES,
+        stream=53,  # the swatches; the wrong answers draw from preference's stream
+        preference=True,
+    ),
+}
+
+
+def synthetic_task(name: str) -> SyntheticTask:
+    """The registry's entry for `name`, or a clear error naming every task."""
+    if name in SYNTHETIC_TASKS:
+        return SYNTHETIC_TASKS[name]
+    close = difflib.get_close_matches(str(name), list(SYNTHETIC_TASKS), n=1, cutoff=0.6)
+    hint = f" (did you mean {close[0]!r}?)" if close else ""
+    raise ValueError(f"Unknown synthetic task {name!r}{hint}: use one of {', '.join(SYNTHETIC_TASKS)}.")
+
+
+def task_rng(task: str, split: str | None, seed: int) -> np.random.Generator:
+    """The random numbers of `task`'s own rows: `SPLIT_SEEDS[split] + seed + stream` (a task without splits: None)."""
+    return np.random.default_rng((SPLIT_SEEDS[split] if split is not None else 0) + seed + SYNTHETIC_TASKS[task].stream)
+
+
+def task_menu() -> str:
+    """Every synthetic task with its description, for help texts: what the registry holds."""
+    conversations = [f"{name} ({task.description})" for name, task in SYNTHETIC_TASKS.items() if not task.preference]
+    pairs = [f"{name} ({task.description})" for name, task in SYNTHETIC_TASKS.items() if task.preference]
+    return ", ".join(conversations) + "; preference pairs (DPO): " + ", ".join(pairs)
+
+
+def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int = 64, seed: int = 0) -> Dataset:
+    """A synthetic dataset of a `SYNTHETIC_TASKS` task (`task_menu` lists them), shuffled by `seed`.
+
+    Conversations are TRL's `images` + `messages` (with `kind` and `answer` for evaluation; `audio` rows add an
+    `audio` column, the generation tasks `generation_caption` and `generation_image`); the preference tasks give TRL's
+    `images` + `prompt` / `chosen` / `rejected` pairs, for DPO. Train and held-out splits share no image.
     """
-    if task in ("preference", "swatch-preference"):
-        if task == "swatch-preference":
-            source = swatch_rows(n, split, image_size, seed)
-        else:
-            source = image_rows(n - n // 2, split, "vqa", image_size, seed) + image_rows(
-                n // 2, split, "caption", image_size, seed + 1
-            )
-        rows = preference_rows(source, split, seed)
-        return Dataset.from_list(rows, features=PREFERENCE_FEATURES).shuffle(seed=seed)
-    if task == "audio":
-        return Dataset.from_list(audio_rows(n, split, seed), features=AUDIO_FEATURES).shuffle(seed=seed)
-    if task in ("generate", "generate-joint"):
-        mixed = task == "generate-joint"
-        rows = generation_rows(n // 2 if mixed else n, split, image_size, seed)
-        if mixed:
-            rows += [_as_parts(row) for row in make_dataset("joint", n - n // 2, split, image_size, seed)]
-        return Dataset.from_list(rows, features=GENERATION_FEATURES).shuffle(seed=seed)
-    if task == "text":
-        rows = text_corpus_rows(n, seed)
-    elif task == "text-eval":
-        rows = text_rows()
-    elif task == "detail":
-        rows = detail_rows(n, split, image_size, seed)
-    elif task == "yes-no":
-        rows = yes_no_rows(n, split, image_size, seed)
-    elif task in ("caption", "vqa"):
-        rows = image_rows(n, split, task, image_size, seed)
-    elif task == "joint":
-        rows = image_rows(n, split, "vqa", image_size, seed) + yes_no_rows(n // 5, split, image_size, seed)
-        rows += text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
-    else:
-        raise ValueError(
-            f"Unknown synthetic task {task!r}: use text, caption, vqa, yes-no, joint, text-eval, audio, detail, "
-            "generate, generate-joint, preference or swatch-preference."
-        )
-    return Dataset.from_list(rows, features=FEATURES).shuffle(seed=seed)
+    entry = synthetic_task(task)
+    return Dataset.from_list(entry.rows(n, split, image_size, seed), features=entry.features).shuffle(seed=seed)
 
 
 __all__ = [
@@ -521,11 +615,13 @@ __all__ = [
     "SCENE_VALUES",
     "SHAPES",
     "SWATCH_QUESTION",
+    "SYNTHETIC_TASKS",
     "TEXT_FACTS",
     "YES_NO_QUESTIONS",
     "YES_NO_SUFFIX",
     "Scene",
     "Sound",
+    "SyntheticTask",
     "all_scenes",
     "audio_rows",
     "detail_image",
@@ -539,6 +635,9 @@ __all__ = [
     "random_sound",
     "render",
     "swatch_rows",
+    "synthetic_task",
+    "task_menu",
+    "task_rng",
     "wrong_answer",
     "synthesize",
     "yes_no_question",

@@ -13,6 +13,7 @@ import json
 import subprocess
 import sys
 import time
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +24,7 @@ from ..evaluation.metrics import answer_questions, exact_match
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
 from ..training import load_recipe, train
+from ..training.recipe_sections import DataSection
 from ..training.runner import HISTORY_FILE
 from .any2any import run_any2any
 
@@ -69,9 +71,10 @@ def run_stage(
         overrides["max_steps"] = steps
     recipe = load_recipe(name, overrides)
     if (fast or steps is not None) and recipe.eval:
-        recipe.eval["n"] = 16
-    if steps is not None and "synthetic" in recipe.data:
-        recipe.data["n"] = min(recipe.data.get("n", 512), max(64, steps * recipe.per_device_train_batch_size))
+        recipe.eval = asdict(replace(DataSection.parse("eval", recipe.eval), n=16))
+    data = DataSection.parse("data", recipe.data)
+    if steps is not None and data.synthetic is not None:
+        recipe.data = asdict(replace(data, n=min(data.n, max(64, steps * recipe.per_device_train_batch_size))))
     folder = train(recipe, name=name)
     curves[name] = stage_losses(folder)
     return folder

@@ -11,7 +11,7 @@ from ..configuration_mmllm import MMLLMConfig
 from ..gated_cross_attention import cross_attention_blocks
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
-from .recipes import check_keys
+from .recipe_sections import ModelSection, check_keys
 
 COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output_projector", "modality_generator")
 
@@ -27,12 +27,14 @@ FULL_PRECISION = ("vision_tower", "multi_modal_projector", "lm_head", "gated_cro
 ALIGNMENT_FREEZE = ["vision_tower", "multi_modal_projector", "language_model", "modality_generator"]
 
 
-def build_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
-    """The recipe's model and processor: a preset, a saved folder (a previous stage), or pretrained components;
-    with `image_generation`, NExT-GPT's output side is added (signal tokens, output projector, generator)."""
-    model, processor = load_model(spec)
-    if spec.get("image_generation") is not None:
-        enable_generation(model, processor, spec["image_generation"], seed=spec.get("seed", 0))
+def build_model(spec: dict | ModelSection) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
+    """The recipe's model and processor (`spec`: its `model` section): a preset, a saved folder (a previous stage),
+    or pretrained components; with `image_generation`, NExT-GPT's output side is added (signal tokens, output
+    projector, generator)."""
+    section = ModelSection.parse("model", spec)
+    model, processor = load_model(section)
+    if section.image_generation is not None:
+        enable_generation(model, processor, section.image_generation, seed=section.seed)
     return model, processor
 
 
@@ -66,38 +68,41 @@ def sample_signal_embeddings(model: nn.Module, token_ids: list[int]) -> None:
         weight[token_ids] = samples.to(weight)
 
 
-def load_model(spec: dict) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
-    """The model and processor a recipe's `model` names, as they are stored (no components added)."""
-    if "preset" in spec:
-        config = MMLLMConfig.from_preset(spec["preset"], **spec.get("overrides", {}))
-        processor = load_processor_preset(MMLLMProcessor, spec["preset"], config)
-        torch.manual_seed(spec.get("seed", 0))
+def load_model(spec: dict | ModelSection) -> tuple[MMLLMForConditionalGeneration, MMLLMProcessor]:
+    """The model and processor a recipe's `model` names (its one source), as they are stored (no components
+    added)."""
+    section = ModelSection.parse("model", spec)  # exactly one source
+    if section.preset is not None:
+        config = MMLLMConfig.from_preset(section.preset, **section.overrides)
+        processor = load_processor_preset(MMLLMProcessor, section.preset, config)
+        torch.manual_seed(section.seed)
         return MMLLMForConditionalGeneration(config), processor
-    if "path" in spec:
-        folder = Path(spec["path"])
+    if section.path is not None:
+        folder = Path(section.path)
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a model folder (no config.json): train the previous stage first.")
-        model = MMLLMForConditionalGeneration.from_pretrained(folder, **load_kwargs(spec))
+        model = MMLLMForConditionalGeneration.from_pretrained(folder, **load_kwargs(section))
         return model, MMLLMProcessor.from_pretrained(folder)
-    if "mplug_owl2" in spec:
+    if section.mplug_owl2 is not None:
         from ..builders.conversion import from_mplug_owl2
 
-        model, processor = from_mplug_owl2(spec["mplug_owl2"])
+        model, processor = from_mplug_owl2(section.mplug_owl2)
         if processor is None:
-            raise ValueError(f"{spec['mplug_owl2']} has no tokenizer: training needs one.")
+            raise ValueError(f"{section.mplug_owl2} has no tokenizer: training needs one.")
         return model, processor
-    if "components" in spec:
-        components = dict(spec["components"])
-        return MMLLMForConditionalGeneration.from_components(
-            components.pop("vision"), components.pop("text"), **components
-        )
-    raise ValueError("The recipe's model needs one of `preset`, `path` or `components`.")
+    components = dict(section.components)
+    return MMLLMForConditionalGeneration.from_components(components.pop("vision"), components.pop("text"), **components)
 
 
-def load_kwargs(spec: dict) -> dict:
+def load_kwargs(spec: dict | ModelSection) -> dict:
     """`from_pretrained` options of a model spec: attention backend, dtype, device map, 4/8-bit quantization."""
-    kwargs = {key: spec[key] for key in ("attn_implementation", "dtype", "device_map") if key in spec}
-    if spec.get("quantization"):
+    section = ModelSection.parse("model", spec)
+    kwargs = {
+        key: getattr(section, key)
+        for key in ("attn_implementation", "dtype", "device_map")
+        if getattr(section, key) is not None
+    }
+    if section.quantization:
         from transformers import BitsAndBytesConfig
 
         bits = {
@@ -109,21 +114,21 @@ def load_kwargs(spec: dict) -> dict:
             },
             "8bit": {"load_in_8bit": True},
         }
-        if spec["quantization"] not in bits:
-            raise ValueError(f"quantization={spec['quantization']!r}: use 4bit (QLoRA) or 8bit.")
+        if section.quantization not in bits:
+            raise ValueError(f"quantization={section.quantization!r}: use 4bit (QLoRA) or 8bit.")
         # The vision tower and the projector stay in full precision; only the LLM is quantized.
         kwargs["quantization_config"] = BitsAndBytesConfig(
-            **bits[spec["quantization"]], llm_int8_skip_modules=list(FULL_PRECISION)
+            **bits[section.quantization], llm_int8_skip_modules=list(FULL_PRECISION)
         )
     return kwargs
 
 
-def frozen_components(freeze: list[str] | None, model_spec: dict | None) -> list[str]:
+def frozen_components(freeze: list[str] | None, model_spec: dict | ModelSection | None) -> list[str]:
     """The recipe's `freeze` list; a recipe that adds image generation and names none trains the output projector
     alone (`ALIGNMENT_FREEZE`)."""
     if freeze is not None:
         return list(freeze)
-    adds_generation = isinstance(model_spec, dict) and model_spec.get("image_generation") is not None
+    adds_generation = model_spec is not None and ModelSection.parse("model", model_spec).image_generation is not None
     return list(ALIGNMENT_FREEZE) if adds_generation else []
 
 

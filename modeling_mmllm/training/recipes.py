@@ -4,7 +4,8 @@ The recipe's `trainer` key picks TRL's trainer: `sft` (the default: `RecipeConfi
 keys added, the pattern of TRL's own configs) or `dpo` (the alignment stage: `DPORecipeConfig`, TRL's `DPOConfig`
 with the same keys). Every key has a help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key
 that is neither an mmllm key nor a field of the trainer's config is an error that names the nearest valid key.
-Sections (`model`, `data`, `eval`, `lora`, ...) are checked the same way (`check_keys`).
+Sections are checked the same way: `model`, `data` and `eval` are typed (`recipe_sections`: `ModelSection`,
+`DataSection`, one field per key with its help and default), `lora` is PEFT's `LoraConfig` (`check_keys`).
 
 The final Hub-ready folder is `<output_dir>/model` (written to a temporary folder, then renamed); checkpoints are
 `<output_dir>/checkpoint-N`, and a re-run resumes from the newest complete one. With `push_to_hub: true` the final
@@ -12,11 +13,7 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 `all_checkpoints` also lets the Trainer push checkpoints while it trains.
 """
 
-import difflib
-import enum
-import types
-import typing
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import torch
@@ -24,43 +21,13 @@ import yaml
 from transformers import HfArgumentParser
 from trl import DPOConfig, SFTConfig
 
+from .recipe_sections import DATA_KEYS, MODEL_KEYS, DataSection, ModelSection, check_keys, check_types
+
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
 FLAGS = ("--overwrite",)  # overrides that may stand alone (true)
-TYPE_NAMES = {
-    bool: "true or false",
-    int: "a whole number",
-    float: "a number",
-    str: "a string",
-    dict: "a mapping ({key: value})",
-    list: "a list ([a, b])",
-}
 TRAINERS = ("sft", "dpo")
 
-MODEL_KEYS = {
-    "preset": "a preset name (configuration/<name>.json), built with random weights",
-    "overrides": "MMLLMConfig fields over the preset's",
-    "path": "a saved model folder (a previous stage)",
-    "components": "{vision, text, projector, ...}: pretrained encoder and LLM composed (`from_components`)",
-    "mplug_owl2": "an original mPLUG-Owl2 folder, converted",
-    "attn_implementation": "attention backend of a loaded folder (eager, sdpa, flash_attention_2)",
-    "dtype": "dtype of a loaded folder (float32, bfloat16, ...)",
-    "device_map": "device map of a loaded folder",
-    "quantization": "4bit (QLoRA, with `lora`) or 8bit",
-    "image_generation": "{output_projector_type, num_signal_tokens, modality_generator, output_projector_config}",
-    "seed": "seed of the new weights (default 0)",
-}
-DATA_KEYS = {
-    "synthetic": "a synthetic task: text, caption, vqa, yes-no, joint, text-eval, audio, detail, generate, "
-    "generate-joint; preference pairs (DPO): preference, swatch-preference",
-    "n": "number of synthetic rows (default 512)",
-    "split": "dataset split, or train / heldout for synthetic data (default train)",
-    "image_size": "synthetic image size (default 64)",
-    "seed": "synthetic data seed (default 0)",
-    "dataset": "a datasets name, a saved dataset folder or a json/jsonl/parquet file",
-    "llava_json": "a LLaVA-style conversation file",
-    "image_folder": "the folder its image names are relative to",
-    "task": "llava_json: chat (the conversations) or generate (captions -> images)",
-}
+SECTIONS = {"model": ModelSection, "data": DataSection, "eval": DataSection}  # typed (recipe_sections)
 
 
 @dataclass
@@ -79,15 +46,16 @@ class MMLLMRecipeKeys:
     model: dict | None = field(
         default=None,
         metadata={
-            "help": "The model: {preset: NAME} | {path: FOLDER} | {components: {vision, text, ...}} | "
-            "{mplug_owl2: FOLDER}. Keys: " + "; ".join(f"{key}: {text}" for key, text in MODEL_KEYS.items())
+            "help": "The model, from exactly one source: {preset: NAME} | {path: FOLDER} | "
+            "{components: {vision, text, ...}} | {mplug_owl2: FOLDER}; `--model FOLDER_OR_PRESET` replaces the "
+            "section. Keys: " + "; ".join(f"{key}: {text}" for key, text in MODEL_KEYS.items())
         },
     )
     data: dict | None = field(
         default=None,
         metadata={
-            "help": "The training data: {synthetic: TASK, n: N} | {dataset: NAME_OR_PATH, split: S} | "
-            "{llava_json: FILE, image_folder: DIR, task: chat | generate}. Keys: "
+            "help": "The training data, from exactly one source: {synthetic: TASK, n: N} | "
+            "{dataset: NAME_OR_PATH, split: S} | {llava_json: FILE, image_folder: DIR, task: chat | generate}. Keys: "
             + "; ".join(f"{key}: {text}" for key, text in DATA_KEYS.items())
         },
     )
@@ -277,25 +245,6 @@ def trl_config_name(config_class: type) -> str:
     return next(base.__name__ for base in config_class.__mro__ if base.__module__.startswith("trl."))
 
 
-def check_keys(section: str, given, valid, listing: str | None = None, elsewhere: dict | None = None) -> None:
-    """A clear error for keys of `given` that are not in `valid`, with the nearest valid key as the fix (and
-    `listing`, or every valid key, as the menu); `elsewhere` maps keys valid in another setting to the hint that
-    names it."""
-    unknown = sorted(set(given) - set(valid))
-    if not unknown:
-        return
-    hints = []
-    for key in unknown:
-        close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
-        if key in (elsewhere or {}):
-            hints.append(f"{key!r} {elsewhere[key]}")
-        else:
-            hints.append(f"{key!r} -> did you mean {close[0]!r}?" if close else f"{key!r} is no {section} key")
-    menu = listing or f"Valid keys: {', '.join(sorted(valid))}."
-    hint = "; ".join(hints)
-    raise ValueError(f"Unknown {section} keys {unknown}: {hint}{'' if hint.endswith('?') else '.'} {menu}")
-
-
 def recipe_path(name_or_path: str) -> Path:
     """A recipe file, or the name of one that ships in `training_recipes/`."""
     path = Path(name_or_path)
@@ -324,65 +273,22 @@ def read_yaml(path: Path) -> dict:
     return recipe or {}
 
 
-def check_types(config_class: type, recipe: dict) -> dict:
-    """The recipe with each value checked against its field's type: a value of the wrong kind
-    (`learning_rate: fast`) is a clear error, and a number YAML reads as a string (`3e-3`) becomes a number."""
-    hints = typing.get_type_hints(config_class)
-    defaults = {f.name: f.default for f in fields(config_class)}
-    return {key: _typed(key, value, hints.get(key), defaults.get(key)) for key, value in recipe.items()}
-
-
-def _typed(key: str, value, hint, default):
-    allowed = _plain_types(hint)
-    if allowed is None or value is None and type(None) in allowed:
-        return value
-    if isinstance(value, bool):  # a bool is an int to Python, not to a recipe
-        if bool in allowed:
-            return value
-    elif isinstance(value, tuple(allowed)):
-        return value
-    elif isinstance(value, str) and list in allowed:  # `--freeze vision_tower`: a list of one
-        return [value]
-    elif isinstance(value, (int, float, str)):
-        for kind in (int, float, str):
-            if kind in allowed and (converted := _convert(value, kind)) is not None:
-                return converted
-    names = " or ".join(TYPE_NAMES[kind] for kind in allowed if kind in TYPE_NAMES)
-    example = f" (default: {default})" if default is not None and not isinstance(default, (dict, list)) else ""
-    raise ValueError(f"{key}: {value!r} is not {names}: give {names}{example}.")
-
-
-def _convert(value, kind: type):
-    """`value` as `kind` when nothing is lost (`"3e-3"` -> 0.003, `4.0` -> 4, `7` -> "7"), else None."""
-    try:
-        converted = kind(value)
-    except ValueError:
-        return None
-    if kind is int and isinstance(value, (float, str)) and float(value) != converted:
-        return None
-    return converted
-
-
-def _plain_types(hint) -> set | None:
-    """The plain types (None, bool, int, float, str, dict, list) a field's annotation admits; None when it admits
-    something else too (checked by the config itself). An enum admits its string values."""
-    if hint is None:
-        return None
-    kinds = set()
-    for option in typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,):
-        option = typing.get_origin(option) or option
-        if isinstance(option, type) and issubclass(option, enum.Enum):
-            option = str
-        if option not in TYPE_NAMES and option is not type(None):
-            return None
-        kinds.add(option)
-    return kinds
+def drop_replaced_sources(recipe: dict, overrides: dict) -> None:
+    """A source an override names (`--data.synthetic joint`, `--model.path FOLDER`) replaces the source the recipe
+    file names for that section (its `llava_json`, its `preset`): a file names one source, the command line may pick
+    another. Two sources in the file, or two in the overrides, remain an error."""
+    for name, section in SECTIONS.items():
+        named = {key.split(".")[1] for key in overrides if key.startswith(f"{name}.")} & set(section.SOURCES)
+        if named and isinstance(recipe.get(name), dict):
+            replaced = set(section.SOURCES) - named
+            recipe[name] = {key: value for key, value in recipe[name].items() if key not in replaced}
 
 
 def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig | DPORecipeConfig:
     """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
     it as the config of its `trainer` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
     recipe = read_yaml(recipe_path(name_or_path))
+    drop_replaced_sources(recipe, overrides or {})
     for key, value in (overrides or {}).items():
         if key == "model" and isinstance(value, str):
             value = {"path": value} if Path(value).is_dir() else {"preset": value}
@@ -418,10 +324,14 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
     for required in ("model", "data", "output_dir"):
         if required not in recipe:
             raise ValueError(f"The recipe has no {required!r}: add it to the YAML or pass --{required}.")
-    check_keys("model", recipe["model"], MODEL_KEYS)
+    # The sections typed, checked and stored as plain dicts (TRL's to_dict() and to_json_string() need JSON values):
+    # `data` and `eval` with every default filled in; `model` with the keys the recipe gives (it reads back as
+    # written: `{preset: NAME}`), which `ModelSection.parse` completes where it is read.
+    model = ModelSection.parse("model", recipe["model"])
+    recipe["model"] = {key: getattr(model, key) for key in recipe["model"]}
     for section in ("data", "eval"):
         if recipe.get(section) is not None:
-            check_keys(section, recipe[section], DATA_KEYS)
+            recipe[section] = asdict(SECTIONS[section].parse(section, recipe[section]))
     if recipe.get("lora") is not None:
         from peft import LoraConfig
 
@@ -480,13 +390,18 @@ __all__ = [
     "DATA_KEYS",
     "MODEL_KEYS",
     "RECIPE_KEYS",
+    "SECTIONS",
     "SFT_ONLY_KEYS",
     "TRAINERS",
     "DPORecipeConfig",
+    "DataSection",
     "MMLLMRecipeKeys",
+    "ModelSection",
     "RecipeConfig",
     "RecipeDefaults",
     "check_keys",
+    "check_types",
+    "drop_replaced_sources",
     "load_recipe",
     "parse_overrides",
     "recipe_help",
