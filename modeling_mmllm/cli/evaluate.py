@@ -4,6 +4,7 @@ given rows."""
 import argparse
 from pathlib import Path
 
+from ..data.synthetic import task_menu
 from .common import check_model_source, load_folder
 
 NAME = "eval"
@@ -26,7 +27,7 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
     lmms.add_argument("--batch-size", type=int, default=8)
     lmms.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     synthetic = command.add_argument_group("exact match")
-    synthetic.add_argument("--synthetic", default="vqa", help="synthetic task: vqa or text-eval")
+    synthetic.add_argument("--synthetic", default="vqa", metavar="TASK", help="synthetic task: " + task_menu())
     synthetic.add_argument("--n", type=int, default=200)
     synthetic.add_argument("--split", default="heldout")
     synthetic.add_argument("--image-size", type=int, default=64)
@@ -54,15 +55,14 @@ def run(args: argparse.Namespace) -> None:
         print(f"lmms-eval results JSON in {args.output_path}")
         return
     from ..data.loading import load_evaluation_data
-    from ..data.synthetic import SPLIT_SEEDS
     from ..evaluation.metrics import exact_match
+    from ..training.recipe_sections import DataSection
 
-    if not args.dataset and args.split not in SPLIT_SEEDS:  # checked before the model loads
-        raise ValueError(f"--split {args.split!r} is no split of the synthetic tasks: use {' or '.join(SPLIT_SEEDS)}.")
-    model, processor = load_folder(args.model)
     spec = {"synthetic": args.synthetic, "n": args.n, "split": args.split, "image_size": args.image_size}
     if args.dataset:
         spec = {"dataset": args.dataset}
+    DataSection.parse("eval", spec)  # the task and the split checked before the model loads
+    model, processor = load_folder(args.model)
     results = exact_match(model, processor, load_evaluation_data(spec))
     for kind, accuracy in sorted(results.items()):
         print(f"{kind:<12}{accuracy * 100:6.1f}%")

@@ -585,6 +585,12 @@ def task_rng(task: str, split: str | None, seed: int) -> np.random.Generator:
     return np.random.default_rng((SPLIT_SEEDS[split] if split is not None else 0) + seed + SYNTHETIC_TASKS[task].stream)
 
 
+def check_split(split: str) -> None:
+    """A clear error for a split the synthetic tasks do not have."""
+    if split not in SPLIT_SEEDS:
+        raise ValueError(f"split {split!r} is no split of the synthetic tasks: use {' or '.join(SPLIT_SEEDS)}.")
+
+
 def task_menu() -> str:
     """Every synthetic task with its description, for help texts: what the registry holds."""
     conversations = [f"{name} ({task.description})" for name, task in SYNTHETIC_TASKS.items() if not task.preference]
@@ -600,6 +606,7 @@ def make_dataset(task: str, n: int = 512, split: str = "train", image_size: int 
     `images` + `prompt` / `chosen` / `rejected` pairs, for DPO. Train and held-out splits share no image.
     """
     entry = synthetic_task(task)
+    check_split(split)
     return Dataset.from_list(entry.rows(n, split, image_size, seed), features=entry.features).shuffle(seed=seed)
 
 
@@ -623,6 +630,7 @@ __all__ = [
     "Sound",
     "SyntheticTask",
     "all_scenes",
+    "check_split",
     "audio_rows",
     "detail_image",
     "detail_rows",

@@ -137,7 +137,7 @@ def _training_section(folder: Path | None) -> str:
             "|---|---|---|---|---|---|---|",
         ]
         for stage in stages:
-            data = ", ".join(f"{k}={v}" for k, v in stage["data"].items())
+            data = ", ".join(f"{k}={v}" for k, v in stage["data"].items() if v is not None)
             frozen = ", ".join(stage["frozen"]) or "nothing"
             lines.append(
                 f"| {stage['recipe']} | {stage.get('trainer', 'sft')} | {data} | {stage['steps']} | "

@@ -19,7 +19,7 @@ from functools import cache
 
 from transformers import HfArgumentParser
 
-from ..data.synthetic import SYNTHETIC_TASKS, synthetic_task, task_menu
+from ..data.synthetic import SYNTHETIC_TASKS, check_split, synthetic_task, task_menu
 
 TYPE_NAMES = {
     bool: "true or false",
@@ -238,6 +238,7 @@ class DataSection(RecipeSection):
         )
         if self.synthetic is not None:
             synthetic_task(self.synthetic)  # an unknown task is an error naming every task
+            check_split(self.split)
         if self.task not in ("chat", "generate"):
             raise ValueError(
                 f"llava_json task={self.task!r}: use chat (the conversations) or generate (captions -> images)."

@@ -343,6 +343,8 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
 def recipe_help(trainer: str = "sft") -> str:
     """The `--help` of `mmllm train RECIPE`: every recipe key of the recipe's trainer with its help text and default
     (mmllm's first)."""
+    if trainer not in CONFIGS:
+        raise ValueError(f"trainer: {trainer!r} is no trainer: use one of {', '.join(TRAINERS)}.")
     config_class = CONFIGS[trainer]
     parser = HfArgumentParser(
         config_class,

@@ -144,7 +144,9 @@ def test_chat_streams_answers_and_attaches_images(saved_folder, image_file):
         (["generate", "ANY2ANY", "--prompt", "Draw.", "--save-image", "/proc/x.png"], "/proc/x.png: cannot write it"),
         (["generate", "SAVED", "--prompt", "<image> vs <image>?", "--image", "IMAGE"], "has 2 <image> placeholder"),
         (["generate", "SAVED", "--prompt", "<image> what?"], "has 1 <image> placeholder(s) but 0 --image"),
-        (["eval", "SAVED", "--split", "nosuch"], "--split 'nosuch' is no split of the synthetic tasks"),
+        (["eval", "SAVED", "--split", "nosuch"], "split 'nosuch' is no split of the synthetic tasks: use train or"),
+        (["eval", "SAVED", "--synthetic", "vqq"], "Unknown synthetic task 'vqq' (did you mean 'vqa'?)"),
+        (["train", "quickstart-stage2", "--data.split", "nosuch"], "split 'nosuch' is no split of the synthetic"),
     ],
 )
 def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder, image_file, tmp_path, capsys):
