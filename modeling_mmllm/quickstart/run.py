@@ -111,6 +111,17 @@ def run_anyres(output: Path, fast: bool) -> dict[str, float]:
     return accuracy
 
 
+def write_summary(output: Path, summary: dict, demo: dict, folder: Path, image_accuracy: dict) -> None:
+    """`summary.json` (the figures, the fresh-process demo and the model folder's absolute path), then the summary's
+    first lines: the held-out image accuracy per question kind."""
+    (output / "summary.json").write_text(
+        json.dumps({**summary, "demo": demo, "folder": str(folder.resolve())}, indent=2)
+    )
+    print("\n== summary ==")
+    for kind, value in sorted(image_accuracy.items()):
+        print(f"  image questions, {kind:<9} {value * 100:6.1f}%")
+
+
 def reload_and_answer(folder: Path, output: Path, script: str = FRESH_PROCESS) -> dict:
     """A new image, then a fresh Python process that knows nothing of mmllm answers a question about it (`script`
     prints a JSON object with the `answer`, and anything else it asked)."""
@@ -238,12 +249,7 @@ def run_quickstart(
         **{f"detail/{k}": v for k, v in resolution.items()},
         **{f"dpo/{k}": v for k, v in preference.items()},
     }
-    (output / "summary.json").write_text(
-        json.dumps({**summary, "demo": demo, "folder": str(folder.resolve())}, indent=2)
-    )
-    print("\n== summary ==")
-    for kind, value in sorted(image_accuracy.items()):
-        print(f"  image questions, {kind:<9} {value * 100:6.1f}%")
+    write_summary(output, summary, demo, folder, image_accuracy)
     print(f"  text-only facts           {text_accuracy * 100:6.1f}%")
     for kind, value in sorted(audio_accuracy.items()):
         print(f"  audio questions, {kind:<9} {value * 100:6.1f}%")

@@ -9,7 +9,6 @@ image branch, so text-only behaviour is the original LLM's by construction; `tex
 against SmolLM2 alone all the same (`evaluation.text_retention`).
 """
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +29,7 @@ from ..evaluation.text_retention import (
 from ..export.saving import save_model_folder
 from ..modeling_mmllm import MMLLMForConditionalGeneration
 from ..processing_mmllm import MMLLMProcessor
-from .run import PASS_MARK, draw_report, reload_and_answer, run_stage, run_stages
+from .run import PASS_MARK, draw_report, reload_and_answer, run_stage, run_stages, write_summary
 
 RECIPE = "quickstart-smollm2"
 TEXT_PASS_MARK = 0.80  # share of held-out text prompts answered exactly as SmolLM2 alone answers them
@@ -141,12 +140,7 @@ def run_smollm2_quickstart(output: Path, default_output: Path, fast: bool = Fals
     print(f"question:    {demo['text_question']}")
     print(f"answer:      {demo['text_answer']}")
     summary = {**{f"image/{k}": v for k, v in image_accuracy.items()}, **retention}
-    (output / "summary.json").write_text(
-        json.dumps({**summary, "demo": demo, "folder": str(folder.resolve())}, indent=2)
-    )
-    print("\n== summary ==")
-    for kind, value in sorted(image_accuracy.items()):
-        print(f"  image questions, {kind:<9} {value * 100:6.1f}%")
+    write_summary(output, summary, demo, folder, image_accuracy)
     print(f"  text agreement with SmolLM2 {retention['text/agreement'] * 100:6.1f}%  ({len(examples)} prompts)")
     print(f"  text KL(SmolLM2 || tuned)   {retention['text/kl']:.4f} nats/token")
     print(f"  model folder                {folder}")
