@@ -1,5 +1,5 @@
-"""The collator: TRL's vision-language collator plus placeholder masking, audio, video and image-generation targets
-(library side)."""
+"""The collator: TRL's vision-language collator plus placeholder masking, audio, video, image-generation targets and
+padding-free batches (library side)."""
 
 from dataclasses import dataclass, field
 
@@ -21,9 +21,18 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
     tokens, and the `generation_caption` of each row that has one goes to the trainer as `generation_captions` (in
     row order); with `target_images`, their `generation_image`s too, as `generation_pixel_values` `[n, 3, H, W]` in
     `[0, 1]`. Target images are never input images.
+
+    Padding-free (`padding_free`, TRL's name and meaning): the batch's rows go back to back into one row, with
+    `position_ids` restarting at 0 for each and no `attention_mask` (transformers' packed-sequence masks keep
+    attention inside each row); each row's first token is not predicted from the row before; the media stay in row
+    order. Packing: an example `{"pack": [i, j, ...]}` stands for those rows of `packed_rows` (see
+    `training/packing.py`) and becomes one such sequence; a batch of packs is one sequence per pack (attention
+    within a pack costs its length squared, not the whole batch's).
     """
 
     target_images: bool = False
+    padding_free: bool = False
+    packed_rows: object = None  # the rows (a dataset) that `{"pack": [...]}` examples index
     # Under a chat template without `{% generation %}` markers (an LLM's own), assistant-only loss finds the answers
     # itself: the ids that open an answer and the id that ends it (`answer_markers`).
     answer_markers: tuple[list[int], int] | None = field(default=None, init=False)
@@ -34,6 +43,10 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
             self.assistant_only_loss = False
 
     def torch_call(self, examples):
+        groups = None  # rows per sequence of a padding-free batch (None: all in one)
+        if examples and "pack" in examples[0]:
+            groups = [len(example["pack"]) for example in examples]
+            examples = [dict(self.packed_rows[int(index)]) for example in examples for index in example["pack"]]
         captions = [example.get("generation_caption") for example in examples]
         targets = [example.get("generation_image") for example, caption in zip(examples, captions) if caption]
         examples = [self._with_generated_images(self._with_audio_parts(example)) for example in examples]
@@ -50,7 +63,9 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
                         "a generation_image, or set image_loss_weight to 0."
                     )
                 batch["generation_pixel_values"] = pixel_tensor(targets)
-        return batch
+        if not self.padding_free:
+            return batch
+        return padding_free_batch(batch, self.processor.tokenizer.pad_token_id, groups)
 
     def _with_generated_images(self, example: dict) -> dict:
         """Assistant image parts as text parts holding the signal tokens (what the chat template renders them as):
@@ -103,6 +118,36 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
             {"type": "text", "text": user["content"]},
         ]
         return {**example, "messages": messages}
+
+
+def padding_free_batch(batch: dict, pad_token_id: int, groups: list[int] | None = None) -> dict:
+    """A padded batch without padding: the rows of each group (`groups`: rows per sequence; None: all in one) go back
+    to back into one sequence, `position_ids` restarting at 0 for each row, and no `attention_mask` (transformers'
+    packed-sequence masks keep attention inside each row). Every per-token tensor (`[B, T]`, as the mask) follows;
+    the first label of each row is ignored (it would be predicted from the end of the row before). Sequences shorter
+    than the longest are filled with `pad_token_id` as a row of their own (positions from 0, no labels). Media and
+    other keys stay as they are (in row order)."""
+    mask = batch.pop("attention_mask").bool()
+    lengths = mask.sum(dim=1)
+    tokens = [key for key, value in batch.items() if torch.is_tensor(value) and value.shape == mask.shape]
+    flat = {key: batch[key][mask] for key in tokens}
+    flat["position_ids"] = torch.cat([torch.arange(length) for length in lengths.tolist()])
+    if "labels" in flat:
+        flat["labels"][lengths.cumsum(0) - lengths] = -100
+    sizes = [int(group.sum()) for group in lengths.split(groups or [len(lengths)])]
+    width = max(sizes)
+    fill = {"input_ids": pad_token_id, "labels": -100}
+    for key, values in flat.items():
+        sequences = values.split(sizes)
+        batch[key] = torch.stack(
+            [
+                torch.cat([sequence, torch.arange(width - len(sequence))])
+                if key == "position_ids"
+                else torch.cat([sequence, sequence.new_full((width - len(sequence),), fill.get(key, 0))])
+                for sequence in sequences
+            ]
+        )
+    return batch
 
 
 def answer_markers(processor) -> tuple[list[int], int]:
@@ -172,6 +217,7 @@ __all__ = [
     "MultimodalCollator",
     "answer_mask",
     "answer_markers",
+    "padding_free_batch",
     "pixel_tensor",
     "rows_beyond_max_length",
 ]

@@ -31,6 +31,7 @@ from .model_setup import (
     signal_rows_train,
     train_token_rows,
 )
+from .packing import check_packing, pack_length, pack_rows, row_lengths
 from .recipes import DPORecipeConfig, RecipeConfig
 from .trainer import MMLLMDPOTrainer, MMLLMTrainer
 
@@ -115,8 +116,9 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
         trainer = sft_trainer(recipe, model, processor, callbacks, resume)
         if trainer.row_masked_parameters:
             stage["trained_token_rows"] = list(model.config.signal_token_ids)
-    rows, frozen_names = len(trainer.train_dataset), ", ".join(frozen) or "nothing"
-    logger.info(f"training {name}: {rows} rows ({recipe.trainer}), frozen: {frozen_names}; into {output_dir}")
+    rows = f"{len(trainer.train_dataset)} {'packs' if getattr(recipe, 'packing', False) else 'rows'}"
+    frozen_names = ", ".join(frozen) or "nothing"
+    logger.info(f"training {name}: {rows} ({recipe.trainer}), frozen: {frozen_names}; into {output_dir}")
     result = trainer.train(resume_from_checkpoint=str(resume) if resume else None)
     stage.update(
         steps=result.global_step,
@@ -147,21 +149,29 @@ def sft_trainer(
     signal_rows = signal_rows_train(model, recipe.train_signal_tokens, lora=recipe.lora is not None)
     row_masked = train_token_rows(model, model.config.signal_token_ids) if signal_rows else set()
     dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows)
+    if recipe.packing or recipe.padding_free:
+        check_packing(recipe, model.config)
     collator = MultimodalCollator(
         processor=processor,
-        max_length=recipe.max_length,
+        max_length=pack_length(recipe, model.config) if recipe.packing else recipe.max_length,
         assistant_only_loss=recipe.assistant_only_loss,
         target_images=recipe.image_loss_weight > 0,
     )
-    if recipe.max_length is not None:  # truncation must never cut a span of soft tokens
+    if collator.max_length is not None:  # truncation must never cut a span of soft tokens
         dataset = drop_bad_rows(dataset, rows_beyond_max_length(collator, dataset), recipe.bad_rows, "too many tokens")
     if recipe.whiten_signal_states:
         if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
             whitened_layer(model).requires_grad_(False)
         else:
             whiten_output_projector(model, collator, dataset, rows=recipe.whiten_signal_states)
-    args = recipe.trainer_args()
-    if collator.answer_markers is not None:  # the collator finds the answers (the LLM's template has no markers)
+    # TRL refuses packing and padding-free on vision datasets: the collator does both, TRL sees neither.
+    args = replace(recipe.trainer_args(), packing=False, padding_free=False)
+    collator.padding_free = recipe.packing or recipe.padding_free
+    if recipe.packing:
+        lengths = row_lengths(collator, dataset)
+        collator.packed_rows, dataset = dataset, pack_rows(lengths, collator.max_length, seed=recipe.seed)
+        logger.info(f"packing: {len(lengths)} rows into {len(dataset)} packs of at most {collator.max_length} tokens")
+    if collator.answer_markers is not None or recipe.packing:  # the collator finds the answers itself
         args = replace(args, assistant_only_loss=False)
     trainer = MMLLMTrainer(
         model=model,
