@@ -158,6 +158,9 @@ COMMANDS = {
     '"What colour are the shapes?" --quantization int8': ("", None),
     "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
     "python benchmarks/throughput.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/packing.py --repeats 3": ("--repeats 1", None),
+    "mmllm train quickstart-stage2 --packing true --max_length 512 --output_dir runs/packed --model "
+    "runs/quickstart/stage1/model": ("--max_steps 4 --data.n 64 --eval.n 8", "runs/packed/model/model.safetensors"),
     "python benchmarks/modality_collaboration.py --json runs/collaboration.json": (
         "--steps 2 --heldout 8 --prompts 4 --passages 2 --variants llava cogvlm owl2+text",  # each code path once
         "runs/collaboration.json",
