@@ -171,7 +171,9 @@ def sft_trainer(
         lengths = row_lengths(collator, dataset)
         collator.packed_rows, dataset = dataset, pack_rows(lengths, collator.max_length, seed=recipe.seed)
         logger.info(f"packing: {len(lengths)} rows into {len(dataset)} packs of at most {collator.max_length} tokens")
-    if collator.answer_markers is not None or recipe.packing:  # the collator finds the answers itself
+    if collator.answer_markers is not None or recipe.packing:
+        # The collator masks the answers itself (the LLM's template has no markers; TRL would also refuse packs, which
+        # are lists of row indices, as not conversational).
         args = replace(args, assistant_only_loss=False)
     trainer = MMLLMTrainer(
         model=model,
