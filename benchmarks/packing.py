@@ -49,17 +49,16 @@ def rows(count: int, seed: int = 0) -> list[dict]:
     return made
 
 
-def batches(variant: str, collator, data: list[dict]) -> list[dict]:
-    """The variant's batches over `data` (collated once, before the clock starts)."""
-    from modeling_mmllm.training.packing import pack_rows, row_lengths
+def batches(variant: str, collator, data: list[dict], lengths: list[int]) -> list[dict]:
+    """The variant's batches over `data` (rows of `lengths` tokens), collated once, before the clock starts."""
+    from modeling_mmllm.training.packing import pack_rows
 
     if variant != "packed":
         collator.padding_free = variant == "padding_free"
         return [
             collator.torch_call(data[start : start + ROWS_PER_BATCH]) for start in range(0, len(data), ROWS_PER_BATCH)
         ]
-    collator.padding_free = False
-    packs = pack_rows(row_lengths(collator, data), PACK_LENGTH)["pack"]
+    packs = pack_rows(lengths, PACK_LENGTH)["pack"]
     collator.padding_free, collator.packed_rows = True, data
     per_step = -(-len(packs) // -(-len(data) // ROWS_PER_BATCH))  # as many steps as the padded run takes
     return [
@@ -81,8 +80,9 @@ def measure(variant: str, threads: int) -> dict:
     add_fused_lm_head(model)  # TRL's LM head: only labelled positions are projected, as in SFTTrainer
     collator = MultimodalCollator(processor=processor, max_length=None, assistant_only_loss=True)
     data = rows(ROWS)
-    real = sum(row_lengths(collator, data))  # the rows' own tokens, the same in every variant
-    steps = batches(variant, collator, data)
+    lengths = row_lengths(collator, data)
+    real = sum(lengths)  # the rows' own tokens, the same in every variant
+    steps = batches(variant, collator, data, lengths)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     model.train()
     computed = sum(batch["input_ids"].numel() for batch in steps)

@@ -10,6 +10,7 @@ from trl.trainer.sft_trainer import DataCollatorForVisionLanguageModeling
 
 # Collated keys that carry generation targets to `MMLLMTrainer.compute_loss` (never model inputs).
 GENERATION_TARGETS = ("generation_captions", "generation_pixel_values")
+ROWS_PER_CALL = 64  # rows collated at once when rows are measured
 
 
 @dataclass
@@ -188,21 +189,35 @@ def answer_mask(input_ids: torch.Tensor, opening: list[int], end: int) -> torch.
     return mask
 
 
-def rows_beyond_max_length(collator: MultimodalCollator, dataset) -> dict[int, str]:
-    """Row index -> reason, for rows whose image (video, audio) tokens reach past `collator.max_length`: truncation
-    there would cut a span of soft tokens (AnyRes images grow with their size), so such rows are found first."""
-    limit, collator.max_length = collator.max_length, None
-    bad = {}
+def row_token_counts(collator: MultimodalCollator, dataset) -> list[tuple[int, int]]:
+    """`(tokens, media end)` of each row as the collator writes it, untruncated: its token count and the position just
+    past its last image/video/audio token (0 without media); `ROWS_PER_CALL` rows are collated at a time."""
+    settings = collator.max_length, collator.padding_free
+    collator.max_length, collator.padding_free = None, False
+    counts: list[tuple[int, int]] = []
     try:
-        for index, row in enumerate(dataset):
-            types = collator.torch_call([dict(row)])["mm_token_type_ids"][0]
-            positions = types.nonzero()
-            end = int(positions[-1]) + 1 if len(positions) else 0
-            if end > limit:
-                bad[index] = f"its image/video/audio tokens end at position {end}, past max_length={limit}"
+        for start in range(0, len(dataset), ROWS_PER_CALL):
+            batch = collator.torch_call(
+                [dict(dataset[i]) for i in range(start, min(start + ROWS_PER_CALL, len(dataset)))]
+            )
+            mask = batch["attention_mask"].bool()
+            position = mask.cumsum(dim=1) * mask  # 1-based within each row's own tokens, whichever side is padded
+            ends = (position * (batch["mm_token_type_ids"] != 0)).amax(dim=1)
+            counts += zip(mask.sum(dim=1).tolist(), ends.tolist(), strict=True)
     finally:
-        collator.max_length = limit
-    return bad
+        collator.max_length, collator.padding_free = settings
+    return counts
+
+
+def rows_beyond_max_length(counts: list[tuple[int, int]], limit: int) -> dict[int, str]:
+    """Row index -> reason, for rows (`row_token_counts`) whose image (video, audio) tokens reach past `limit`:
+    truncation there would cut a span of soft tokens (AnyRes images grow with their size), so such rows are found
+    first."""
+    return {
+        index: f"its image/video/audio tokens end at position {end}, past max_length={limit}"
+        for index, (_, end) in enumerate(counts)
+        if end > limit
+    }
 
 
 def pixel_tensor(images: list) -> torch.Tensor:
@@ -219,5 +234,6 @@ __all__ = [
     "answer_markers",
     "padding_free_batch",
     "pixel_tensor",
+    "row_token_counts",
     "rows_beyond_max_length",
 ]

@@ -3,8 +3,8 @@ true`), which TRL's SFTTrainer refuses for vision datasets (library side).
 
 A pack is a list of row indices whose token counts (images, video and audio expanded as the collator writes them)
 sum to at most `max_length`; rows are never split, so neither are their media. TRL's own best-fit-decreasing
-packer picks the packs (it runs on a stand-in of token lists); the collator turns a batch of packs into one
-padding-free row (`MultimodalCollator.padding_free`).
+packer picks the packs (it runs on a stand-in of token lists); the collator turns each pack of a batch into one
+padding-free sequence (`MultimodalCollator.padding_free`).
 """
 
 from itertools import accumulate
@@ -13,26 +13,19 @@ from datasets import Dataset
 from trl.data_utils import pack_dataset
 
 from ..configuration_mmllm import backbone_context
-
-ROWS_PER_CALL = 64  # rows the collator measures at once
+from .collator import row_token_counts
 
 
 def row_lengths(collator, dataset) -> list[int]:
     """Tokens of each row as the collator writes them (media expanded, cut at the collator's `max_length`)."""
-    padding_free, collator.padding_free = collator.padding_free, False
-    lengths: list[int] = []
-    try:
-        for start in range(0, len(dataset), ROWS_PER_CALL):
-            rows = [dict(dataset[index]) for index in range(start, min(start + ROWS_PER_CALL, len(dataset)))]
-            lengths += collator.torch_call(rows)["attention_mask"].sum(dim=1).tolist()
-    finally:
-        collator.padding_free = padding_free
-    return lengths
+    limit = collator.max_length
+    return [tokens if limit is None else min(tokens, limit) for tokens, _ in row_token_counts(collator, dataset)]
 
 
 def pack_rows(lengths: list[int], max_length: int, seed: int = 0) -> Dataset:
-    """Packs of row indices (`{"pack": [i, j, ...]}`), each at most `max_length` tokens, by TRL's best-fit
-    decreasing packer; the rows are shuffled first (`seed`), as TRL does before packing."""
+    """Packs of row indices (`{"pack": [i, j, ...]}`), each at most `max_length` tokens (a longer row counts as
+    `max_length`: the collator cuts it there), by TRL's best-fit decreasing packer; the rows are shuffled first
+    (`seed`), as TRL does before packing."""
     stand_in = Dataset.from_dict({"input_ids": [[index] * length for index, length in enumerate(lengths)]})
     packed = pack_dataset(stand_in.shuffle(seed=seed), max_length, strategy="bfd")
     packs = [
@@ -57,7 +50,7 @@ def pack_length(recipe, config) -> int:
 def check_packing(recipe, config) -> None:
     """Refuse what packing cannot do exactly: cross-attention fusion (each token attends to its own row's images,
     which one packed row of several examples cannot say) and strategies that split rows (and their media)."""
-    if getattr(config, "fusion", "tokens") == "cross_attention":
+    if config.fusion == "cross_attention":
         raise ValueError(
             "packing / padding_free put several rows in one sequence, and cross-attention fusion (flamingo) attends "
             "per sequence to its images: set packing: false and padding_free: false for this model."

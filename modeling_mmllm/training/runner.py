@@ -14,7 +14,7 @@ from ..export.hub_card import write_model_card
 from ..export.saving import atomic_folder, push_folder, save_model_folder
 from ..processing_mmllm import MMLLMProcessor
 from ..utils.logging import get_logger
-from .collator import MultimodalCollator, rows_beyond_max_length
+from .collator import MultimodalCollator, row_token_counts, rows_beyond_max_length
 from .generator_pretraining import (
     generator_pretraining_record,
     pretrain_generator,
@@ -31,7 +31,7 @@ from .model_setup import (
     signal_rows_train,
     train_token_rows,
 )
-from .packing import check_packing, pack_length, pack_rows, row_lengths
+from .packing import check_packing, pack_length, pack_rows
 from .recipes import DPORecipeConfig, RecipeConfig
 from .trainer import MMLLMDPOTrainer, MMLLMTrainer
 
@@ -157,8 +157,14 @@ def sft_trainer(
         assistant_only_loss=recipe.assistant_only_loss,
         target_images=recipe.image_loss_weight > 0,
     )
-    if collator.max_length is not None:  # truncation must never cut a span of soft tokens
-        dataset = drop_bad_rows(dataset, rows_beyond_max_length(collator, dataset), recipe.bad_rows, "too many tokens")
+    # (tokens, media end) of each kept row, measured once: truncation must never cut a span of soft tokens, and the
+    # packer needs each row's length.
+    counts = []
+    if collator.max_length is not None:
+        counts = row_token_counts(collator, dataset)
+        bad = rows_beyond_max_length(counts, collator.max_length)
+        dataset = drop_bad_rows(dataset, bad, recipe.bad_rows, "too many tokens")
+        counts = [count for index, count in enumerate(counts) if index not in bad]
     if recipe.whiten_signal_states:
         if resume:  # the checkpoint holds the whitened layer: fixed, as in the run being resumed
             whitened_layer(model).requires_grad_(False)
@@ -167,10 +173,10 @@ def sft_trainer(
     # TRL refuses packing and padding-free on vision datasets: the collator does both, TRL sees neither.
     args = replace(recipe.trainer_args(), packing=False, padding_free=False)
     collator.padding_free = recipe.packing or recipe.padding_free
-    if recipe.packing:
-        lengths = row_lengths(collator, dataset)
-        collator.packed_rows, dataset = dataset, pack_rows(lengths, collator.max_length, seed=recipe.seed)
-        logger.info(f"packing: {len(lengths)} rows into {len(dataset)} packs of at most {collator.max_length} tokens")
+    if recipe.packing:  # packing always has a max_length, so the rows were measured above
+        packs = pack_rows([tokens for tokens, _ in counts], collator.max_length, seed=recipe.seed)
+        logger.info(f"packing: {len(dataset)} rows into {len(packs)} packs of at most {collator.max_length} tokens")
+        collator.packed_rows, dataset = dataset, packs
     if collator.answer_markers is not None or recipe.packing:
         # The collator masks the answers itself (the LLM's template has no markers; TRL would also refuse packs, which
         # are lists of row indices, as not conversational).
