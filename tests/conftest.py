@@ -15,7 +15,15 @@ import torch
 from filelock import FileLock
 from PIL import Image
 
-from helpers import ROOT, DeprecatedFromHubSet, hub_code_on_stack, make_images, open_gates, seeded_model
+from helpers import (
+    QUICKSTART_THREADS,
+    ROOT,
+    DeprecatedFromHubSet,
+    hub_code_on_stack,
+    make_images,
+    open_gates,
+    seeded_model,
+)
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.saving import save_model_folder
 
@@ -23,13 +31,13 @@ from modeling_mmllm.saving import save_model_folder
 # which run last, when the quickstart is done (see pytest_collection_modifyitems).
 FIRST = ("tests/test_readme.py", "tests/test_readme_standalone.py")
 AFTER_THE_QUICKSTART = ("tests/quickstart/", "tests/training/test_training_runs.py", "tests/training/test_packing.py")
-QUICKSTART_THREADS = 2  # what the README's quickstart figures were measured with
 
 
 def pytest_configure(config):
     """Under pytest-xdist (`./run tests` runs `-n auto`), each worker gets its share of the cores: the tiny models
-    gain almost nothing from a second thread (an AnyRes training: 87 s with two, 92 s with one), so two workers of
-    one thread each do about twice the work of one worker of two. Subprocesses inherit the setting."""
+    gain little from a second thread (an AnyRes training: 87 s with two, 92 s with one; a stage-1 training: 16 s
+    with two, 22 s with one), so two workers of one thread each do more than one worker of two. Subprocesses
+    inherit the setting."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         threads = max(1, (os.cpu_count() or 1) // workers)
@@ -40,8 +48,8 @@ def pytest_configure(config):
 def pytest_collection_modifyitems(config, items):
     """The order in which pytest-xdist hands out test files (`--dist loadfile --no-loadscope-reorder`: a file is one
     unit, so module fixtures are built once): the README harness first (the quickstart and the commands that use
-    its folder are the longest chain) and its benchmarks beside it; the files that read the quickstart's folders
-    last, so no worker waits for it."""
+    its folder are the longest chain) and its other commands beside it; the files that read the quickstart's
+    folders last, so no worker waits for it."""
 
     def rank(item) -> int:
         path = item.nodeid.split("::")[0]

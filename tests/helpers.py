@@ -31,6 +31,7 @@ CONDITION_LENGTH, CONDITION_WIDTH, IMAGE_SIZE = 16, 32, 32  # the tiny Stable Di
 TESTS = Path(__file__).parent  # the tests' root: helpers, fixtures, conftest
 ROOT = TESTS.parent
 FIXTURES = TESTS / "fixtures"
+QUICKSTART_THREADS = 2  # the torch threads the README's quickstart figures were measured with
 
 
 HUB_FILES = {Path(path).name for path in hub_set_files()}

@@ -38,6 +38,7 @@ from transformers import (
 
 from helpers import (
     ARTIFACTS,
+    QUICKSTART_THREADS,
     ROOT,
     ask_in_browser,
     free_port,
@@ -66,8 +67,8 @@ CPU_RECIPE = (
 )
 
 # The quickstart's chain: the README's figures of the quickstart model and of the stages trained from it (DPO)
-# were measured with 2 threads.
-pytestmark = pytest.mark.threads(2)
+# were measured with its threads.
+pytestmark = pytest.mark.threads(QUICKSTART_THREADS)
 soundfile = pytest.importorskip("soundfile", reason="audio files need mmllm[audio] (soundfile)")
 ACCELERATE_CPU = "accelerate launch --cpu --num_processes 2 --mixed_precision no"
 # Benchmarks once, on one thread: they check that the script runs and prints its ratios; pytest-xdist runs another

@@ -9,6 +9,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from helpers import QUICKSTART_THREADS
 from modeling_mmllm.data.synthetic import make_dataset
 from modeling_mmllm.training import load_recipe, train
 from modeling_mmllm.training.collator import MultimodalCollator, padding_free_batch
@@ -114,7 +115,7 @@ def test_a_pack_of_rows_without_a_budget_is_a_clear_error():
 
 
 @pytest.mark.slow
-@pytest.mark.threads(2)  # beside the quickstart's padded stage 2, trained with 2
+@pytest.mark.threads(QUICKSTART_THREADS)  # beside the quickstart's padded stage 2, trained with them
 def test_a_packed_stage_learns_what_the_padded_stage_learns(quickstart_run, tmp_path):
     """The quickstart's stage 2 again from its stage-1 model, packed (two packs of at most 256 tokens a step, 800
     steps: about the rows of the padded stage's 720 steps of 16): the same held-out accuracy as the padded stage."""
