@@ -53,11 +53,6 @@ def backbone_context(config) -> int | None:
     return context if isinstance(context, int) and context > 0 else None
 
 
-# Run once, when the first config is made: the installed package registers its model and processor classes with
-# transformers' Auto classes there (lazily, so importing this module stays light). Empty in a folder's remote copy.
-ON_FIRST_CONFIG: list = []
-
-
 class MMLLMConfig(PreTrainedConfig):
     r"""
     Configuration of [`MMLLMForConditionalGeneration`]: modality encoder + input projector + LLM backbone.
@@ -193,8 +188,6 @@ class MMLLMConfig(PreTrainedConfig):
 
     def __post_init__(self, **kwargs):
         super().__post_init__(**kwargs)
-        while ON_FIRST_CONFIG:
-            ON_FIRST_CONFIG.pop()()
         if not self.tie_word_embeddings and getattr(self.text_config, "tie_word_embeddings", False):
             self.tie_word_embeddings = True
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -364,16 +357,18 @@ class _Name(str):
 def _register_model_type_name() -> None:
     """Put "mmllm" among `AutoModelForImageTextToText`'s model types: a loaded config is known to have an LM head.
 
-    lmms-eval's `huggingface` model (0.7) loads only the config, then picks its auto class with `config.model_type in
-    AutoModelForImageTextToText._model_mapping.keys()` (a list of config classes): every folder of ours fell to the
-    headless `AutoModel`. The mapping's `register` takes string keys. The value is the class's name, not the class,
-    so the config stays free of modeling code (importing the mapping loads none); transformers only reads names from
-    registered values (the pipelines' model-type check), and loading goes through the config's `auto_map`.
+    lmms-eval's `huggingface` model (0.7) loads only the config, then picks its auto class by looking the model type
+    up among the keys of the Auto class's mapping: config classes, never a model-type string (the lookup fails for
+    transformers' own LLaVA too), so every folder fell to the headless `AutoModel`. The public
+    `register` takes a string key (transformers' mapping is typed `type | str`). The value is the class's name, not
+    the class, so the config stays free of modeling code: transformers only reads names from registered values (the
+    pipelines' model-type check), and loading goes through the config's `auto_map` or the package's registration.
     """
-    from transformers.models.auto.modeling_auto import AutoModelForImageTextToText
+    from transformers import AutoModelForImageTextToText
 
-    mapping = AutoModelForImageTextToText._model_mapping
-    mapping.register(_Name(MMLLMConfig.model_type), _Name("MMLLMForConditionalGeneration"), exist_ok=True)
+    AutoModelForImageTextToText.register(
+        _Name(MMLLMConfig.model_type), _Name("MMLLMForConditionalGeneration"), exist_ok=True
+    )
 
 
 _register_model_type_name()

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from transformers import AutoModel
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText
 from transformers import initialization as init
 from transformers.generation import GenerationMixin
 from transformers.modeling_outputs import BaseModelOutputWithPast, BaseModelOutputWithPooling, CausalLMOutputWithPast
@@ -746,6 +746,11 @@ class MMLLMForConditionalGeneration(StagedSavingMixin, ImageGenerationMixin, MML
 
 MMLLMModel.register_for_auto_class("AutoModel")
 MMLLMForConditionalGeneration.register_for_auto_class("AutoModelForImageTextToText")
+# The Auto classes resolve a config of this module's `MMLLMConfig` to these classes without remote code, from the
+# moment the modeling code is loaded (as transformers registers a folder's classes once it has loaded them).
+AutoModel.register(MMLLMConfig, MMLLMModel, exist_ok=True)
+AutoModelForImageTextToText.register(MMLLMConfig, MMLLMForConditionalGeneration, exist_ok=True)
+AutoModelForCausalLM.register(MMLLMConfig, MMLLMForConditionalGeneration, exist_ok=True)
 
 
 __all__ = ["MMLLMPreTrainedModel", "MMLLMModel", "MMLLMForConditionalGeneration"]

@@ -20,7 +20,7 @@ from transformers.image_utils import is_valid_image
 from transformers.processing_utils import MultiModalData, ProcessorMixin
 
 from .anyres import num_image_tokens
-from .configuration_mmllm import import_library_module
+from .configuration_mmllm import MMLLMConfig, import_library_module
 from .modality_encoder import num_audio_tokens
 
 try:  # optional: audio files (wav, flac, ogg)
@@ -558,5 +558,6 @@ class MMLLMProcessor(ProcessorMixin):
 
 
 MMLLMProcessor.register_for_auto_class()
+transformers.AutoProcessor.register(MMLLMConfig, MMLLMProcessor, exist_ok=True)  # see the modeling file's end
 
 __all__ = ["MMLLMProcessor"]

@@ -4,10 +4,12 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
+import modeling_mmllm
 from helpers import make_images, tiny_text_config, tiny_vision_config
 from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.builders.presets import preset_names
@@ -145,24 +147,52 @@ def test_whisper_llava_7b_is_llava_1_5_plus_a_whisper_large_v3_branch():
 
 LIGHT_IMPORT = """
 import json, sys
-import modeling_mmllm.configuration_mmllm
-imported = {"modeling_utils": "transformers.modeling_utils" in sys.modules,
-            "ours": sorted(name for name in sys.modules if name.startswith("modeling_mmllm."))}
 from modeling_mmllm import MMLLMConfig
 config = MMLLMConfig.from_preset("any2any-tiny", modality_generator={"type": "diffusers", "pretrained": "someone/sd"})
 shape = [config.modality_generator[key] for key in ("condition_length", "condition_width")]
-print(json.dumps({**imported, "shape": shape}))
+imported = {"modeling_utils": "transformers.modeling_utils" in sys.modules,
+            "ours": sorted(name for name in sys.modules if name.startswith("modeling_mmllm."))}
+from transformers import AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText, AutoProcessor
+from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor  # loads and registers them
+config = MMLLMConfig.from_preset("llava-tiny")
+auto = {cls.__name__: type(cls.from_config(config)).__name__
+        for cls in (AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText)}
+MMLLMProcessor.from_preset("llava-tiny").save_pretrained("processor")
+auto["AutoProcessor"] = type(AutoProcessor.from_pretrained("processor")).__name__
+print(json.dumps({**imported, "shape": shape, "auto": auto}))
 """
 
 
-def test_the_config_is_light_and_offline():
-    """Importing the config loads no modeling code, and building one whose generator is a Hub pipeline reads
-    nothing (offline here): the pipeline's conditioning shape is read when the generator is attached to a model."""
+def test_the_config_is_light_and_offline_and_the_model_classes_register_as_they_load(tmp_path):
+    """Importing the package and building a config load no modeling code, and building one whose generator is a Hub
+    pipeline reads nothing (offline here): the pipeline's conditioning shape is read when the generator is attached to
+    a model. Once the model and processor classes are imported, transformers' Auto classes resolve a local config
+    (and a saved processor) to them without remote code."""
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=300, env=env)
+    run = subprocess.run(
+        [sys.executable, "-c", LIGHT_IMPORT], capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads(run.stdout.strip().splitlines()[-1])
     assert not report["modeling_utils"] and report["shape"] == [None, None]
     assert (
         "modeling_mmllm.modeling_mmllm" not in report["ours"] and "modeling_mmllm.input_projector" not in report["ours"]
     )
+    assert report["auto"] == {
+        "AutoModel": "MMLLMModel",
+        "AutoModelForCausalLM": "MMLLMForConditionalGeneration",
+        "AutoModelForImageTextToText": "MMLLMForConditionalGeneration",
+        "AutoProcessor": "MMLLMProcessor",
+    }
+
+
+def test_the_package_uses_no_private_auto_mapping():
+    """transformers' auto mappings' internals (`_model_mapping`, `_extra_content`) change without notice: the package
+    registers through the public `register` methods only."""
+    package = Path(modeling_mmllm.__file__).parent
+    users = [
+        str(path.relative_to(package))
+        for path in package.rglob("*.py")
+        if any(name in path.read_text() for name in ("_model_mapping", "_extra_content"))
+    ]
+    assert users == []

@@ -32,7 +32,7 @@ from transformers.cli.serving.transcription import TranscriptionHandler
 from transformers.cli.serving.utils import Modality
 
 from .context import new_token_budget
-from .quantization import load_for_inference
+from .quantization import load_for_inference, load_processor
 
 try:  # transformers >= 5.25: the model loads, and generates, in a process of its own
     from transformers.cli.serving.model_manager import EngineClient, ModelLoader
@@ -83,11 +83,15 @@ class MMLLMModelLoader(ModelLoader):
     def load_model_and_processor(self, model_id: str, on_progress=None):
         """`(model, processor)` of `model_id` (`repo@revision`, or a local path)."""
         model_id, revision = _split_revision(model_id)
-        kwargs = {"revision": revision} if revision else {}
-        model, processor = load_for_inference(model_id, self.mmllm_quantization, **kwargs)
+        model, processor = load_for_inference(model_id, self.mmllm_quantization, revision)
         if self.device not in ("auto", "cpu") and self.mmllm_quantization is None:
             model.to(self.device)
         return model, processor
+
+    def load_processor(self, model_id: str):
+        """Our processor, which the server's process templates and tokenizes requests with (the model loads in
+        the model's process)."""
+        return load_processor(*_split_revision(model_id))
 
 
 if EngineClient is not None:  # transformers >= 5.25

@@ -28,17 +28,23 @@ def quantization_config(name: str):
     return TorchAoConfig(Int8WeightOnlyConfig())
 
 
-def load_for_inference(model_id: str | Path, quantization: str | None = None, **kwargs):
-    """`(model, processor)` of a saved folder or Hub id, in eval mode, quantized when `quantization` is given."""
-    from ..modeling_mmllm import MMLLMForConditionalGeneration
+def load_processor(model_id: str | Path, revision: str | None = None):
+    """The `MMLLMProcessor` of a saved folder or Hub id (at `revision`)."""
     from ..processing_mmllm import MMLLMProcessor
 
-    if quantization is not None:
-        kwargs["quantization_config"] = quantization_config(quantization)
-    model = MMLLMForConditionalGeneration.from_pretrained(model_id, **kwargs)
-    processor = MMLLMProcessor.from_pretrained(model_id)
+    return MMLLMProcessor.from_pretrained(model_id, revision=revision)
+
+
+def load_for_inference(model_id: str | Path, quantization: str | None = None, revision: str | None = None):
+    """`(model, processor)` of a saved folder or Hub id (at `revision`), in eval mode, quantized when `quantization`
+    is given."""
+    from ..modeling_mmllm import MMLLMForConditionalGeneration
+
+    kwargs = {} if quantization is None else {"quantization_config": quantization_config(quantization)}
+    model = MMLLMForConditionalGeneration.from_pretrained(model_id, revision=revision, **kwargs)
+    processor = load_processor(model_id, revision)
     processor.check_config(model.config)  # a hand-edited processor_config.json: refused here, not after generating
     return model.eval(), processor
 
 
-__all__ = ["QUANTIZATIONS", "load_for_inference", "quantization_config"]
+__all__ = ["QUANTIZATIONS", "load_for_inference", "load_processor", "quantization_config"]
