@@ -5,6 +5,7 @@ One entry per type: its default settings (the keys its `*_config` field may set)
 number of soft tokens it emits per image.
 """
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -27,10 +28,26 @@ def _per_patch(config, settings: dict) -> int:
     return num_vision_tokens(config)
 
 
+def _per_shuffled_block(config, settings: dict) -> int:
+    """Tokens after pixel shuffle: one per `scale_factor` x `scale_factor` block of a square patch grid."""
+    tokens, scale = num_vision_tokens(config), settings["scale_factor"]
+    side = math.isqrt(tokens)
+    if side * side != tokens or scale < 1 or side % scale:
+        raise ValueError(
+            f"pixel_shuffle with scale_factor={scale} needs a square grid of patches whose side it divides; the "
+            f"encoder gives {tokens} tokens per image. Pick a scale_factor that divides the grid side, an image_size "
+            "/ patch_size that makes the side divisible, or vision_feature_select_strategy='default' for an "
+            "encoder with a CLS token."
+        )
+    return tokens // scale**2
+
+
 # One entry per input projector type: adding a projector is this entry and its module in `PROJECTORS`.
 INPUT_PROJECTORS: dict[str, InputProjectorSpec] = {
     "linear": InputProjectorSpec({}, _per_patch, grid=True),
     "mlp": InputProjectorSpec({}, _per_patch, grid=True),
+    # Idefics3 / SmolVLM: space-to-depth, then the token-wise MLP (`projector_depth`, `multimodal_projector_bias`)
+    "pixel_shuffle": InputProjectorSpec({"scale_factor": 2}, _per_shuffled_block),
     "abstractor": InputProjectorSpec(  # mPLUG-Owl2's visual abstractor
         {
             "num_queries": 64,

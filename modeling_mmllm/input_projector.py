@@ -1,12 +1,15 @@
 """Input Projector: maps modality-encoder features to soft tokens of the LLM's width.
 
-Token-wise (`linear`, `mlp`: one token per patch, LLaVA) or query-based (`abstractor`: mPLUG-Owl2, `qformer`:
+Token-wise (`linear`, `mlp`: one token per patch, LLaVA; `pixel_shuffle`: one per block of patches, Idefics3 /
+SmolVLM) or query-based (`abstractor`: mPLUG-Owl2, `qformer`:
 BLIP-2, `resampler`: Flamingo/IDEFICS), which emit a fixed number of tokens whatever the image resolution.
 
 `PROJECTORS` is the registry of projector types: a new type is a class with `__init__(config)` and
 `forward(features) -> tokens`, added to the dict, with its settings and token count in `component_settings.py`
 (which the config checks without torch).
 """
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -49,6 +52,32 @@ class LinearProjector(MLPProjector):
 
     def __init__(self, config):
         super().__init__(config, depth=1)
+
+
+def pixel_shuffle(features: torch.Tensor, scale: int) -> torch.Tensor:
+    """Space-to-depth on a square patch grid: `[batch, side², width]` -> `[batch, (side/scale)², width·scale²]`.
+
+    Each `scale` x `scale` block of patches becomes one token, its patches concatenated row by row (Idefics3's
+    channel order, so its connector weights apply unchanged).
+    """
+    batch, tokens, width = features.shape
+    blocks = math.isqrt(tokens) // scale
+    grid = features.reshape(batch, blocks, scale, blocks, scale, width)
+    return grid.permute(0, 1, 3, 2, 4, 5).reshape(batch, blocks * blocks, scale * scale * width)
+
+
+class PixelShuffleProjector(MLPProjector):
+    """Idefics3 / SmolVLM's connector: pixel shuffle (`projector_config.scale_factor`: scale² times fewer tokens,
+    scale² times wider), then the token-wise MLP (`projector_depth` layers; Idefics3's is one linear layer without
+    bias: `projector_depth=1, multimodal_projector_bias=False`)."""
+
+    def __init__(self, config):
+        scale = input_projector_settings(config)["scale_factor"]
+        super().__init__(config, in_size=feature_width(config) * scale**2)
+        self.scale_factor = scale
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return super().forward(pixel_shuffle(features, self.scale_factor))
 
 
 def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
@@ -208,6 +237,7 @@ class ResamplerProjector(nn.Module):
 PROJECTORS: dict[str, type[nn.Module]] = {
     "linear": LinearProjector,
     "mlp": MLPProjector,
+    "pixel_shuffle": PixelShuffleProjector,
     "abstractor": AbstractorProjector,
     "qformer": QFormerProjector,
     "resampler": ResamplerProjector,
@@ -241,6 +271,7 @@ __all__ = [
     "AbstractorProjector",
     "LinearProjector",
     "MLPProjector",
+    "PixelShuffleProjector",
     "QFormerProjector",
     "ResamplerProjector",
     "build_audio_projector",

@@ -14,7 +14,7 @@ from modeling_mmllm.saving import save_model_folder
 
 pytestmark = pytest.mark.hub
 
-PRESETS = ["llava-tiny", "owl2-tiny", "blip2-tiny", "resampler-tiny"]
+PRESETS = ["llava-tiny", "pixel-shuffle-tiny", "owl2-tiny", "blip2-tiny", "resampler-tiny"]
 QUERY_BASED = ["owl2-tiny", "blip2-tiny", "resampler-tiny"]
 TEXTS = ["<image>Compare with<image>, which is bigger?", "Just text, no picture.", "What is in <image>?"]
 

@@ -37,8 +37,34 @@ def test_multiple_feature_layers_widen_the_input():
     assert build_input_projector(config).linear_1.in_features == 64
 
 
+def test_pixel_shuffle_equals_idefics3s_connector():
+    """`pixel_shuffle` with one linear layer without bias is transformers' `Idefics3Connector` (SmolVLM's too):
+    the same weight gives the same tokens, so Idefics3 checkpoints' connectors apply unchanged."""
+    from transformers import Idefics3Config
+    from transformers.models.idefics3.modeling_idefics3 import Idefics3Connector
+
+    config = MMLLMConfig.from_preset("pixel-shuffle-tiny")
+    reference_config = Idefics3Config(
+        vision_config={"hidden_size": 32}, text_config={"model_type": "llama", "hidden_size": 64}, scale_factor=2
+    )
+    reference = Idefics3Connector(reference_config)
+    projector = build_input_projector(config)
+    projector.linear_1.load_state_dict(reference.modality_projection.proj.state_dict())
+    features = torch.randn(3, 16, 32)  # a 4 x 4 patch grid
+    with torch.no_grad():
+        torch.testing.assert_close(projector(features), reference(features), atol=0, rtol=0)
+    assert config.image_seq_length == 4 and projector(features).shape == (3, 4, 64)
+
+
+def test_pixel_shuffle_refuses_a_grid_its_scale_does_not_divide():
+    with pytest.raises(ValueError, match=r"scale_factor=3 needs a square grid of patches whose side it divides"):
+        MMLLMConfig.from_preset("pixel-shuffle-tiny", projector_config={"scale_factor": 3})
+    with pytest.raises(ValueError, match="the encoder gives 17 tokens per image"):  # CLS kept: not a square
+        MMLLMConfig.from_preset("pixel-shuffle-tiny", vision_feature_select_strategy="full")
+
+
 def test_registry_lists_the_types():
-    assert {"linear", "mlp"} <= set(PROJECTORS)
+    assert {"linear", "mlp", "pixel_shuffle", "abstractor", "qformer", "resampler"} <= set(PROJECTORS)
 
 
 def test_every_component_type_has_its_settings_entry():
