@@ -1,8 +1,8 @@
 """Input Projector: maps modality-encoder features to soft tokens of the LLM's width.
 
 Token-wise (`linear`, `mlp`: one token per patch, LLaVA; `pixel_shuffle`: one per block of patches, Idefics3 /
-SmolVLM) or query-based (`abstractor`: mPLUG-Owl2, `qformer`:
-BLIP-2, `resampler`: Flamingo/IDEFICS), which emit a fixed number of tokens whatever the image resolution.
+SmolVLM) or query-based (`abstractor`: mPLUG-Owl2, `qformer`: BLIP-2, `resampler`: Flamingo/IDEFICS), which emit a
+fixed number of tokens whatever the image resolution.
 
 `PROJECTORS` is the registry of projector types: a new type is a class with `__init__(config)` and
 `forward(features) -> tokens`, added to the dict, with its settings and token count in `component_settings.py`
