@@ -14,6 +14,10 @@ from ..processing_mmllm import MMLLMProcessor
 from .recipe_sections import ModelSection, check_keys
 
 COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output_projector", "modality_generator")
+# The modules a parameter can be in (as optimizer groups report them), and what each per-component learning rate
+# (`vision_tower_lr`, `projector_lr`) covers.
+MODULES = (*COMPONENTS, "audio_tower", "audio_projector", "lm_head")
+LR_COMPONENTS = {"vision_tower": ("vision_tower",), "projector": ("multi_modal_projector", "audio_projector")}
 
 
 IMAGE_GENERATION_KEYS = ("output_projector_type", "num_signal_tokens", "modality_generator", "output_projector_config")
@@ -276,6 +280,21 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
     return LoraConfig(**{**defaults, **settings})
 
 
+def component_of(name: str) -> str:
+    """The module (`MODULES`) a parameter name is in, wherever wrappers put it (PEFT, DDP); "other" for the rest."""
+    return next((module for module in MODULES if f".{module}." in f".{name}"), "other")
+
+
+def component_parameter_names(model: nn.Module, component: str) -> list[str]:
+    """The names of the parameters a per-component learning rate covers (`LR_COMPONENTS`: `vision_tower`, or
+    `projector` for every input projector); a clear error when the model has none."""
+    modules = LR_COMPONENTS[component]
+    names = [name for name, _ in model.named_parameters() if component_of(name) in modules]
+    if not names:
+        raise ValueError(f"{component}_lr is set, but this model has no {' or '.join(modules)}.")
+    return names
+
+
 def vision_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
     """Learning-rate scale per vision parameter: `decay ** (depth from the top)`; embeddings get the smallest."""
     vision_config = model.config.vision_config
@@ -296,6 +315,10 @@ def vision_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
 __all__ = [
     "ALIGNMENT_FREEZE",
     "COMPONENTS",
+    "LR_COMPONENTS",
+    "MODULES",
+    "component_of",
+    "component_parameter_names",
     "IMAGE_GENERATION_KEYS",
     "apply_freeze_policy",
     "build_model",

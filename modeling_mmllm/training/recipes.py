@@ -123,7 +123,22 @@ class MMLLMRecipeKeys:
         default=0.0, metadata={"help": "The generator's own loss against the row's generation_image."}
     )
     vision_lr_decay: float | None = field(
-        default=None, metadata={"help": "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9)."}
+        default=None,
+        metadata={
+            "help": "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9), applied on top of "
+            "vision_tower_lr."
+        },
+    )
+    vision_tower_lr: float | None = field(
+        default=None,
+        metadata={"help": "Learning rate of the vision encoder (ms-swift's vit_lr); default: learning_rate."},
+    )
+    projector_lr: float | None = field(
+        default=None,
+        metadata={
+            "help": "Learning rate of the input projectors (image and audio; ms-swift's aligner_lr); default: "
+            "learning_rate."
+        },
     )
     lora: dict | None = field(
         default=None,
@@ -175,6 +190,11 @@ class RecipeDefaults:
         if not torch.cuda.is_available():
             self.use_cpu, self.bf16, self.fp16 = True, False, False
         super().__post_init__()
+
+    def component_lrs(self) -> dict[str, float]:
+        """The learning rates set per component (`vision_tower_lr`, `projector_lr`), by component name."""
+        rates = {"vision_tower": self.vision_tower_lr, "projector": self.projector_lr}
+        return {component: rate for component, rate in rates.items() if rate is not None}
 
     def trainer_args(self):
         """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final

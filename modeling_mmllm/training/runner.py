@@ -189,6 +189,7 @@ def sft_trainer(
         data_collator=collator,
         peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
         vision_lr_decay=recipe.vision_lr_decay,
+        component_lrs=recipe.component_lrs(),
         callbacks=callbacks,
         alignment_loss_weight=recipe.alignment_loss_weight,
         image_loss_weight=recipe.image_loss_weight,
@@ -213,6 +214,7 @@ def dpo_trainer(recipe: DPORecipeConfig, model, processor: MMLLMProcessor, callb
         processing_class=processor,
         peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
         vision_lr_decay=recipe.vision_lr_decay,
+        component_lrs=recipe.component_lrs(),
         callbacks=callbacks,
     )
 

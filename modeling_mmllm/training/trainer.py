@@ -10,8 +10,11 @@ from torch import nn
 from torch.nn import functional as F
 from trl import DPOTrainer, SFTTrainer
 
+from ..utils.logging import get_logger
 from .collator import GENERATION_TARGETS
-from .model_setup import vision_lr_scales
+from .model_setup import component_of, component_parameter_names, vision_lr_scales
+
+logger = get_logger(__name__)
 
 
 def inner_model(model: nn.Module) -> nn.Module:
@@ -38,10 +41,12 @@ def captured_hidden_states(module: nn.Module):
 
 
 class ParameterGroups:
-    """Trainer mix-in: per-parameter learning-rate scales (`vision_lr_decay`, `lr_scales`) as optimizer groups, and
-    no weight decay on `row_masked_parameters` (their frozen rows stay bit-identical)."""
+    """Trainer mix-in: learning rates per component (`component_lrs`: `vision_tower_lr`, `projector_lr`) and per
+    parameter (`vision_lr_decay`, `lr_scales`, which multiply the component's) as optimizer groups, no weight decay on
+    `row_masked_parameters` (their frozen rows stay bit-identical), and the groups logged as the optimizer is made."""
 
     vision_lr_decay: float | None = None
+    component_lrs: Mapping[str, float] = MappingProxyType({})  # component name -> its learning rate
     lr_scales: Mapping[str, float] = MappingProxyType({})  # read-only defaults: instances set their own
     row_masked_parameters: frozenset[str] = frozenset()
 
@@ -50,28 +55,56 @@ class ParameterGroups:
 
     def create_optimizer(self, model=None):
         model = self.model if model is None else model
-        scales = self.learning_rate_scales(model)
-        if not scales or self.optimizer is not None:
-            return super().create_optimizer(model)
+        learning_rates = self.parameter_learning_rates(model)
+        if not learning_rates or self.optimizer is not None:
+            optimizer = super().create_optimizer(model)
+        else:
+            optimizer = self._grouped_optimizer(model, learning_rates)
+        for line in parameter_group_lines(optimizer, model):
+            logger.info(line)
+        return optimizer
+
+    def _grouped_optimizer(self, model: nn.Module, learning_rates: dict[str, float]):
         decay_names = set(self.get_decay_parameter_names(model))
         groups: dict[tuple[float, float], list] = {}
         for name, parameter in model.named_parameters():
             if parameter.requires_grad:
-                key = (scales.get(name, 1.0), self.args.weight_decay if name in decay_names else 0.0)
+                decay = self.args.weight_decay if name in decay_names else 0.0
+                key = (learning_rates.get(name, self.args.learning_rate), decay)
                 groups.setdefault(key, []).append(parameter)
-        param_groups = [
-            {"params": params, "lr": self.args.learning_rate * scale, "weight_decay": decay}
-            for (scale, decay), params in groups.items()
-        ]
+        param_groups = [{"params": params, "lr": lr, "weight_decay": decay} for (lr, decay), params in groups.items()]
         optimizer_class, optimizer_kwargs = self.get_optimizer_cls_and_kwargs(self.args, model)
         optimizer_kwargs.pop("lr", None)
         self.optimizer = optimizer_class(param_groups, **optimizer_kwargs)
         return self.optimizer
 
-    def learning_rate_scales(self, model: nn.Module) -> dict[str, float]:
-        """Learning-rate scale per parameter name: the vision encoder's layer-wise decay and `lr_scales`."""
-        scales = vision_lr_scales(model, self.vision_lr_decay) if self.vision_lr_decay is not None else {}
-        return {**scales, **self.lr_scales}
+    def parameter_learning_rates(self, model: nn.Module) -> dict[str, float]:
+        """Learning rate per parameter name, for those whose rate is not `learning_rate`: the component's rate
+        (`component_lrs`) times the vision encoder's layer-wise decay and `lr_scales`."""
+        rates = {
+            name: rate
+            for component, rate in self.component_lrs.items()
+            for name in component_parameter_names(model, component)
+        }
+        decay = vision_lr_scales(model, self.vision_lr_decay) if self.vision_lr_decay is not None else {}
+        for name, scale in [*decay.items(), *self.lr_scales.items()]:
+            rates[name] = rates.get(name, self.args.learning_rate) * scale
+        return rates
+
+
+def parameter_group_lines(optimizer, model: nn.Module) -> list[str]:
+    """One line per optimizer group: its learning rate, weight decay, size and the components its parameters are
+    in."""
+    names = {id(parameter): name for name, parameter in model.named_parameters()}
+    lines = []
+    for index, group in enumerate(optimizer.param_groups):
+        components = sorted({component_of(names.get(id(parameter), "")) for parameter in group["params"]})
+        size = sum(parameter.numel() for parameter in group["params"])
+        lines.append(
+            f"optimizer group {index}: lr {group['lr']:.3g}, weight decay {group['weight_decay']:g}, "
+            f"{size:,} parameters ({', '.join(components)})"
+        )
+    return lines
 
 
 class MMLLMTrainer(ParameterGroups, SFTTrainer):
@@ -90,6 +123,7 @@ class MMLLMTrainer(ParameterGroups, SFTTrainer):
         self,
         *args,
         vision_lr_decay: float | None = None,
+        component_lrs: dict[str, float] | None = None,
         alignment_loss_weight: float = 1.0,
         image_loss_weight: float = 0.0,
         row_masked_parameters: set[str] | None = None,
@@ -97,6 +131,7 @@ class MMLLMTrainer(ParameterGroups, SFTTrainer):
         **kwargs,
     ):
         self.vision_lr_decay = vision_lr_decay
+        self.component_lrs = dict(component_lrs or {})
         self.alignment_loss_weight = alignment_loss_weight
         self.image_loss_weight = image_loss_weight
         self.row_masked_parameters = set(row_masked_parameters or ())
@@ -161,12 +196,22 @@ class MMLLMTrainer(ParameterGroups, SFTTrainer):
 
 
 class MMLLMDPOTrainer(ParameterGroups, DPOTrainer):
-    """`DPOTrainer` with layer-wise learning-rate decay on the vision encoder (`vision_lr_decay`), as the SFT
-    stages have it."""
+    """`DPOTrainer` with the learning rates per component and the layer-wise decay on the vision encoder
+    (`component_lrs`, `vision_lr_decay`), as the SFT stages have them."""
 
-    def __init__(self, *args, vision_lr_decay: float | None = None, **kwargs):
+    def __init__(
+        self, *args, vision_lr_decay: float | None = None, component_lrs: dict[str, float] | None = None, **kwargs
+    ):
         self.vision_lr_decay = vision_lr_decay
+        self.component_lrs = dict(component_lrs or {})
         super().__init__(*args, **kwargs)
 
 
-__all__ = ["MMLLMDPOTrainer", "MMLLMTrainer", "ParameterGroups", "captured_hidden_states", "inner_model"]
+__all__ = [
+    "MMLLMDPOTrainer",
+    "MMLLMTrainer",
+    "ParameterGroups",
+    "captured_hidden_states",
+    "inner_model",
+    "parameter_group_lines",
+]

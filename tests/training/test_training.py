@@ -120,13 +120,18 @@ def test_train_help_lists_every_key_with_its_help_and_default(capsys):
     text = " ".join(capsys.readouterr().out.split())
     for key in (
         "--vision_lr_decay",
+        "--vision_tower_lr",
+        "--projector_lr",
         "--bad_rows {stop,skip}",
         "--generator_pretraining",
         "--train_cross_attention",
         "--learning_rate",
     ):
         assert key in text
-    assert "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9). (default: None)" in text
+    assert (
+        "Layer-wise learning-rate decay on the vision encoder (mPLUG-Owl2: 0.9), applied on top of vision_tower_lr. "
+        "(default: None)"
+    ) in text
     assert "Rows whose image is missing or corrupt: stop (report them) or skip. (default: stop)" in text
     assert text.index("--vision_lr_decay") < text.index("--learning_rate")  # mmllm's keys first
 
