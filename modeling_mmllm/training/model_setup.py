@@ -17,6 +17,8 @@ COMPONENTS = ("vision_tower", "multi_modal_projector", "language_model", "output
 # The modules a parameter can be in (as optimizer groups report them), and what each per-component learning rate
 # (`vision_tower_lr`, `projector_lr`) covers.
 MODULES = (*COMPONENTS, "audio_tower", "audio_projector", "lm_head")
+# Where `lora.components` may put adapters.
+LORA_COMPONENTS = ("language_model", "vision_tower", "multi_modal_projector")
 LR_COMPONENTS = {"vision_tower": ("vision_tower",), "projector": ("multi_modal_projector", "audio_projector")}
 
 
@@ -236,11 +238,12 @@ def embedding_lr_scales(model: nn.Module, scale: float) -> dict[str, float]:
 
 
 def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
-    """PEFT LoRA on every linear layer of the LLM (its modality-adaptive branches included), or on those named in
-    `target_modules` (`[q_proj, k_proj, v_proj, o_proj]`: names inside the LLM, never the vision encoder's layers of
-    the same name; a string such as a regex goes to PEFT as it is); the projector and the
-    gated cross-attention blocks (new modules, gates included: LoRA on a block behind a closed gate would get no
-    gradient) train fully.
+    """PEFT LoRA on every linear layer of the components named in `components` (default: the LLM, its
+    modality-adaptive branches included; also `vision_tower` and `multi_modal_projector`), or on those of their layers
+    named in `target_modules` (`[q_proj, k_proj, v_proj, o_proj]`: short names inside those components, never another
+    component's layers of the same name; a string such as a regex goes to PEFT as it is). The gated cross-attention
+    blocks (new modules, gates included: LoRA on a block behind a closed gate would get no gradient), the projector
+    unless it has adapters, and the vision tower when the recipe leaves it trainable without adapters train fully.
 
     With image generation, the output projector trains fully too, the signal tokens' input embeddings through PEFT's
     trainable tokens, and an untied LM head as a trainable copy whose other rows `mask_peft_head_rows` keeps fixed
@@ -248,22 +251,33 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
     """
     from peft import LoraConfig
 
+    settings = dict(settings)
+    components = settings.pop("components", None) or ["language_model"]
+    unknown = sorted(set(components) - set(LORA_COMPONENTS))
+    if unknown:
+        raise ValueError(f"lora components {unknown}: choose from {list(LORA_COMPONENTS)}.")
     blocks = {id(module) for block in cross_attention_blocks(model) for module in block.modules()}
     targets = [
         name
         for name, module in model.named_modules()
-        if isinstance(module, nn.Linear) and name.startswith("model.language_model.") and id(module) not in blocks
+        if isinstance(module, nn.Linear) and component_of(name) in components and id(module) not in blocks
     ]
-    new_modules = ["multi_modal_projector", *(["gated_cross_attn"] if blocks else [])]
-    settings = dict(settings)
-    if isinstance(settings.get("target_modules"), list):  # short names pick the LLM's layers of that name
+    if isinstance(settings.get("target_modules"), list):  # short names pick the components' layers of that name
         names = set(settings["target_modules"])
         settings["target_modules"] = [target for target in targets if target.rsplit(".", 1)[-1] in names]
         if not settings["target_modules"]:
             raise ValueError(
-                f"lora target_modules {sorted(names)}: no linear layer of the LLM has these names "
-                "(LLaMA-style names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj)."
+                f"lora target_modules {sorted(names)}: no linear layer of {', '.join(components)} has these names "
+                "(LLaMA-style names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; CLIP's: q_proj, "
+                "k_proj, v_proj, out_proj, fc1, fc2)."
             )
+    vision = getattr(model.model, "vision_tower", None)
+    trains_fully = vision is not None and any(parameter.requires_grad for parameter in vision.parameters())
+    new_modules = [
+        *(["multi_modal_projector"] if "multi_modal_projector" not in components else []),
+        *(["gated_cross_attn"] if blocks else []),
+        *(["vision_tower"] if trains_fully and "vision_tower" not in components else []),
+    ]
     defaults = {
         "r": 8,
         "lora_alpha": 16,
@@ -281,8 +295,9 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
 
 
 def component_of(name: str) -> str:
-    """The module (`MODULES`) a parameter name is in, wherever wrappers put it (PEFT, DDP); "other" for the rest."""
-    return next((module for module in MODULES if f".{module}." in f".{name}"), "other")
+    """The module (`MODULES`) a parameter or module name is in, wherever wrappers put it (PEFT, DDP); "other" for the
+    rest."""
+    return next((module for module in MODULES if f".{module}." in f".{name}."), "other")
 
 
 def component_parameter_names(model: nn.Module, component: str) -> list[str]:
@@ -315,6 +330,7 @@ def vision_lr_scales(model: nn.Module, decay: float) -> dict[str, float]:
 __all__ = [
     "ALIGNMENT_FREEZE",
     "COMPONENTS",
+    "LORA_COMPONENTS",
     "LR_COMPONENTS",
     "MODULES",
     "component_of",
