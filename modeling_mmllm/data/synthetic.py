@@ -94,6 +94,15 @@ GENERATION_FEATURES = Features(
         "generation_image": Image(),
     }
 )
+# Typed-part conversations with evaluation columns: images interleaved with text in one turn (`multi-image`).
+PARTS_FEATURES = Features(
+    {
+        "images": Sequence(Image()),
+        "messages": [{"role": Value("string"), "content": [PART]}],
+        "kind": Value("string"),
+        "answer": Value("string"),
+    }
+)
 # Preference pairs (TRL's preference format): a user prompt, the chosen and the rejected assistant turn.
 TURNS = [{"role": Value("string"), "content": Value("string")}]
 PREFERENCE_FEATURES = Features(
@@ -124,6 +133,8 @@ SCENE_VALUES = {
     "count": (1, 2, 3),
 }
 SWATCH_QUESTION = "What colour is it?"
+PAIR_QUESTION = "What colour is the {} image?"
+ORDINALS = ("first", "second")
 # Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
 AUDIO_FEATURES = Features(
     {
@@ -350,20 +361,49 @@ def preference_pair(row: dict, rng: np.random.Generator) -> dict:
     }
 
 
+def swatch(colour: str, rng: np.random.Generator, size: int = 32) -> PILImage.Image:
+    """A `size x size` image of one colour with a little noise."""
+    noise = rng.integers(-20, 21, (size, size, 3))
+    return PILImage.fromarray(np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8))
+
+
 def swatch_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
     """`n` rows asking the colour of a swatch (one colour, a little noise) (kind `colour`)."""
     rng = task_rng("swatch-preference", split, seed)
     rows = []
     for _ in range(n):
         colour = list(COLOURS)[rng.integers(len(COLOURS))]
-        noise = rng.integers(-20, 21, (image_size, image_size, 3))
-        pixels = np.clip(np.array(COLOURS[colour]) + noise, 0, 255).astype(np.uint8)
         rows.append(
             {
-                "images": [PILImage.fromarray(pixels)],
+                "images": [swatch(colour, rng, image_size)],
                 "messages": _conversation(SWATCH_QUESTION, colour),
                 "kind": "colour",
                 "answer": colour,
+            }
+        )
+    return rows
+
+
+def pair_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
+    """`n` rows about two swatches of different colours interleaved with text in one turn ("First: <image> Second:
+    <image> What colour is the second image?"), asking the first image's colour or the second's (kind `first` /
+    `second`, alternating): one image alone answers half of them at best."""
+    rng = task_rng("multi-image", split, seed)
+    names = list(COLOURS)
+    rows = []
+    for index in range(n):
+        kind = ORDINALS[index % 2]
+        first = names[rng.integers(len(names))]
+        second = names[(names.index(first) + rng.integers(1, len(names))) % len(names)]
+        answer = first if kind == "first" else second
+        image = {"type": "image", "text": None}
+        content = [_text("First:"), image, _text("Second:"), image, _text(PAIR_QUESTION.format(kind))]
+        rows.append(
+            {
+                "images": [swatch(first, rng, image_size), swatch(second, rng, image_size)],
+                "messages": [{"role": "user", "content": content}, {"role": "assistant", "content": [_text(answer)]}],
+                "kind": kind,
+                "answer": answer,
             }
         )
     return rows
@@ -536,6 +576,12 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         lambda n, split, image_size, seed: audio_rows(n, split, seed),
         features=AUDIO_FEATURES,
         stream=11,
+    ),
+    "multi-image": SyntheticTask(
+        "two swatches of different colours in one turn: the colour of the first or the second",
+        lambda n, split, image_size, seed: pair_rows(n, split, image_size, seed),
+        features=PARTS_FEATURES,
+        stream=71,
     ),
     "detail": SyntheticTask(
         "the colour of a small square in a wide image: needs resolution",

@@ -49,6 +49,9 @@ PINNED = {
     ("swatch-preference", "train", 0, 64): "0628d091893a8cdfaffe2cfde6216c918e75d9cbbdcdae7483f65db62d77329e",
     ("swatch-preference", "heldout", 0, 64): "bb721be3fd93fa43750feb393a64c727adbe9a7cc5078163936c566f0ee96aee",
     ("swatch-preference", "train", 3, 32): "355341864e33419a19a0ae9ad76b8107f12c3c86e364b5609f734914b56de7da",
+    ("multi-image", "train", 0, 64): "467e3eb891dc422f65ec8f4e6ef501423628a7dbb451b13733a71d459a4f78f7",
+    ("multi-image", "heldout", 0, 64): "304a54f7119413cd12c67b26d4dc3e17617224c70886435b989007fcde907c63",
+    ("multi-image", "train", 3, 32): "3c2b156bff6a9879e9414b2620d53f3ca4592a7ddac7dd8d3fc29afa4721d3f9",
 }
 
 
