@@ -10,6 +10,7 @@ and says how to fix it; nothing is inserted, dropped or misread silently.
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -40,6 +41,7 @@ except ImportError:
 
 
 SIGNAL_TOKEN = re.compile(r"<gen_img_(\d+)>")
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")  # the files a frame folder's frames are read from
 
 
 def _is_single_clip(item, audio: bool = False) -> bool:
@@ -53,6 +55,18 @@ def _is_single_clip(item, audio: bool = False) -> bool:
     return bool(item) and _is_frame(item[0])
 
 
+def _clips(items, audio: bool = False) -> list:
+    """`videos=` / `audio=` as a flat list of clips: one clip, a list of clips, or a list of per-sample lists of clips
+    (what transformers' chat template passes for a batch of conversations)."""
+    if _is_single_clip(items, audio):
+        return [items]
+    clips = []
+    for item in items:
+        sample = isinstance(item, (list, tuple)) and bool(item) and not _is_single_clip(item, audio)
+        clips.extend(item) if sample else clips.append(item)
+    return clips
+
+
 def _is_empty(items, nested: bool = False) -> bool:
     """An empty list of items, e.g. `videos=[]`; with `nested`, also a list of empty per-sample lists
     (`images=[[], []]`). A video's frames are a list too, so `videos=[[]]` is one empty clip, not no clips."""
@@ -64,6 +78,35 @@ def _is_empty(items, nested: bool = False) -> bool:
 def _is_frame(item) -> bool:
     """One video frame: a PIL image or an `[H, W, 3]` / `[3, H, W]` array or tensor."""
     return isinstance(item, Image.Image) or (isinstance(item, (np.ndarray, torch.Tensor)) and item.ndim == 3)
+
+
+def frame_files(folder: str | Path) -> list[Path]:
+    """The image files of a frame folder, in name order (`frame_0001.jpg`, ...): one video clip."""
+    return sorted(path for path in Path(folder).iterdir() if path.suffix.lower() in FRAME_SUFFIXES)
+
+
+def clip_frames(clip, index: int = 0) -> list:
+    """A video clip as its frames: a video file, a frame folder (`frame_files`), a `[frames, H, W, 3]` array or
+    tensor, or a list of frames. A `ValueError` naming video item `index` when it cannot be read or has no frames."""
+    if isinstance(clip, str) and Path(clip).is_dir():
+        clip = [Image.open(frame) for frame in frame_files(clip)]
+    elif isinstance(clip, str):
+        if imageio is None:
+            raise ValueError(
+                f"Video item {index} is a file ({clip}); reading video files needs imageio "
+                "(`pip install imageio`), or pass the frames."
+            )
+        try:
+            clip = imageio.imread(clip, index=None)
+        except Exception as error:
+            raise ValueError(f"Video item {index}: cannot read {clip} ({error}).") from None
+    frames = list(clip) if isinstance(clip, (list, tuple, np.ndarray, torch.Tensor)) else None
+    if not frames or not all(_is_frame(frame) for frame in frames):
+        raise ValueError(
+            f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of frames, a "
+            "[frames, height, width, 3] array, a video file or a folder of frame images."
+        )
+    return frames
 
 
 def _flatten(images) -> list:
@@ -299,8 +342,8 @@ class MMLLMProcessor(ProcessorMixin):
             text = [text] if isinstance(text, str) else list(text)
         if images is not None:
             images = self.image_processor.fetch_images(images)
-        videos = None if videos is None else [videos] if _is_single_clip(videos) else list(videos)
-        audio = None if audio is None else [audio] if _is_single_clip(audio, audio=True) else list(audio)
+        videos = None if videos is None else _clips(videos)
+        audio = None if audio is None else _clips(audio, audio=True)
         return images, text, videos, audio
 
     def validate_inputs(self, images=None, text=None, videos=None, audio=None, **kwargs):
@@ -348,23 +391,8 @@ class MMLLMProcessor(ProcessorMixin):
         return {"pixel_values_videos": pixel_values}, [self.video_token * self.video_seq_length] * len(videos)
 
     def _sample_frames(self, clip, index: int) -> list:
-        """A clip (file path, `[frames, H, W, 3]` array or tensor, or a list of frames) -> sampled frames."""
-        if isinstance(clip, str):
-            if imageio is None:
-                raise ValueError(
-                    f"Video item {index} is a file ({clip}); reading video files needs imageio "
-                    "(`pip install imageio`), or pass the frames."
-                )
-            try:
-                clip = imageio.imread(clip, index=None)
-            except Exception as error:
-                raise ValueError(f"Video item {index}: cannot read {clip} ({error}).") from None
-        frames = list(clip) if isinstance(clip, (list, tuple, np.ndarray, torch.Tensor)) else None
-        if not frames or not all(_is_frame(frame) for frame in frames):
-            raise ValueError(
-                f"Video item {index} is empty or not a clip ({type(clip).__name__}): pass a list of "
-                "frames, a [frames, height, width, 3] array, or a video file path."
-            )
+        """A clip (`clip_frames`) -> its `video_num_frames` frames, sampled uniformly."""
+        frames = clip_frames(clip, index)
         picks = np.linspace(0, len(frames) - 1, self.video_num_frames).round().astype(int)
         return [frames[pick] for pick in picks]
 

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from datasets import Dataset, Features, Image, Sequence, Value, load_dataset, load_from_disk
 from PIL import Image as PILImage
 
+from ..processing_mmllm import clip_frames
 from ..utils.logging import get_logger
 from .synthetic import GENERATION_FEATURES, GENERATION_PROMPTS, make_dataset
 
@@ -208,7 +209,8 @@ def _parts(text: str) -> list[dict]:
 
 
 def find_bad_rows(dataset: Dataset) -> dict[int, str]:
-    """Row index -> reason, for rows whose images (or `generation_image` target) are missing or cannot be decoded."""
+    """Row index -> reason, for rows whose images (or `generation_image` target) are missing or cannot be decoded,
+    or whose video clips cannot be read or have no frames."""
     raw = dataset.cast_column("images", Sequence(Image(decode=False)))
     targets = "generation_image" in raw.column_names
     if targets:
@@ -220,6 +222,20 @@ def find_bad_rows(dataset: Dataset) -> dict[int, str]:
             if reason:
                 bad[index] = reason
                 break
+    if "videos" in dataset.column_names:
+        bad.update(_bad_video_rows(dataset))
+    return dict(sorted(bad.items()))
+
+
+def _bad_video_rows(dataset: Dataset) -> dict[int, str]:
+    """Row index -> reason, for rows with a video clip that cannot be read or has no frames (`clip_frames`)."""
+    bad = {}
+    for index in range(len(dataset)):
+        try:
+            for position, clip in enumerate(dataset[index]["videos"] or []):
+                clip_frames(clip, position)
+        except Exception as error:  # a frame that does not decode raises as the row is read
+            bad[index] = f"bad video ({error})"
     return bad
 
 
@@ -250,10 +266,18 @@ def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layou
 
     section = DataSection.parse("data", spec)
     dataset = _source_dataset(section)
+    if "videos" in dataset.column_names and "images" not in dataset.column_names:  # TRL finds vision data by images
+        dataset = dataset.add_column("images", [[] for _ in range(len(dataset))])
     check_layout(dataset, layout)
+    if layout == "preference" and "videos" in dataset.column_names:
+        raise ValueError(
+            "Preference pairs with a `videos` column: DPO trains on images only (TRL's preference collator reads "
+            "`images`); train video rows with SFT, or give the pairs frames as `images`."
+        )
     if section.synthetic is not None:  # made here: nothing to check
         return dataset
-    bad, what = (find_bad_rows(dataset) if "images" in dataset.column_names else {}), "bad images"
+    bad = find_bad_rows(dataset) if "images" in dataset.column_names else {}
+    what = "bad images or videos" if "videos" in dataset.column_names else "bad images"
     if is_preference(dataset):
         bad, what = dict(sorted({**empty_answer_rows(dataset), **bad}.items())), "bad images or empty answers"
     dataset = drop_bad_rows(dataset, bad, bad_rows, what)

@@ -103,6 +103,8 @@ PARTS_FEATURES = Features(
         "answer": Value("string"),
     }
 )
+# Video rows: clips as lists of frames (a `videos` column; no input images).
+VIDEO_FEATURES = Features({**FEATURES, "videos": Sequence(Sequence(Image()))})
 # Preference pairs (TRL's preference format): a user prompt, the chosen and the rejected assistant turn.
 TURNS = [{"role": Value("string"), "content": Value("string")}]
 PREFERENCE_FEATURES = Features(
@@ -134,6 +136,7 @@ SCENE_VALUES = {
 }
 SWATCH_QUESTION = "What colour is it?"
 PAIR_QUESTION = "What colour is the {} image?"
+ORDER_QUESTION = "What colour appears {}?"
 ORDINALS = ("first", "second")
 # Audio rows: clips as `{"array", "sampling_rate"}` (plain arrays: no audio decoder needed to read them back).
 AUDIO_FEATURES = Features(
@@ -409,6 +412,35 @@ def pair_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0)
     return rows
 
 
+def order_clip(colours: tuple[str, str], rng: np.random.Generator, size: int = 32, frames: int = 8) -> list:
+    """`frames` frames: the first half a swatch of `colours[0]`, the second half one of `colours[1]` (each frame its
+    own noise). A frame alone shows one colour; only their order in time says which came first."""
+    return [swatch(colours[index * 2 // frames], rng, size) for index in range(frames)]
+
+
+def order_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
+    """`n` video rows asking which colour appears first or second in a clip of two colours (kind `first` / `second`,
+    alternating)."""
+    rng = task_rng("video-order", split, seed)
+    names = list(COLOURS)
+    rows = []
+    for index in range(n):
+        kind = ORDINALS[index % 2]
+        first = names[rng.integers(len(names))]
+        second = names[(names.index(first) + rng.integers(1, len(names))) % len(names)]
+        answer = first if kind == "first" else second
+        rows.append(
+            {
+                "images": [],
+                "videos": [order_clip((first, second), rng, image_size)],
+                "messages": _conversation(ORDER_QUESTION.format(kind), answer),
+                "kind": kind,
+                "answer": answer,
+            }
+        )
+    return rows
+
+
 def preference_rows(rows: list[dict], split: str, seed: int = 0) -> list[dict]:
     """Question rows as preference pairs (`preference_pair`), the wrong answers drawn by seed."""
     rng = task_rng("preference", split, seed)
@@ -582,6 +614,12 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         lambda n, split, image_size, seed: pair_rows(n, split, image_size, seed),
         features=PARTS_FEATURES,
         stream=71,
+    ),
+    "video-order": SyntheticTask(
+        "video clips of two colours one after the other: which appears first or second",
+        lambda n, split, image_size, seed: order_rows(n, split, image_size, seed),
+        features=VIDEO_FEATURES,
+        stream=79,
     ),
     "detail": SyntheticTask(
         "the colour of a small square in a wide image: needs resolution",

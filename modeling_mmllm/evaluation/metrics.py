@@ -18,8 +18,10 @@ def _batched_inputs(model, processor, rows: list[dict], batch_size: int):
         batch = rows[start : start + batch_size]
         prompts = [processor.apply_chat_template(_prompt_messages(row), add_generation_prompt=True) for row in batch]
         images = [image for row in batch for image in row.get("images") or []] or None
+        videos = [clip for row in batch for clip in row.get("videos") or []] or None
         clips = [clip for row in batch for clip in row.get("audio") or []] or None
-        yield processor(images=images, audio=clips, text=prompts, padding=True, return_tensors="pt").to(model.device)
+        inputs = processor(images=images, videos=videos, audio=clips, text=prompts, padding=True, return_tensors="pt")
+        yield inputs.to(model.device)
 
 
 def generated_tokens(
@@ -75,6 +77,7 @@ def _prompt_messages(row: dict) -> list[dict]:
     if isinstance(content, str):
         content = (
             [{"type": "image"}] * len(row.get("images") or [])
+            + [{"type": "video"}] * len(row.get("videos") or [])
             + [{"type": "audio"}] * len(row.get("audio") or [])
             + [{"type": "text", "text": content}]
         )
@@ -82,7 +85,8 @@ def _prompt_messages(row: dict) -> list[dict]:
 
 
 def exact_match(model, processor, dataset: Dataset, **kwargs) -> dict[str, float]:
-    """Accuracy per `kind` column, plus `overall` (rows need `messages`, `answer`, `kind`; `images`, `audio`)."""
+    """Accuracy per `kind` column, plus `overall` (rows need `messages`, `answer`, `kind`; optional `images`,
+    `videos`, `audio`)."""
     rows = list(dataset)
     return _accuracy(rows, answer_questions(model, processor, rows, **kwargs))
 

@@ -15,8 +15,9 @@ ROWS_PER_CALL = 64  # rows collated at once when rows are measured
 
 @dataclass
 class MultimodalCollator(DataCollatorForVisionLanguageModeling):
-    """TRL's vision collator, plus: rows with an `audio` column (clips as `{"array", "sampling_rate"}`) get their
-    clips into the first user message, and placeholder tokens (every non-text modality) never count in the loss.
+    """TRL's vision collator, plus: rows with a `videos` column (frame lists, arrays, files or frame folders) or an
+    `audio` column (clips as `{"array", "sampling_rate"}`) get their clips into the first user message, and
+    placeholder tokens (every non-text modality) never count in the loss.
 
     Image generation: an image part in an assistant turn (an image the model produces) is written as the signal
     tokens, and the `generation_caption` of each row that has one goes to the trainer as `generation_captions` (in
@@ -50,7 +51,7 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
             examples = [dict(self.packed_rows[int(index)]) for example in examples for index in example["pack"]]
         captions = [example.get("generation_caption") for example in examples]
         targets = [example.get("generation_image") for example, caption in zip(examples, captions) if caption]
-        examples = [self._with_generated_images(self._with_audio_parts(example)) for example in examples]
+        examples = [self._with_generated_images(self._with_media_parts(example)) for example in examples]
         batch = super().torch_call(examples)
         batch["labels"][batch["mm_token_type_ids"] != 0] = -100
         if self.answer_markers is not None:
@@ -99,26 +100,46 @@ class MultimodalCollator(DataCollatorForVisionLanguageModeling):
         ]
         return {**example, "messages": messages}
 
-    def _with_audio_parts(self, example: dict) -> dict:
-        """Typed content for the first user message: image placeholders (TRL fills them), then the audio clips."""
-        clips = example.get("audio") or []
-        if not clips:
+    def _with_media_parts(self, example: dict) -> dict:
+        """A row's video clips (`videos`: frame lists, arrays, files or frame folders) and audio clips (`audio`:
+        `{"array", "sampling_rate"}`) as data in its first user message, where the processor reads them: into the
+        message's own `{"type": "video"}` / `{"type": "audio"}` parts in order, or, for a string message, after its
+        image placeholders (TRL fills those) and before its text."""
+        media = {
+            "video": list(example.get("videos") or []),
+            "audio": [self._audio_array(clip) for clip in example.get("audio") or []],
+        }
+        if not any(media.values()):
             return example
-        rate = self.processor.audio_features.sampling_rate
-        for clip in clips:
-            if clip["sampling_rate"] != rate:
-                raise ValueError(
-                    f"An audio clip is sampled at {clip['sampling_rate']} Hz but the audio encoder "
-                    f"expects {rate} Hz: resample the dataset first (datasets' cast_column)."
-                )
         messages = [dict(message) for message in example["messages"]]
         user = next(message for message in messages if message["role"] == "user")
+        if isinstance(user["content"], str):
+            placeholders = [{"type": kind} for kind, clips in media.items() for _ in clips]
+            images = [{"type": "image"} for _ in example.get("images") or []]
+            user["content"] = [*images, *placeholders, {"type": "text", "text": user["content"]}]
+        for kind, clips in media.items():
+            parts = [part for part in user["content"] if part.get("type") == kind]
+            if len(parts) != len(clips):
+                raise ValueError(
+                    f"A row has {len(clips)} {kind} clip(s) but its first user message has {len(parts)} "
+                    f"{{'type': '{kind}'}} part(s): give each clip a part, or write the message as a string."
+                )
+        clips = {kind: iter(items) for kind, items in media.items()}
         user["content"] = [
-            *({"type": "image"} for _ in example.get("images") or []),
-            *({"type": "audio", "audio": np.asarray(clip["array"], dtype=np.float32)} for clip in clips),
-            {"type": "text", "text": user["content"]},
+            {**part, part["type"]: next(clips[part["type"]])} if part.get("type") in clips else part
+            for part in user["content"]
         ]
         return {**example, "messages": messages}
+
+    def _audio_array(self, clip: dict) -> np.ndarray:
+        """An `{"array", "sampling_rate"}` clip as the array, at the audio encoder's rate (or a clear error)."""
+        rate = self.processor.audio_features.sampling_rate
+        if clip["sampling_rate"] != rate:
+            raise ValueError(
+                f"An audio clip is sampled at {clip['sampling_rate']} Hz but the audio encoder "
+                f"expects {rate} Hz: resample the dataset first (datasets' cast_column)."
+            )
+        return np.asarray(clip["array"], dtype=np.float32)
 
 
 def padding_free_batch(batch: dict, pad_token_id: int, groups: list[int] | None = None) -> dict:

@@ -52,6 +52,9 @@ PINNED = {
     ("multi-image", "train", 0, 64): "467e3eb891dc422f65ec8f4e6ef501423628a7dbb451b13733a71d459a4f78f7",
     ("multi-image", "heldout", 0, 64): "304a54f7119413cd12c67b26d4dc3e17617224c70886435b989007fcde907c63",
     ("multi-image", "train", 3, 32): "3c2b156bff6a9879e9414b2620d53f3ca4592a7ddac7dd8d3fc29afa4721d3f9",
+    ("video-order", "train", 0, 64): "fbda6516e51774dc7ff9fd4f71177673cc1e2f7fe363e3f2cd6adef4c4b44ec4",
+    ("video-order", "heldout", 0, 64): "c6f28d197756b5f7adc12bb4bf2ebb210c9d8b56b0a4f4b9aa445f6e19cd1572",
+    ("video-order", "train", 3, 32): "5a5c8c07b3431441deb2ab607c15607e0497574f529ac2721b28e1ac5ffd2081",
 }
 
 
@@ -65,6 +68,8 @@ def _pixels(image) -> list:
 def _cell(column: str, value):
     if column == "images":
         return [_pixels(image) for image in value]
+    if column == "videos":
+        return [[_pixels(frame) for frame in clip] for clip in value]
     if column == "generation_image":
         return _pixels(value)
     if column == "audio":
