@@ -55,6 +55,12 @@ def _is_single_clip(item, audio: bool = False) -> bool:
     return bool(item) and _is_frame(item[0])
 
 
+def _is_clip(item, audio: bool = False) -> bool:
+    """Whether `item` is one clip (a path, a dict, an array of clip shape, or a non-empty list of frames or samples):
+    not a frame, a number or an empty list."""
+    return isinstance(item, (str, dict, list, tuple, np.ndarray, torch.Tensor)) and _is_single_clip(item, audio)
+
+
 def _clips(items, audio: bool = False) -> list:
     """`videos=` / `audio=` as a flat list of clips: one clip, a list of clips, or a list of per-sample lists of clips
     (what transformers' chat template passes for a batch of conversations)."""
@@ -62,7 +68,7 @@ def _clips(items, audio: bool = False) -> list:
         return [items]
     clips = []
     for item in items:
-        sample = isinstance(item, (list, tuple)) and bool(item) and not _is_single_clip(item, audio)
+        sample = isinstance(item, (list, tuple)) and bool(item) and all(_is_clip(clip, audio) for clip in item)
         clips.extend(item) if sample else clips.append(item)
     return clips
 
