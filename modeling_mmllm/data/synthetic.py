@@ -387,18 +387,24 @@ def swatch_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 
     return rows
 
 
+def _ordinal_question(index: int, rng: np.random.Generator) -> tuple[str, tuple[str, str], str]:
+    """Row `index` of a two-colour task: which one it asks for (`first` / `second`, alternating), two different
+    colours, and the answer."""
+    names = list(COLOURS)
+    first = names[rng.integers(len(names))]
+    second = names[(names.index(first) + rng.integers(1, len(names))) % len(names)]
+    kind = ORDINALS[index % 2]
+    return kind, (first, second), first if kind == "first" else second
+
+
 def pair_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0) -> list[dict]:
     """`n` rows about two swatches of different colours interleaved with text in one turn ("First: <image> Second:
     <image> What colour is the second image?"), asking the first image's colour or the second's (kind `first` /
     `second`, alternating): one image alone answers half of them at best."""
     rng = task_rng("multi-image", split, seed)
-    names = list(COLOURS)
     rows = []
     for index in range(n):
-        kind = ORDINALS[index % 2]
-        first = names[rng.integers(len(names))]
-        second = names[(names.index(first) + rng.integers(1, len(names))) % len(names)]
-        answer = first if kind == "first" else second
+        kind, (first, second), answer = _ordinal_question(index, rng)
         image = {"type": "image", "text": None}
         content = [_text("First:"), image, _text("Second:"), image, _text(PAIR_QUESTION.format(kind))]
         rows.append(
@@ -422,13 +428,9 @@ def order_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 0
     """`n` video rows asking which colour appears first or second in a clip of two colours (kind `first` / `second`,
     alternating)."""
     rng = task_rng("video-order", split, seed)
-    names = list(COLOURS)
     rows = []
     for index in range(n):
-        kind = ORDINALS[index % 2]
-        first = names[rng.integers(len(names))]
-        second = names[(names.index(first) + rng.integers(1, len(names))) % len(names)]
-        answer = first if kind == "first" else second
+        kind, (first, second), answer = _ordinal_question(index, rng)
         rows.append(
             {
                 "images": [],
