@@ -241,9 +241,10 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
     """PEFT LoRA on every linear layer of the components named in `components` (default: the LLM, its
     modality-adaptive branches included; also `vision_tower` and `multi_modal_projector`), or on those of their layers
     named in `target_modules` (`[q_proj, k_proj, v_proj, o_proj]`: short names inside those components, never another
-    component's layers of the same name; a string such as a regex goes to PEFT as it is). The gated cross-attention
-    blocks (new modules, gates included: LoRA on a block behind a closed gate would get no gradient), the projector
-    unless it has adapters, and the vision tower when the recipe leaves it trainable without adapters train fully.
+    component's layers of the same name; a string such as a regex goes to PEFT as it is). The components in
+    `trained_fully` (default: the projector, unless it has adapters; `[vision_tower, multi_modal_projector]` trains
+    the encoder fully beside LoRA on the LLM) and the gated cross-attention blocks (new modules, gates included: LoRA
+    on a block behind a closed gate would get no gradient) train fully; PEFT freezes everything else.
 
     With image generation, the output projector trains fully too, the signal tokens' input embeddings through PEFT's
     trainable tokens, and an untied LM head as a trainable copy whose other rows `mask_peft_head_rows` keeps fixed
@@ -271,13 +272,15 @@ def lora_config(model: MMLLMForConditionalGeneration, settings: dict):
                 "(LLaMA-style names: q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj; CLIP's: q_proj, "
                 "k_proj, v_proj, out_proj, fc1, fc2)."
             )
-    vision = getattr(model.model, "vision_tower", None)
-    trains_fully = vision is not None and any(parameter.requires_grad for parameter in vision.parameters())
-    new_modules = [
-        *(["multi_modal_projector"] if "multi_modal_projector" not in components else []),
-        *(["gated_cross_attn"] if blocks else []),
-        *(["vision_tower"] if trains_fully and "vision_tower" not in components else []),
-    ]
+    trained_fully = settings.pop("trained_fully", None)
+    if trained_fully is None:
+        trained_fully = [] if "multi_modal_projector" in components else ["multi_modal_projector"]
+    unknown = sorted(set(trained_fully) - set(LORA_COMPONENTS) | set(trained_fully) & set(components))
+    if unknown:
+        raise ValueError(
+            f"lora trained_fully {unknown}: name components without adapters, from {list(LORA_COMPONENTS)}."
+        )
+    new_modules = [*trained_fully, *(["gated_cross_attn"] if blocks else [])]
     defaults = {
         "r": 8,
         "lora_alpha": 16,

@@ -145,7 +145,8 @@ class MMLLMRecipeKeys:
         metadata={
             "help": "PEFT LoRA: {r: 8, lora_alpha: 16, ...} (any peft.LoraConfig field), on the linear layers of "
             "`components` (default [language_model], its modality-adaptive branches included; also vision_tower, "
-            "multi_modal_projector). A component neither frozen nor adapted trains fully."
+            "multi_modal_projector); `trained_fully` lists the components that train fully beside the adapters "
+            "(default [multi_modal_projector]); the rest is frozen."
         },
     )
     merge_lora: bool = field(
@@ -356,7 +357,7 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
     if recipe.get("lora") is not None:
         from peft import LoraConfig
 
-        check_keys("lora", recipe["lora"], {"components"} | {f.name for f in fields(LoraConfig)})
+        check_keys("lora", recipe["lora"], {"components", "trained_fully"} | {f.name for f in fields(LoraConfig)})
     (config,) = HfArgumentParser(config_class).parse_dict(check_types(config_class, recipe))
     return config
 

@@ -1,6 +1,6 @@
 """LoRA beyond the LLM (`lora.components`): adapters on the vision tower and the projector as well as the LLM, or the
-vision tower trained fully beside LoRA on the LLM; a recipe run saves adapters only for the adapted components, and
-its merged folder gives the adapter's logits in a fresh process that cannot import mmllm."""
+vision tower trained fully beside LoRA on the LLM (`lora.trained_fully`); a recipe run saves adapters only for the
+adapted components, and its merged folder gives the adapter's logits in a fresh process that cannot import mmllm."""
 
 import json
 import subprocess
@@ -53,17 +53,21 @@ def test_lora_components_put_adapters_where_named_and_the_rest_trains_as_the_fre
     assert all("lora_" in name for name in everywhere)  # nothing trains fully: every component has adapters
 
     model, _ = build_model({"preset": "owl2-tiny"})
-    llm_only = _trainable(model, {}, [])  # the vision tower is not frozen: it trains fully beside LoRA on the LLM
-    assert any(".vision_tower.modules_to_save." in name for name in llm_only)
-    assert not any(".vision_tower." in name and "lora_" in name for name in llm_only)
+    llm_only = _trainable(model, {}, [])  # as before: adapters on the LLM, the projector fully, the encoder frozen
+    assert not any(".vision_tower." in name for name in llm_only)
+    assert any(".multi_modal_projector.modules_to_save." in name for name in llm_only)
     model, _ = build_model({"preset": "owl2-tiny"})
-    assert not any(".vision_tower." in name for name in _trainable(model, {}, ["vision_tower"]))
+    full_encoder = _trainable(model, {"trained_fully": ["vision_tower", "multi_modal_projector"]}, [])
+    assert any(".vision_tower.modules_to_save." in name for name in full_encoder)
+    assert not any(".vision_tower." in name and "lora_" in name for name in full_encoder)
 
     model, _ = build_model({"preset": "owl2-tiny"})
     clip_names = _trainable(model, {"components": ["vision_tower"], "target_modules": ["fc1", "fc2"]}, [])
     assert {name.split(".lora_")[0].rsplit(".", 1)[-1] for name in clip_names if "lora_" in name} == {"fc1", "fc2"}
     with pytest.raises(ValueError, match=r"lora components \['vision'\]: choose from"):
         lora_config(model, {"components": ["vision"]})
+    with pytest.raises(ValueError, match=r"lora trained_fully \['vision_tower'\]: name components without adapters"):
+        lora_config(model, {"components": ["vision_tower"], "trained_fully": ["vision_tower"]})
     with pytest.raises(ValueError, match="no linear layer of vision_tower has these names"):
         lora_config(model, {"components": ["vision_tower"], "target_modules": ["gate_proj"]})
 
