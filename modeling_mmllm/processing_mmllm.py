@@ -50,15 +50,9 @@ def _is_single_clip(item, audio: bool = False) -> bool:
         return True
     if isinstance(item, (np.ndarray, torch.Tensor)):
         return item.ndim == (1 if audio else 4)
-    if audio:
-        return bool(item) and isinstance(item[0], (int, float, np.floating))
-    return bool(item) and _is_frame(item[0])
-
-
-def _is_clip(item, audio: bool = False) -> bool:
-    """Whether `item` is one clip (a path, a dict, an array of clip shape, or a non-empty list of frames or samples):
-    not a frame, a number or an empty list."""
-    return isinstance(item, (str, dict, list, tuple, np.ndarray, torch.Tensor)) and _is_single_clip(item, audio)
+    if not isinstance(item, (list, tuple)) or not item:  # a frame, a number or an empty list is no clip
+        return False
+    return isinstance(item[0], (int, float, np.floating)) if audio else _is_frame(item[0])
 
 
 def _clips(items, audio: bool = False) -> list:
@@ -68,7 +62,7 @@ def _clips(items, audio: bool = False) -> list:
         return [items]
     clips = []
     for item in items:
-        sample = isinstance(item, (list, tuple)) and bool(item) and all(_is_clip(clip, audio) for clip in item)
+        sample = isinstance(item, (list, tuple)) and bool(item) and all(_is_single_clip(clip, audio) for clip in item)
         clips.extend(item) if sample else clips.append(item)
     return clips
 

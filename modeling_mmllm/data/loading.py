@@ -229,10 +229,10 @@ def find_bad_rows(dataset: Dataset) -> dict[int, str]:
 
 def _bad_video_rows(dataset: Dataset) -> dict[int, str]:
     """Row index -> reason, for rows with a video clip that cannot be read or has no frames (`clip_frames`)."""
-    bad = {}
-    for index in range(len(dataset)):
+    videos, bad = dataset.select_columns(["videos"]), {}
+    for index in range(len(videos)):
         try:
-            for position, clip in enumerate(dataset[index]["videos"] or []):
+            for position, clip in enumerate(videos[index]["videos"] or []):
                 clip_frames(clip, position)
         except Exception as error:  # a frame that does not decode raises as the row is read
             bad[index] = f"bad video ({error})"

@@ -55,11 +55,13 @@ class ParameterGroups:
 
     def create_optimizer(self, model=None):
         model = self.model if model is None else model
+        if self.optimizer is not None:
+            return super().create_optimizer(model)
         learning_rates = self.parameter_learning_rates(model)
-        if not learning_rates or self.optimizer is not None:
-            optimizer = super().create_optimizer(model)
-        else:
+        if learning_rates:
             optimizer = self._grouped_optimizer(model, learning_rates)
+        else:
+            optimizer = super().create_optimizer(model)
         for line in parameter_group_lines(optimizer, model):
             logger.info(line)
         return optimizer
