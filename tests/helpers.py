@@ -423,3 +423,9 @@ def fresh_process_answers(folder, chats, new_tokens: int = 8) -> list[list[int]]
     """Greedy answers of a saved folder, loaded in a fresh process where neither mmllm nor gguf can be imported."""
     out = run_python(FRESH_PROCESS_ANSWERS, str(folder), json.dumps([typed(chat) for chat in chats]), str(new_tokens))
     return json.loads(out.split("ANSWERS", 1)[1])
+
+
+def shorter_reward(completions: list, **kwargs) -> list[float]:
+    """A GRPO reward (TRL's signature) that differs between an untrained model's completions, so its gradient is not
+    zero: the shorter the answer, the better. Recipes name it `helpers:shorter_reward`."""
+    return [-float(len(completion[0]["content"])) / 10 for completion in completions]

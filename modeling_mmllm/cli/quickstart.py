@@ -52,6 +52,13 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
         help="then align the stage-2 model on preference pairs (DPO, recipe quickstart-dpo, about two minutes) and "
         "report its preference rate and exact match before and after",
     )
+    command.add_argument(
+        "--grpo",
+        action="store_true",
+        help="then train the stage-2 model with reinforcement learning on a verifiable yes/no task it was never "
+        "taught (GRPO, recipe quickstart-grpo, about two minutes) and report exact match and mean reward before and "
+        "after, with the reward and KL curves in the PNG",
+    )
 
 
 def run(args: argparse.Namespace) -> None:
@@ -62,7 +69,7 @@ def run(args: argparse.Namespace) -> None:
     if args.llm:
         from ..quickstart.smollm2 import run_smollm2_quickstart
 
-        extras = [name for name in ("audio", "any2any", "anyres", "dpo") if getattr(args, name)]
+        extras = [name for name in ("audio", "any2any", "anyres", "dpo", "grpo") if getattr(args, name)]
         if extras:
             raise SystemExit(f"mmllm quickstart: error: --llm runs its own stage; drop --{', --'.join(extras)}.")
         output = Path(args.output or f"runs/quickstart-{args.llm}")
@@ -75,5 +82,6 @@ def run(args: argparse.Namespace) -> None:
         any2any=args.any2any,
         anyres=args.anyres,
         dpo=args.dpo,
+        grpo=args.grpo,
         overwrite=args.overwrite,
     )

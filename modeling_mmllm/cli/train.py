@@ -5,9 +5,10 @@ import json
 from pathlib import Path
 
 NAME = "train"
-HELP = "train with a recipe (TRL SFTTrainer)"
+HELP = "train with a recipe (TRL's SFTTrainer, DPOTrainer or GRPOTrainer)"
 DESCRIPTION = (
-    "Run a recipe; any recipe key or SFTConfig field can be overridden: "
+    "Run a recipe; any recipe key or field of the trainer's config (SFTConfig, DPOConfig, GRPOConfig) can be "
+    "overridden: "
     "--max_steps 10 --output_dir runs/x --model FOLDER_OR_PRESET --data.synthetic TASK --data.n 64 (a source named "
     "on the command line replaces the recipe file's). `mmllm train RECIPE --help` lists every key with its help text "
     "and default, and every synthetic task."
@@ -36,10 +37,11 @@ def run(args: argparse.Namespace) -> None:
     if not state.is_main_process:  # the main process reports, once
         return
     results = folder / "eval_results.json"
-    if results.is_file():  # the recipe's held-out evaluation (also in the model card), "before -> after" for DPO
+    if results.is_file():  # the recipe's held-out evaluation (also in the model card), "before -> after" for DPO, GRPO
         metrics = json.loads(results.read_text())
         for name, value in metrics.items():
             if not name.startswith("before/"):
+                shown = "{:.3f}" if name.startswith("reward/") else "{:.1%}"  # rewards are no fractions
                 before = metrics.get(f"before/{name}")
-                print(f"{name:<26}" + (f"{before:.1%} -> " if before is not None else "") + f"{value:.1%}")
+                print(f"{name:<26}" + (f"{shown.format(before)} -> " if before is not None else "") + shown.format(value))
     print(f"model folder: {folder}")

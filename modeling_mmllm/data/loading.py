@@ -260,7 +260,8 @@ def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layou
     skipped or reported (`bad_rows: skip | stop`).
 
     `layout` is what the trainer reads: `conversation` (`images` + `messages`, SFT), `preference` (`prompt` /
-    `chosen` / `rejected`, with `images` for image pairs: DPO; a pair with an empty answer is a bad row) or `any`.
+    `chosen` / `rejected`, with `images` for image pairs: DPO; a pair with an empty answer is a bad row), `prompt`
+    (`prompt` + `images` and the columns rewards read, GRPO: conversations become prompts, `prompt_rows`) or `any`.
     """
     from ..training.recipe_sections import DataSection  # here: importing training imports this module
 
@@ -269,11 +270,14 @@ def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layou
     if "videos" in dataset.column_names and "images" not in dataset.column_names:  # TRL finds vision data by images
         dataset = dataset.add_column("images", [[] for _ in range(len(dataset))])
     check_layout(dataset, layout)
-    if layout == "preference" and "videos" in dataset.column_names:
+    if layout in ("preference", "prompt") and "videos" in dataset.column_names:
+        trainer = "DPO" if layout == "preference" else "GRPO"
         raise ValueError(
-            "Preference pairs with a `videos` column: DPO trains on images only (TRL's preference collator reads "
-            "`images`); train video rows with SFT, or give the pairs frames as `images`."
+            f"Rows with a `videos` column: {trainer} trains on images only (TRL's {trainer} trainer reads "
+            "`images`); train video rows with SFT, or give the rows frames as `images`."
         )
+    if layout == "prompt" and "prompt" not in dataset.column_names:
+        dataset = prompt_rows(dataset)
     if section.synthetic is not None:  # made here: nothing to check
         return dataset
     bad = find_bad_rows(dataset) if "images" in dataset.column_names else {}
@@ -284,6 +288,22 @@ def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layou
     if "images" in dataset.column_names and dataset.features["images"] != Sequence(Image()):
         dataset = dataset.cast_column("images", Sequence(Image()))  # image paths (a json file's) are opened
     return dataset
+
+
+def prompt_rows(dataset: Dataset) -> Dataset:
+    """Conversations as TRL's prompt rows (GRPO): `prompt` is the conversation up to its last assistant turn, and
+    `solution` the row's `answer` column, else the text of that turn. Every other column stays (rewards read them)."""
+
+    def convert(row: dict) -> dict:
+        messages = row["messages"]
+        last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
+        if last is None:
+            return {"prompt": messages, "solution": row.get("answer") or ""}
+        content = messages[last]["content"]
+        text = content if isinstance(content, str) else "".join(part["text"] or "" for part in content)
+        return {"prompt": messages[:last], "solution": row.get("answer") or text}
+
+    return dataset.map(convert, remove_columns=["messages"])
 
 
 def _source_dataset(section: "DataSection") -> Dataset:
@@ -327,6 +347,11 @@ def check_layout(dataset: Dataset, layout: str) -> None:
         raise ValueError(
             f"Training data needs `images` and `messages` columns (TRL's conversations), or {OTHER_LAYOUTS}; got "
             f"columns {columns}.{hint}"
+        )
+    if layout == "prompt" and not (conversation or "prompt" in columns):
+        raise ValueError(
+            "GRPO data needs a `prompt` column (TRL's prompt format, with `images` for image prompts and the columns "
+            f"the rewards read, e.g. `solution`), or conversations (`images` + `messages`); got columns {columns}."
         )
     if layout == "any" and not (conversation or is_preference(dataset)):
         raise ValueError(
@@ -399,6 +424,7 @@ def _load_dataset(name_or_path: str, split: str) -> Dataset:
 __all__ = [
     "PREFERENCE_COLUMNS",
     "check_layout",
+    "prompt_rows",
     "drop_bad_rows",
     "empty_answer_rows",
     "find_bad_rows",

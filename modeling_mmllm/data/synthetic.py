@@ -134,6 +134,14 @@ SCENE_VALUES = {
     "position": POSITIONS,
     "count": (1, 2, 3),
 }
+# Questions that compare the count with a number (`compare_rows`): (kind, number) -> question. No SFT stage trains
+# them; they are a yes/no rule over what the model reads (the count), so a reward can check the answer (GRPO).
+COMPARE_QUESTIONS = {
+    ("more", 1): "Is there more than one shape in the image?",
+    ("more", 2): "Are there more than two shapes in the image?",
+    ("fewer", 2): "Are there fewer than two shapes in the image?",
+    ("fewer", 3): "Are there fewer than three shapes in the image?",
+}
 SWATCH_QUESTION = "What colour is it?"
 PAIR_QUESTION = "What colour is the {} image?"
 ORDER_QUESTION = "What colour appears {}?"
@@ -533,6 +541,22 @@ def detail_rows(n: int, split: str = "train", image_size: int = 32, seed: int = 
     return rows
 
 
+def compare_rows(n: int, split: str = "train", image_size: int = 64, seed: int = 0) -> list[dict]:
+    """`n` image rows asking whether there are more (kind `more`) or fewer (`fewer`) shapes than a number
+    (`COMPARE_QUESTIONS`), answered yes or no: a computed answer that a reward can verify."""
+    rng = task_rng("count-compare", split, seed)
+    rows = []
+    for _ in range(n):
+        scene = random_scene(rng)
+        image = render(scene, rng, image_size)
+        kind, number = list(COMPARE_QUESTIONS)[rng.integers(len(COMPARE_QUESTIONS))]
+        true = scene.count > number if kind == "more" else scene.count < number
+        answer = "yes" if true else "no"
+        question = COMPARE_QUESTIONS[kind, number]
+        rows.append({"images": [image], "messages": _conversation(question, answer), "kind": kind, "answer": answer})
+    return rows
+
+
 def _joint_rows(n: int, split: str, image_size: int, seed: int) -> list[dict]:
     rows = image_rows(n, split, "vqa", image_size, seed) + yes_no_rows(n // 5, split, image_size, seed)
     return rows + text_rows(repeats=max(1, n // (5 * len(TEXT_FACTS))))
@@ -623,6 +647,12 @@ SYNTHETIC_TASKS: dict[str, SyntheticTask] = {
         features=VIDEO_FEATURES,
         stream=79,
     ),
+    "count-compare": SyntheticTask(
+        "whether an image has more or fewer shapes than a number: a yes/no answer a reward can check",
+        lambda n, split, image_size, seed: compare_rows(n, split, image_size, seed),
+        features=FEATURES,
+        stream=83,
+    ),
     "detail": SyntheticTask(
         "the colour of a small square in a wide image: needs resolution",
         lambda n, split, image_size, seed: detail_rows(n, split, image_size, seed),
@@ -700,6 +730,7 @@ __all__ = [
     "ANSWER_VALUES",
     "AUDIO_QUESTIONS",
     "COLOURS",
+    "COMPARE_QUESTIONS",
     "DETAIL_QUESTION",
     "GENERATION_PROMPTS",
     "PREFERENCE_FEATURES",
@@ -718,6 +749,7 @@ __all__ = [
     "all_scenes",
     "check_split",
     "audio_rows",
+    "compare_rows",
     "detail_image",
     "detail_rows",
     "generation_rows",

@@ -88,7 +88,7 @@ def exact_match(model, processor, dataset: Dataset, **kwargs) -> dict[str, float
     """Accuracy per `kind` column, plus `overall` (rows need `messages`, `answer`, `kind`; optional `images`,
     `videos`, `audio`)."""
     rows = list(dataset)
-    return _accuracy(rows, answer_questions(model, processor, rows, **kwargs))
+    return accuracy_by_kind(rows, answer_questions(model, processor, rows, **kwargs))
 
 
 def completion_log_probs(model, processor, rows: list[dict], batch_size: int = 16) -> tuple[torch.Tensor, torch.Tensor]:
@@ -152,7 +152,7 @@ def evaluate_image_generation(model, processor, dataset: Dataset, judge=None, ba
         tokens = generated_tokens(model, processor, questions, 12, batch_size)
         answers = [text.strip() for text in processor.batch_decode(tokens, skip_special_tokens=True)]
         results["text/signal_rate"] = float(np.mean([bool(set(t.tolist()) & set(signal_ids)) for t in tokens]))
-        results.update(_accuracy(questions, answers))
+        results.update(accuracy_by_kind(questions, answers))
     return results
 
 
@@ -179,11 +179,16 @@ def _judged(prefix: str, judge, images: torch.Tensor, scenes: list[Scene]) -> di
     }
 
 
-def _accuracy(rows: list[dict], predictions: list[str]) -> dict[str, float]:
+def normalize_answer(text: str) -> str:
+    """An answer as exact match compares it: lower case, without surrounding spaces and full stops."""
+    return text.lower().strip(" .")
+
+
+def accuracy_by_kind(rows: list[dict], predictions: list[str]) -> dict[str, float]:
     """Exact-match accuracy per `kind`, plus `overall`."""
     hits, totals = defaultdict(int), defaultdict(int)
     for row, prediction in zip(rows, predictions):
-        correct = prediction.lower().strip(" .") == row["answer"].lower().strip(" .")
+        correct = normalize_answer(prediction) == normalize_answer(row["answer"])
         for kind in (row.get("kind", "all"), "overall"):
             hits[kind] += correct
             totals[kind] += 1
@@ -191,6 +196,7 @@ def _accuracy(rows: list[dict], predictions: list[str]) -> dict[str, float]:
 
 
 __all__ = [
+    "accuracy_by_kind",
     "answer_questions",
     "completion_log_probs",
     "emits_signal",
@@ -198,6 +204,7 @@ __all__ = [
     "exact_match",
     "generate_images",
     "generated_tokens",
+    "normalize_answer",
     "preference_rate",
     "reference_images",
 ]

@@ -194,8 +194,9 @@ def render_model_card(
         tags.append("modality-adaptive")
     if adapter:
         tags.append("lora")
-    if any(stage.get("trainer") == "dpo" for stage in _stages(folder)):
-        tags += ["trl", "dpo"]
+    aligned = sorted({stage.get("trainer") for stage in _stages(folder)} & {"dpo", "grpo"})
+    if aligned:
+        tags += ["trl", *aligned]
     card_data = ModelCardData(
         model_name=repo_id or ("mmllm LoRA adapter" if adapter else "mmllm model"),
         eval_results=_benchmark_results(folder),

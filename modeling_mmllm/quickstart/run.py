@@ -6,7 +6,10 @@ reload through `pipeline(..., trust_remote_code=True)` answering a question abou
 loss curves and held-out predictions. With `--any2any`, the stage-2 model then learns to draw (NExT-GPT's output
 side, recipe `quickstart-any2any`): the images it draws for held-out requests are judged by an independent classifier
 and shown in the PNG. With `--dpo`, the alignment stage (recipe `quickstart-dpo`, TRL's DPOTrainer) starts from the
-stage-2 model: its held-out preference rate and exact match, before and after, join the report.
+stage-2 model: its held-out preference rate and exact match, before and after, join the report. With `--grpo`, the
+reinforcement-learning stage (recipe `quickstart-grpo`, TRL's GRPOTrainer, a verifiable reward) starts from the
+stage-2 model: held-out exact match and mean reward before and after join the report, its reward and KL curves the
+PNG.
 """
 
 import json
@@ -163,6 +166,18 @@ def run_preference(output: Path, folder: Path, fast: bool, curves: dict) -> dict
     return json.loads((aligned / "eval_results.json").read_text())
 
 
+def run_reinforcement(output: Path, folder: Path, fast: bool, curves: dict) -> dict[str, float]:
+    """The GRPO stage from the stage-2 folder; returns its held-out figures (`before/...` for the stage-2 model) and
+    puts its reward and KL curves (not its loss, which GRPO keeps near zero) in `curves`."""
+    print("\n== reinforcement learning: quickstart-grpo (verifiable rewards, TRL's GRPOTrainer) ==", flush=True)
+    trained = run_stage("quickstart-grpo", output / "grpo", fast, curves, model=folder)
+    stage = json.loads((trained / HISTORY_FILE).read_text())[-1]
+    del curves["quickstart-grpo"]
+    for key in ("reward", "kl"):
+        curves[f"quickstart-grpo: {key}"] = stage[f"{key}_curve"]
+    return json.loads((trained / "eval_results.json").read_text())
+
+
 def append_panel(path: Path, panel: Path) -> None:
     """Put the image at `panel` under the one at `path` (the report grows by the drawings)."""
     with Image.open(path) as top, Image.open(panel) as bottom:
@@ -173,7 +188,8 @@ def append_panel(path: Path, panel: Path) -> None:
 
 
 def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str], path: Path) -> None:
-    """PNG: one loss curve per stage on top, held-out images with their predicted answers below."""
+    """PNG: one curve per stage on top (its loss, or the figure its name gives after a colon: `NAME: reward`),
+    held-out images with their predicted answers below."""
     width, plot_height, tile = 960, 220, 120
     columns = width // tile
     grid_rows = (len(rows) + columns - 1) // columns
@@ -184,10 +200,10 @@ def draw_report(curves: dict[str, list], rows: list[dict], predictions: list[str
     for index, (name, losses) in enumerate(curves.items()):
         left, top, right, bottom = index * panel + 30, 25, (index + 1) * panel - 10, plot_height - 20
         draw.rectangle((left, top, right, bottom), outline=(180, 180, 180))
-        draw.text((left, 5), f"{name}: loss", fill=(0, 0, 0))
+        draw.text((left, 5), name if ":" in name else f"{name}: loss", fill=(0, 0, 0))
         if len(losses) > 1:
             steps, values = zip(*losses)
-            top_value = max(values)
+            top_value = max(values) or 1.0  # a KL curve starts at 0
             points = [
                 (
                     left + (s - steps[0]) / max(1, steps[-1] - steps[0]) * (right - left),
@@ -215,6 +231,7 @@ def run_quickstart(
     any2any: bool = False,
     anyres: bool = False,
     dpo: bool = False,
+    grpo: bool = False,
     overwrite: bool = False,
 ) -> dict:
     """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
@@ -226,6 +243,7 @@ def run_quickstart(
     drawing = run_drawing(output, folder, fast, curves) if any2any else {}
     resolution = run_anyres(output, fast) if anyres else {}
     preference = run_preference(output, folder, fast, curves) if dpo else {}
+    reinforcement = run_reinforcement(output, folder, fast, curves) if grpo else {}
     print("\n== evaluation on held-out data (no image shared with training) ==", flush=True)
     model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
     heldout = make_dataset("vqa", 40 if fast else 300, split="heldout")
@@ -248,6 +266,7 @@ def run_quickstart(
         **{f"any2any/{k}": v for k, v in drawn.items()},
         **{f"detail/{k}": v for k, v in resolution.items()},
         **{f"dpo/{k}": v for k, v in preference.items()},
+        **{f"grpo/{k}": v for k, v in reinforcement.items()},
     }
     write_summary(output, summary, demo, folder, image_accuracy)
     print(f"  text-only facts           {text_accuracy * 100:6.1f}%")
@@ -260,6 +279,10 @@ def run_quickstart(
     for name in ("preference_rate", "accuracy/overall") if preference else ():
         before, after = preference[f"before/{name}"] * 100, preference[name] * 100
         print(f"  dpo, {name:<21} {before:6.1f}% -> {after:.1f}%")
+    if reinforcement:
+        before, after = reinforcement["before/accuracy/overall"] * 100, reinforcement["accuracy/overall"] * 100
+        print(f"  grpo, accuracy/overall     {before:6.1f}% -> {after:.1f}%")
+        print(f"  grpo, reward/mean          {reinforcement['before/reward/mean']:6.3f} -> {reinforcement['reward/mean']:.3f}")
     print(f"  model folder              {folder}")
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")

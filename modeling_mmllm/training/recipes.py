@@ -1,8 +1,10 @@
-"""Training recipes: one YAML file describes a stage, typed as `RecipeConfig` or `DPORecipeConfig` (library side).
+"""Training recipes: one YAML file describes a stage, typed as `RecipeConfig`, `DPORecipeConfig` or
+`GRPORecipeConfig` (library side).
 
 The recipe's `trainer` key picks TRL's trainer: `sft` (the default: `RecipeConfig`, TRL's `SFTConfig` with mmllm's
-keys added, the pattern of TRL's own configs) or `dpo` (the alignment stage: `DPORecipeConfig`, TRL's `DPOConfig`
-with the same keys). Every key has a help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key
+keys added, the pattern of TRL's own configs), `dpo` (preference alignment: `DPORecipeConfig`, TRL's `DPOConfig`
+with the same keys) or `grpo` (reinforcement learning with verifiable rewards: `GRPORecipeConfig`, TRL's
+`GRPOConfig` with the same keys and `reward_funcs`). Every key has a help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key
 that is neither an mmllm key nor a field of the trainer's config is an error that names the nearest valid key.
 Sections are checked the same way: `model`, `data` and `eval` are typed (`recipe_sections`: `ModelSection`,
 `DataSection`, one field per key with its help and default), `lora` is PEFT's `LoraConfig` (`check_keys`).
@@ -13,19 +15,20 @@ folder is uploaded to `hub_model_id` (`hub_private_repo` for a private repo); `h
 `all_checkpoints` also lets the Trainer push checkpoints while it trains.
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+import copy
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
 import torch
 import yaml
 from transformers import HfArgumentParser
-from trl import DPOConfig, SFTConfig
+from trl import DPOConfig, GRPOConfig, SFTConfig
 
 from .recipe_sections import DATA_KEYS, MODEL_KEYS, DataSection, ModelSection, check_keys, check_types
 
 CHECKPOINT_PUSHES = ("checkpoint", "all_checkpoints")
 FLAGS = ("--overwrite",)  # overrides that may stand alone (true)
-TRAINERS = ("sft", "dpo")
+TRAINERS = ("sft", "dpo", "grpo")
 
 SECTIONS = {"model": ModelSection, "data": DataSection, "eval": DataSection}  # typed (recipe_sections)
 
@@ -38,8 +41,10 @@ class MMLLMRecipeKeys:
     trainer: str = field(
         default="sft",
         metadata={
-            "help": "TRL's trainer: sft (instruction tuning on `messages`) or dpo (preference tuning on "
-            "`prompt` / `chosen` / `rejected` pairs, TRL's DPOTrainer; then every DPOConfig field is a recipe key).",
+            "help": "TRL's trainer: sft (instruction tuning on `messages`), dpo (preference tuning on "
+            "`prompt` / `chosen` / `rejected` pairs, TRL's DPOTrainer; then every DPOConfig field is a recipe key) or "
+            "grpo (reinforcement learning on prompts scored by `reward_funcs`, TRL's GRPOTrainer; then every "
+            "GRPOConfig field is a recipe key).",
             "choices": list(TRAINERS),
         },
     )
@@ -200,8 +205,11 @@ class RecipeDefaults:
 
     def trainer_args(self):
         """These settings as the Trainer gets them: it pushes checkpoints only (the runner pushes the final
-        folder itself)."""
-        return replace(self, push_to_hub=self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES)
+        folder itself). A copy, not `replace`: TRL's `__post_init__` derives fields (GRPO's `generation_batch_size`)
+        that it refuses to see set twice."""
+        args = copy.copy(self)
+        args.push_to_hub = self.push_to_hub and self.hub_strategy in CHECKPOINT_PUSHES
+        return args
 
 
 @dataclass
@@ -249,8 +257,51 @@ class DPORecipeConfig(RecipeDefaults, DPOConfig, MMLLMRecipeKeys):
     )
 
 
+@dataclass
+class GRPORecipeConfig(RecipeDefaults, GRPOConfig, MMLLMRecipeKeys):
+    """A reinforcement-learning recipe (`trainer: grpo`): `GRPOConfig` plus mmllm's keys and `reward_funcs`, with
+    the same CPU defaults.
+
+    Each prompt gets `num_generations` sampled completions, scored by the rewards (`reward_weights` weigh them);
+    GRPO raises the likelihood of the completions that score above their group's mean. The data is TRL's prompt
+    format (`prompt` + `images` + `solution`, or any column a reward reads), or conversations, whose last
+    assistant turn (or `answer` column) becomes the `solution`. `beta` > 0 adds a KL term to the starting model
+    (a frozen copy, or with LoRA the base model under the adapter). `num_generations`, `max_completion_length`,
+    `temperature`, `loss_type`, `use_vllm` and every other `GRPOConfig` field are recipe keys.
+    """
+
+    trainer: str = field(
+        default="grpo", metadata={"help": "TRL's trainer: grpo here (see `trainer` above).", "choices": list(TRAINERS)}
+    )
+    reward_funcs: list[str] = field(
+        default_factory=lambda: ["exact_match"],
+        metadata={
+            "help": "The rewards, summed (weighted by reward_weights): exact_match (the answer equals the row's "
+            "`solution`), numeric (the answer's number equals the solution's), format (<answer>...</answer>, "
+            "optionally after <think>...</think>), or `package.module:function` (TRL's reward signature)."
+        },
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None, metadata={"help": "Deprecated alias of activation_checkpointing (off unless asked for)."}
+    )
+
+    def __post_init__(self):
+        from .rewards import resolve_reward
+
+        if not self.reward_funcs:
+            raise ValueError("reward_funcs is empty: name at least one reward (exact_match, numeric, format).")
+        for name in self.reward_funcs:
+            resolve_reward(name)
+        if self.reward_weights is not None and len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(
+                f"reward_weights has {len(self.reward_weights)} weight(s) for {len(self.reward_funcs)} reward(s) "
+                f"({', '.join(self.reward_funcs)}): give one weight per reward."
+            )
+        super().__post_init__()
+
+
 RECIPE_KEYS = {f.name for f in fields(MMLLMRecipeKeys)}
-# mmllm keys of the SFT stages only: the output side's losses and token rows (DPO scores text answers).
+# mmllm keys of the SFT stages only: the output side's losses and token rows (DPO and GRPO score text answers).
 SFT_ONLY_KEYS = {
     "alignment_loss_weight",
     "image_loss_weight",
@@ -259,11 +310,11 @@ SFT_ONLY_KEYS = {
     "train_signal_tokens",
     "whiten_signal_states",
 }
-CONFIGS = {"sft": RecipeConfig, "dpo": DPORecipeConfig}
+CONFIGS = {"sft": RecipeConfig, "dpo": DPORecipeConfig, "grpo": GRPORecipeConfig}
 
 
 def trl_config_name(config_class: type) -> str:
-    """The TRL config a recipe config extends (`SFTConfig`, `DPOConfig`)."""
+    """The TRL config a recipe config extends (`SFTConfig`, `DPOConfig`, `GRPOConfig`)."""
     return next(base.__name__ for base in config_class.__mro__ if base.__module__.startswith("trl."))
 
 
@@ -306,7 +357,9 @@ def drop_replaced_sources(recipe: dict, overrides: dict) -> None:
             recipe[name] = {key: value for key, value in recipe[name].items() if key not in replaced}
 
 
-def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig | DPORecipeConfig:
+def load_recipe(
+    name_or_path: str, overrides: dict | None = None
+) -> RecipeConfig | DPORecipeConfig | GRPORecipeConfig:
     """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
     it as the config of its `trainer` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
     recipe = read_yaml(recipe_path(name_or_path))
@@ -326,10 +379,10 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
     if trainer not in CONFIGS:
         raise ValueError(f"trainer: {trainer!r} is no trainer: use one of {', '.join(TRAINERS)}.")
     config_class = CONFIGS[trainer]
-    if trainer == "dpo" and SFT_ONLY_KEYS & set(recipe):
+    if trainer != "sft" and SFT_ONLY_KEYS & set(recipe):
         raise ValueError(
             f"{sorted(SFT_ONLY_KEYS & set(recipe))} apply to the SFT stages (image generation) only: drop them "
-            "from this `trainer: dpo` recipe."
+            f"from this `trainer: {trainer}` recipe."
         )
     listing = (
         f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any {trl_config_name(config_class)} field too "
@@ -419,6 +472,7 @@ __all__ = [
     "TRAINERS",
     "DPORecipeConfig",
     "DataSection",
+    "GRPORecipeConfig",
     "MMLLMRecipeKeys",
     "ModelSection",
     "RecipeConfig",

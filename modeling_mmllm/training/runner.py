@@ -1,5 +1,5 @@
-"""Running a recipe end to end: set-up, training (SFT or DPO, with resume), evaluation, the atomic final folder and
-the push (library side)."""
+"""Running a recipe end to end: set-up, training (SFT, DPO or GRPO, with resume), evaluation, the atomic final folder
+and the push (library side)."""
 
 import copy
 import json
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from trl import SFTTrainer
 
-from ..data.loading import drop_bad_rows, is_preference, load_training_data
+from ..data.loading import drop_bad_rows, is_preference, load_training_data, prompt_rows
 from ..export.hub_card import write_model_card
 from ..export.saving import atomic_folder, push_folder, save_model_folder
 from ..processing_mmllm import MMLLMProcessor
@@ -32,8 +32,9 @@ from .model_setup import (
     train_token_rows,
 )
 from .packing import check_packing, pack_length, pack_rows
-from .recipes import DPORecipeConfig, RecipeConfig
-from .trainer import MMLLMDPOTrainer, MMLLMTrainer
+from .recipes import DPORecipeConfig, GRPORecipeConfig, RecipeConfig
+from .rewards import mean_reward, needs_solution, resolve_reward
+from .trainer import MMLLMDPOTrainer, MMLLMGRPOTrainer, MMLLMTrainer
 
 HISTORY_FILE = "training_history.json"
 logger = get_logger(__name__)
@@ -71,9 +72,11 @@ def remove_checkpoints(output_dir: Path) -> None:
         shutil.rmtree(checkpoint)
 
 
-def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callbacks: list | None = None) -> Path:
-    """Run one training stage (TRL's SFTTrainer, or DPOTrainer for `trainer: dpo`); returns the Hub-ready output
-    folder (`<output_dir>/model`).
+def train(
+    recipe: RecipeConfig | DPORecipeConfig | GRPORecipeConfig, name: str = "recipe", callbacks: list | None = None
+) -> Path:
+    """Run one training stage (TRL's SFTTrainer, DPOTrainer for `trainer: dpo`, GRPOTrainer for `trainer: grpo`);
+    returns the Hub-ready output folder (`<output_dir>/model`).
 
     `callbacks` are `transformers.TrainerCallback`s added to the trainer (metrics, early stopping, probes).
     Under torchrun every process returns once the folder is complete; a script then leaves the process group before
@@ -107,11 +110,16 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
     )
     stage = {"recipe": name, "trainer": recipe.trainer, "data": recipe.data, "frozen": frozen}
     before = None
+    rewards = reward_functions(recipe) if recipe.trainer == "grpo" else None
+    if recipe.trainer in ("dpo", "grpo") and recipe.eval:
+        # The starting model's figures: alignment must raise the preference rate or the reward, not wreck the answers.
+        before = evaluate_stage(model, processor, recipe.eval, rewards)
     if recipe.trainer == "dpo":
-        if recipe.eval:  # the starting model's figures: DPO must raise the preference rate, not wreck the answers
-            before = evaluate_stage(model, processor, recipe.eval)
         trainer = dpo_trainer(recipe, model, processor, callbacks)
         stage.update(beta=recipe.beta, loss_type=list(recipe.loss_type))
+    elif recipe.trainer == "grpo":
+        trainer = grpo_trainer(recipe, model, processor, callbacks, rewards)
+        stage.update(beta=recipe.beta, reward_funcs=list(recipe.reward_funcs), num_generations=recipe.num_generations)
     else:
         trainer = sft_trainer(recipe, model, processor, callbacks, resume)
         if trainer.row_masked_parameters:
@@ -126,10 +134,13 @@ def train(recipe: RecipeConfig | DPORecipeConfig, name: str = "recipe", callback
         lora=recipe.lora is not None,
         losses=[[log["step"], log["loss"]] for log in trainer.state.log_history if "loss" in log],
     )
+    if recipe.trainer == "grpo":  # the curves GRPO is judged by: the mean reward and the KL to the starting model
+        for key in ("reward", "kl"):
+            stage[f"{key}_curve"] = [[log["step"], log[key]] for log in trainer.state.log_history if key in log]
     if pretraining:
         stage["generator_pretraining"] = pretraining
     if trainer.is_world_process_zero():
-        metrics = evaluate_stage(trainer.model, processor, recipe.eval) if recipe.eval else None
+        metrics = evaluate_stage(trainer.model, processor, recipe.eval, rewards) if recipe.eval else None
         if before:
             metrics = {**metrics, **{f"before/{metric}": value for metric, value in before.items()}}
         final = save_stage(trainer, processor, output_dir, stage, merge_lora=recipe.merge_lora, metrics=metrics)
@@ -219,11 +230,58 @@ def dpo_trainer(recipe: DPORecipeConfig, model, processor: MMLLMProcessor, callb
     )
 
 
-def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, float]:
+def grpo_trainer(
+    recipe: GRPORecipeConfig, model, processor: MMLLMProcessor, callbacks: list | None, rewards: tuple
+) -> MMLLMGRPOTrainer:
+    """TRL's GRPOTrainer (`MMLLMGRPOTrainer`) on the recipe's prompts, scored by `reward_funcs`. With `beta` > 0 the
+    KL term's reference is the starting model: TRL loads it again from its folder, or with LoRA it is the base model
+    under the adapter."""
+    source = model.config._name_or_path
+    if recipe.beta and recipe.lora is None and not (source and Path(source).is_dir()):
+        raise ValueError(
+            f"beta={recipe.beta} needs a reference model, which TRL loads from the starting model's folder: start "
+            "from a saved folder (model: {path: FOLDER}), use lora, or set beta: 0."
+        )
+    if recipe.use_vllm:
+        import importlib.util
+
+        if importlib.util.find_spec("vllm") is None:
+            raise ValueError("use_vllm: true needs vLLM (pip install vllm, on a GPU machine); or set use_vllm: false.")
+    dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows, layout="prompt")
+    if needs_solution(recipe.reward_funcs):
+        if "solution" not in dataset.column_names:
+            raise ValueError(
+                f"reward_funcs {list(recipe.reward_funcs)} read each row's `solution`: the data has no such column "
+                f"(columns: {dataset.column_names}); add it, or give conversations (their answer becomes it)."
+            )
+        empty = {index: "empty solution" for index, text in enumerate(dataset["solution"]) if not str(text).strip()}
+        dataset = drop_bad_rows(dataset, empty, recipe.bad_rows, "empty solutions")
+    functions, _ = rewards
+    return MMLLMGRPOTrainer(
+        model=model,
+        reward_funcs=functions,
+        args=recipe.trainer_args(),
+        train_dataset=dataset,
+        processing_class=processor,
+        peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
+        vision_lr_decay=recipe.vision_lr_decay,
+        component_lrs=recipe.component_lrs(),
+        callbacks=callbacks,
+    )
+
+
+def reward_functions(recipe: GRPORecipeConfig) -> tuple[list, list[float] | None]:
+    """The recipe's reward functions and their weights."""
+    return [resolve_reward(name) for name in recipe.reward_funcs], recipe.reward_weights
+
+
+def evaluate_stage(model, processor: MMLLMProcessor, spec: dict, rewards: tuple | None = None) -> dict[str, float]:
     """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`); with
     image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well; for
-    preference pairs, the preference rate (chosen more likely than rejected) and the exact match of the answers."""
-    from ..evaluation.metrics import evaluate_image_generation, exact_match, preference_rate
+    preference pairs, the preference rate (chosen more likely than rejected) and the exact match of the answers;
+    with `rewards` (a GRPO stage's functions and weights), also the mean reward of the greedy answers
+    (`reward/mean`)."""
+    from ..evaluation.metrics import accuracy_by_kind, answer_questions, evaluate_image_generation, preference_rate
 
     dataset = load_training_data(spec, layout="any")
     if "generation_caption" in dataset.column_names:
@@ -231,7 +289,13 @@ def evaluate_stage(model, processor: MMLLMProcessor, spec: dict) -> dict[str, fl
         return {name if "/" in name else f"accuracy/{name}": value for name, value in results.items()}
     results = {"preference_rate": preference_rate(model, processor, dataset)} if is_preference(dataset) else {}
     if {"kind", "answer"} <= set(dataset.column_names):
-        results.update({f"accuracy/{kind}": value for kind, value in exact_match(model, processor, dataset).items()})
+        rows = list(dataset)
+        answers = answer_questions(model, processor, rows)
+        results.update({f"accuracy/{kind}": value for kind, value in accuracy_by_kind(rows, answers).items()})
+        if rewards is not None:
+            prompts = prompt_rows(dataset) if "prompt" not in dataset.column_names else dataset
+            columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "images")}
+            results["reward/mean"] = mean_reward(*rewards, prompts["prompt"], answers, columns)
     return results
 
 
@@ -300,8 +364,10 @@ __all__ = [
     "dpo_trainer",
     "evaluate_stage",
     "finished_stage",
+    "grpo_trainer",
     "last_complete_checkpoint",
     "remove_checkpoints",
+    "reward_functions",
     "save_stage",
     "sft_trainer",
     "train",

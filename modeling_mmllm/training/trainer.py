@@ -1,5 +1,6 @@
 """`MMLLMTrainer`: TRL's SFTTrainer plus the losses the model owns (NExT-GPT's alignment loss) and per-group learning
-rates; `MMLLMDPOTrainer`: TRL's DPOTrainer with the same learning rates (library side)."""
+rates; `MMLLMDPOTrainer` and `MMLLMGRPOTrainer`: TRL's DPOTrainer and GRPOTrainer with the same learning rates
+(library side)."""
 
 from collections.abc import Mapping
 from contextlib import contextmanager
@@ -8,7 +9,7 @@ from types import MappingProxyType
 import torch
 from torch import nn
 from torch.nn import functional as F
-from trl import DPOTrainer, SFTTrainer
+from trl import DPOTrainer, GRPOTrainer, SFTTrainer
 
 from ..utils.logging import get_logger
 from .collator import GENERATION_TARGETS
@@ -197,9 +198,9 @@ class MMLLMTrainer(ParameterGroups, SFTTrainer):
         return loss
 
 
-class MMLLMDPOTrainer(ParameterGroups, DPOTrainer):
-    """`DPOTrainer` with the learning rates per component and the layer-wise decay on the vision encoder
-    (`component_lrs`, `vision_lr_decay`), as the SFT stages have them."""
+class ComponentRates(ParameterGroups):
+    """Trainer mix-in that takes the learning rates per component and the layer-wise decay on the vision encoder
+    (`component_lrs`, `vision_lr_decay`) as keyword arguments, as the SFT stages have them."""
 
     def __init__(
         self, *args, vision_lr_decay: float | None = None, component_lrs: dict[str, float] | None = None, **kwargs
@@ -209,8 +210,18 @@ class MMLLMDPOTrainer(ParameterGroups, DPOTrainer):
         super().__init__(*args, **kwargs)
 
 
+class MMLLMDPOTrainer(ComponentRates, DPOTrainer):
+    """`DPOTrainer` with the learning rates per component (`ComponentRates`)."""
+
+
+class MMLLMGRPOTrainer(ComponentRates, GRPOTrainer):
+    """`GRPOTrainer` with the learning rates per component (`ComponentRates`)."""
+
+
 __all__ = [
+    "ComponentRates",
     "MMLLMDPOTrainer",
+    "MMLLMGRPOTrainer",
     "MMLLMTrainer",
     "ParameterGroups",
     "captured_hidden_states",
