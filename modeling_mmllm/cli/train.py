@@ -43,5 +43,6 @@ def run(args: argparse.Namespace) -> None:
             if not name.startswith("before/"):
                 shown = "{:.3f}" if name.startswith("reward/") else "{:.1%}"  # rewards are no fractions
                 before = metrics.get(f"before/{name}")
-                print(f"{name:<26}" + (f"{shown.format(before)} -> " if before is not None else "") + shown.format(value))
+                change = f"{shown.format(before)} -> " if before is not None else ""
+                print(f"{name:<26}{change}{shown.format(value)}")
     print(f"model folder: {folder}")

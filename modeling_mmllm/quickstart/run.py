@@ -282,7 +282,8 @@ def run_quickstart(
     if reinforcement:
         before, after = reinforcement["before/accuracy/overall"] * 100, reinforcement["accuracy/overall"] * 100
         print(f"  grpo, accuracy/overall     {before:6.1f}% -> {after:.1f}%")
-        print(f"  grpo, reward/mean          {reinforcement['before/reward/mean']:6.3f} -> {reinforcement['reward/mean']:.3f}")
+        before, after = reinforcement["before/reward/mean"], reinforcement["reward/mean"]
+        print(f"  grpo, reward/mean          {before:6.3f} -> {after:.3f}")
     print(f"  model folder              {folder}")
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")

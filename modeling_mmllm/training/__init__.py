@@ -2,8 +2,9 @@
 
 `recipes` (`RecipeConfig` for SFT, `DPORecipeConfig` for DPO, `GRPORecipeConfig` for GRPO: the typed keys,
 loading, overrides, `--help`), `model_setup` (building or loading the model, freezing, LoRA), `collator`, `rewards`
-(GRPO's verifiable rewards), `trainer` (`MMLLMTrainer`, `MMLLMDPOTrainer`, `MMLLMGRPOTrainer`), `generator_pretraining` (the built-in image generator) and `runner` (a recipe end to end: resume,
-evaluation, the final folder, the push).
+(GRPO's verifiable rewards), `trainer` (`MMLLMTrainer`, `MMLLMDPOTrainer`, `MMLLMGRPOTrainer`),
+`generator_pretraining` (the built-in image generator) and `runner` (a recipe end to end: resume, evaluation, the
+final folder, the push).
 """
 
 from .recipes import (

@@ -4,8 +4,9 @@
 The recipe's `trainer` key picks TRL's trainer: `sft` (the default: `RecipeConfig`, TRL's `SFTConfig` with mmllm's
 keys added, the pattern of TRL's own configs), `dpo` (preference alignment: `DPORecipeConfig`, TRL's `DPOConfig`
 with the same keys) or `grpo` (reinforcement learning with verifiable rewards: `GRPORecipeConfig`, TRL's
-`GRPOConfig` with the same keys and `reward_funcs`). Every key has a help text and a default, `mmllm train RECIPE --help` lists them, and a YAML key
-that is neither an mmllm key nor a field of the trainer's config is an error that names the nearest valid key.
+`GRPOConfig` with the same keys and `reward_funcs`). Every key has a help text and a default, `mmllm train RECIPE
+--help` lists them, and a YAML key that is neither an mmllm key nor a field of the trainer's config is an error that
+names the nearest valid key.
 Sections are checked the same way: `model`, `data` and `eval` are typed (`recipe_sections`: `ModelSection`,
 `DataSection`, one field per key with its help and default), `lora` is PEFT's `LoraConfig` (`check_keys`).
 
@@ -357,9 +358,7 @@ def drop_replaced_sources(recipe: dict, overrides: dict) -> None:
             recipe[name] = {key: value for key, value in recipe[name].items() if key not in replaced}
 
 
-def load_recipe(
-    name_or_path: str, overrides: dict | None = None
-) -> RecipeConfig | DPORecipeConfig | GRPORecipeConfig:
+def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfig | DPORecipeConfig | GRPORecipeConfig:
     """Read a recipe, apply `overrides` (`{"max_steps": 10, "model": "path"}`, dotted keys for nesting) and type
     it as the config of its `trainer` (HfArgumentParser); unknown keys, top-level or inside a section, are errors."""
     recipe = read_yaml(recipe_path(name_or_path))

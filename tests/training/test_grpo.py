@@ -106,9 +106,8 @@ def test_each_built_in_reward_on_hand_made_completions():
     assert numeric_reward(completions, solution=numbers) == [1.0, 1.0, 1.0, 1.0, None]  # no number: no reward
     assert numeric_reward(["two", "none", "-3"], solution=["3", "3", "-3"]) == [0.0, 0.0, 1.0]
 
-    assert format_reward(
-        ["<answer>yes</answer>", "<think>count</think>\n<answer>3</answer>", "yes", "<answer>yes", "x<answer>1</answer>"]
-    ) == [1.0, 1.0, 0.0, 0.0, 0.0]
+    tagged = ["<answer>yes</answer>", "<think>count</think>\n<answer>3</answer>"]
+    assert format_reward([*tagged, "yes", "<answer>yes", "x<answer>1</answer>"]) == [1.0, 1.0, 0.0, 0.0, 0.0]
 
     assert resolve_reward("exact_match") is exact_match_reward
     assert resolve_reward("modeling_mmllm.training.rewards:format_reward") is format_reward
@@ -220,7 +219,8 @@ args = GRPOConfig(output_dir=tempfile.mkdtemp(), max_steps=2, per_device_train_b
 before = {name: value.clone() for name, value in model.named_parameters()}
 trainer = GRPOTrainer(model=model, reward_funcs=[shorter], args=args, train_dataset=data, processing_class=processor)
 trainer.train()
-changed = sorted({name.split(".")[1] for name, value in model.named_parameters() if not torch.equal(value, before[name])})
+changed = sorted({name.split(".")[1] for name, value in model.named_parameters()
+                  if not torch.equal(value, before[name])})
 logs = [entry for entry in trainer.state.log_history if "kl" in entry]
 print(json.dumps({"changed": changed, "module": type(model).__module__, "kl": [entry["kl"] for entry in logs]}))
 """
