@@ -79,7 +79,7 @@ def test_an_unknown_synthetic_task_is_an_error_listing_the_registry():
         load_recipe("quickstart-stage1", {"data.synthetic": "vq"})
     with pytest.raises(ValueError, match=rf"Unknown synthetic task 'nope': use one of {every}\."):
         make_dataset("nope")
-    assert len(SYNTHETIC_TASKS) == 14 and all(task.description for task in SYNTHETIC_TASKS.values())
+    assert len(SYNTHETIC_TASKS) == 15 and all(task.description for task in SYNTHETIC_TASKS.values())
 
 
 def test_unknown_section_keys_keep_their_did_you_mean_errors():

@@ -55,6 +55,9 @@ PINNED = {
     ("video-order", "train", 0, 64): "fbda6516e51774dc7ff9fd4f71177673cc1e2f7fe363e3f2cd6adef4c4b44ec4",
     ("video-order", "heldout", 0, 64): "c6f28d197756b5f7adc12bb4bf2ebb210c9d8b56b0a4f4b9aa445f6e19cd1572",
     ("video-order", "train", 3, 32): "5a5c8c07b3431441deb2ab607c15607e0497574f529ac2721b28e1ac5ffd2081",
+    ("count-compare", "train", 0, 64): "f0b3aa2ffc94eab1e7127dda96452a8c8f915825221e46bfa83de39213e5dd7c",
+    ("count-compare", "heldout", 0, 64): "6925e5b18c7a98d643b290c5b180e61f67adce955be669b4a50c6c519688fa26",
+    ("count-compare", "train", 3, 32): "b13db12fde489497b2c941f2c8539fde0352b2eef87ed138f34c325ad6120322",
 }
 
 
