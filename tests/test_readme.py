@@ -185,8 +185,8 @@ COMMANDS = {
         "runs/quickstart/grpo/model/model.safetensors",
     ),
     "mmllm train owl2-grpo-lora": (
-        "--model owl2-tiny --data.synthetic count-compare --data.split train --data.n 8 --data.image_size 32 --max_steps 2 "
-        "--per_device_train_batch_size 8 --num_generations 4 --max_completion_length 4 --bf16 false "
+        "--model owl2-tiny --data.synthetic count-compare --data.split train --data.n 8 --data.image_size 32 "
+        "--max_steps 2 --per_device_train_batch_size 8 --num_generations 4 --max_completion_length 4 --bf16 false "
         "--activation_checkpointing false --dataloader_num_workers 0 --report_to none --output_dir runs/owl2-grpo-lora",
         "runs/owl2-grpo-lora/merged/model.safetensors",
     ),
