@@ -388,11 +388,14 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
         "(see `mmllm train R --help`)."
     )
     valid = RECIPE_KEYS | {f.name for f in fields(config_class)}
+    owners: dict[str, list[str]] = {}  # a key of the other trainers' configs -> those trainers
+    for name, other in CONFIGS.items():
+        for key in {f.name for f in fields(other)} - valid if other is not config_class else ():
+            owners.setdefault(key, []).append(name)
     elsewhere = {
-        key: f"is a {trl_config_name(other)} key: set `trainer: {name}`"
-        for name, other in CONFIGS.items()
-        if other is not config_class
-        for key in {f.name for f in fields(other)} - valid
+        key: f"is a {' or '.join(trl_config_name(CONFIGS[name]) for name in names)} key: set "
+        + " or ".join(f"`trainer: {name}`" for name in names)
+        for key, names in owners.items()
     }
     check_keys("recipe", recipe, valid, listing, elsewhere)
     for required in ("model", "data", "output_dir"):

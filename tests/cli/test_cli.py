@@ -172,7 +172,7 @@ def test_user_mistakes_are_one_line(argv, message, saved_folder, any2any_folder,
 def test_train_help_of_a_recipe_naming_an_unknown_trainer_is_one_line(tmp_path, capsys):
     (tmp_path / "recipe.yaml").write_text("trainer: ppo\n")
     assert main(["train", str(tmp_path / "recipe.yaml"), "--help"]) == 1
-    assert capsys.readouterr().err == "mmllm train: error: trainer: 'ppo' is no trainer: use one of sft, dpo.\n"
+    assert capsys.readouterr().err == "mmllm train: error: trainer: 'ppo' is no trainer: use one of sft, dpo, grpo.\n"
 
 
 def _command_raising(monkeypatch, error: BaseException) -> None:
@@ -313,6 +313,7 @@ def test_quickstart_fast_smoke(tmp_path):
             "--any2any",
             "--anyres",
             "--dpo",
+            "--grpo",
             "--output",
             str(tmp_path),
         ],
@@ -333,6 +334,8 @@ def test_quickstart_fast_smoke(tmp_path):
     assert (tmp_path / "anyres" / "anyres" / "model" / "model.safetensors").is_file()  # --anyres: both models
     assert {"dpo/preference_rate", "dpo/before/preference_rate"} <= set(summary)  # --dpo: the alignment stage
     assert "dpo, preference_rate" in run.stdout and (tmp_path / "dpo" / "model" / "model.safetensors").is_file()
+    assert {"grpo/reward/mean", "grpo/before/reward/mean", "grpo/accuracy/overall"} <= set(summary)  # --grpo
+    assert "grpo, reward/mean" in run.stdout and (tmp_path / "grpo" / "model" / "model.safetensors").is_file()
     with Image.open(tmp_path / "quickstart.png") as report, Image.open(tmp_path / "any2any" / "any2any.png") as drawn:
         assert report.height > drawn.height  # the drawings are part of the report
 

@@ -72,7 +72,9 @@ def test_a_dpo_recipe_is_a_dpo_config_with_every_field_settable():
         load_recipe("quickstart-dpo", {"trainer": "ppo"})
     with pytest.raises(ValueError, match="SFT stages"):
         load_recipe("quickstart-dpo", {"whiten_signal_states": 64})
-    with pytest.raises(ValueError, match="'beta' is a DPOConfig key: set `trainer: dpo`"):  # in an SFT recipe
+    with pytest.raises(
+        ValueError, match="'beta' is a DPOConfig or GRPOConfig key: set `trainer: dpo` or `trainer: grpo`"
+    ):
         load_recipe("quickstart-stage2", {"beta": 0.3})
 
 

@@ -1,5 +1,5 @@
 """A learning rate per component (`vision_tower_lr`, `projector_lr`; the LLM takes `learning_rate`), combined with
-the vision encoder's layer-wise decay, for SFT and DPO: the optimizer a recipe run trains with carries the rates
+the vision encoder's layer-wise decay, for SFT, DPO and GRPO: the optimizer a recipe run trains with carries the rates
 asked for, and its groups are printed as the stage starts."""
 
 import pytest
@@ -12,7 +12,9 @@ from modeling_mmllm.training.model_setup import build_model, component_parameter
 DATA = {
     "sft": {"synthetic": "vqa", "n": 8, "image_size": 32},
     "dpo": {"synthetic": "swatch-preference", "n": 8, "image_size": 32},
+    "grpo": {"synthetic": "count-compare", "n": 8, "image_size": 32},
 }
+TRAINER_KEYS = {"grpo": {"num_generations": 2, "max_completion_length": 2}}  # 2 rows: one prompt, two answers
 
 
 class OptimizerRates(TrainerCallback):
@@ -28,7 +30,7 @@ class OptimizerRates(TrainerCallback):
                 self.rates[names[id(parameter)]] = group["initial_lr"]
 
 
-@pytest.mark.parametrize("trainer", ["sft", "dpo"])
+@pytest.mark.parametrize("trainer", ["sft", "dpo", "grpo"])
 def test_component_learning_rates_reach_the_optimizer_with_the_layerwise_decay(trainer, tmp_path, caplog):
     recipe = {
         "trainer": trainer,
@@ -45,6 +47,7 @@ def test_component_learning_rates_reach_the_optimizer_with_the_layerwise_decay(t
         "save_steps": 100,
         "report_to": "none",
         "dataloader_num_workers": 0,
+        **TRAINER_KEYS.get(trainer, {}),
     }
     path = tmp_path / "rates.yaml"
     path.write_text(yaml.safe_dump(recipe))

@@ -16,7 +16,15 @@ from modeling_mmllm.cli import main
 from modeling_mmllm.data.loading import llava_json_dataset, load_training_data
 from modeling_mmllm.data.synthetic import YES_NO_QUESTIONS, Scene, make_dataset, yes_no_question
 from modeling_mmllm.export.hub_card import hub_set_files
-from modeling_mmllm.training import DPORecipeConfig, RecipeConfig, load_recipe, parse_overrides, recipe_path, train
+from modeling_mmllm.training import (
+    DPORecipeConfig,
+    GRPORecipeConfig,
+    RecipeConfig,
+    load_recipe,
+    parse_overrides,
+    recipe_path,
+    train,
+)
 from modeling_mmllm.training.collator import MultimodalCollator
 from modeling_mmllm.training.model_setup import apply_freeze_policy, build_model, vision_lr_scales
 
@@ -35,12 +43,15 @@ def test_all_recipes_ship_and_build_their_trainer_settings(tmp_path):
         "llava-lora",
         "quickstart-dpo",
         "owl2-dpo-lora",
+        "quickstart-grpo",
+        "owl2-grpo-lora",
     } <= set(RECIPES)
+    aligned = {"quickstart-dpo": DPORecipeConfig, "owl2-dpo-lora": DPORecipeConfig}  # TRL's DPOConfig, GRPOConfig
+    aligned |= {"quickstart-grpo": GRPORecipeConfig, "owl2-grpo-lora": GRPORecipeConfig}  # the others SFTConfig
     for name in RECIPES:
         args = load_recipe(name, {"output_dir": str(tmp_path / name)})
-        alignment = name in ("quickstart-dpo", "owl2-dpo-lora")  # TRL's DPOConfig; the others SFTConfig
-        assert type(args) is (DPORecipeConfig if alignment else RecipeConfig)
-        assert args.output_dir == str(tmp_path / name) and (alignment or args.assistant_only_loss)
+        assert type(args) is aligned.get(name, RecipeConfig)
+        assert args.output_dir == str(tmp_path / name) and (name in aligned or args.assistant_only_loss)
     owl2 = load_recipe("owl2-stage1-pretrain")
     assert (owl2.adam_beta1, owl2.adam_beta2, owl2.learning_rate, owl2.vision_lr_decay) == (0.9, 0.98, 1e-4, 0.9)
     assert owl2.activation_checkpointing and owl2.lr_scheduler_type == "cosine"
