@@ -115,6 +115,16 @@ def saved_folder(tmp_path_factory, tiny_model, processor):
 
 
 @pytest.fixture(scope="session")
+def owl2_folder(tmp_path_factory):
+    """A saved owl2-tiny (modality-adaptive) with random weights: the model a `--model FOLDER` run starts from (the
+    alignment stages' tests)."""
+    config = MMLLMConfig.from_preset("owl2-tiny")
+    return save_model_folder(
+        seeded_model(config), MMLLMProcessor.from_preset("owl2-tiny"), tmp_path_factory.mktemp("owl2") / "owl2-tiny"
+    )
+
+
+@pytest.fixture(scope="session")
 def fusion_processor() -> MMLLMProcessor:
     return MMLLMProcessor.from_preset("flamingo-tiny")
 

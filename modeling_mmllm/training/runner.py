@@ -220,14 +220,22 @@ def dpo_trainer(recipe: DPORecipeConfig, model, processor: MMLLMProcessor, callb
     return MMLLMDPOTrainer(
         model=model,
         ref_model=reference,
-        args=recipe.trainer_args(),
         train_dataset=dataset,
-        processing_class=processor,
-        peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
-        vision_lr_decay=recipe.vision_lr_decay,
-        component_lrs=recipe.component_lrs(),
-        callbacks=callbacks,
+        **alignment_settings(recipe, model, processor, callbacks),
     )
+
+
+def alignment_settings(recipe, model, processor: MMLLMProcessor, callbacks: list | None) -> dict:
+    """The keyword arguments the DPO and GRPO trainers share: the settings, the processor, LoRA, the learning rates
+    per component and the callbacks."""
+    return {
+        "args": recipe.trainer_args(),
+        "processing_class": processor,
+        "peft_config": lora_config(model, recipe.lora) if recipe.lora is not None else None,
+        "vision_lr_decay": recipe.vision_lr_decay,
+        "component_lrs": recipe.component_lrs(),
+        "callbacks": callbacks,
+    }
 
 
 def grpo_trainer(
@@ -247,27 +255,28 @@ def grpo_trainer(
 
         if importlib.util.find_spec("vllm") is None:
             raise ValueError("use_vllm: true needs vLLM (pip install vllm, on a GPU machine); or set use_vllm: false.")
-    dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows, layout="prompt")
-    if needs_solution(recipe.reward_funcs):
-        if "solution" not in dataset.column_names:
-            raise ValueError(
-                f"reward_funcs {list(recipe.reward_funcs)} read each row's `solution`: the data has no such column "
-                f"(columns: {dataset.column_names}); add it, or give conversations (their answer becomes it)."
-            )
-        empty = {index: "empty solution" for index, text in enumerate(dataset["solution"]) if not str(text).strip()}
-        dataset = drop_bad_rows(dataset, empty, recipe.bad_rows, "empty solutions")
     functions, _ = rewards
     return MMLLMGRPOTrainer(
         model=model,
         reward_funcs=functions,
-        args=recipe.trainer_args(),
-        train_dataset=dataset,
-        processing_class=processor,
-        peft_config=lora_config(model, recipe.lora) if recipe.lora is not None else None,
-        vision_lr_decay=recipe.vision_lr_decay,
-        component_lrs=recipe.component_lrs(),
-        callbacks=callbacks,
+        train_dataset=grpo_prompts(recipe),
+        **alignment_settings(recipe, model, processor, callbacks),
     )
+
+
+def grpo_prompts(recipe: GRPORecipeConfig):
+    """The recipe's prompt rows; when the built-in rewards read `solution`, rows without one are bad rows and data
+    without the column is an error."""
+    dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows, layout="prompt")
+    if not needs_solution(recipe.reward_funcs):
+        return dataset
+    if "solution" not in dataset.column_names:
+        raise ValueError(
+            f"reward_funcs {list(recipe.reward_funcs)} read each row's `solution`: the data has no such column "
+            f"(columns: {dataset.column_names}); add it, or give conversations (their answer becomes it)."
+        )
+    empty = {index: "empty solution" for index, text in enumerate(dataset["solution"]) if not str(text).strip()}
+    return drop_bad_rows(dataset, empty, recipe.bad_rows, "empty solutions")
 
 
 def reward_functions(recipe: GRPORecipeConfig) -> tuple[list, list[float] | None]:
@@ -361,9 +370,11 @@ def _history(model) -> list:
 __all__ = [
     "HISTORY_FILE",
     "add_benchmark_scores",
+    "alignment_settings",
     "dpo_trainer",
     "evaluate_stage",
     "finished_stage",
+    "grpo_prompts",
     "grpo_trainer",
     "last_complete_checkpoint",
     "remove_checkpoints",

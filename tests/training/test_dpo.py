@@ -12,13 +12,11 @@ import torch
 import yaml
 from PIL import Image
 
-from helpers import seeded_model
-from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm import MMLLMForConditionalGeneration, MMLLMProcessor
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.loading import load_training_data
 from modeling_mmllm.data.synthetic import make_dataset
 from modeling_mmllm.evaluation.metrics import preference_rate
-from modeling_mmllm.saving import save_model_folder
 from modeling_mmllm.training import DPORecipeConfig, RecipeConfig, load_recipe, recipe_help, train
 
 SMALL_RUN = [
@@ -43,15 +41,6 @@ with torch.no_grad():
     logits = model(**processor(images=[Image.open(image)], text=[prompt], return_tensors="pt")).logits
 print(json.dumps(logits[0, -1].tolist()))
 """
-
-
-@pytest.fixture(scope="module")
-def owl2_folder(tmp_path_factory):
-    """A saved owl2-tiny (modality-adaptive) with random weights: the model a `--model FOLDER` run starts from."""
-    config = MMLLMConfig.from_preset("owl2-tiny")
-    return save_model_folder(
-        seeded_model(config), MMLLMProcessor.from_preset("owl2-tiny"), tmp_path_factory.mktemp("dpo") / "owl2"
-    )
 
 
 def test_a_dpo_recipe_is_a_dpo_config_with_every_field_settable():

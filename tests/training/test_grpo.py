@@ -11,12 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
-from helpers import seeded_model
-from modeling_mmllm import MMLLMConfig, MMLLMForConditionalGeneration, MMLLMProcessor
+from modeling_mmllm import MMLLMForConditionalGeneration
 from modeling_mmllm.cli import main
 from modeling_mmllm.data.loading import load_training_data
 from modeling_mmllm.data.synthetic import COMPARE_QUESTIONS
-from modeling_mmllm.saving import save_model_folder
 from modeling_mmllm.training import GRPORecipeConfig, RecipeConfig, load_recipe, recipe_help
 from modeling_mmllm.training.rewards import (
     exact_match_reward,
@@ -36,15 +34,6 @@ SMALL_RUN = [
 
 
 REWARDS = ["exact_match", "helpers:shorter_reward"]
-
-
-@pytest.fixture(scope="module")
-def owl2_folder(tmp_path_factory):
-    """A saved owl2-tiny (modality-adaptive) with random weights: the model a `--model FOLDER` run starts from."""
-    config = MMLLMConfig.from_preset("owl2-tiny")
-    return save_model_folder(
-        seeded_model(config), MMLLMProcessor.from_preset("owl2-tiny"), tmp_path_factory.mktemp("grpo") / "owl2"
-    )
 
 
 def test_a_grpo_recipe_is_a_grpo_config_with_every_field_settable():
