@@ -35,6 +35,12 @@ def add_arguments(command: argparse.ArgumentParser) -> None:
         help="also train audio-tiny on synthetic beeps (about a minute) and report its accuracy",
     )
     command.add_argument(
+        "--video",
+        action="store_true",
+        help="also train video-tiny on synthetic clips of two colours, which appears first or second (under a "
+        "minute) and report its accuracy",
+    )
+    command.add_argument(
         "--any2any",
         action="store_true",
         help="then teach the model to draw (output projector + image generator, a few minutes); "
@@ -69,7 +75,7 @@ def run(args: argparse.Namespace) -> None:
     if args.llm:
         from ..quickstart.smollm2 import run_smollm2_quickstart
 
-        extras = [name for name in ("audio", "any2any", "anyres", "dpo", "grpo") if getattr(args, name)]
+        extras = [name for name in ("audio", "video", "any2any", "anyres", "dpo", "grpo") if getattr(args, name)]
         if extras:
             raise SystemExit(f"mmllm quickstart: error: --llm runs its own stage; drop --{', --'.join(extras)}.")
         output = Path(args.output or f"runs/quickstart-{args.llm}")
@@ -79,6 +85,7 @@ def run(args: argparse.Namespace) -> None:
         Path(args.output or DEFAULT_QUICKSTART),
         fast=args.fast,
         audio=args.audio,
+        video=args.video,
         any2any=args.any2any,
         anyres=args.anyres,
         dpo=args.dpo,

@@ -3,13 +3,14 @@
 Stage 0 (text) -> stage 1 (captions, LLM frozen) -> stage 2 (joint image + text instructions) through the shipped
 recipes, held-out exact match per question kind and on the text-only facts, a Hub-ready folder, a fresh-process
 reload through `pipeline(..., trust_remote_code=True)` answering a question about a new image, and a PNG with the
-loss curves and held-out predictions. With `--any2any`, the stage-2 model then learns to draw (NExT-GPT's output
-side, recipe `quickstart-any2any`): the images it draws for held-out requests are judged by an independent classifier
-and shown in the PNG. With `--dpo`, the alignment stage (recipe `quickstart-dpo`, TRL's DPOTrainer) starts from the
-stage-2 model: its held-out preference rate and exact match, before and after, join the report. With `--grpo`, the
-reinforcement-learning stage (recipe `quickstart-grpo`, TRL's GRPOTrainer, a verifiable reward) starts from the
-stage-2 model: held-out exact match and mean reward before and after join the report, its reward and KL curves the
-PNG.
+loss curves and held-out predictions. `--audio` and `--video` also train a tiny model of that modality from scratch
+(recipes `audio-tiny-sft`, `video-tiny-sft`) and report its held-out exact match. With `--any2any`, the stage-2
+model then learns to draw (NExT-GPT's output side, recipe `quickstart-any2any`): the images it draws for held-out
+requests are judged by an independent classifier and shown in the PNG. With `--dpo`, the alignment stage (recipe
+`quickstart-dpo`, TRL's DPOTrainer) starts from the stage-2 model: its held-out preference rate and exact match,
+before and after, join the report. With `--grpo`, the reinforcement-learning stage (recipe `quickstart-grpo`, TRL's
+GRPOTrainer, a verifiable reward) starts from the stage-2 model: held-out exact match and mean reward before and
+after join the report, its reward and KL curves the PNG.
 """
 
 import json
@@ -95,12 +96,21 @@ def run_stages(
     return model, curves
 
 
-def run_audio(output: Path, fast: bool, curves: dict) -> dict[str, float]:
-    """audio-tiny trained on synthetic beeps, then exact match on held-out clips per question kind."""
-    print("\n== audio: audio-tiny-sft (beep counts and pitch) ==", flush=True)
-    folder = run_stage("audio-tiny-sft", output / "audio", fast, curves)
-    model, processor = MMLLMForConditionalGeneration.from_pretrained(folder), MMLLMProcessor.from_pretrained(folder)
-    return exact_match(model, processor, make_dataset("audio", 40 if fast else 200, split="heldout"))
+# The other input modalities the quickstart can add (`--audio`, `--video`): the recipe, and what its task asks.
+MODALITIES = {
+    "audio": ("audio-tiny-sft", "beep counts and pitch"),
+    "video": ("video-tiny-sft", "which colour appears first or second in a clip"),
+}
+
+
+def run_modality(name: str, output: Path, fast: bool, curves: dict) -> dict[str, float]:
+    """A tiny model of another input modality (`MODALITIES`) trained from scratch by its recipe; returns its
+    held-out exact match per question kind (the recipe's own evaluation)."""
+    recipe, task = MODALITIES[name]
+    print(f"\n== {name}: {recipe} ({task}) ==", flush=True)
+    folder = run_stage(recipe, output / name, fast, curves)
+    metrics = json.loads((folder / "eval_results.json").read_text())
+    return {key.removeprefix("accuracy/"): value for key, value in metrics.items() if key.startswith("accuracy/")}
 
 
 def run_anyres(output: Path, fast: bool) -> dict[str, float]:
@@ -228,18 +238,20 @@ def run_quickstart(
     output: Path,
     fast: bool = False,
     audio: bool = False,
+    video: bool = False,
     any2any: bool = False,
     anyres: bool = False,
     dpo: bool = False,
     grpo: bool = False,
     overwrite: bool = False,
 ) -> dict:
-    """Run the main job; raises SystemExit(2) when held-out image (or audio, or drawing) accuracy is below the pass
+    """Run the main job; raises SystemExit(2) when held-out image (or audio, or video) accuracy is below the pass
     mark. The three stages an earlier run into `output` finished are kept (`overwrite`: trained again)."""
     start = time.time()
     output.mkdir(parents=True, exist_ok=True)
     folder, curves = run_stages(output, fast, overwrite)
-    audio_accuracy = run_audio(output, fast, curves) if audio else {}
+    asked = {"audio": audio, "video": video}
+    modalities = {name: run_modality(name, output, fast, curves) for name in MODALITIES if asked[name]}
     drawing = run_drawing(output, folder, fast, curves) if any2any else {}
     resolution = run_anyres(output, fast) if anyres else {}
     preference = run_preference(output, folder, fast, curves) if dpo else {}
@@ -262,7 +274,7 @@ def run_quickstart(
     summary = {
         **{f"image/{k}": v for k, v in image_accuracy.items()},
         "text/facts": text_accuracy,
-        **{f"audio/{k}": v for k, v in audio_accuracy.items()},
+        **{f"{name}/{k}": v for name, accuracy in modalities.items() for k, v in accuracy.items()},
         **{f"any2any/{k}": v for k, v in drawn.items()},
         **{f"detail/{k}": v for k, v in resolution.items()},
         **{f"dpo/{k}": v for k, v in preference.items()},
@@ -270,8 +282,9 @@ def run_quickstart(
     }
     write_summary(output, summary, demo, folder, image_accuracy)
     print(f"  text-only facts           {text_accuracy * 100:6.1f}%")
-    for kind, value in sorted(audio_accuracy.items()):
-        print(f"  audio questions, {kind:<9} {value * 100:6.1f}%")
+    for name, accuracy in modalities.items():
+        for kind, value in sorted(accuracy.items()):
+            print(f"  {name} questions, {kind:<9} {value * 100:6.1f}%")
     for name, value in sorted(drawn.items()):
         print(f"  any-to-any, {name:<14} {value * 100:6.1f}%")
     for name, value in resolution.items():
@@ -288,17 +301,17 @@ def run_quickstart(
     print(f"  report                    {output / 'quickstart.png'}")
     print(f"  time                      {time.time() - start:.0f} s")
     print(f"accuracy: {image_accuracy['overall'] * 100:.1f}%")
-    if audio_accuracy:
-        print(f"audio accuracy: {audio_accuracy['overall'] * 100:.1f}%")
+    for name, accuracy in modalities.items():
+        print(f"{name} accuracy: {accuracy['overall'] * 100:.1f}%")
     if drawing:
         print(
             f"drawing accuracy: shape {drawing['image/shape'] * 100:.1f}%, colour {drawing['image/colour'] * 100:.1f}%"
         )
-    if min(image_accuracy["overall"], audio_accuracy.get("overall", 1.0)) < PASS_MARK and not fast:
-        heard = f", audio {audio_accuracy['overall'] * 100:.1f}%" if audio_accuracy else ""
+    overall = {"images": image_accuracy["overall"], **{name: acc["overall"] for name, acc in modalities.items()}}
+    if min(overall.values()) < PASS_MARK and not fast:
+        figures = ", ".join(f"{name} {value * 100:.1f}%" for name, value in overall.items())
         print(
-            f"error: held-out accuracy (images {image_accuracy['overall'] * 100:.1f}%{heard}) is below "
-            f"{PASS_MARK * 100:.0f}%: the run did not learn well enough.",
+            f"error: held-out accuracy ({figures}) is below {PASS_MARK * 100:.0f}%: the run did not learn well enough.",
             file=sys.stderr,
         )
         raise SystemExit(2)

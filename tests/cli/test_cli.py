@@ -310,6 +310,7 @@ def test_quickstart_fast_smoke(tmp_path):
             "quickstart",
             "--fast",
             "--audio",
+            "--video",
             "--any2any",
             "--anyres",
             "--dpo",
@@ -328,6 +329,8 @@ def test_quickstart_fast_smoke(tmp_path):
     assert 0 <= summary["image/overall"] <= 1 and summary["demo"]["answer"] is not None
     assert 0 <= summary["audio/overall"] <= 1 and "audio accuracy: " in run.stdout  # --audio: audio-tiny too
     assert (tmp_path / "audio" / "model" / "model.safetensors").is_file()
+    assert 0 <= summary["video/overall"] <= 1 and "video accuracy: " in run.stdout  # --video: video-tiny too
+    assert (tmp_path / "video" / "model" / "model.safetensors").is_file()
     assert 0 <= summary["any2any/image/shape"] <= 1 and "drawing accuracy: " in run.stdout  # --any2any: it draws
     assert (tmp_path / "any2any" / "model" / "model.safetensors").is_file()
     assert {"detail/anyres", "detail/single_view"} <= set(summary) and "small detail, anyres" in run.stdout
