@@ -292,16 +292,16 @@ def load_training_data(spec: "dict | DataSection", bad_rows: str = "stop", layou
 
 def prompt_rows(dataset: Dataset) -> Dataset:
     """Conversations as TRL's prompt rows (GRPO): `prompt` is the conversation up to its last assistant turn, and
-    `solution` the row's `answer` column, else the text of that turn. Every other column stays (rewards read them)."""
+    `solution` the row's `answer` column, else the text of that turn (a conversation without one is all prompt).
+    Every other column stays (rewards read them)."""
+    from ..training.rewards import completion_text  # here: importing training imports this module
 
     def convert(row: dict) -> dict:
         messages = row["messages"]
         last = max((i for i, message in enumerate(messages) if message["role"] == "assistant"), default=None)
         if last is None:
             return {"prompt": messages, "solution": row.get("answer") or ""}
-        content = messages[last]["content"]
-        text = content if isinstance(content, str) else "".join(part["text"] or "" for part in content)
-        return {"prompt": messages[:last], "solution": row.get("answer") or text}
+        return {"prompt": messages[:last], "solution": row.get("answer") or completion_text(messages[: last + 1])}
 
     return dataset.map(convert, remove_columns=["messages"])
 

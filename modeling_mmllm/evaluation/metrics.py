@@ -180,8 +180,8 @@ def _judged(prefix: str, judge, images: torch.Tensor, scenes: list[Scene]) -> di
 
 
 def normalize_answer(text: str) -> str:
-    """An answer as exact match compares it: lower case, without surrounding spaces and full stops."""
-    return text.lower().strip(" .")
+    """An answer as exact match compares it: lower case, without surrounding whitespace and full stops."""
+    return text.strip().lower().strip(" .")
 
 
 def accuracy_by_kind(rows: list[dict], predictions: list[str]) -> dict[str, float]:

@@ -16,8 +16,10 @@ An answer inside `<answer>...</answer>` tags is read from them (a reasoning comp
 """
 
 import importlib
+import math
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from ..evaluation.metrics import normalize_answer
 
@@ -105,19 +107,32 @@ def resolve_reward(name: str) -> Callable:
     return function
 
 
-def mean_reward(
-    functions: list[Callable], weights: list[float] | None, prompts: list, answers: list[str], columns: dict
-) -> float:
-    """The mean over rows of the weighted sum of the rewards of `answers` (one per prompt, e.g. greedy ones), each
-    reward called as TRL calls it (conversational completions, the rows' `columns` as keyword arguments); a reward
-    that does not apply to a row (None) adds nothing to it."""
-    completions = [[{"role": "assistant", "content": answer}] for answer in answers]
-    weights = weights or [1.0] * len(functions)
-    totals = [0.0] * len(answers)
-    for function, weight in zip(functions, weights, strict=True):
-        for index, value in enumerate(function(prompts=prompts, completions=completions, **columns)):
-            totals[index] += weight * (value or 0.0)
-    return sum(totals) / max(1, len(totals))
+@dataclass
+class Rewards:
+    """A GRPO stage's rewards: the functions, their weights (None: 1 each) and the completion length they score."""
+
+    functions: list[Callable]
+    weights: list[float] | None = None
+    max_new_tokens: int = 12
+
+    def mean(self, prompts: list, answers: list[str], columns: dict) -> float:
+        """The mean over rows of the weighted sum of the rewards of `answers` (one per prompt, e.g. greedy ones),
+        each function called as TRL calls it (conversational completions, the rows' `columns` and TRL's other
+        keyword arguments); a reward that does not apply to a row (None or NaN) adds nothing to it, as in TRL's
+        sum."""
+        completions = [[{"role": "assistant", "content": answer}] for answer in answers]
+        extras = {"completion_ids": None, "trainer_state": None, "log_extra": _ignore, "log_metric": _ignore}
+        weights = self.weights or [1.0] * len(self.functions)
+        totals = [0.0] * len(answers)
+        for function, weight in zip(self.functions, weights, strict=True):
+            values = function(prompts=prompts, completions=completions, **columns, **extras)
+            for index, value in enumerate(values):
+                totals[index] += 0.0 if value is None or math.isnan(value) else weight * value
+        return sum(totals) / max(1, len(totals))
+
+
+def _ignore(*args, **kwargs) -> None:
+    """TRL's `log_extra` / `log_metric` outside training: nothing to log to."""
 
 
 def needs_solution(names: list[str]) -> bool:
@@ -127,12 +142,12 @@ def needs_solution(names: list[str]) -> bool:
 
 __all__ = [
     "REWARDS",
+    "Rewards",
     "answer_of",
     "completion_text",
     "exact_match_reward",
     "first_number",
     "format_reward",
-    "mean_reward",
     "needs_solution",
     "numeric_reward",
     "resolve_reward",

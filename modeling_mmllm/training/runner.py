@@ -2,6 +2,7 @@
 and the push (library side)."""
 
 import copy
+import importlib.util
 import json
 import shutil
 from dataclasses import replace
@@ -33,7 +34,7 @@ from .model_setup import (
 )
 from .packing import check_packing, pack_length, pack_rows
 from .recipes import DPORecipeConfig, GRPORecipeConfig, RecipeConfig
-from .rewards import mean_reward, needs_solution, resolve_reward
+from .rewards import Rewards, needs_solution, resolve_reward
 from .trainer import MMLLMDPOTrainer, MMLLMGRPOTrainer, MMLLMTrainer
 
 HISTORY_FILE = "training_history.json"
@@ -111,6 +112,7 @@ def train(
     stage = {"recipe": name, "trainer": recipe.trainer, "data": recipe.data, "frozen": frozen}
     before = None
     rewards = reward_functions(recipe) if recipe.trainer == "grpo" else None
+    prompts = grpo_prompts(recipe, model) if recipe.trainer == "grpo" else None  # checked before the evaluation runs
     if recipe.trainer in ("dpo", "grpo") and recipe.eval:
         # The starting model's figures: alignment must raise the preference rate or the reward, not wreck the answers.
         before = evaluate_stage(model, processor, recipe.eval, rewards)
@@ -118,8 +120,14 @@ def train(
         trainer = dpo_trainer(recipe, model, processor, callbacks)
         stage.update(beta=recipe.beta, loss_type=list(recipe.loss_type))
     elif recipe.trainer == "grpo":
-        trainer = grpo_trainer(recipe, model, processor, callbacks, rewards)
-        stage.update(beta=recipe.beta, reward_funcs=list(recipe.reward_funcs), num_generations=recipe.num_generations)
+        trainer = grpo_trainer(recipe, model, processor, callbacks, rewards, prompts)
+        stage.update(
+            beta=recipe.beta,
+            loss_type=recipe.loss_type,
+            temperature=recipe.temperature,
+            reward_funcs=list(recipe.reward_funcs),
+            num_generations=recipe.num_generations,
+        )
     else:
         trainer = sft_trainer(recipe, model, processor, callbacks, resume)
         if trainer.row_masked_parameters:
@@ -239,57 +247,72 @@ def alignment_settings(recipe, model, processor: MMLLMProcessor, callbacks: list
 
 
 def grpo_trainer(
-    recipe: GRPORecipeConfig, model, processor: MMLLMProcessor, callbacks: list | None, rewards: tuple
+    recipe: GRPORecipeConfig, model, processor: MMLLMProcessor, callbacks: list | None, rewards: Rewards, prompts
 ) -> MMLLMGRPOTrainer:
-    """TRL's GRPOTrainer (`MMLLMGRPOTrainer`) on the recipe's prompts, scored by `reward_funcs`. With `beta` > 0 the
-    KL term's reference is the starting model: TRL loads it again from its folder, or with LoRA it is the base model
-    under the adapter."""
-    source = model.config._name_or_path
-    if recipe.beta and recipe.lora is None and not (source and Path(source).is_dir()):
-        raise ValueError(
-            f"beta={recipe.beta} needs a reference model, which TRL loads from the starting model's folder: start "
-            "from a saved folder (model: {path: FOLDER}), use lora, or set beta: 0."
-        )
-    if recipe.use_vllm:
-        import importlib.util
-
-        if importlib.util.find_spec("vllm") is None:
-            raise ValueError("use_vllm: true needs vLLM (pip install vllm, on a GPU machine); or set use_vllm: false.")
-    functions, _ = rewards
+    """TRL's GRPOTrainer (`MMLLMGRPOTrainer`) on the recipe's prompts (`grpo_prompts`), scored by `reward_funcs`. With
+    `beta` > 0 the KL term's reference is the starting model: TRL loads it again from its folder, or with LoRA it is
+    the base model under the adapter."""
     return MMLLMGRPOTrainer(
         model=model,
-        reward_funcs=functions,
-        train_dataset=grpo_prompts(recipe),
+        reward_funcs=rewards.functions,
+        train_dataset=prompts,
         **alignment_settings(recipe, model, processor, callbacks),
     )
 
 
-def grpo_prompts(recipe: GRPORecipeConfig):
-    """The recipe's prompt rows; when the built-in rewards read `solution`, rows without one are bad rows and data
-    without the column is an error."""
+def grpo_prompts(recipe: GRPORecipeConfig, model):
+    """The recipe's prompt rows, after the checks a GRPO stage needs (a reference for the KL term, vLLM when asked
+    for); when the built-in rewards read `solution`, rows without one are bad rows and data without the column is an
+    error."""
+    check_reference(recipe, model)
+    if recipe.use_vllm and importlib.util.find_spec("vllm") is None:
+        raise ValueError("use_vllm: true needs vLLM (pip install vllm, on a GPU machine); or set use_vllm: false.")
     dataset = load_training_data(recipe.data, bad_rows=recipe.bad_rows, layout="prompt")
-    if not needs_solution(recipe.reward_funcs):
-        return dataset
-    if "solution" not in dataset.column_names:
+    bad = {index: "no prompt" for index, prompt in enumerate(dataset["prompt"]) if not prompt}
+    if needs_solution(recipe.reward_funcs):
+        if "solution" not in dataset.column_names:
+            raise ValueError(
+                f"reward_funcs {list(recipe.reward_funcs)} read each row's `solution`: the data has no such column "
+                f"(columns: {dataset.column_names}); add it, or give conversations (their answer becomes it)."
+            )
+        solutions = enumerate(dataset["solution"])
+        bad |= {index: "empty solution" for index, text in solutions if text is None or not str(text).strip()}
+    return drop_bad_rows(dataset, dict(sorted(bad.items())), recipe.bad_rows, "empty prompts or solutions")
+
+
+def check_reference(recipe: GRPORecipeConfig, model) -> None:
+    """With `beta` > 0 and no LoRA, TRL loads the KL term's reference from the starting model's folder: the model
+    must come from a folder, as it is saved there (no generator added, no quantization)."""
+    if not recipe.beta or recipe.lora is not None:
+        return
+    source = model.config._name_or_path
+    if not (source and Path(source).is_dir()):
         raise ValueError(
-            f"reward_funcs {list(recipe.reward_funcs)} read each row's `solution`: the data has no such column "
-            f"(columns: {dataset.column_names}); add it, or give conversations (their answer becomes it)."
+            f"beta={recipe.beta} needs a reference model, which TRL loads from the starting model's folder: start "
+            "from a saved folder (model: {path: FOLDER}), use lora, or set beta: 0."
         )
-    empty = {index: "empty solution" for index, text in enumerate(dataset["solution"]) if not str(text).strip()}
-    return drop_bad_rows(dataset, empty, recipe.bad_rows, "empty solutions")
+    changed = [key for key in ("image_generation", "quantization") if recipe.model.get(key)]
+    if changed:
+        raise ValueError(
+            f"beta={recipe.beta} with model.{changed[0]}: TRL would load the KL term's reference from {source} as it "
+            "is saved there, which is not the model this stage trains; use lora (the reference is then the base "
+            "model under the adapter) or set beta: 0."
+        )
 
 
-def reward_functions(recipe: GRPORecipeConfig) -> tuple[list, list[float] | None]:
-    """The recipe's reward functions and their weights."""
-    return [resolve_reward(name) for name in recipe.reward_funcs], recipe.reward_weights
+def reward_functions(recipe: GRPORecipeConfig) -> Rewards:
+    """The recipe's reward functions, their weights and the answer length they score."""
+    return Rewards(
+        [resolve_reward(name) for name in recipe.reward_funcs], recipe.reward_weights, recipe.max_completion_length
+    )
 
 
-def evaluate_stage(model, processor: MMLLMProcessor, spec: dict, rewards: tuple | None = None) -> dict[str, float]:
+def evaluate_stage(model, processor: MMLLMProcessor, spec: dict, rewards: Rewards | None = None) -> dict[str, float]:
     """Exact-match accuracy per question kind on the recipe's `eval` data (rows with `kind` and `answer`); with
     image-generation rows (a `generation_caption` column), the judged images and signal-token rates as well; for
     preference pairs, the preference rate (chosen more likely than rejected) and the exact match of the answers;
-    with `rewards` (a GRPO stage's functions and weights), also the mean reward of the greedy answers
-    (`reward/mean`)."""
+    with `rewards` (a GRPO stage's), also the mean reward of the greedy answers (`reward/mean`), as long as the
+    stage's completions."""
     from ..evaluation.metrics import accuracy_by_kind, answer_questions, evaluate_image_generation, preference_rate
 
     dataset = load_training_data(spec, layout="any")
@@ -299,12 +322,14 @@ def evaluate_stage(model, processor: MMLLMProcessor, spec: dict, rewards: tuple 
     results = {"preference_rate": preference_rate(model, processor, dataset)} if is_preference(dataset) else {}
     if {"kind", "answer"} <= set(dataset.column_names):
         rows = list(dataset)
-        answers = answer_questions(model, processor, rows)
+        answers = answer_questions(
+            model, processor, rows, **({"max_new_tokens": rewards.max_new_tokens} if rewards else {})
+        )
         results.update({f"accuracy/{kind}": value for kind, value in accuracy_by_kind(rows, answers).items()})
         if rewards is not None:
             prompts = prompt_rows(dataset) if "prompt" not in dataset.column_names else dataset
             columns = {name: prompts[name] for name in prompts.column_names if name not in ("prompt", "images")}
-            results["reward/mean"] = mean_reward(*rewards, prompts["prompt"], answers, columns)
+            results["reward/mean"] = rewards.mean(prompts["prompt"], answers, columns)
     return results
 
 
@@ -370,6 +395,7 @@ def _history(model) -> list:
 __all__ = [
     "HISTORY_FILE",
     "add_benchmark_scores",
+    "check_reference",
     "alignment_settings",
     "dpo_trainer",
     "evaluate_stage",

@@ -9,20 +9,23 @@ import sys
 
 import pytest
 import torch
+from datasets import Dataset
 from PIL import Image
 
 from modeling_mmllm import MMLLMForConditionalGeneration
 from modeling_mmllm.cli import main
-from modeling_mmllm.data.loading import load_training_data
-from modeling_mmllm.data.synthetic import COMPARE_QUESTIONS
+from modeling_mmllm.data import synthetic
+from modeling_mmllm.data.loading import load_training_data, prompt_rows
+from modeling_mmllm.data.synthetic import COMPARE_QUESTIONS, Scene
 from modeling_mmllm.training import GRPORecipeConfig, RecipeConfig, load_recipe, recipe_help
 from modeling_mmllm.training.rewards import (
+    Rewards,
     exact_match_reward,
     format_reward,
-    mean_reward,
     numeric_reward,
     resolve_reward,
 )
+from modeling_mmllm.training.runner import check_reference, grpo_prompts
 
 SMALL_RUN = [
     "--data.n", "16", "--data.image_size", "32", "--eval.n", "8", "--eval.image_size", "32",
@@ -87,6 +90,7 @@ def test_each_built_in_reward_on_hand_made_completions():
     solutions = ["yes", "Yes", "no", "red"]
     assert exact_match_reward(["yes", " yes.", "No", "blue"], solution=solutions) == [1.0, 1.0, 1.0, 0.0]
     assert exact_match_reward(_said("YES", "<answer>yes</answer>", "no way", ""), solution=solutions) == [1, 1, 0, 0]
+    assert exact_match_reward(["yes\n", "<answer>\n Yes.\n</answer>"], solution=["yes", "yes"]) == [1.0, 1.0]
     typed = [[{"role": "assistant", "content": [{"type": "text", "text": "red"}]}]]
     assert exact_match_reward(typed, solution=["red"]) == [1.0]
 
@@ -101,9 +105,13 @@ def test_each_built_in_reward_on_hand_made_completions():
     assert resolve_reward("exact_match") is exact_match_reward
     assert resolve_reward("modeling_mmllm.training.rewards:format_reward") is format_reward
     assert resolve_reward("modeling_mmllm.training.rewards.numeric_reward") is numeric_reward
-    # weighted, as TRL sums them; a reward that does not apply (None) adds nothing
-    functions, weights = [exact_match_reward, numeric_reward], [1.0, 0.5]
-    score = mean_reward(functions, weights, [[]] * 2, ["3", "yes"], {"solution": ["3", "yes"]})
+
+    # weighted, as TRL sums them; a reward that does not apply (None, NaN) adds nothing; TRL's keyword arguments
+    def not_a_number(completions, trainer_state, log_metric, **kwargs):
+        return [float("nan")] * len(completions)
+
+    rewards = Rewards([exact_match_reward, numeric_reward, not_a_number], [1.0, 0.5, 1.0])
+    score = rewards.mean([[]] * 2, ["3", "yes"], {"solution": ["3", "yes"]})
     assert score == pytest.approx(((1.0 + 0.5) + 1.0) / 2)
 
 
@@ -113,6 +121,8 @@ def test_grpo_data_from_conversations_and_prompt_files(tmp_path):
     assert "messages" not in rows.column_names
     assert rows[0]["prompt"][-1]["role"] == "user" and rows[0]["prompt"][-1]["content"] in COMPARE_QUESTIONS.values()
     assert rows["solution"] == rows["answer"] and set(rows["solution"]) <= {"yes", "no"}
+    typed = Dataset.from_list([_typed_row("red")]).map(lambda row: {"answer": None})  # the answer from its turn
+    assert prompt_rows(typed)[0]["solution"] == "red"
 
     image = tmp_path / "red.png"
     Image.new("RGB", (32, 32), (220, 40, 40)).save(image)
@@ -136,7 +146,31 @@ def test_grpo_data_from_conversations_and_prompt_files(tmp_path):
         load_training_data({"synthetic": "video-order", "n": 2}, layout="prompt")
 
 
-def test_a_grpo_stage_without_solutions_or_with_empty_ones_is_refused(owl2_folder, tmp_path):
+def _typed_row(answer: str) -> dict:
+    """A conversation with typed parts (VQA rows become these), its answer in the assistant turn."""
+    return {
+        "images": [],
+        "messages": [
+            {"role": "user", "content": [{"type": "text", "text": "What colour?"}]},
+            {"role": "assistant", "content": [{"type": "text", "text": answer}]},
+        ],
+    }
+
+
+@pytest.mark.parametrize("count", [1, 2, 3])
+def test_the_count_comparison_answers_follow_the_count(count, monkeypatch):
+    """`count-compare`'s answer is the rule its question states, applied to the count of the scene drawn."""
+    scene = Scene(shape="circle", colour="red", size="small", position="left", count=count)
+    monkeypatch.setattr(synthetic, "random_scene", lambda rng: scene)
+    rule = {"more": lambda number: count > number, "fewer": lambda number: count < number}
+    rows = synthetic.compare_rows(40, image_size=32)
+    for row in rows:
+        ((kind, number),) = [key for key, text in COMPARE_QUESTIONS.items() if text == row["messages"][0]["content"]]
+        assert row["kind"] == kind and row["answer"] == ("yes" if rule[kind](number) else "no")
+    assert len({row["messages"][0]["content"] for row in rows}) == len(COMPARE_QUESTIONS)
+
+
+def test_grpo_data_problems_are_refused_before_any_evaluation(owl2_folder, tmp_path):
     from modeling_mmllm.training import train
 
     image = tmp_path / "red.png"
@@ -148,12 +182,26 @@ def test_a_grpo_stage_without_solutions_or_with_empty_ones_is_refused(owl2_folde
     recipe = load_recipe("quickstart-grpo", settings)
     with pytest.raises(ValueError, match="read each row's `solution`: the data has no such column"):
         train(recipe)
-    data.write_text(json.dumps({"images": [str(image)], "prompt": prompt, "solution": " "}) + "\n")
-    with pytest.raises(ValueError, match="1 row\\(s\\).*row 0: empty solution"):
+    formatted = load_recipe("quickstart-grpo", {**settings, "reward_funcs": ["format"], "beta": 0})
+    assert len(grpo_prompts(formatted, None)) == 1  # `format` reads no solution
+    rows = [
+        {"images": [str(image)], "prompt": prompt, "solution": " "},
+        {"images": [str(image)], "prompt": prompt, "solution": None},
+        {"images": [str(image)], "prompt": [], "solution": "red"},
+        {"images": [str(image)], "prompt": prompt, "solution": "red"},
+    ]
+    data.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    with pytest.raises(
+        ValueError, match="3 row\\(s\\).*row 0: empty solution.*row 1: empty solution.*row 2: no prompt"
+    ):
         train(recipe)
     preset = load_recipe("quickstart-grpo", {"model": "owl2-tiny", "output_dir": str(tmp_path / "p")})
     with pytest.raises(ValueError, match="beta=0.04 needs a reference model"):
         train(preset)
+    quantized = load_recipe("quickstart-grpo", settings)
+    quantized.model["quantization"] = "8bit"
+    with pytest.raises(ValueError, match="with model.quantization: TRL would load the KL term's reference"):
+        check_reference(quantized, MMLLMForConditionalGeneration.from_pretrained(owl2_folder))
 
 
 def test_mmllm_train_grpo_writes_the_model_history_card_and_figures_and_resumes(owl2_folder, tmp_path, capsys, caplog):
