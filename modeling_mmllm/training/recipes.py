@@ -314,9 +314,18 @@ SFT_ONLY_KEYS = {
 CONFIGS = {"sft": RecipeConfig, "dpo": DPORecipeConfig, "grpo": GRPORecipeConfig}
 
 
-def trl_config_name(config_class: type) -> str:
+def trl_config(config_class: type) -> type:
     """The TRL config a recipe config extends (`SFTConfig`, `DPOConfig`, `GRPOConfig`)."""
-    return next(base.__name__ for base in config_class.__mro__ if base.__module__.startswith("trl."))
+    return next(base for base in config_class.__mro__ if base.__module__.startswith("trl."))
+
+
+def trl_config_name(config_class: type) -> str:
+    return trl_config(config_class).__name__
+
+
+def mmllm_keys(config_class: type) -> set[str]:
+    """mmllm's keys of a recipe config: the shared ones and the trainer's own (GRPO's `reward_funcs`)."""
+    return RECIPE_KEYS | ({f.name for f in fields(config_class)} - {f.name for f in fields(trl_config(config_class))})
 
 
 def recipe_path(name_or_path: str) -> Path:
@@ -384,8 +393,8 @@ def load_recipe(name_or_path: str, overrides: dict | None = None) -> RecipeConfi
             f"from this `trainer: {trainer}` recipe."
         )
     listing = (
-        f"mmllm's keys are {', '.join(sorted(RECIPE_KEYS))}; any {trl_config_name(config_class)} field too "
-        "(see `mmllm train R --help`)."
+        f"mmllm's keys are {', '.join(sorted(mmllm_keys(config_class)))}; any {trl_config_name(config_class)} "
+        "field too (see `mmllm train R --help`)."
     )
     valid = RECIPE_KEYS | {f.name for f in fields(config_class)}
     owners: dict[str, list[str]] = {}  # a key of the other trainers' configs -> those trainers

@@ -67,6 +67,8 @@ def test_a_grpo_recipe_is_a_grpo_config_with_every_field_settable():
         load_recipe("quickstart-grpo", {"reward_weights": [1.0, 2.0]})
     with pytest.raises(ValueError, match="SFT stages"):
         load_recipe("quickstart-grpo", {"whiten_signal_states": 64})
+    with pytest.raises(ValueError, match="mmllm's keys are .*, projector_lr, reward_funcs, signal_embedding_lr_scale"):
+        load_recipe("quickstart-grpo", {"no_such_key": 1})
     with pytest.raises(ValueError, match="did you mean 'num_generations'"):
         load_recipe("quickstart-grpo", {"num_generation": 4})
     with pytest.raises(ValueError, match="'num_generations' is a GRPOConfig key: set `trainer: grpo`"):
