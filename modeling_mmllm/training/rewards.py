@@ -6,7 +6,7 @@ assistant messages) and the dataset's columns as keyword arguments (`solution`, 
 completion, or None where it does not apply (TRL leaves it out of the sum). Built in:
 
 - `exact_match`: 1 when the answer equals the row's `solution`, compared as the evaluation compares (lower case,
-  without surrounding spaces and full stops);
+  without surrounding whitespace and full stops);
 - `numeric`: 1 when the answer's first number (digits, or a number word up to twenty) equals the solution's; None
   for rows whose solution holds no number;
 - `format`: 1 when the completion is `<answer>...</answer>`, optionally after `<think>...</think>`.
