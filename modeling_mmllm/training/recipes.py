@@ -267,8 +267,9 @@ class GRPORecipeConfig(RecipeDefaults, GRPOConfig, MMLLMRecipeKeys):
     GRPO raises the likelihood of the completions that score above their group's mean. The data is TRL's prompt
     format (`prompt` + `images` + `solution`, or any column a reward reads), or conversations, whose last
     assistant turn (or `answer` column) becomes the `solution`. `beta` > 0 adds a KL term to the starting model
-    (TRL loads it again from its folder, or with LoRA it is the base model under the adapter). `num_generations`, `max_completion_length`,
-    `temperature`, `loss_type`, `use_vllm` and every other `GRPOConfig` field are recipe keys.
+    (TRL loads it again from its folder, or with LoRA it is the base model under the adapter).
+    `num_generations`, `max_completion_length`, `temperature`, `loss_type`, `use_vllm` and every other
+    `GRPOConfig` field are recipe keys.
     """
 
     trainer: str = field(
